@@ -1,0 +1,82 @@
+"""Shared helpers for methods: find target modules by name, freeze, swap modules in place."""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from torch import nn
+
+from ..errors import ConfigError
+
+# Output heads are never targets of "all-linear" (peft does the same).
+HEAD_NAMES = ("lm_head", "score", "classifier", "cls", "pooler")
+
+
+def linear_types() -> tuple[type, ...]:
+    """nn.Linear plus the bitsandbytes 4-/8-bit linears when bitsandbytes is importable."""
+    types: list[type] = [nn.Linear]
+    try:
+        import bitsandbytes as bnb  # noqa: PLC0415 - optional, heavy
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except Exception:  # bitsandbytes missing or broken on this platform
+        pass
+    return tuple(types)
+
+
+def match_targets(model: nn.Module, target_modules: str | list[str], kinds: tuple[type, ...] | None = None,
+                  exclude: Iterable[str] = ()) -> list[str]:
+    """Module paths selected by `target_modules`: a list of name suffixes, a regex, or "all-linear"."""
+    kinds = kinds or linear_types()
+    exclude = list(exclude)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds) or any(name == e or name.endswith("." + e) for e in exclude):
+            continue
+        short = name.rsplit(".", 1)[-1]
+        if target_modules == "all-linear":
+            hit = short not in HEAD_NAMES
+        elif isinstance(target_modules, str):
+            hit = re.fullmatch(target_modules, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in target_modules)
+        if hit:
+            names.append(name)
+    if not names:
+        found = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+        raise ConfigError(f"target_modules {target_modules!r} matched no layer; this model's linear layers are "
+                          f"named: {', '.join(found)}.")
+    return names
+
+
+def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, path)
+    setattr(parent, child, new)
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer number in a module/parameter path (`model.layers.3.mlp...` -> 3)."""
+    m = re.search(r"\.(?:layers|layer|h|blocks)\.(\d+)\.", "." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a decoder-only or encoder model."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                 "bert.encoder.layer", "encoder.layer", "vit.encoder.layer", "model.decoder.layers"):
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    raise ConfigError("Could not find this model's transformer layers; the method does not support it yet.")

@@ -127,7 +127,12 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if not self.adapter_enabled or self.merged:
+        if self.merged:
+            return result
+        if not self.adapter_enabled:
+            if hasattr(self, "lora_A_init"):  # PiSSA/OLoRA: the base is residual + initial principal part
+                init = F.linear(F.linear(x.to(self.lora_A_init.dtype), self.lora_A_init), self.lora_B_init)
+                return result + (init * self.scaling).to(result.dtype)
             return result
         xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         lora = self.lora_B(self.lora_A(xd)) * self.scaling

@@ -1,0 +1,72 @@
+"""The test matrix: one line per registered method (and preset worth its own row).
+
+Each Case names a method (or preset), config overrides for the tiny models, and the closed-form
+number of trainable parameters as a function of the model config `c` (a transformers config).
+tests/test_method_matrix.py runs every generic check over every case and every tiny model.
+Adding a method = one line here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+def head_dim(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def kv_dim(c) -> int:
+    return c.num_key_value_heads * head_dim(c)
+
+
+def q_dim(c) -> int:
+    return c.num_attention_heads * head_dim(c)
+
+
+def attn_shapes(c) -> dict[str, tuple[int, int]]:
+    """(in, out) of each attention projection."""
+    d = c.hidden_size
+    return {"q_proj": (d, q_dim(c)), "k_proj": (d, kv_dim(c)), "v_proj": (d, kv_dim(c)), "o_proj": (q_dim(c), d)}
+
+
+def mlp_shapes(c) -> dict[str, tuple[int, int]]:
+    d, f = c.hidden_size, c.intermediate_size
+    return {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def lora_count(c, r: int, modules: list[str], dora: bool = False) -> int:
+    shapes = attn_shapes(c) | mlp_shapes(c)
+    per_layer = sum(r * (i + o) + (o if dora else 0) for m, (i, o) in shapes.items() if m in modules)
+    return per_layer * c.num_hidden_layers
+
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Case:
+    name: str                                   # registered method or preset name
+    overrides: dict = field(default_factory=dict)
+    count: Callable | None = None               # closed-form trainable count from the model config
+    identity_at_init: bool = True               # output == base right after apply
+    mergeable: bool = False                     # merged output == unmerged output
+    lr: float = 1e-2                            # learning rate for the loss-goes-down check
+    archs: tuple = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
+
+    @property
+    def id(self) -> str:
+        return self.name + ("-" + "-".join(f"{k}={v}" for k, v in self.overrides.items()) if self.overrides else "")
+
+
+CASES: list[Case] = [
+    Case("lora", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True),
+    Case("lora", {"r": 4, "target_modules": "all-linear", "lora_dropout": 0.0},
+         lambda c: lora_count(c, 4, ALL), mergeable=True),
+    Case("rslora", {"r": 8}, lambda c: lora_count(c, 8, ATTN), mergeable=True),
+    Case("dora", {"r": 4}, lambda c: lora_count(c, 4, ATTN, dora=True), mergeable=True),
+    Case("pissa", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=5e-3),
+    Case("olora", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=5e-3),
+    Case("loraplus", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=2e-3),
+    Case("full", {}, None, lr=1e-3),
+]

@@ -2,7 +2,7 @@
 
 The decoder body runs once; the output head and cross-entropy run on chunks of positions, each
 chunk under activation checkpointing, so only the hidden states stay alive for backward and the
-largest logits buffer is batch x chunk x vocab (Gemma's 262k vocabulary makes this matter).
+largest logits buffer is chunk x vocab (Gemma's 262k vocabulary makes this matter).
 Soft-prompt methods may prepend virtual tokens inside the body: the last T positions are kept.
 """
 from __future__ import annotations
@@ -23,25 +23,28 @@ def _chunk_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, softc
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024,
                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over labelled positions, and their count."""
-    h, y = hidden[:, :-1], labels[:, 1:]
-    count = (y != -100).sum()
+    """Sum of next-token cross-entropy over labelled positions, and their count.
+
+    Only labelled positions go through the head (prompt tokens masked with -100 cost nothing),
+    `chunk` of them at a time.
+    """
+    y = labels[:, 1:]
+    keep = y != -100
+    h = hidden[:, :-1][keep]
+    y = y[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[1], max(1, chunk)):
-        hs, ys = h[:, start:start + chunk], y[:, start:start + chunk]
-        if not (ys != -100).any():
-            continue
+    for start in range(0, h.shape[0], max(1, chunk)):
+        hs, ys = h[start:start + chunk], y[start:start + chunk]
         if torch.is_grad_enabled() and hs.requires_grad:
             total = total + checkpoint(_chunk_ce, hs, ys, head, softcap, use_reentrant=False)
         else:
             total = total + _chunk_ce(hs, ys, head, softcap)
-    return total, count
+    return total, keep.sum()
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

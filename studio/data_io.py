@@ -129,7 +129,7 @@ def read_file(path: Path, defaults: dict | None = None) -> list[dict]:
             rows = _read_json(path, defaults)
         elif suffix == ".csv":
             import pandas as pd
-            rows = _clean(pd.read_csv(path, keep_default_na=False, na_values=[]).to_dict("records"))
+            rows = _clean(pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records"))
         elif suffix == ".parquet":
             import pandas as pd
             rows = _clean(pd.read_parquet(path).to_dict("records"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from typing import Iterable
 
 from torch import nn
@@ -13,13 +14,15 @@ HEAD_NAMES = ("lm_head", "score", "classifier", "cls", "pooler")
 
 
 def linear_types() -> tuple[type, ...]:
-    """nn.Linear plus the bitsandbytes 4-/8-bit linears when bitsandbytes is importable."""
+    """nn.Linear plus the bitsandbytes 4-/8-bit linears when bitsandbytes is already loaded.
+
+    A quantized model has imported bitsandbytes while loading; otherwise none of its layers can be
+    bitsandbytes layers, and importing it (slow, noisy on CPU) is not needed.
+    """
     types: list[type] = [nn.Linear]
-    try:
-        import bitsandbytes as bnb  # noqa: PLC0415 - optional, heavy
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:
         types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except Exception:  # bitsandbytes missing or broken on this platform
-        pass
     return tuple(types)
 
 

@@ -1,0 +1,247 @@
+"""One readable training loop that yields events: step, eval, checkpoint, done.
+
+Read it top to bottom: load the model, apply the method, prepare data, build the optimizer and
+schedule, then loop over optimizer steps (each of `grad_accum` micro-batches). Built on
+accelerate's Accelerator for device placement, mixed precision and data parallelism, so
+`accelerate launch -m studio train CONFIG.yaml` runs this same loop on several processes; only the
+main process writes files. Data order is a pure function of (seed, epoch), and checkpoints hold
+optimizer, schedule and RNG state, so a resumed run continues the same loss trajectory.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .data import build_datasets, collate, fit_attention_mask
+from .errors import ConfigError, OutOfMemoryError, StoppedError
+from .losses import causal_lm_loss
+from .methods import apply_method
+from .models import load_model
+from .train_state import load_train_state, save_train_state
+
+
+class LossModule(nn.Module):
+    """Wraps the model so DDP sees one forward per micro-batch (its gradient sync hooks need that)."""
+
+    def __init__(self, model: nn.Module, chunk: int):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_lm_loss(self.model, fit_attention_mask(batch, self.model), self.chunk)
+
+
+@dataclass
+class Batches:
+    """Deterministic micro-batches: micro-batch i of the whole run is always the same examples."""
+    examples: list
+    batch_size: int
+    seed: int
+    pad_id: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def per_epoch(self) -> int:
+        return max(1, len(self.examples) // (self.batch_size * self.world))
+
+    def get(self, index: int) -> dict:
+        epoch, pos = divmod(index, self.per_epoch)
+        gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        order = torch.randperm(len(self.examples), generator=gen).tolist()
+        start = (pos * self.world + self.rank) * self.batch_size
+        picked = [self.examples[i] for i in order[start:start + self.batch_size]]
+        return collate(picked, self.pad_id)
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if name == "adamw":
+        fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                              for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"optimizer {name} needs bitsandbytes; pip install bitsandbytes or use adamw.") from None
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    if name.startswith("paged") and device.type != "cuda":
+        raise ConfigError(f"{name} pages optimizer state between GPU and host memory and needs CUDA; "
+                          f"use adamw or adamw_8bit on {device.type}.")
+    return cls(groups, lr=lr)
+
+
+def lr_lambda(scheduler: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if scheduler == "linear":
+            return 1.0 - progress
+        return 1.0
+    return factor
+
+
+def total_steps(cfg: RunConfig, n_train: int, world: int) -> int:
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = max(1, n_train // (t.batch_size * world)) / t.grad_accum
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return 0
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Event | None = None,
+          resume_from: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """Run training; yield events. A set `stop` ends the run after the current micro-batch with a checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t = cfg.train
+    device_kind = cfg.model.device
+    cpu = device_kind == "cpu" or (device_kind == "auto" and not torch.cuda.is_available())
+    model, tok = load_model(cfg.model, seed=t.seed)
+    # bf16 autocast on CUDA when the base computes in bf16: fp32 adapter weights meet bf16 activations.
+    bf16 = not cpu and (model.dtype == torch.bfloat16 or cfg.model.quantization != "none")
+    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+    set_seed(t.seed)
+    is_main = accelerator.is_main_process
+    info = apply_method(model, cfg.method)
+    yield {"type": "status", "message": f"Loaded {cfg.model.name}; applied {cfg.method.name}."}
+
+    splits = build_datasets(cfg.data, tok, t.seed)
+    if not splits.train:
+        raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
+    info.method.prepare_for_training(model, splits.train, cfg.method)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    device = accelerator.device
+    steps = total_steps(cfg, len(splits.train), accelerator.num_processes)
+    groups = info.method.optimizer_groups(model, t.lr, t.weight_decay)
+    if not any(len(g["params"]) for g in groups):
+        raise ConfigError(f"{cfg.method.name} left nothing to train; check its target settings.")
+    optimizer = build_optimizer(t.optimizer, groups, t.lr, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.scheduler, t.warmup_steps, steps))
+    wrapped = LossModule(model, t.loss_chunk)
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = Batches(splits.train, t.batch_size, t.seed, pad_id, accelerator.process_index,
+                      accelerator.num_processes)
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_train_state(Path(resume_from), model, optimizer, scheduler)
+        yield {"type": "status", "message": f"Resumed from step {start_step}."}
+    run_dir = Path(run_dir) if run_dir is not None else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    yield {"type": "start", "total_steps": steps, "start_step": start_step, "train_examples": len(splits.train),
+           "eval_examples": len(splits.eval), "data_stats": splits.stats}
+
+    def save(step: int) -> Path | None:
+        if run_dir is None or not is_main:
+            return None
+        folder = run_dir / "checkpoints" / f"step-{step}"
+        ckpt.save_adapter(model, folder)
+        save_train_state(folder, step, optimizer, scheduler)
+        return folder
+
+    def evaluate() -> float:
+        wrapped.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), accelerator.autocast():
+            for i in range(0, len(splits.eval), t.batch_size):
+                batch = _to(collate(splits.eval[i:i + t.batch_size], pad_id), device)
+                loss, n = wrapped(batch)
+                total += loss.item() * n.item()
+                count += n.item()
+        wrapped.train()
+        return total / max(1, count)
+
+    wrapped.train()
+    step = start_step
+    t0 = time.perf_counter()
+    try:
+        while step < steps:
+            step_start = time.perf_counter()
+            loss_sum, tokens = 0.0, 0
+            for micro in range(t.grad_accum):
+                if stop is not None and stop.is_set():
+                    raise StoppedError("Stopped by the user.")
+                batch = _to(batches.get(step * t.grad_accum + micro), device)
+                sync = micro == t.grad_accum - 1
+                with (accelerator.no_sync(wrapped) if not sync else nullcontext()), accelerator.autocast():
+                    loss, n = wrapped(batch)
+                    extra = info.method.extra_loss(model)
+                    total = loss + extra if extra is not None else loss
+                    accelerator.backward(total / t.grad_accum)
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum().item()) if batch["attention_mask"].dim() == 2 else \
+                    int(batch["input_ids"].numel())
+            info.method.on_step(model, step, steps)
+            grad_norm = None
+            if t.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            info.method.after_optimizer_step(model, step, steps)
+            step += 1
+            elapsed = time.perf_counter() - step_start
+            event = {"type": "step", "step": step, "total_steps": steps,
+                     "epoch": round(step * t.grad_accum / batches.per_epoch, 4),
+                     "loss": loss_sum / t.grad_accum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                     "tokens_per_s": tokens * accelerator.num_processes / max(elapsed, 1e-9),
+                     "peak_mem_bytes": peak_memory(device), "time": time.perf_counter() - t0}
+            summary = info.method.trainable_summary(model)
+            if summary:
+                event["method"] = summary
+            if splits.eval and t.eval_every and step % t.eval_every == 0 and step < steps:
+                event["eval_loss"] = evaluate()
+            if step == steps and splits.eval:
+                event["eval_loss"] = evaluate()
+            yield event
+            if t.save_every and step % t.save_every == 0 and step < steps:
+                folder = save(step)
+                if folder:
+                    yield {"type": "checkpoint", "step": step, "path": str(folder)}
+    except StoppedError:
+        folder = save(step)
+        yield {"type": "stopped", "step": step, "path": str(folder) if folder else None}
+        return
+    except torch.OutOfMemoryError:
+        raise OutOfMemoryError(
+            f"Out of memory at step {step + 1} (batch {t.batch_size} x {cfg.data.max_length} tokens); turn on "
+            f"train.gradient_checkpointing, lower train.batch_size or data.max_length, or use model.quantization=nf4."
+        ) from None
+    if run_dir is not None and is_main:
+        folder = save(step)
+        ckpt.save_adapter(model, run_dir / "adapter")
+        yield {"type": "checkpoint", "step": step, "path": str(folder)}
+    accelerator.wait_for_everyone()
+    yield {"type": "done", "step": step, "adapter": str(run_dir / "adapter") if run_dir else None}
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

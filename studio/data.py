@@ -54,7 +54,7 @@ def detect_format(rows: list[dict], dcfg: DataConfig) -> str:
         missing = [c for c in (col(dcfg, n) for n in REQUIRED[fmt]) if row.get(c) is None]
         if missing:
             raise DatasetError(f"Row {i} has no {', '.join(missing)} column(s) needed by the {fmt} format; it has "
-                               f"{', '.join(map(str, row)) or 'no columns'}. Fix the row or map columns with "
+                               f"{', '.join(map(str, row)) or 'no columns'}; fix the row or map columns with "
                                f"data.columns, e.g. {{{REQUIRED[fmt][0]}: your_column}}.")
     return fmt
 
@@ -71,7 +71,7 @@ def _guess(row: dict, dcfg: DataConfig) -> str:
         return "classification"
     if has("text"):
         return "text"
-    raise DatasetError(f"Row 1 matches no known format; it has columns {', '.join(map(str, row))}. Use "
+    raise DatasetError(f"Row 1 matches no known format (it has columns {', '.join(map(str, row))}); use "
                        f"instruction/input/output, conversations, messages, text or text+label, or map yours with "
                        f"data.columns, e.g. {{instruction: question, output: answer}}.")
 

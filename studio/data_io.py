@@ -98,6 +98,8 @@ def _read_source(ref: str, limit: int) -> tuple[list[dict], dict]:
         path = SHIPPED_DIR / f"{ref}.jsonl"
         return read_file(path), dict(sidecar(path).get("template_vars") or {})
     path = Path(ref).expanduser()
+    if not path.exists() and path.suffix == ".jsonl" and path.stem in shipped_names() and len(path.parts) == 1:
+        return _read_source(path.stem, limit)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
         if not files:

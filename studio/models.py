@@ -119,9 +119,19 @@ def _from_hub(loader: Any, ref: str, **kwargs: Any) -> Any:
                                  f"your network, or use a local folder.") from None
 
 
+def models_cache() -> Path:
+    """Where converted GGUF models live (STUDIO_MODELS, default ~/.cache/peft-studio/models).
+
+    Separate from STUDIO_HOME so test sessions with a throwaway home still reuse the one conversion.
+    """
+    path = Path(os.environ.get("STUDIO_MODELS", Path.home() / ".cache" / "peft-studio" / "models"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def default_model_dir() -> Path:
     """The default Gemma-3-270M as a safetensors folder, converted once from the shipped GGUF."""
-    target = studio_home() / "models" / "gemma-3-270m"
+    target = models_cache() / "gemma-3-270m"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     try:
@@ -161,7 +171,10 @@ def ensure_chat_template(tok: Any) -> None:
 
 def tiny_tokenizer() -> Any:
     """A small byte-level BPE tokenizer built offline (vocab 512) for random test models."""
-    cache = studio_home() / "tiny-tokenizer"
+    import hashlib
+    corpus = [p.read_text() for p in sorted((ROOT / "presets" / "datasets").glob("*.jsonl"))] or [GEMMA_TEMPLATE]
+    digest = hashlib.sha256("".join(corpus).encode()).hexdigest()[:12]
+    cache = studio_home() / f"tiny-tokenizer-{digest}"  # retrained when the shipped datasets change
     from transformers import PreTrainedTokenizerFast
     if (cache / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(cache)
@@ -172,12 +185,11 @@ def tiny_tokenizer() -> Any:
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [p.read_text() for p in sorted((ROOT / "presets" / "datasets").glob("*.jsonl"))] or [GEMMA_TEMPLATE]
     tk.train_from_iterator(corpus, trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                   unk_token="<unk>")
     tok.chat_template = GEMMA_TEMPLATE
-    tmp = cache.with_name(f"tiny-tokenizer.{os.getpid()}")
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
     tok.save_pretrained(tmp)
     try:
         tmp.rename(cache)
@@ -234,7 +246,7 @@ def _local_path(ref: str) -> Path | None:
         return default_model_dir()
     path = Path(ref).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        target = studio_home() / "models" / path.stem
+        target = models_cache() / path.stem
         if not (target / "config.json").is_file():
             convert_gguf(path, target)
         return target

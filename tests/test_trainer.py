@@ -1,0 +1,103 @@
+"""The training loop end to end on tiny models: loss goes down, run directory, resume, stop, errors."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from studio.config import load_config
+from studio.errors import ConfigError, DatasetError, StudioError
+from studio.rundir import RunDir
+from studio.runner import execute
+
+
+LORA = {"method.name": "lora", "method.r": 8, "method.target_modules": "all-linear"}
+
+
+def tiny_cfg(method: dict | None = None, **sets):
+    base = {"model.name": "tiny-llama", "model.device": "cpu", "data.path": "arith", "data.max_length": 64,
+            "data.limit": 200, "train.batch_size": 4, "train.max_steps": 12, "train.lr": 3e-3,
+            **(LORA if method is None else method)}
+    base.update(sets)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def run(tmp_path, cfg, **kw):
+    rd = RunDir.create(tmp_path / "runs", cfg)
+    execute(rd, cfg, **kw)
+    return rd
+
+
+def test_training_lowers_loss_and_fills_the_run_directory(tmp_path):
+    cfg = tiny_cfg(**{"train.max_steps": 30, "data.eval_fraction": 0.1, "train.eval_every": 10,
+                      "train.save_every": 10, "train.lr": 1e-2})
+    rd = run(tmp_path, cfg)
+    rows = rd.metrics()
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.25, (first, last)
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "time"} <= set(rows[0])
+    assert [r["step"] for r in rows if r.get("eval_loss") is not None] == [10, 20, 30]
+    assert rd.status()["state"] == "done"
+    assert [p.name for p in rd.checkpoints()] == ["step-10", "step-20", "step-30"]
+    adapter = json.loads((rd.adapter() / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
+    assert rd.config().method.r == 8  # config.yaml re-runs the same thing
+
+
+def losses(rd):
+    return [r["loss"] for r in rd.metrics()]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_continues_the_same_trajectory(tmp_path, method):
+    sets = {"train.max_steps": 8, "train.scheduler": "cosine", "train.warmup_steps": 2}
+    if method == "lora":
+        cfg = tiny_cfg(**sets, **{"method.lora_dropout": 0.1})  # dropout: RNG state must be restored too
+    else:
+        cfg = tiny_cfg({"method.name": "full"}, **sets, **{"train.lr": 1e-3})
+    straight = run(tmp_path / "a", cfg)
+
+    stop = threading.Event()
+    rd = RunDir.create(tmp_path / "b" / "runs", cfg)
+
+    def stop_after_4(event):
+        if event["type"] == "step" and event["step"] == 4:
+            stop.set()
+    execute(rd, cfg, stop=stop, on_event=stop_after_4)
+    assert rd.status()["state"] == "stopped"
+    assert [p.name for p in rd.checkpoints()] == ["step-4"]
+    assert len(rd.metrics()) == 4
+    execute(rd, cfg, resume=True)
+    assert rd.status()["state"] == "done"
+    assert [r["step"] for r in rd.metrics()] == list(range(1, 9))
+    assert losses(rd) == pytest.approx(losses(straight), abs=1e-6)
+
+
+def test_gradient_accumulation_checkpointing_and_packing_train(tmp_path):
+    cfg = tiny_cfg(**{"train.grad_accum": 2, "train.gradient_checkpointing": True, "data.packing": True,
+                      "train.max_steps": 10, "data.path": "identity"})
+    rd = run(tmp_path, cfg)
+    rows = rd.metrics()
+    assert len(rows) == 10 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_bad_dataset_fails_with_a_clear_status(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n{"question": "no columns we know"}\n')
+    cfg = tiny_cfg(**{"data.path": str(bad)})
+    rd = RunDir.create(tmp_path / "runs", cfg)
+    with pytest.raises(DatasetError) as err:
+        execute(rd, cfg)
+    status = rd.status()
+    assert status["state"] == "failed" and "Row 2" in status["error"] and "question" in status["error"] and str(err.value) == status["error"]
+
+
+def test_impossible_settings_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="target_modules"):
+        run(tmp_path, tiny_cfg(**{"method.target_modules": "[nope_proj]"}))
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        run(tmp_path / "2", tiny_cfg(**{"train.optimizer": "paged_adamw"}))
+    with pytest.raises(StudioError, match="one of"):
+        tiny_cfg(**{"train.scheduler": "sometimes"})

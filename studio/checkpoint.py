@@ -33,7 +33,12 @@ def save_adapter(model: nn.Module, folder: str | Path, extra_config: dict | None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = info.method.adapter_state_dict(model)
-    tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    # Keys already starting with "base_model." are peft's model-level keys (e.g. VeRA's shared
+    # `base_model.vera_A`) and are written as they are.
+    # Methods whose peft keys are bare (soft prompts: `prompt_embeddings`) set file_key_prefix = "".
+    prefix = getattr(info.method, "file_key_prefix", PREFIX)
+    tensors = {(k if k.startswith("base_model.") else prefix + k): v.detach().to("cpu").contiguous().clone()
+               for k, v in state.items()}
     save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     config = info.method.adapter_config(model, info.cfg)
     config.setdefault("base_model_name_or_path", getattr(model, "studio_model_ref", None))

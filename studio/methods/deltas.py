@@ -1,0 +1,139 @@
+"""Shared machinery of the weight-delta methods (VeRA, LoKr, LoHa, DyLoRA, GLoRA, Compacter, SSF).
+
+Each of them wraps a target Linear as `DeltaLinear`: y = W x + ΔW x, where the subclass defines
+ΔW (`delta_weight`, fp32, out x in) and may compute ΔW x more cheaply (`delta_forward`). Merge adds
+ΔW into the base weight (W' = W + ΔW) and unmerge subtracts it again, so every such method is
+mergeable. Adapter parameters sit directly on the wrapper under peft's names (`lokr_w1`,
+`hada_w1_a`, `vera_lambda_b`, ...), so model parameter paths equal peft's file keys once peft's
+`base_model.model.` prefix and `.default` adapter name are removed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import Method, MethodConfig, applied
+from .common import freeze_all, match_targets, replace_module
+
+
+class DeltaLinear(nn.Module):
+    """A Linear plus a weight update ΔW; subclasses define `delta_weight()`."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        if type(base) is not nn.Linear:
+            raise ConfigError(f"This method needs plain 16/32-bit Linear layers, got {type(base).__name__}; "
+                              f"turn quantization off or use LoRA (QLoRA) for 4-/8-bit bases.")
+        self.base_layer = base
+        self.adapter_enabled = True
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_dtype(self) -> torch.dtype:
+        for p in self.parameters(recurse=False):
+            return p.dtype
+        return torch.float32
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.delta_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or not self.adapter_enabled:
+            return result
+        return result + self.delta_forward(x.to(self.adapter_dtype())).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        w.data = (w.float() + self.delta_weight().float()).to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.data = (w.float() - self.delta_weight().float()).to(w.dtype)
+        self.merged = False
+
+
+class DeltaMethod(Method):
+    """apply/save/load/merge for methods built from one DeltaLinear subclass per target layer."""
+
+    category = "reparameterised"
+    mergeable = True
+
+    def make_module(self, model: nn.Module, path: str, base: nn.Linear, cfg: MethodConfig) -> DeltaLinear:
+        raise NotImplementedError
+
+    def before_wrap(self, model: nn.Module, targets: list[str], cfg: MethodConfig) -> None:
+        """Hook for state shared by all wrapped layers (VeRA projections, Compacter rules)."""
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> None:
+        freeze_all(model)
+        targets = match_targets(model, cfg.target_modules)
+        self.before_wrap(model, targets, cfg)
+        for path in targets:
+            base = model.get_submodule(path)
+            module = self.make_module(model, path, base, cfg)
+            replace_module(model, path, module)
+            for name, p in module.named_parameters():
+                if not name.startswith("base_layer."):
+                    p.requires_grad_(True)
+
+    @staticmethod
+    def wrappers(model: nn.Module) -> list[tuple[str, DeltaLinear]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, DeltaLinear)]
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for path, module in self.wrappers(model):
+            for name, p in module.named_parameters():
+                if name.startswith("base_layer.") or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                out[f"{path}.{name}"] = p.detach()
+        return out
+
+    def merge(self, model: nn.Module) -> None:
+        for _, m in self.wrappers(model):
+            m.merge()
+        applied(model).merged = True
+
+    def unmerge(self, model: nn.Module) -> None:
+        for _, m in self.wrappers(model):
+            m.unmerge()
+        applied(model).merged = False
+
+    def adapter_config(self, model: nn.Module, cfg: MethodConfig) -> dict:
+        out = super().adapter_config(model, cfg)
+        out.update(task_type="CAUSAL_LM", inference_mode=True, base_model_name_or_path=None,
+                   layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+        return out
+
+    def trainable_summary(self, model: nn.Module) -> dict:
+        return {"wrapped_layers": len(self.wrappers(model))}

@@ -1,8 +1,8 @@
 """DyLoRA: LoRA trained at a random rank b <= r each step, usable at every rank afterwards.
 
 y = W x + (alpha / r) · B[:, :b] A[:b] x (the scale stays alpha / r, as in the DyLoRA code).
-After each optimizer step a new b is drawn uniformly from [min_rank, r] (the same b for every layer, as in the paper); evaluation, saving and merging use
-`eval_rank` (0 = r). One run therefore gives an adapter that can be truncated to any rank without
+After each optimizer step a new b is drawn uniformly from [min_rank, r] (the same b for every
+layer, as in the paper); evaluation, saving and merging use `eval_rank` (0 = r). One run therefore gives an adapter that can be truncated to any rank without
 retraining. B starts at 0 (output == base). Own file format (`DYLORA`) with LoRA's key names.
 """
 from __future__ import annotations

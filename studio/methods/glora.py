@@ -127,6 +127,10 @@ class GloraMethod(DeltaMethod):
     def make_module(self, model, path, base, cfg: GloraConfig) -> GloraLinear:
         return GloraLinear(base, cfg)
 
+    def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        # peft also saves the zero buffers of absent supports (`glora_C.zeros`); they carry nothing.
+        super().load_adapter_state(model, {k: v for k, v in state.items() if not k.endswith(".zeros")})
+
     def adapter_config(self, model: nn.Module, cfg: GloraConfig) -> dict:
         out = super().adapter_config(model, cfg)
         out.update(bias="none", init_weights=True)

@@ -1,0 +1,238 @@
+"""Activation model of the memory estimator: what autograd keeps for backward, per decoder layer.
+
+It mirrors what the transformers decoder code (llama, qwen2, mistral, gemma3_text, phi3) and our
+method modules save, op by op, and counts unique storages (a view costs nothing; a cast is a copy):
+
+- RMSNorm: the fp32 copy of its input (fp32 models: the input itself) and rsqrt (rows x 1) when its
+  input needs grad; its normalised output when its weight trains (gemma: in fp32).
+- Linear: its input when its weight trains (shared inputs such as q/k/v counted once); nothing when
+  frozen (the input grad needs only the weight). 4-bit bases save nothing either.
+- LoRA: per module the adapter's input (dropout output + bool mask when dropout > 0; on CUDA the
+  bf16 autocast copy of it, one per module; on fp32 CPU without dropout the shared input itself),
+  and A's output (rows x r); DoRA adds the base output and the LoRA output (rows x out each).
+- RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
+- SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
+  materialised on a grouped-query model), the output and the fp32 logsumexp; a materialised mask
+  is converted per layer to the activation dtype and saved (efficient-attention kernel).
+- MLP: the gate output, act(gate) and up output (rows x intermediate each); down's input only
+  when down trains or carries an adapter.
+- Gradient checkpointing (non-reentrant, per layer): only each layer's input is kept; backward
+  recomputes one layer at a time (that layer's activations are the `transient` item).
+- Nothing is saved below the first point where something requires grad (frozen bottom layers of
+  methods whose inputs need no grad), and nothing at all through a backbone that runs without grad
+  (Ladder Side-Tuning).
+
+Unknown future modules: a trainable module inside a layer that this file does not recognise is
+assumed to save one copy of its input (rows x in_features, activation dtype) per Linear it contains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SITES_ATTN = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+SITES_ALL = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+             "down_proj")
+
+
+@dataclass
+class Site:
+    """One projection of a layer as the method left it."""
+    name: str
+    din: int
+    dout: int
+    base_trainable: bool = False
+    lora_r: int = 0          # > 0: a LoRA-like adapter (lora_A / lora_B) wraps the base
+    lora_dropout: float = 0.0
+    dora: bool = False
+    ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
+    other_trainable: bool = False  # an unknown wrapper with trainable parameters
+
+    @property
+    def needs_grad_out(self) -> bool:
+        return self.base_trainable or self.lora_r > 0 or bool(self.ia3) or self.other_trainable
+
+
+@dataclass
+class LayerInfo:
+    sites: dict[str, Site]
+    norms_trainable: bool = False
+    trainable: int = 0                    # trainable parameter count of the layer
+    extra_inputs: list[int] = field(default_factory=list)  # in_features of unrecognised trainable Linears
+
+
+@dataclass
+class Arch:
+    model_type: str
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    sliding_window: int | None
+    layer_types: list[str]
+    softcap: float | None
+    gemma_norms: bool   # gemma: sandwich norms, q/k norms, (1 + w) norms in fp32
+    fused_qkv: bool     # phi3: qkv_proj / gate_up_proj
+
+    @classmethod
+    def from_config(cls, c: Any) -> "Arch":
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        mt = c.model_type
+        layer_types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
+        sw = getattr(c, "sliding_window", None)
+        if mt in ("qwen2",) and not getattr(c, "use_sliding_window", False):
+            sw = None
+        return cls(mt, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                   getattr(c, "num_key_value_heads", None) or c.num_attention_heads, hd, c.vocab_size, sw,
+                   layer_types, getattr(c, "final_logit_softcapping", None), mt.startswith("gemma"),
+                   mt in ("phi3",))
+
+
+@dataclass
+class Shape:
+    batch: int
+    seq: int              # query positions (incl. soft-prompt tokens)
+    kv_extra: int = 0     # prefix tokens in keys/values
+    labelled: int = 0     # labelled positions (<= batch * (seq - 1))
+    padded: bool = False  # a padding mask is materialised
+
+
+@dataclass
+class Dtypes:
+    act: int            # bytes of an activation (2 bf16/fp16, 4 fp32)
+    autocast: bool      # CUDA bf16 autocast: fp32 adapters get 16-bit input copies
+
+
+def _norm(rows: int, width: int, g_in: bool, w_trainable: bool, gemma: bool, dt: Dtypes) -> int:
+    out = 0
+    if g_in:
+        out += rows * width * 4 + rows * 4   # fp32 input (copy or the input itself) + rsqrt
+    if w_trainable:
+        out += rows * width * (4 if gemma else dt.act)
+    return out
+
+
+def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
+    """Whether this layer's SDPA gets a materialised mask (padding, sliding window, prefix)."""
+    if shape.padded or shape.kv_extra:
+        return True
+    sliding = arch.layer_types[layer] == "sliding_attention" if layer < len(arch.layer_types) else False
+    return bool(arch.sliding_window) and sliding and shape.seq > arch.sliding_window
+
+
+def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool) -> tuple[int, bool]:
+    """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself)."""
+    n = rows * site.din
+    if site.lora_dropout > 0:
+        # dropout keeps its mask only when its input needs grad (CUDA: bool mask; CPU: a float noise
+        # tensor), and A keeps the dropout output (CUDA: its bf16 autocast copy)
+        mask = (n * (1 if dt.autocast else dt.act)) if g_in else 0
+        return mask + n * (2 if dt.autocast else dt.act), False
+    if dt.autocast:
+        return n * 2, False                                     # autocast bf16 copy, one per module
+    return (0 if shared_saved else n * dt.act), True
+
+
+def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in: bool = True) -> int:
+    """Saved bytes of one projection whose input (id `key`) requires grad or feeds trainables."""
+    out = 0
+    if site.base_trainable and not shared.get(key):
+        out += rows * site.din * dt.act
+        shared[key] = True
+    if site.lora_r:
+        b, used_shared = _adapter_input(site, rows, dt, bool(shared.get(key)), g_in)
+        out += b
+        if used_shared:
+            shared[key] = True
+        out += rows * site.lora_r * dt.act                     # A's output, input of B
+        if site.dora:
+            out += 2 * rows * site.dout * dt.act               # base output and LoRA output for the rescale
+    if site.ia3 == "in":
+        out += rows * site.din * dt.act
+    if site.ia3 == "out":
+        out += rows * site.dout * dt.act
+    if site.other_trainable and not site.lora_r:
+        out += rows * site.din * dt.act
+    return out
+
+
+def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: int, g_in: bool) -> tuple[int, bool]:
+    """Bytes one decoder layer saves for backward (no checkpointing) and whether its output needs grad."""
+    b, s = shape.batch, shape.seq
+    rows = b * s
+    h, i, hd = arch.hidden, arch.inter, arch.head_dim
+    nh, nkv = arch.heads, arch.kv_heads
+    st = info.sites
+    gemma = arch.gemma_norms
+    total = 0
+    shared: dict[str, bool] = {}
+    # input norm
+    total += _norm(rows, h, g_in, info.norms_trainable, gemma, dt)
+    g_n1 = g_in or info.norms_trainable
+    # q, k, v
+    attn_in = [st[n] for n in SITES_ATTN if n in st]
+    if g_n1 or any(x.needs_grad_out for x in attn_in):
+        for x in attn_in:
+            total += _site_saves(x, rows, dt, shared, "n1", g_n1)
+    g_q = g_n1 or any(x.needs_grad_out for x in attn_in) or shape.kv_extra > 0
+    mask = _mask_layer(arch, shape, layer)
+    kv_len = s + shape.kv_extra
+    if g_q:
+        if gemma:  # q_norm / k_norm on the projections' outputs
+            total += _norm(rows * nh, hd, True, info.norms_trainable, True, dt)
+            total += _norm(rows * nkv, hd, True, info.norms_trainable, True, dt)
+        repeat = mask and 1 < nkv < nh                         # repeat_kv copies (one kv head: a view)
+        kv_w = nh if repeat else nkv
+        if arch.fused_qkv and not repeat:
+            v_bytes = rows * (nh + 2 * nkv) * hd * dt.act      # v is a view of the fused qkv output
+        else:
+            v_bytes = b * kv_len * kv_w * hd * dt.act
+        total += rows * nh * hd * dt.act                       # q after rope
+        total += b * kv_len * kv_w * hd * dt.act + v_bytes     # k after rope (+prefix), v
+        total += rows * nh * hd * dt.act                       # output
+        lse_len = -(-s // 32) * 32 if (mask and dt.autocast) else s
+        total += b * nh * lse_len * 4                          # logsumexp
+        if mask:
+            total += b * s * kv_len * dt.act                   # mask converted to the activation dtype
+    o = st.get("o_proj")
+    if o is not None and (g_q or o.needs_grad_out):
+        shared["attn"] = g_q  # the SDPA output is already saved when attention needed grad
+        total += _site_saves(o, rows, dt, shared, "attn", g_q)
+    g_o = g_q or (o is not None and o.needs_grad_out)
+    if gemma:
+        total += _norm(rows, h, g_o, info.norms_trainable, True, dt)  # post_attention_layernorm
+    g_h1 = g_in or g_o
+    total += _norm(rows, h, g_h1, info.norms_trainable, gemma, dt)   # post_attention / pre_feedforward norm
+    g_n2 = g_h1 or info.norms_trainable
+    mlp_in = [st[n] for n in ("gate_proj", "up_proj", "gate_up_proj") if n in st]
+    if g_n2 or any(x.needs_grad_out for x in mlp_in):
+        for x in mlp_in:
+            total += _site_saves(x, rows, dt, shared, "n2", g_n2)
+    g_gate = g_n2 or any(x.needs_grad_out for x in mlp_in)
+    if g_gate:
+        total += 3 * rows * i * dt.act                         # gate out, act(gate), up out
+    down = st.get("down_proj")
+    if down is not None and (g_gate or down.needs_grad_out):
+        total += _site_saves(down, rows, dt, shared, "prod", g_gate)
+    g_down = g_gate or (down is not None and down.needs_grad_out)
+    if gemma:
+        total += _norm(rows, h, g_down, info.norms_trainable, True, dt)  # post_feedforward_layernorm
+    for din in info.extra_inputs:                              # unrecognised trainable modules
+        total += rows * din * dt.act
+    g_out = g_h1 or g_down or bool(info.extra_inputs)
+    return total, g_out
+
+
+def rope_saved(arch: Arch, shape: Shape, dt: Dtypes) -> int:
+    """cos and sin, saved once per rope type (gemma3: local and global), shared by all layers."""
+    kinds = 2 if (arch.gemma_norms and len(set(arch.layer_types)) > 1) else 1
+    return kinds * 2 * shape.seq * arch.head_dim * dt.act
+
+
+def backward_transient(arch: Arch, shape: Shape, dt: Dtypes) -> int:
+    """Largest short-lived buffers of one layer's backward (MLP intermediate grads, hidden grads)."""
+    rows = shape.batch * shape.seq
+    return 3 * rows * arch.inter * dt.act + 2 * rows * arch.hidden * dt.act

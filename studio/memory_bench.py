@@ -1,0 +1,190 @@
+"""Measure what a training step really holds, to check the estimator (tests, `bench --memory`).
+
+`saved_tensor_bytes(model, batch, ...)`: one forward + backward with causal_lm_loss under
+torch.autograd.graph.saved_tensors_hooks, counting the unique storages autograd saved during the
+forward (views of one storage count once; parameters and buffers are not activations). This is
+the quantity the estimator's `details["saved_for_backward"]` predicts, on any device.
+
+`memory_grid(quick)`: on CUDA, random-init models of real shapes (presets), LoRA r=16 all-linear,
+QLoRA, full, IA3, prefix (those registered), batch x seq from 1x512 to 8x2048, checkpointing on/off;
+one real step (loss, backward, AdamW step, twice so optimizer states exist) per row; yields
+{shape, method, batch, seq, grad_ckpt, estimated_bytes, measured_bytes, ratio} (measured =
+torch.cuda.max_memory_allocated + the estimate's context item). OOM rows say so. On CPU (or with
+quick=True) it runs one tiny shape and measures saved-tensor bytes instead (for the tests).
+"""
+from __future__ import annotations
+
+import gc as _gc
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .losses import causal_lm_loss
+
+
+def random_batch(vocab: int, batch: int, seq: int, device: Any = "cpu", seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def saved_tensor_bytes(model: nn.Module, batch: dict, chunk: int = 1024, backward: bool = True) -> int:
+    """Unique storage bytes autograd saved for backward during one forward of causal_lm_loss."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[tuple, int] = {}
+    recording = [True]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if recording[0] and not t.is_meta:
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
+                return t
+            ptr = st.data_ptr()
+            if ptr and ptr not in skip:
+                seen[(ptr, t.device.type)] = max(seen.get((ptr, t.device.type), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = causal_lm_loss(model, batch, chunk=chunk)
+    recording[0] = False
+    if backward:
+        loss.backward()
+    return sum(seen.values())
+
+
+def _apply(model: nn.Module, method: dict, grad_ckpt: bool) -> None:
+    from .methods import apply_method, method_config
+    apply_method(model, method_config(method))
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
+def _run_cfg(model_name: str, method: dict, batch: int, seq: int, grad_ckpt: bool, quant: str = "none",
+             optimizer: str = "adamw") -> Any:
+    from .config import RunConfig
+    return RunConfig.from_dict({"model": {"name": model_name, "quantization": quant},
+                                "data": {"max_length": seq},
+                                "method": method,
+                                "train": {"batch_size": batch, "gradient_checkpointing": grad_ckpt,
+                                          "optimizer": optimizer}})
+
+
+GRID_SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-1.5b", "qwen2.5-7b")
+GRID_SIZES = ((1, 512), (4, 512), (1, 2048), (4, 1024), (8, 2048))
+
+
+def grid_methods() -> list[tuple[str, dict, str]]:
+    """(label, method config, quantization) of the grid, for the methods registered here."""
+    from .methods import registry
+    reg = registry()
+    rows = [("lora-r16-all", {"name": "lora", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"}, "none"),
+            ("qlora", {"name": "qlora"}, "nf4"), ("full", {"name": "full", "keep_base_copy": False}, "none")]
+    if "ia3" in reg:
+        rows.append(("ia3", {"name": "ia3"}, "none"))
+    if "prefix_tuning" in reg:
+        rows.append(("prefix", {"name": "prefix_tuning"}, "none"))
+    return rows
+
+
+def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, seq: int, grad_ckpt: bool) -> int:
+    """max_memory_allocated of two real training steps of a random-init model of the preset's shape."""
+    from .models import build_random_model, model_presets
+    facts = model_presets()[model_name]["config"]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build_random_model(facts, dtype=torch.bfloat16).cuda()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if quant == "nf4":
+        model = _quantize_nf4(model)
+    _apply(model, method, grad_ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    data = random_batch(model.config.vocab_size, batch, seq, "cuda")
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = causal_lm_loss(model, data, chunk=cfg.train.loss_chunk)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt, params, data, loss
+    return peak
+
+
+def _quantize_nf4(model: nn.Module) -> nn.Module:
+    """Swap the decoder Linears for bitsandbytes NF4 Linear4bit (double quant, blocksize 64), on CUDA."""
+    import bitsandbytes as bnb
+
+    from .methods.common import decoder_layers, replace_module
+    for layer in decoder_layers(model):
+        for name, mod in list(layer.named_modules()):
+            if type(mod) is nn.Linear:
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="cpu")
+                q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", blocksize=64)
+                if mod.bias is not None:
+                    q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
+                replace_module(layer, name, q.cuda())
+    return model
+
+
+def memory_grid(quick: bool = False) -> Iterator[dict]:
+    """Rows of estimate vs measured peak. CUDA: the real-shape grid; CPU or quick: one tiny shape."""
+    from .memory import estimate
+    if quick or not torch.cuda.is_available():
+        yield from _cpu_grid()
+        return
+    for shape in GRID_SHAPES:
+        for label, method, quant in grid_methods():
+            for batch, seq in GRID_SIZES:
+                for grad_ckpt in (False, True):
+                    cfg = _run_cfg(shape, method, batch, seq, grad_ckpt, quant)
+                    row = {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt}
+                    try:
+                        est = estimate(cfg, "cuda", padding=False)
+                        row["estimated_bytes"] = est.total
+                    except Exception as e:  # noqa: BLE001 - a method the estimator cannot build
+                        yield row | {"error": f"estimate: {type(e).__name__}: {e}"[:200]}
+                        continue
+                    try:
+                        measured = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt) + est.context
+                        row.update(measured_bytes=measured, ratio=est.total / measured)
+                    except torch.OutOfMemoryError:
+                        row.update(measured_bytes=None, ratio=None, oom=True)
+                    except Exception as e:  # noqa: BLE001 - record and go on with the grid
+                        row.update(error=f"{type(e).__name__}: {e}"[:200])
+                    finally:
+                        _gc.collect()
+                        torch.cuda.empty_cache()
+                    yield row
+
+
+def _cpu_grid() -> Iterator[dict]:
+    from .memory import estimate
+    from .models import build_random_model, model_presets
+    shape = "tiny-llama"
+    for label, method, quant in grid_methods():
+        if quant != "none":
+            continue
+        for grad_ckpt in (False, True):
+            batch, seq = 2, 64
+            cfg = _run_cfg(shape, method, batch, seq, grad_ckpt)
+            est = estimate(cfg, "cpu", padding=False)
+            model = build_random_model(model_presets()[shape]["config"])
+            for p in model.parameters():
+                p.requires_grad_(False)
+            _apply(model, method, grad_ckpt)
+            measured = saved_tensor_bytes(model, random_batch(512, batch, seq), chunk=cfg.train.loss_chunk)
+            pred = est.details["saved_for_backward"]
+            yield {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt,
+                   "estimated_bytes": pred, "measured_bytes": measured, "ratio": pred / measured,
+                   "what": "saved-for-backward bytes (CPU)"}

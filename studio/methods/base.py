@@ -87,6 +87,7 @@ class Method:
         """The adapter_config.json content (peft's field names where peft has the method)."""
         from dataclasses import asdict
         out = asdict(cfg)
+        out.pop("name", None)  # kept as studio_method
         out["peft_type"] = self.peft_type or self.name.upper()
         out["studio_method"] = cfg.name or self.name
         return out

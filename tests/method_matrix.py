@@ -69,4 +69,10 @@ CASES: list[Case] = [
     Case("olora", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=5e-3),
     Case("loraplus", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=2e-3),
     Case("full", {}, None, lr=1e-3),
+    Case("prompt_tuning", {"num_virtual_tokens": 16}, lambda c: 16 * c.hidden_size, identity_at_init=False, lr=0.1, archs=("tiny-llama", "tiny-gemma3")),  # random tiny-qwen2 barely reacts to input prompts (loss plateaus ~0.08 lower); covered in test_soft_prompts.py
+    Case("p_tuning", {"num_virtual_tokens": 8, "encoder_hidden_size": 32}, lambda c: 8 * c.hidden_size + (c.hidden_size * 32 + 32) + (32 * 32 + 32) + (32 * c.hidden_size + c.hidden_size), identity_at_init=False, lr=1e-2, archs=("tiny-llama", "tiny-gemma3")),
+    Case("prefix_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, lambda c: 4 * kv_dim(c) + (kv_dim(c) * 32 + 32) + (32 + 1) * 2 * c.num_hidden_layers * kv_dim(c), identity_at_init=False, lr=1e-2),
+    Case("p_tuning_v2", {"num_virtual_tokens": 4}, lambda c: 4 * 2 * c.num_hidden_layers * kv_dim(c), identity_at_init=False, lr=0.1),
+    Case("ia3", {}, lambda c: c.num_hidden_layers * (2 * kv_dim(c) + c.intermediate_size), mergeable=True, lr=0.3),
+    Case("adalora", {"init_r": 4, "target_r": 2}, lambda c: lora_count(c, 4, ATTN) + 4 * 4 * c.num_hidden_layers, mergeable=True, lr=0.03),
 ]

@@ -1,0 +1,129 @@
+"""IA3: learned rescaling of keys, values and the FFN intermediate activation.
+
+Each target Linear gets a vector l (init ones, so output == base). Attention targets (k, v) scale
+their output: y = (W x + b) ⊙ l (l: out x 1). Feed-forward targets (the down projection) scale their
+input: y = W (x ⊙ l) + b (l: 1 x in). Merging multiplies the weight rows (and bias) or columns by l.
+Files are peft's IA3 format: `<module path>.ia3_l`, with `feedforward_modules` in the config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import opt
+from ..errors import ConfigError
+from . import register
+from .base import Method, MethodConfig, applied
+from .common import freeze_all, match_targets, replace_module
+
+
+@dataclass
+class IA3Config(MethodConfig):
+    target_modules: list | str = opt(["k_proj", "v_proj", "down_proj"], "Layers to rescale (names, regex, all-linear)")
+    feedforward_modules: list = opt(["down_proj"], "Targets whose input (not output) is rescaled: the FFN's down "
+                                    "projection")
+    init_ia3_weights: bool = opt(True, "Start from ones (output == base)")
+
+
+class IA3Linear(nn.Module):
+    """A Linear whose output (attention) or input (feed-forward) is rescaled by a learned vector."""
+
+    def __init__(self, base: nn.Linear, feedforward: bool, init_ones: bool = True):
+        super().__init__()
+        self.base_layer = base
+        self.is_feedforward = feedforward
+        shape = (1, base.in_features) if feedforward else (base.out_features, 1)
+        dev = base.weight.device
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=dev) if init_ones else torch.randn(shape, device=dev))
+        self.adapter_enabled = True
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.adapter_enabled:
+            return self.base_layer(x)
+        scale = self.ia3_l.flatten()
+        if self.is_feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
+        out = self.base_layer(x)
+        return (out * scale).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if type(self.base_layer) is not nn.Linear:
+            raise ConfigError("Cannot merge IA3 into a 4-/8-bit base in place; export with --merge instead.")
+        w = self.base_layer.weight
+        w.data = (w.float() * self.ia3_l).to(w.dtype)
+        bias = self.base_layer.bias
+        if bias is not None and not self.is_feedforward:
+            bias.data = (bias.float() * self.ia3_l.flatten()).to(bias.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.data = (w.float() / self.ia3_l).to(w.dtype)
+        bias = self.base_layer.bias
+        if bias is not None and not self.is_feedforward:
+            bias.data = (bias.float() / self.ia3_l.flatten()).to(bias.dtype)
+        self.merged = False
+
+
+class IA3Method(Method):
+    name = "ia3"
+    category = "reparameterised"
+    summary = "Learned scaling vectors on keys, values and the FFN activation (tiny; merges into the base)."
+    config_cls = IA3Config
+    mergeable = True
+    peft_type = "IA3"
+
+    def apply(self, model: nn.Module, cfg: IA3Config) -> None:
+        freeze_all(model)
+        targets = match_targets(model, cfg.target_modules)
+        ff = list(cfg.feedforward_modules)
+        for path in targets:
+            is_ff = any(path == f or path.endswith("." + f) for f in ff)
+            module = IA3Linear(model.get_submodule(path), is_ff, cfg.init_ia3_weights)
+            module.ia3_l.requires_grad_(True)
+            replace_module(model, path, module)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"{n}.ia3_l": m.ia3_l.detach() for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+
+    def adapter_config(self, model: nn.Module, cfg: IA3Config) -> dict:
+        out = super().adapter_config(model, cfg)
+        out.update(task_type="CAUSAL_LM", fan_in_fan_out=False, inference_mode=True, modules_to_save=None,
+                   exclude_modules=None)
+        return out
+
+    def merge(self, model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, IA3Linear):
+                m.merge()
+        applied(model).merged = True
+
+    def unmerge(self, model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, IA3Linear):
+                m.unmerge()
+        applied(model).merged = False
+
+
+register(IA3Method())

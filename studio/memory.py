@@ -252,6 +252,13 @@ def _site(name: str, mod: nn.Module) -> Site:
         return site
     base_params = {id(p) for p in base.parameters()}
     site.other_trainable = any(p.requires_grad and id(p) not in base_params for p in mod.parameters())
+    names = [n for n, _ in mod.named_parameters()]
+    if any(n.startswith("hada_") for n in names):
+        site.delta_weights = 2            # LoHa: both Hadamard factors are weight-sized
+    elif any(n.startswith(("lokr_", "phm_", "glora_")) for n in names):
+        site.delta_weights = 0            # factored forward: no weight-sized tensor kept
+    else:
+        site.delta_weights = 1
     return site
 
 

@@ -22,8 +22,10 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   methods whose inputs need no grad), and nothing at all through a backbone that runs without grad
   (Ladder Side-Tuning).
 
-Unknown future modules: a trainable module inside a layer that this file does not recognise is
-assumed to save one copy of its input (rows x in_features, activation dtype) per Linear it contains.
+Unknown future modules: a wrapper around a projection with trainable parameters (VeRA, LoKr, LoHa,
+GLoRA, ...) is assumed to save its input and the fp32 delta weight it builds (LoHa: two, the
+Hadamard factors); a trainable module elsewhere in a layer is assumed to save one copy of its input
+(rows x in_features, activation dtype) per Linear it contains.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Site:
     dora: bool = False
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     other_trainable: bool = False  # an unknown wrapper with trainable parameters
+    delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W; LoHa: 2)
 
     @property
     def needs_grad_out(self) -> bool:
@@ -155,7 +158,8 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     if site.ia3 == "out":
         out += rows * site.dout * dt.act
     if site.other_trainable and not site.lora_r:
-        out += rows * site.din * dt.act
+        # generic reparameterisation: its input, and the delta weight(s) it builds (fp32, out x in)
+        out += rows * site.din * dt.act + site.delta_weights * site.dout * site.din * 4
     return out
 
 

@@ -164,7 +164,8 @@ def meta_model(run_cfg: Any, dtype: torch.dtype = torch.float32, before_apply: A
     cfg = run_cfg.method
     tries = [cfg]
     fields = {f.name for f in dataclasses.fields(cfg)}
-    meta_safe = {k: v for k, v in (("keep_base_copy", False), ("init_lora_weights", True)) if k in fields}
+    meta_safe = {k: v for k, v in (("keep_base_copy", False), ("init_lora_weights", True),
+                                                  ("prompt_tuning_init", "RANDOM")) if k in fields}
     if meta_safe:
         tries.append(dataclasses.replace(cfg, **meta_safe))
     last: Exception | None = None
@@ -176,8 +177,6 @@ def meta_model(run_cfg: Any, dtype: torch.dtype = torch.float32, before_apply: A
                 apply_method(model, attempt)
             model.studio_adapter.cfg = cfg  # report the user's config, not the meta-safe copy
             return model
-        except StudioError:
-            raise
         except Exception as e:  # noqa: BLE001 - a method that needs real tensors
             last = e
             with torch.device("meta"):

@@ -1,0 +1,54 @@
+"""`estimate`: itemised peak memory of a run config, the fit table, and what fits on a chosen GPU."""
+from __future__ import annotations
+
+import json
+
+HELP = "Estimate the memory a run needs (itemised), which GPUs it fits, and the largest batch/seq/rank."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", nargs="?", default=None, help="run config YAML (default: the built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a field")
+    p.add_argument("--gpu", default=None, help="a GPU from presets/gpus.yaml (e.g. 'RTX 4090', T4) or CPU")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="estimate for this device "
+                   "(default: cpu if --gpu CPU, else cuda)")
+    p.add_argument("--json", action="store_true", help="one JSON object (bytes) instead of tables")
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..memory import (best_switch, fit_table, format_estimate, human, largest_fitting)
+    from ..memory import estimate as make_estimate
+    cfg = load_config(args.config, args.set)
+    device = args.device or ("cpu" if args.gpu and args.gpu.lower() in ("cpu", "cpu ram", "ram") else "cuda")
+    gpu = args.gpu if args.gpu and device == "cuda" else None
+    est = make_estimate(cfg, device, gpu=gpu)
+    table = fit_table(cfg)
+    largest: dict = {}
+    switches: list = []
+    if args.gpu:
+        for what in ("batch_size", "max_length", "r"):
+            if what == "r" and not hasattr(cfg.method, "r"):
+                continue
+            largest[what] = largest_fitting(cfg, args.gpu, what)
+        switches = best_switch(cfg, args.gpu)
+    if args.json:
+        out = est.to_dict()
+        out["fits"] = out["details"].get("fits")
+        out["fit_table"] = table
+        out["largest"] = largest
+        out["switches"] = [{"switch": s, "saved_bytes": b} for s, b in switches]
+        print(json.dumps(out, default=str))
+        return 0
+    print(format_estimate(est))
+    print("\nfits on:")
+    for row in table:
+        print(f"  {row['gpu']:<12}{human(row['memory_bytes']):>12}  {'yes' if row['fits'] else 'no':<4}"
+              f"(needs {human(row['total'])})")
+    if args.gpu:
+        print(f"\non {args.gpu}: " + ", ".join(f"largest {k} {v}" for k, v in largest.items()))
+        if switches:
+            print("switches (bytes saved):")
+            for s, b in switches:
+                print(f"  {s:<45}{human(b):>12}")
+    return 0

@@ -51,7 +51,7 @@ class Case:
     count: Callable | None = None               # closed-form trainable count from the model config
     identity_at_init: bool = True               # output == base right after apply
     mergeable: bool = False                     # merged output == unmerged output
-    lr: float = 1e-2                            # learning rate for the loss-goes-down check
+    lr: float = 3e-2                            # learning rate for the loss-goes-down check
     archs: tuple = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
 
     @property
@@ -69,10 +69,21 @@ CASES: list[Case] = [
     Case("olora", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=5e-3),
     Case("loraplus", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=2e-3),
     Case("full", {}, None, lr=1e-3),
+    Case("vera", {"r": 16}, lambda c: c.num_hidden_layers * (2 * 16 + q_dim(c) + kv_dim(c)), mergeable=True, lr=0.1),
+    Case("lokr", {"r": 4}, lambda c: c.num_hidden_layers * sum(__import__("studio.methods.lokr", fromlist=["x"]).lokr_count(i, o, 4) for m, (i, o) in attn_shapes(c).items() if m in ("q_proj", "v_proj")), mergeable=True, lr=3e-2),
+    Case("loha", {"r": 4}, lambda c: lora_count(c, 2 * 4, ["q_proj", "v_proj"]), mergeable=True, lr=3e-2),
+    Case("dylora", {"r": 4}, lambda c: lora_count(c, 4, ATTN), mergeable=True, lr=3e-2),
+    Case("glora", {"r": 4}, lambda c: lora_count(c, 8, ATTN) + (c.num_hidden_layers * 3 * (4 * (c.hidden_size + 1) + 2) if c.model_type == "qwen2" else 0), mergeable=True),
+    Case("compacter", {"n": 4, "r": 1}, lambda c: 4 ** 3 + lora_count(c, 1, ["q_proj", "v_proj"]), mergeable=True, lr=3e-2),
+    Case("ssf", {}, lambda c: 2 * c.num_hidden_layers * (q_dim(c) + 2 * kv_dim(c) + 2 * c.hidden_size + 2 * c.intermediate_size), mergeable=True),
     Case("prompt_tuning", {"num_virtual_tokens": 16}, lambda c: 16 * c.hidden_size, identity_at_init=False, lr=0.1, archs=("tiny-llama", "tiny-gemma3")),  # random tiny-qwen2 barely reacts to input prompts (loss plateaus ~0.08 lower); covered in test_soft_prompts.py
     Case("p_tuning", {"num_virtual_tokens": 8, "encoder_hidden_size": 32}, lambda c: 8 * c.hidden_size + (c.hidden_size * 32 + 32) + (32 * 32 + 32) + (32 * c.hidden_size + c.hidden_size), identity_at_init=False, lr=1e-2, archs=("tiny-llama", "tiny-gemma3")),
     Case("prefix_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, lambda c: 4 * kv_dim(c) + (kv_dim(c) * 32 + 32) + (32 + 1) * 2 * c.num_hidden_layers * kv_dim(c), identity_at_init=False, lr=1e-2),
     Case("p_tuning_v2", {"num_virtual_tokens": 4}, lambda c: 4 * 2 * c.num_hidden_layers * kv_dim(c), identity_at_init=False, lr=0.1),
     Case("ia3", {}, lambda c: c.num_hidden_layers * (2 * kv_dim(c) + c.intermediate_size), mergeable=True, lr=0.3),
     Case("adalora", {"init_r": 4, "target_r": 2}, lambda c: lora_count(c, 4, ATTN) + 4 * 4 * c.num_hidden_layers, mergeable=True, lr=0.03),
+    Case("adapter", {"bottleneck": 8}, lambda c: c.num_hidden_layers * 2 * (2 * c.hidden_size * 8 + 8 + c.hidden_size)),
+    Case("parallel_adapter", {"bottleneck": 8}, lambda c: c.num_hidden_layers * (2 * c.hidden_size * 8 + 8 + c.hidden_size)),
+    Case("adamix", {"bottleneck": 8, "num_experts": 2}, lambda c: c.num_hidden_layers * 2 * 2 * (2 * c.hidden_size * 8 + 8 + c.hidden_size)),
+    Case("lst", {"reduction": 8}, lambda c: (c.num_hidden_layers + 1) * c.hidden_size * (c.hidden_size // 8) + c.num_hidden_layers * (1 + c.hidden_size // 8 + 3 * (c.hidden_size // 8) * (c.intermediate_size // 8)) + c.hidden_size // 8 + c.hidden_size // 8 * c.hidden_size),
 ]

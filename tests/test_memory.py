@@ -1,0 +1,192 @@
+"""The memory estimator against what a real step allocates and saves.
+
+Exact: parameter counts, weight, gradient and optimizer bytes of a real tiny model with the method
+applied. Activations: the estimate's `saved_for_backward` vs the unique storages autograd saves
+(torch.autograd.graph.saved_tensors_hooks) in a real forward+backward of causal_lm_loss, within 10%.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from studio.config import RunConfig
+from studio.memory import (best_switch, estimate, estimate_inference, fit_table, gpu_presets, largest_fitting,
+                           measured_vs_estimate, nf4_bytes)
+from studio.memory_bench import _apply, memory_grid, random_batch, saved_tensor_bytes
+from studio.methods import registry
+from studio.models import build_random_model, hf_config_from_dict, model_presets
+
+ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
+SOFT = {"prompt_tuning": {"prompt_tuning_init": "RANDOM"}}
+
+
+def _methods() -> list[dict]:
+    """lora, dora, full and every other registered method with its defaults."""
+    out = [{"name": "lora"}, {"name": "dora"}, {"name": "full", "keep_base_copy": False}]
+    for name in sorted(registry()):
+        if name not in ("lora", "full"):
+            out.append({"name": name, **SOFT.get(name, {})})
+    return out
+
+
+def _cfg(model: str, method: dict, batch: int = 2, seq: int = 64, gc: bool = False, chunk: int = 64,
+         optimizer: str = "adamw") -> RunConfig:
+    return RunConfig.from_dict({"model": {"name": model}, "data": {"max_length": seq}, "method": dict(method),
+                                "train": {"batch_size": batch, "gradient_checkpointing": gc, "loss_chunk": chunk,
+                                          "optimizer": optimizer}})
+
+
+def _real(facts: dict, method: dict, gc: bool = False):
+    model = build_random_model(facts)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _apply(model, method, gc)
+    return model
+
+
+def _unique(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", _methods(), ids=lambda m: m["name"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_params_weights_grads_optimizer(arch, method):
+    cfg = _cfg(arch, method)
+    try:
+        est = estimate(cfg, "cpu", padding=False)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"{method['name']} on {arch}: {e}")
+    model = _real(model_presets()[arch]["config"], method)
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = [p for p in params if p.requires_grad]
+    assert est.total_params == sum(p.numel() for p in params)
+    assert est.trainable_params == sum(p.numel() for p in trainable)
+    assert est.weights == _unique(list(params) + list(model.buffers()))
+    batch = random_batch(model.config.vocab_size, 2, 16)
+    from studio.losses import causal_lm_loss
+    loss, _ = causal_lm_loss(model, batch, chunk=64)
+    loss.backward()
+    assert est.gradients == sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None) \
+        or est.gradients == sum(p.numel() * p.element_size() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for p in trainable:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert est.optimizer == sum(t.numel() * t.element_size() for t in states)
+
+
+def _saved_case(arch: str, method: dict, gc: bool, tmp_path) -> tuple[int, int]:
+    facts = dict(model_presets()[arch]["config"])
+    facts.update(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=4)
+    if "head_dim" in facts:
+        facts.update(head_dim=64, num_key_value_heads=2)
+    path = tmp_path / arch
+    hf_config_from_dict(facts).save_pretrained(path)
+    b, s = 2, 128
+    est = estimate(_cfg(str(path), method, b, s, gc), "cpu", padding=False)
+    model = _real(facts, method, gc)
+    measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], b, s), chunk=64)
+    return est.details["saved_for_backward"], measured
+
+
+ACT_METHODS = [{"name": "lora"}, {"name": "full", "keep_base_copy": False}, {"name": "dora"},
+               {"name": "lora", "target_modules": "all-linear", "lora_dropout": 0.0}]
+ACT_METHODS += [{"name": n, **SOFT.get(n, {})} for n in ("ia3", "prompt_tuning", "prefix_tuning") if n in registry()]
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["nogc", "gc"])
+@pytest.mark.parametrize("method", ACT_METHODS, ids=lambda m: "-".join(str(v) for v in m.values())[:30])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activations_match_autograd(arch, method, gc, tmp_path):
+    pred, measured = _saved_case(arch, method, gc, tmp_path)
+    assert abs(pred - measured) <= 0.10 * measured, (pred, measured, (pred - measured) / measured)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("gc", [False, True])
+def test_activations_real_gemma_270m(gc):
+    from studio.config import ModelConfig
+    from studio.models import load_model
+    model, _ = load_model(ModelConfig(name="gemma-3-270m", device="cpu"))
+    _apply(model, {"name": "lora"}, gc)
+    measured = saved_tensor_bytes(model, random_batch(model.config.vocab_size, 1, 128), chunk=1024)
+    est = estimate(_cfg("gemma-3-270m", {"name": "lora"}, 1, 128, gc, chunk=1024), "cpu", padding=False)
+    pred = est.details["saved_for_backward"]
+    assert abs(pred - measured) <= 0.10 * measured, (pred, measured)
+
+
+def test_items_and_total_are_consistent():
+    est = estimate(_cfg("qwen2.5-7b", {"name": "lora"}, 4, 1024), "cuda")
+    d = est.to_dict()
+    for k in ("context", "weights", "gradients", "optimizer", "activations", "logits", "method_extra", "transient",
+              "total", "trainable_params", "total_params"):
+        assert isinstance(d[k], int) and d[k] >= 0
+    assert d["not_concurrent"] >= 0
+    assert est.total >= est.context + est.weights + est.optimizer + est.activations
+    # bf16 base: 2 bytes per frozen param, LoRA fp32
+    assert abs(est.weights - 2 * est.total_params) < 3 * est.trainable_params + 10**6
+
+
+def test_rules_change_what_they_should():
+    base = estimate(_cfg("qwen2.5-0.5b", {"name": "lora"}, 4, 512), "cuda", padding=False)
+    gc = estimate(_cfg("qwen2.5-0.5b", {"name": "lora"}, 4, 512, gc=True), "cuda", padding=False)
+    assert gc.activations < base.activations / 4
+    full = estimate(_cfg("qwen2.5-0.5b", {"name": "full", "keep_base_copy": False}, 4, 512), "cuda", padding=False)
+    assert full.optimizer == pytest.approx(4 * full.total_params, rel=0.01)  # 2 bf16 states
+    q = estimate(RunConfig.from_dict({"model": {"name": "qwen2.5-7b", "quantization": "nf4"}, "method": "qlora"}),
+                 "cuda")
+    assert q.details["weights_by_dtype"]["nf4"] < 0.6 * 6.5e9
+    assert nf4_bytes(4096 * 4096) == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4096 * 4096 // 64 // 256 * 4 + 68
+    paged = estimate(_cfg("qwen2.5-0.5b", {"name": "lora"}, optimizer="paged_adamw"), "cuda")
+    assert paged.optimizer == 0 and paged.details["optimizer_host"] > 0
+    eight = estimate(_cfg("qwen2.5-0.5b", {"name": "lora"}, optimizer="adamw_8bit"), "cuda")
+    assert eight.optimizer < base.optimizer / 3
+    if "prompt_tuning" in registry():
+        pt = estimate(_cfg("qwen2.5-0.5b", {"name": "prompt_tuning", "prompt_tuning_init": "RANDOM",
+                                            "num_virtual_tokens": 20}, 4, 512), "cuda", padding=False)
+        assert pt.details["seq"] == 532
+
+
+def test_calculator():
+    cfg = _cfg("qwen2.5-1.5b", {"name": "lora"}, 4, 1024)
+    table = fit_table(cfg)
+    assert [r["gpu"] for r in table][:-1] == list(gpu_presets()) and table[-1]["gpu"] == "CPU RAM"
+    assert all(r["fits"] == (r["total"] <= r["memory_bytes"]) for r in table)
+    bs = largest_fitting(cfg, "T4", "batch_size")
+    assert bs >= 1
+    assert estimate(_cfg("qwen2.5-1.5b", {"name": "lora"}, bs, 1024), "cuda").total <= 15360 * 2**20
+    assert estimate(_cfg("qwen2.5-1.5b", {"name": "lora"}, bs + 1, 1024), "cuda").total > 15360 * 2**20
+    assert largest_fitting(cfg, "H200", "r") > largest_fitting(cfg, "T4", "r") >= 0
+    big = _cfg("qwen2.5-7b", {"name": "lora"}, 8, 2048)
+    sw = best_switch(big, "RTX 4090")
+    assert sw and sw[0][0].startswith("gradient checkpointing")
+    m = measured_vs_estimate(estimate(cfg, "cuda"), 10 * 2**30)
+    assert set(m) >= {"ratio", "error_percent"}
+
+
+def test_inference_estimate():
+    a = estimate_inference("llama-3.1-8b", 8192, 1, "bfloat16")
+    assert a["kv_cache"] == 2 * 32 * 8192 * 8 * 128 * 2
+    assert 15e9 < a["weights"] < 17e9
+    q = estimate_inference("llama-3.1-8b", 8192, 1, "bfloat16", "nf4")
+    assert q["weights"] < a["weights"] / 2.5
+
+
+def test_cli_json(capsys):
+    from studio.__main__ import main
+    assert main(["estimate", "--set", "model.name=qwen2.5-0.5b", "--set", "data.max_length=256",
+                 "--gpu", "T4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True and out["total"] > out["weights"] > 0 and out["largest"]["batch_size"] >= 4
+
+
+def test_memory_grid_runs_on_cpu():
+    rows = list(memory_grid(quick=True))
+    assert rows and all(abs(r["ratio"] - 1) < 0.10 for r in rows), rows

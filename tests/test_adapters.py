@@ -198,3 +198,22 @@ def test_lst_saves_activation_memory():
     lst = saved_bytes(model, b)
     assert lst * 2.5 < lora, (lst, lora)
     assert applied(model).method.trainable_summary(model)["backbone_backward"] is False
+
+
+@pytest.mark.parametrize("name,kw", [("mam_adapter", {"bottleneck": 16, "num_virtual_tokens": 3}),
+                                     ("unipelt", {"r": 2, "bottleneck": 8, "num_virtual_tokens": 3})])
+def test_hybrids_with_prefix_projection_round_trip(name, kw, tmp_path):
+    model, tok = fresh("tiny-qwen2")
+    apply_method(model, method_config({"name": name, **kw}))
+    b = batch(tok)
+    losses = train(model, b, steps=4, lr=1e-2)
+    assert losses[-1] < losses[0]
+    want = logits(model, b)
+    save_adapter(model, tmp_path / name)
+    other, _ = fresh("tiny-qwen2")
+    load_adapter(other, tmp_path / name)
+    torch.testing.assert_close(logits(other.eval(), b), want, atol=1e-5, rtol=1e-5)
+    summary = applied(other).method.trainable_summary(other)
+    assert summary["virtual_tokens"] == 3
+    if name == "unipelt":
+        assert len(summary["prefix_gates"]) == 2 and summary["lora_layers"] == 4

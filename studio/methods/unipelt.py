@@ -146,7 +146,7 @@ class UniPeltMethod(AdapterFamily):
     def trainable_summary(self, model: nn.Module) -> dict:
         with torch.no_grad():
             gates = torch.sigmoid(model.prefix_gate.prefix_gates).tolist()
-        return {**super().trainable_summary(model), "prefix_gates": [round(g, 3) for g in gates],
+        return {**super().trainable_summary(model), **_PREFIX.trainable_summary(model), "prefix_gates": [round(g, 3) for g in gates],
                 "lora_layers": sum(isinstance(m, GatedLoraLinear) for m in model.modules())}
 
 

@@ -45,7 +45,7 @@ NF4_BLOCK = 64                     # NF4 block size (one absmax per 64 weights)
 DQ_BLOCK = 256                     # double quantization: the absmax values in blocks of 256
 BNB_MIN_8BIT = 4096                # bitsandbytes keeps 32-bit states for smaller tensors
 BNB_BLOCK = 256                    # blockwise 8-bit optimizer state: one fp32 absmax per 256 values
-SGD_STATES = 0                     # torch SGD without momentum keeps no state
+SGD_STATES = 1                     # the trainer's SGD uses momentum 0.9: one buffer per param
 ITEMS = ("context", "weights", "gradients", "optimizer", "activations", "logits", "method_extra", "transient")
 
 

@@ -19,33 +19,37 @@ from .errors import BusyError, StudioError
 from .rundir import RunDir, list_runs
 
 
-def _write_estimate(run: RunDir, cfg: RunConfig) -> None:
+def _write_estimate(run: RunDir, cfg: RunConfig, lengths: list[int] | None = None) -> None:
+    """estimate.json before the run: from max_length at first, then from the real example lengths."""
+    from .memory import estimate
+    from .trainer import use_cpu
     try:
-        from .memory import estimate, estimate_to_dict
-    except ImportError:  # estimator not available in this build
-        return
-    try:
-        run.write_json("estimate.json", estimate_to_dict(estimate(cfg)))
+        est = estimate(cfg, device="cpu" if use_cpu(cfg) else "cuda", dataset_lengths=lengths or None)
+        run.write_json("estimate.json", est.to_dict())
     except Exception as e:  # an estimate must never stop a run
         run.log(f"memory estimate unavailable: {e}")
 
 
 def _record_measured(run: RunDir, peak: int) -> None:
+    """Put the measured peak next to the estimate (CUDA: max allocated + the CUDA context)."""
+    from .memory import measured_vs_estimate
     est = run.read_json("estimate.json")
     if not est or not peak:
         return
-    try:
-        from .memory import measured_vs_estimate
-        est["measured"] = measured_vs_estimate(est, peak)
-    except (ImportError, Exception):
-        est["measured"] = {"peak_bytes": peak}
+    est["measured"] = measured_vs_estimate(est, peak + int(est.get("context") or 0))
     run.write_json("estimate.json", est)
 
 
 def execute(run: RunDir, cfg: RunConfig, stop: threading.Event | None = None, resume: bool = False,
             on_event: Callable[[dict], None] | None = None) -> dict:
     """Train `cfg` into `run`, writing status, metrics, log, checkpoints and adapter. Returns the last event."""
-    from .trainer import train
+    from .trainer import process_state, train
+    if not process_state(cfg).is_main_process:  # data-parallel workers train; only the main process writes
+        last: dict = {}
+        for last in train(cfg, run.path, stop=stop, resume_from=run.checkpoints()[-1] if resume else None):
+            if on_event is not None:
+                on_event(last)
+        return last
     resume_from = None
     if resume:
         points = run.checkpoints()
@@ -72,6 +76,8 @@ def execute(run: RunDir, cfg: RunConfig, stop: threading.Event | None = None, re
                 state = "stopping" if stop is not None and stop.is_set() else "running"
                 run.write_status(state, total_steps=event["total_steps"], step=event["step"])
             elif kind == "start":
+                if not resume:
+                    _write_estimate(run, cfg, event.get("lengths"))
                 run.write_status("running", total_steps=event["total_steps"], step=event["start_step"],
                                  data_stats=event["data_stats"])
                 run.log(f"{event['train_examples']} training / {event['eval_examples']} eval examples, "

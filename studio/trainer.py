@@ -23,8 +23,9 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import build_datasets, collate, fit_attention_mask
-from .errors import ConfigError, OutOfMemoryError, StoppedError
+from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
 from .losses import causal_lm_loss
+from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
 from .models import load_model
 from .train_state import load_train_state, save_train_state
@@ -111,6 +112,16 @@ def peak_memory(device: torch.device) -> int:
     return 0
 
 
+def use_cpu(cfg: RunConfig) -> bool:
+    return cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+
+
+def process_state(cfg: RunConfig):
+    """accelerate's process state (rank, world size); set up once, before the Accelerator."""
+    from accelerate import PartialState
+    return PartialState(cpu=use_cpu(cfg))
+
+
 def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Event | None = None,
           resume_from: str | Path | None = None) -> Iterator[dict[str, Any]]:
     """Run training; yield events. A set `stop` ends the run after the current micro-batch with a checkpoint."""
@@ -118,8 +129,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     from accelerate.utils import set_seed
 
     t = cfg.train
-    device_kind = cfg.model.device
-    cpu = device_kind == "cpu" or (device_kind == "auto" and not torch.cuda.is_available())
+    cpu = use_cpu(cfg)
+    process_state(cfg)
     model, tok = load_model(cfg.model, seed=t.seed)
     # bf16 autocast on CUDA when the base computes in bf16: fp32 adapter weights meet bf16 activations.
     bf16 = not cpu and (model.dtype == torch.bfloat16 or cfg.model.quantization != "none")
@@ -157,7 +168,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     run_dir = Path(run_dir) if run_dir is not None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     yield {"type": "start", "total_steps": steps, "start_step": start_step, "train_examples": len(splits.train),
-           "eval_examples": len(splits.eval), "data_stats": splits.stats}
+           "eval_examples": len(splits.eval), "data_stats": splits.stats,
+           "lengths": [len(ex["input_ids"]) for ex in splits.train]}
 
     def save(step: int) -> Path | None:
         if run_dir is None or not is_main:
@@ -181,6 +193,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
 
     wrapped.train()
     step = start_step
+    measure_cpu = device.type == "cpu"
+    saved = cpu_peak = 0
     t0 = time.perf_counter()
     try:
         while step < steps:
@@ -191,11 +205,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                     raise StoppedError("Stopped by the user.")
                 batch = _to(batches.get(step * t.grad_accum + micro), device)
                 sync = micro == t.grad_accum - 1
+                meter = SavedTensorMeter(model) if measure_cpu and step == start_step and micro == 0 else None
                 with (accelerator.no_sync(wrapped) if not sync else nullcontext()), accelerator.autocast():
-                    loss, n = wrapped(batch)
+                    with meter or nullcontext():
+                        loss, n = wrapped(batch)
                     extra = info.method.extra_loss(model)
                     total = loss + extra if extra is not None else loss
                     accelerator.backward(total / t.grad_accum)
+                if meter is not None:
+                    saved = meter.bytes
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum().item()) if batch["attention_mask"].dim() == 2 else \
                     int(batch["input_ids"].numel())
@@ -204,6 +222,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             if t.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm))
             optimizer.step()
+            if measure_cpu and step == start_step:  # grads and optimizer states exist only now
+                cpu_peak = static_bytes(model, optimizer) + saved
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             info.method.after_optimizer_step(model, step, steps)
@@ -213,7 +233,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                      "epoch": round(step * t.grad_accum / batches.per_epoch, 4),
                      "loss": loss_sum / t.grad_accum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                      "tokens_per_s": tokens * accelerator.num_processes / max(elapsed, 1e-9),
-                     "peak_mem_bytes": peak_memory(device), "time": time.perf_counter() - t0}
+                     "peak_mem_bytes": peak_memory(device) or cpu_peak, "time": time.perf_counter() - t0}
             summary = info.method.trainable_summary(model)
             if summary:
                 event["method"] = summary
@@ -235,6 +255,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             f"Out of memory at step {step + 1} (batch {t.batch_size} x {cfg.data.max_length} tokens); turn on "
             f"train.gradient_checkpointing, lower train.batch_size or data.max_length, or use model.quantization=nf4."
         ) from None
+    if accelerator.num_processes > 1:
+        # Gradients are all-reduced every step, so every replica must hold the same weights.
+        checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().reshape(1).to(device)
+        sums = accelerator.gather(checksum)
+        if not torch.allclose(sums, sums[0].expand_as(sums)):
+            raise StudioError(f"Data-parallel replicas diverged (weight sums {sums.tolist()}); report this bug.")
+        yield {"type": "status", "message": f"{accelerator.num_processes} processes; trainable weights identical "
+                                            f"on all replicas (sum {float(sums[0]):.6f})."}
     if run_dir is not None and is_main:
         folder = save(step)
         ckpt.save_adapter(model, run_dir / "adapter")

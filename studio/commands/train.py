@@ -28,9 +28,8 @@ def run(args) -> int:
         cfg = run_dir.config()
     else:
         cfg = load_config(args.config, args.set)
-        from accelerate import PartialState
-        state = PartialState()
-        run_dir = _shared_run_dir(state, args.runs_dir, cfg, args.run_name)
+        from ..trainer import process_state
+        run_dir = _shared_run_dir(process_state(cfg), args.runs_dir, cfg, args.run_name)
     bar = None
 
     def show(event: dict) -> None:

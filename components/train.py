@@ -71,12 +71,13 @@ def _tokenizer(name: str, trust_remote_code: bool) -> Any:
 
 def data_preview(form: RunForm, *values: Any) -> tuple[str, str]:
     """(summary html, rendered examples html with trained tokens highlighted); errors inline."""
-    from studio.data import build_datasets, preview
+    from studio.data import build_datasets, load_rows, preview
     try:
         cfg = form.to_config(values)
         tok = _tokenizer(cfg.model.name, cfg.model.trust_remote_code)
         items = preview(cfg.data, tok, n=3)
         stats = build_datasets(cfg.data, tok, cfg.train.seed).stats
+        columns = list(load_rows(cfg.data)[0])
     except StudioError as e:
         return f"<div class='verdict bad'>✗ {html.escape(str(e))}</div>", ""
     fmt = items[0]["format"] if items else "?"
@@ -84,7 +85,9 @@ def data_preview(form: RunForm, *values: Any) -> tuple[str, str]:
                f"<b>{stats['examples']:,}</b> examples ({stats['train_examples']:,} train / "
                f"{stats['eval_examples']:,} eval) · <b>{stats['tokens']:,}</b> tokens, "
                f"{stats['trained_tokens']:,} trained · longest {stats['max_tokens']} · "
-               f"{stats['truncated']} truncated, {stats['dropped']} dropped</div>")
+               f"{stats['truncated']} truncated, {stats['dropped']} dropped<br><span class='muted'>columns: "
+               f"{html.escape(', '.join(columns))}" + (f" · mapping {html.escape(str(cfg.data.columns))}"
+                                                       if cfg.data.columns else "") + "</span></div>")
     cards = []
     for it in items:
         spans = "".join(f"<span class='{'tr' if s['trained'] else 'ctx'}'>{html.escape(s['text'])}</span>"

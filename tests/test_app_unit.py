@@ -245,6 +245,28 @@ def test_calculator_answers(ws):
     assert "Largest batch size" in answers and "trainable" in params and switches
 
 
+def test_stop_then_resume(run_form, ws, trained):
+    from components import runs
+    from components.train import start_run, stop_run
+    long = {**TINY, "train__max_steps": 400, "train__save_every": 0}
+    assert "Started" in start_run(run_form, "resumable", *values(run_form, **long))
+    run = ws.run("resumable")
+    import time
+    deadline = time.time() + 60
+    while not run.metrics() and time.time() < deadline:
+        time.sleep(0.1)
+    assert "Stopping" in stop_run()
+    assert state.runner.wait(60) and run.status()["state"] == "stopped" and run.checkpoints()
+    step = int(run.checkpoints()[-1].name.split("-")[1])
+    assert "Resumed" in runs.resume("resumable")
+    deadline = time.time() + 60
+    while run.metrics()[-1]["step"] <= step and time.time() < deadline:  # it continues from the checkpoint
+        time.sleep(0.1)
+    assert state.runner.stop() and state.runner.wait(60)
+    assert run.status()["state"] == "stopped" and int(run.checkpoints()[-1].name.split("-")[1]) > step
+    assert stop_run() == gr.skip()  # nothing running: a warning, no exception
+
+
 def test_delete_run(trained, ws):
     from components import runs
     row, msg = runs.confirm_delete("unit-run")

@@ -219,8 +219,7 @@ class ChildTuningMethod(Method):
                 p.requires_grad_(True)
             replace_module(model, path, module)
             modules[path] = module
-        applied(model).extra = {"modules": modules, "mask_source": "random" if cfg.mode == "D" else "per-step",
-                                "generator": torch.Generator().manual_seed(cfg.seed + 1)}
+        applied(model).extra = {"modules": modules, "mask_source": "random" if cfg.mode == "D" else "per-step"}
 
     @staticmethod
     def _modules(model: nn.Module) -> dict[str, DeltaLinear]:
@@ -242,12 +241,13 @@ class ChildTuningMethod(Method):
         cfg: ChildTuningConfig = applied(model).cfg
         if cfg.mode != "F":
             return
-        gen = applied(model).extra["generator"]
+        extra = applied(model).extra
         for m in self._modules(model).values():
             g = m.delta.grad
             if g is None:
                 continue
-            keep = torch.rand(g.shape, generator=gen).to(g.device) < cfg.reserve_p
+            gen = extra.setdefault(f"generator:{g.device}", torch.Generator(device=g.device).manual_seed(cfg.seed + 1))
+            keep = torch.rand(g.shape, generator=gen, device=g.device) < cfg.reserve_p
             g.mul_(keep.to(g.dtype) / cfg.reserve_p)
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -33,6 +33,9 @@ def save_adapter(model: nn.Module, folder: str | Path, extra_config: dict | None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = info.method.adapter_state_dict(model)
+    from .tasks import head_state  # classification heads trained alongside the method (tasks.py)
+    head = head_state(model)
+    state = {**state, **head}
     # Keys already starting with "base_model." are peft's model-level keys (e.g. VeRA's shared
     # `base_model.vera_A`) and are written as they are.
     # Methods whose peft keys are bare (soft prompts: `prompt_embeddings`) set file_key_prefix = "".
@@ -42,6 +45,8 @@ def save_adapter(model: nn.Module, folder: str | Path, extra_config: dict | None
     save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     config = info.method.adapter_config(model, info.cfg)
     config.setdefault("base_model_name_or_path", getattr(model, "studio_model_ref", None))
+    if head:
+        config["studio_task_head"] = sorted(head)
     config.update(extra_config or {})
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
     if folder.exists():
@@ -94,7 +99,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> Any:
     info = apply_method(model, cfg)
     state = load_adapter_state_file(folder)
     device = next(model.parameters()).device
+    head_names = config.get("studio_task_head") or []  # a classification head saved with the adapter
+    head = {k: state.pop(k) for k in head_names if k in state}
     info.method.load_adapter_state(model, {k: v.to(device) for k, v in state.items()})
+    if head_names:
+        from .tasks import load_head_state
+        load_head_state(model, head_names, head)
     return info
 
 

@@ -70,8 +70,9 @@ def execute(run: RunDir, cfg: RunConfig, stop: threading.Event | None = None, re
             last = event
             kind = event["type"]
             if kind == "step":
-                row = {k: v for k, v in event.items() if k not in ("type", "total_steps")}
-                run.append_metrics(row)
+                every = max(1, cfg.train.log_every)
+                if event["step"] % every == 0 or "eval_loss" in event or event["step"] == event["total_steps"]:
+                    run.append_metrics({k: v for k, v in event.items() if k not in ("type", "total_steps")})
                 peak = max(peak, event.get("peak_mem_bytes") or 0)
                 state = "stopping" if stop is not None and stop.is_set() else "running"
                 run.write_status(state, total_steps=event["total_steps"], step=event["step"])

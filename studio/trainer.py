@@ -234,7 +234,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                      "loss": loss_sum / t.grad_accum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                      "tokens_per_s": tokens * accelerator.num_processes / max(elapsed, 1e-9),
                      "peak_mem_bytes": peak_memory(device) or cpu_peak, "time": time.perf_counter() - t0}
-            summary = info.method.trainable_summary(model)
+            # Method facts (AdaLoRA ranks, changed fractions) can cost a pass over the weights: not every step.
+            summary = info.method.trainable_summary(model) if step % 10 == 0 or step == steps else None
             if summary:
                 event["method"] = summary
             if splits.eval and t.eval_every and step % t.eval_every == 0 and step < steps:

@@ -1,0 +1,171 @@
+"""Speed benchmark: our engine vs transformers + peft on the same shapes and settings, in one process.
+
+Each row builds a random-init model of a real shape (presets/models.yaml, no download), applies
+the method, runs warm-up steps, then times steps of loss + backward + optimizer step. The peft
+baseline (when peft is installed; it is never an engine dependency) uses the same base weights,
+batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
+seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, and on our
+rows the ratios to the baseline.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from .losses import causal_lm_loss
+from .memory_bench import random_batch
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (the target's reference)
+
+
+@dataclass
+class Row:
+    shape: str
+    method: str  # lora | qlora | full
+    batch: int
+    seq: int
+    grad_ckpt: bool
+
+
+GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lora", 4, 1024, True),
+            Row("qwen2.5-0.5b", "full", 4, 1024, False), Row("qwen2.5-0.5b", "qlora", 4, 1024, True),
+            Row("qwen2.5-1.5b", "lora", 4, 2048, True), Row("llama-3.2-1b", "lora", 8, 2048, True),
+            Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True)]
+QUICK_GRID = GPU_GRID[:5]
+CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False)]
+
+
+def _method_cfg(method: str) -> dict:
+    if method == "full":
+        return {"name": "full", "keep_base_copy": False}
+    return {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def _base_model(row: Row, device: torch.device, dtype: torch.dtype) -> Any:
+    from .models import build_random_model, model_presets
+    model = build_random_model(model_presets()[row.shape]["config"], seed=0, dtype=dtype).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if row.method == "qlora":
+        from .memory_bench import _quantize_nf4
+        model = _quantize_nf4(model)
+    if row.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def flops_per_token(n_params: int, trainable: int, method: str, layers: int, seq: int, hidden: int) -> float:
+    """Training FLOPs per token: forward 2N, backward 2N for activations (+2N weight grads when full)."""
+    matmul = (6 if method == "full" else 4) * n_params + 6 * trainable
+    attention = 12 * layers * seq * hidden  # QK^T and AV, forward and backward
+    return matmul + attention
+
+
+def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out: dict[str, Any] = {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq,
+                           "grad_ckpt": row.grad_ckpt, "engine": engine, "device": str(device)}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = _base_model(row, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    if engine == "studio":
+        from .methods import apply_method, method_config
+        apply_method(model, method_config(_method_cfg(row.method)))
+
+        def loss_fn(batch):
+            return causal_lm_loss(model, batch)[0]
+    else:
+        peft = importlib.import_module("peft")  # baseline only; the engine never depends on peft
+        if row.method != "full":
+            cfg = _method_cfg(row.method)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                                               lora_dropout=0.0, target_modules="all-linear"))
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+
+        def loss_fn(batch):
+            return model(**batch).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" or None)
+    batch = random_batch(model.config.vocab_size, row.batch, row.seq, device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        seconds = _time_steps(step, warmup, steps, device)
+    except torch.OutOfMemoryError:
+        return out | {"oom": True}
+    finally:
+        gc.collect()
+    tokens = row.batch * row.seq
+    cfg = model.config
+    fpt = flops_per_token(n_params, sum(p.numel() for p in params), row.method, cfg.num_hidden_layers, row.seq,
+                          cfg.hidden_size)
+    out.update(ms_per_step=round(seconds * 1000, 2), tokens_per_s=round(tokens / seconds, 1),
+               mfu=round(fpt * tokens / seconds / H100_BF16_FLOPS, 4) if device.type == "cuda" else None,
+               peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+    del model, opt, params
+    gc.collect()
+    return out
+
+
+def estimated_bytes(row: Row, device: torch.device) -> int | None:
+    from .config import RunConfig
+    from .memory import estimate
+    cfg = RunConfig.from_dict({"model": {"name": row.shape, "quantization": "nf4" if row.method == "qlora" else "none"},
+                               "data": {"max_length": row.seq}, "method": _method_cfg(row.method),
+                               "train": {"batch_size": row.batch, "gradient_checkpointing": row.grad_ckpt}})
+    try:
+        return estimate(cfg, device.type, padding=False).total
+    except Exception:  # noqa: BLE001 - an estimate gap must not stop the speed benchmark
+        return None
+
+
+def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
+          steps: int = 5, grid: list[Row] | None = None) -> Iterator[dict]:
+    """Yield one row per (shape, method, engine); our row carries the ratios to the peft row."""
+    from .models import resolve_device
+    dev = resolve_device(device)
+    grid = grid or (CPU_GRID if dev.type == "cpu" else (QUICK_GRID if quick else GPU_GRID))
+    have_peft = with_peft and importlib.util.find_spec("peft") is not None
+    for row in grid:
+        if row.method == "qlora" and dev.type != "cuda":
+            continue
+        baseline = run_row(row, "peft", dev, warmup, steps) if have_peft else None
+        if baseline:
+            yield baseline
+        ours = run_row(row, "studio", dev, warmup, steps)
+        ours["estimated_bytes"] = estimated_bytes(row, dev)
+        if baseline and not baseline.get("oom") and not ours.get("oom"):
+            ours["speedup_vs_peft"] = round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)
+            ours["time_ratio_vs_peft"] = round(ours["ms_per_step"] / baseline["ms_per_step"], 3)
+            if ours.get("peak_bytes") and baseline.get("peak_bytes"):
+                ours["memory_ratio_vs_peft"] = round(ours["peak_bytes"] / baseline["peak_bytes"], 3)
+        yield ours

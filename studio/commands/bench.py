@@ -1,0 +1,39 @@
+"""`bench`: speed (and with --memory, memory-estimate) benchmarks as JSON lines."""
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "Benchmark our engine vs transformers+peft (JSON lines); --memory checks the estimator on CUDA."
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true", help="the short grid (under 5 minutes on one H100)")
+    p.add_argument("--memory", action="store_true", help="estimate vs measured peak over the memory grid")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: the default model, small batch)")
+    p.add_argument("--no-peft", action="store_true", help="skip the transformers+peft baseline")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row")
+    p.add_argument("--out", default=None, help="also append the rows to this file")
+
+
+def run(args) -> int:
+    sink = open(args.out, "a") if args.out else None
+    try:
+        if args.memory:
+            from ..memory_bench import memory_grid
+            rows = memory_grid(args.quick)
+        else:
+            from ..bench import bench
+            rows = bench(args.quick, args.device, not args.no_peft, args.warmup, args.steps)
+        for row in rows:
+            line = json.dumps(row)
+            print(line, flush=True)
+            if sink:
+                sink.write(line + "\n")
+                sink.flush()
+    finally:
+        if sink:
+            sink.close()
+    print("bench finished", file=sys.stderr)
+    return 0

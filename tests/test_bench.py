@@ -1,0 +1,23 @@
+"""The benchmark runs our engine and the peft baseline on the same shape and reports ratios."""
+from __future__ import annotations
+
+import json
+
+from studio.__main__ import main
+from studio.bench import Row, bench
+
+
+def test_bench_rows_compare_engines_on_cpu():
+    rows = list(bench(device="cpu", warmup=1, steps=1, grid=[Row("tiny-llama", "lora", 2, 32, False),
+                                                            Row("tiny-llama", "full", 2, 32, False)]))
+    assert [(r["engine"], r["method"]) for r in rows] == [("peft", "lora"), ("studio", "lora"),
+                                                          ("peft", "full"), ("studio", "full")]
+    ours = rows[1]
+    assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["speedup_vs_peft"] > 0
+    assert ours["estimated_bytes"] > 0 and ours["mfu"] is None  # no MFU claim on the CPU
+
+
+def test_bench_memory_cli_writes_json_lines(capsys):
+    assert main(["bench", "--memory", "--quick"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines and all("estimated_bytes" in row for row in lines)

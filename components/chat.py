@@ -26,15 +26,30 @@ def chat_runs() -> list[str]:
     return [r.name for r in list_runs(state.ws().runs) if r.adapter() or r.checkpoints()]
 
 
-def checkpoint_choices(run_name: str | None) -> Any:
+def checkpoints_of(run_name: str | None) -> list[tuple[str, str]]:
+    """("final adapter", "final") when the run finished, then its checkpoints, newest first."""
     if not run_name:
-        return gr.update(choices=[], value=None)
+        return []
     try:
         run = state.ws().run(run_name)
     except StudioError:
-        return gr.update(choices=[], value=None)
-    choices = ([("final adapter", FINAL)] if run.adapter() else []) + [(p.name, p.name) for p in reversed(run.checkpoints())]
+        return []
+    return ([("final adapter", FINAL)] if run.adapter() else []) + [(p.name, p.name) for p in reversed(run.checkpoints())]
+
+
+def checkpoint_choices(run_name: str | None) -> Any:
+    choices = checkpoints_of(run_name)
     return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+
+def refresh_runs(current: str | None, current_ckpt: str | None) -> list[Any]:
+    """Run and checkpoint lists read again (keeping the picks that still exist)."""
+    names = chat_runs()
+    run = current if current in names else (names[0] if names else None)
+    choices = checkpoints_of(run)
+    values = [v for _, v in choices]
+    ckpt = current_ckpt if current_ckpt in values else (values[0] if values else None)
+    return [gr.update(choices=names, value=run), gr.update(choices=choices, value=ckpt)]
 
 
 def labels(mode: str, revealed: dict | None = None, **extra: Any) -> list[Any]:
@@ -133,7 +148,9 @@ def create_chat() -> dict[str, Any]:
         with gr.Row(equal_height=True):
             runs = chat_runs()
             run = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", scale=3, elem_id="chat-run")
-            ckpt = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="chat-ckpt")
+            first = checkpoints_of(runs[0] if runs else None)
+            ckpt = gr.Dropdown(first, value=first[0][1] if first else None, label="Checkpoint", scale=2,
+                               elem_id="chat-ckpt")
             mode = gr.Radio(MODES, value="Side by side", label="Mode", scale=3, elem_id="chat-mode")
             refresh_btn = gr.Button("↻", size="sm", scale=0, min_width=50)
         status = gr.HTML("<div class='muted'>Pick a run; its base model and adapter load on the first message.</div>",
@@ -171,12 +188,8 @@ def create_chat() -> dict[str, Any]:
     run.change(checkpoint_choices, run, ckpt).then(reset, mode, reset_outputs)
     ckpt.change(reset, mode, reset_outputs)
 
-    def refresh_runs(current):
-        names = chat_runs()
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
-
-    refresh_btn.click(refresh_runs, run, run)
-    tab.select(refresh_runs, run, run)
+    refresh_btn.click(refresh_runs, [run, ckpt], [run, ckpt])
+    tab.select(refresh_runs, [run, ckpt], [run, ckpt])
 
     def on_vote(choice):
         def handler(run_name, ckpt_name, left, right, blind_value, *values):

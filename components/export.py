@@ -12,7 +12,7 @@ from studio.errors import StudioError
 
 from . import state
 from .charts import fmt_bytes
-from .chat import FINAL, chat_runs, checkpoint_choices
+from .chat import FINAL, checkpoint_choices, checkpoints_of, chat_runs, refresh_runs
 
 
 def default_folder(run_name: str | None, merge: bool) -> str:
@@ -62,7 +62,9 @@ def create_export() -> dict[str, Any]:
         with gr.Row(equal_height=True):
             runs = chat_runs()
             run = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", scale=3, elem_id="export-run")
-            ckpt = gr.Dropdown([], label="Checkpoint", scale=2, elem_id="export-ckpt")
+            first = checkpoints_of(runs[0] if runs else None)
+            ckpt = gr.Dropdown(first, value=first[0][1] if first else None, label="Checkpoint", scale=2,
+                               elem_id="export-ckpt")
             folder = gr.Textbox(label="Output folder (inside workspace/exports)", scale=3, elem_id="export-folder",
                                 placeholder="default: <run>-adapter or <run>-merged")
         with gr.Row(equal_height=True):
@@ -71,11 +73,7 @@ def create_export() -> dict[str, Any]:
         result = gr.HTML(elem_id="export-result")
         download = gr.File(label="Download the adapter zip", interactive=False, elem_id="export-zip")
 
-    def refresh_runs(current):
-        names = chat_runs()
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
-
-    tab.select(refresh_runs, run, run)
+    tab.select(refresh_runs, [run, ckpt], [run, ckpt])
     run.change(checkpoint_choices, run, ckpt)
     adapter_btn.click(lambda r, c, f: do_export(r, c, f, False), [run, ckpt, folder], [result, download])
     merge_btn.click(lambda r, c, f: do_export(r, c, f, True), [run, ckpt, folder], [result, download])

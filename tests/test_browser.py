@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -157,7 +156,7 @@ def test_train_reattach_stop(page, server):
     shot(page, "03_runs")
 
 
-def test_chat_side_by_side(page):
+def test_chat_side_by_side_and_blind_ab(page, server):
     from playwright.sync_api import expect
     page.get_by_role("tab", name="Chat").click()
     page.wait_for_function("document.querySelector('#chat-run input').value.includes('browser-run')")
@@ -173,6 +172,17 @@ def test_chat_side_by_side(page):
     for side in ("#chat-left", "#chat-right"):
         assert page.locator(f"{side} .message-row").nth(1).inner_text().strip()
     shot(page, "04_chat")
+    # blind A/B: sides hidden, a vote is saved as a preference pair and reveals them
+    page.locator("#chat-mode").get_by_text("Blind A/B").click()
+    expect(page.locator("#vote-a")).to_be_visible()
+    page.locator("#chat-input textarea, #chat-input input").first.fill("Say hi")
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-status")).to_contain_text("Vote below", timeout=60000)
+    page.locator("#vote-a").click()
+    expect(page.locator("#vote-msg")).to_contain_text("Saved", timeout=15000)
+    expect(page.locator("#chat-left")).to_contain_text("Model A =")
+    assert (server["workspace"] / "preferences" / "browser-run.jsonl").is_file()
+    shot(page, "04b_blind_ab")
 
 
 def test_calculator(page):

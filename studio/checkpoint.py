@@ -144,7 +144,6 @@ def zip_adapter(folder: str | Path, zip_path: str | Path) -> Path:
     """The adapter folder as a zip (the page offers it as a download)."""
     folder, zip_path = Path(folder), Path(zip_path)
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(folder.iterdir()):
-            if f.is_file():
-                zf.write(f, f.name)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):  # the adapter only, not a checkpoint's optimizer state
+            zf.write(folder / name, name)
     return zip_path

@@ -5,7 +5,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from .checkpoint import export_merged, load_adapter, zip_adapter
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_merged, load_adapter, zip_adapter
 from .config import ModelConfig
 from .errors import StudioError
 from .rundir import RunDir
@@ -20,7 +20,9 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, checkp
     if out.exists() and any(out.iterdir()):
         raise StudioError(f"{out} exists and is not empty; choose a new folder so nothing is overwritten.")
     if not merge:
-        shutil.copytree(folder, out, dirs_exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):  # a checkpoint's optimizer state stays behind
+            shutil.copy2(folder / name, out / name)
         zip_adapter(folder, out.with_suffix(".zip"))
         return out
     from .models import load_model

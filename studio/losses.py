@@ -1,8 +1,10 @@
 """Task losses. The causal-LM loss never builds the full fp32 logits tensor.
 
-The decoder body runs once; the output head and cross-entropy run on chunks of positions, each
-chunk under activation checkpointing, so only the hidden states stay alive for backward and the
-largest logits buffer is chunk x vocab (Gemma's 262k vocabulary makes this matter).
+The decoder body runs once; the output head and cross-entropy run on chunks of labelled positions,
+so the largest logits buffer is chunk x vocab (Gemma's 262k vocabulary makes this matter). For a
+plain Linear head the chunk's gradients are computed right in the forward (fused linear + cross-
+entropy: nothing to recompute, only d(loss)/d(hidden) kept for backward); other heads (wrapped by a
+method) run each chunk under activation checkpointing instead.
 Soft-prompt methods may prepend virtual tokens inside the body: the last T positions are kept.
 """
 from __future__ import annotations
@@ -26,6 +28,46 @@ def _chunk_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, softc
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum CE(softcap(h @ W.T), y) over rows, with gradients for h (and W) computed chunk by chunk
+    in the forward, so neither the logits nor a recomputation are needed in backward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int,
+                softcap: float | None) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        h = h.to(weight.dtype)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            hs, ys = h[start:start + chunk], y[start:start + chunk]
+            raw = (hs @ weight.t()).float()
+            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, ys[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                d = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot
+                d[torch.arange(ys.shape[0], device=d.device), ys] -= 1
+                if softcap:
+                    d *= 1 - (logits / softcap) ** 2  # through tanh
+                d = d.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = d @ weight
+                if need_w:
+                    grad_w += d.t().float() @ hs.float()
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
 def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024,
                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
@@ -37,6 +79,9 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     keep = y != -100
     h = hidden[:, :-1][keep]
     y = y[keep]
+    if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() and (
+            h.requires_grad or head.weight.requires_grad):
+        return FusedLinearCrossEntropy.apply(h, head.weight, y, max(1, chunk), softcap), keep.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], max(1, chunk)):
         hs, ys = h[start:start + chunk], y[start:start + chunk]

@@ -39,6 +39,8 @@ class ModelConfig:
                       ("auto", "cpu", "cuda", "mps"))
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo (only if you trust it)")
     attn_implementation: str = opt("sdpa", "Attention kernel", ("sdpa", "eager"))
+    task: str = opt("causal_lm", "causal_lm (chat / text) or classification (a head over data.columns.label)",
+                    ("causal_lm", "classification"))
 
 
 @dataclass

@@ -34,13 +34,43 @@ from .train_state import load_train_state, save_train_state
 class LossModule(nn.Module):
     """Wraps the model so DDP sees one forward per micro-batch (its gradient sync hooks need that)."""
 
-    def __init__(self, model: nn.Module, chunk: int):
+    def __init__(self, model: nn.Module, chunk: int, task: str):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.task = task
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "classification":
+            from .tasks import classification_loss
+            return classification_loss(self.model, batch)
         return causal_lm_loss(self.model, fit_attention_mask(batch, self.model), self.chunk)
+
+
+@dataclass
+class TaskData:
+    """What the loop needs from the task: model, tokenizer, examples and how to batch them."""
+    model: nn.Module
+    tokenizer: Any
+    train: list
+    eval: list
+    collate: Any
+    stats: dict
+    labels: list | None = None
+
+
+def load_task(cfg: RunConfig) -> TaskData:
+    """Model + data for the configured task (a causal LM, or a sequence classifier with its labels)."""
+    if cfg.model.task == "classification":
+        from . import tasks
+        from .models import load_tokenizer
+        data = tasks.build_classification(cfg.data, load_tokenizer(cfg.model), cfg.train.seed)
+        model, tok = tasks.load_classifier(cfg.model, data.labels, cfg.train.seed)
+        stats = {"examples": len(data.train) + len(data.eval), "labels": data.labels}
+        return TaskData(model, tok, data.train, data.eval, tasks.collate_classification, stats, data.labels)
+    model, tok = load_model(cfg.model, seed=cfg.train.seed)
+    splits = build_datasets(cfg.data, tok, cfg.train.seed)
+    return TaskData(model, tok, splits.train, splits.eval, collate, splits.stats)
 
 
 @dataclass
@@ -50,6 +80,7 @@ class Batches:
     batch_size: int
     seed: int
     pad_id: int
+    collate: Any = collate
     rank: int = 0
     world: int = 1
 
@@ -63,7 +94,7 @@ class Batches:
         order = torch.randperm(len(self.examples), generator=gen).tolist()
         start = (pos * self.world + self.rank) * self.batch_size
         picked = [self.examples[i] for i in order[start:start + self.batch_size]]
-        return collate(picked, self.pad_id)
+        return self.collate(picked, self.pad_id)
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -131,34 +162,37 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     t = cfg.train
     cpu = use_cpu(cfg)
     process_state(cfg)
-    model, tok = load_model(cfg.model, seed=t.seed)
+    task = load_task(cfg)
+    model, tok = task.model, task.tokenizer
     # bf16 autocast on CUDA when the base computes in bf16: fp32 adapter weights meet bf16 activations.
     bf16 = not cpu and (model.dtype == torch.bfloat16 or cfg.model.quantization != "none")
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
     set_seed(t.seed)
     is_main = accelerator.is_main_process
     info = apply_method(model, cfg.method)
+    if task.labels is not None:
+        from .tasks import prepare_head
+        prepare_head(model)  # the new classification head trains alongside the method
     yield {"type": "status", "message": f"Loaded {cfg.model.name}; applied {cfg.method.name}."}
 
-    splits = build_datasets(cfg.data, tok, t.seed)
-    if not splits.train:
+    if not task.train:
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
-    info.method.prepare_for_training(model, splits.train, cfg.method)
+    info.method.prepare_for_training(model, task.train, cfg.method)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
     device = accelerator.device
-    steps = total_steps(cfg, len(splits.train), accelerator.num_processes)
+    steps = total_steps(cfg, len(task.train), accelerator.num_processes)
     groups = info.method.optimizer_groups(model, t.lr, t.weight_decay)
     if not any(len(g["params"]) for g in groups):
         raise ConfigError(f"{cfg.method.name} left nothing to train; check its target settings.")
     optimizer = build_optimizer(t.optimizer, groups, t.lr, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.scheduler, t.warmup_steps, steps))
-    wrapped = LossModule(model, t.loss_chunk)
+    wrapped = LossModule(model, t.loss_chunk, cfg.model.task)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = Batches(splits.train, t.batch_size, t.seed, pad_id, accelerator.process_index,
+    batches = Batches(task.train, t.batch_size, t.seed, pad_id, task.collate, accelerator.process_index,
                       accelerator.num_processes)
 
     start_step = 0
@@ -167,9 +201,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         yield {"type": "status", "message": f"Resumed from step {start_step}."}
     run_dir = Path(run_dir) if run_dir is not None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    yield {"type": "start", "total_steps": steps, "start_step": start_step, "train_examples": len(splits.train),
-           "eval_examples": len(splits.eval), "data_stats": splits.stats,
-           "lengths": [len(ex["input_ids"]) for ex in splits.train]}
+    yield {"type": "start", "total_steps": steps, "start_step": start_step, "train_examples": len(task.train),
+           "eval_examples": len(task.eval), "data_stats": task.stats,
+           "lengths": [len(ex["input_ids"]) for ex in task.train]}
 
     def save(step: int) -> Path | None:
         if run_dir is None or not is_main:
@@ -179,17 +213,24 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         save_train_state(folder, step, optimizer, scheduler)
         return folder
 
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
+        """Eval loss (token-weighted; per example for classification) and, for classification, accuracy."""
         wrapped.eval()
-        total, count = 0.0, 0
+        total, count, right = 0.0, 0, 0
         with torch.no_grad(), accelerator.autocast():
-            for i in range(0, len(splits.eval), t.batch_size):
-                batch = _to(collate(splits.eval[i:i + t.batch_size], pad_id), device)
+            for i in range(0, len(task.eval), t.batch_size):
+                batch = _to(task.collate(task.eval[i:i + t.batch_size], pad_id), device)
                 loss, n = wrapped(batch)
                 total += loss.item() * n.item()
                 count += n.item()
+                if task.labels is not None:
+                    from .tasks import _forward
+                    right += int((_forward(model, batch).argmax(-1) == batch["labels"]).sum())
         wrapped.train()
-        return total / max(1, count)
+        out = {"eval_loss": total / max(1, count)}
+        if task.labels is not None:
+            out["eval_accuracy"] = right / max(1, count)
+        return out
 
     wrapped.train()
     step = start_step
@@ -238,10 +279,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             summary = info.method.trainable_summary(model) if step % 10 == 0 or step == steps else None
             if summary:
                 event["method"] = summary
-            if splits.eval and t.eval_every and step % t.eval_every == 0 and step < steps:
-                event["eval_loss"] = evaluate()
-            if step == steps and splits.eval:
-                event["eval_loss"] = evaluate()
+            if task.eval and ((t.eval_every and step % t.eval_every == 0) or step == steps):
+                event.update(evaluate())
             yield event
             if t.save_every and step % t.save_every == 0 and step < steps:
                 folder = save(step)

@@ -101,3 +101,13 @@ def test_impossible_settings_are_config_errors(tmp_path):
         run(tmp_path / "2", tiny_cfg(**{"train.optimizer": "paged_adamw"}))
     with pytest.raises(StudioError, match="one of"):
         tiny_cfg(**{"train.scheduler": "sometimes"})
+
+
+def test_classification_task_trains_a_head_and_reports_accuracy(tmp_path):
+    cfg = tiny_cfg(**{"model.task": "classification", "data.path": "sentiment", "data.eval_fraction": 0.25,
+                      "train.max_steps": 30, "train.eval_every": 10})
+    rd = run(tmp_path, cfg)
+    rows = rd.metrics()
+    assert rows[-1]["eval_accuracy"] >= 0.6 and rows[-1]["loss"] < rows[0]["loss"]
+    from studio.checkpoint import read_adapter_config
+    assert read_adapter_config(rd.adapter()).get("studio_task_head")

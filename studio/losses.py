@@ -2,7 +2,7 @@
 
 The decoder body runs once; the output head and cross-entropy run on chunks of labelled positions,
 so the largest logits buffer is chunk x vocab (Gemma's 262k vocabulary makes this matter). For a
-plain Linear head the chunk's gradients are computed right in the forward (fused linear + cross-
+plain frozen Linear head the chunk's gradients are computed right in the forward (fused linear + cross-
 entropy: nothing to recompute, only d(loss)/d(hidden) kept for backward); other heads (wrapped by a
 method) run each chunk under activation checkpointing instead.
 Soft-prompt methods may prepend virtual tokens inside the body: the last T positions are kept.
@@ -79,8 +79,10 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     keep = y != -100
     h = hidden[:, :-1][keep]
     y = y[keep]
-    if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() and (
-            h.requires_grad or head.weight.requires_grad):
+    # Fused only for a frozen head: a trained head (full fine-tuning) would need an fp32 vocab x hidden
+    # gradient buffer held from forward to backward, more than the checkpointed chunks cost.
+    if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() and h.requires_grad \
+            and not head.weight.requires_grad:
         return FusedLinearCrossEntropy.apply(h, head.weight, y, max(1, chunk), softcap), keep.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], max(1, chunk)):

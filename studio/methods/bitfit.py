@@ -58,7 +58,9 @@ class _SelectiveMethod(Method):
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def _remember(self, model: nn.Module, keep: bool = True, added: list | None = None) -> None:
-        base = {n: p.detach().to("cpu", copy=True) for n, p in self._trained(model).items()} if keep else None
+        trained = self._trained(model)
+        weightless = any(p.is_meta for p in trained.values())  # the estimator applies methods on meta models
+        base = {n: p.detach().to("cpu", copy=True) for n, p in trained.items()} if keep and not weightless else None
         applied(model).extra = {"base": base, "added": added or []}
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import freeze_all, match_targets, replace_module
+from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 
 @dataclass
@@ -46,14 +46,13 @@ class AdaLoraConfig(MethodConfig):
     target_modules: list | str = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Layer names, a regex, or all-linear")
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrappedLinear):
     """y = W x + s · B (E ⊙ A) x with s = alpha / init_r; names match peft's AdaLoRA layer."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
-        super().__init__()
+        super().__init__(base)
         if r < 1:
             raise ConfigError(f"AdaLoRA init_r must be at least 1, got {r}.")
-        self.base_layer = base
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.randn(r, base.in_features, device=dev) * 0.02)
         self.lora_B = nn.Parameter(torch.randn(base.out_features, r, device=dev) * 0.02)
@@ -62,20 +61,6 @@ class SVDLinear(nn.Module):
         self.r = r
         self.scaling = (alpha if alpha > 0 else float(r)) / (r + 1e-5)  # peft: lora_alpha / (ranknum + 1e-5)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.adapter_enabled = True
-        self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling

@@ -28,7 +28,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import freeze_all, match_targets, replace_module
+from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 
 @dataclass
@@ -42,12 +42,11 @@ class ChildTuningConfig(MethodConfig):
     seed: int = opt(0, "Seed of the masks")
 
 
-class DeltaLinear(nn.Module):
+class DeltaLinear(WrappedLinear):
     """y = (W + Δ) x + b with Δ dense (mode F) or k scattered entries (mode D)."""
 
     def __init__(self, base: nn.Linear, k: int | None):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         dev = base.weight.device
         if k is None:
             self.delta = nn.Parameter(torch.zeros_like(base.weight, dtype=torch.float32))
@@ -55,20 +54,6 @@ class DeltaLinear(nn.Module):
             self.register_buffer("indices", torch.zeros(k, dtype=torch.long, device=dev))
             self.values = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=dev))
         self.sparse = k is not None
-        self.adapter_enabled = True
-        self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def dense_delta(self) -> torch.Tensor:
         if not self.sparse:

@@ -5,9 +5,33 @@ import re
 import sys
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
+
+
+class WrappedLinear(nn.Module):
+    """Base of modules that wrap a (possibly 4-/8-bit) Linear as `base_layer` (peft's naming) and add
+    an adapter to it; model code that reads `.weight` or the feature sizes still finds them."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base_layer = base
+        self.adapter_enabled = True
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
 
 # Output heads are never targets of "all-linear" (peft does the same).
 HEAD_NAMES = ("lm_head", "score", "classifier", "cls", "pooler")

@@ -15,32 +15,17 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Method, MethodConfig, applied
-from .common import freeze_all, match_targets, replace_module
+from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 
-class DeltaLinear(nn.Module):
+class DeltaLinear(WrappedLinear):
     """A Linear plus a weight update ΔW; subclasses define `delta_weight()`."""
 
     def __init__(self, base: nn.Module):
-        super().__init__()
+        super().__init__(base)
         if type(base) is not nn.Linear:
             raise ConfigError(f"This method needs plain 16/32-bit Linear layers, got {type(base).__name__}; "
                               f"turn quantization off or use LoRA (QLoRA) for 4-/8-bit bases.")
-        self.base_layer = base
-        self.adapter_enabled = True
-        self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:

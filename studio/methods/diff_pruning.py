@@ -25,7 +25,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import freeze_all, match_targets, replace_module
+from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 OPEN, CLOSED = 10.0, -10.0  # gate logits that give z == 1 / z == 0 exactly in eval
 
@@ -42,27 +42,12 @@ class DiffPruningConfig(MethodConfig):
     project_at_end: bool = opt(True, "After the last step keep only the largest diffs (exact target sparsity)")
 
 
-class GatedDiffLinear(nn.Module):
+class GatedDiffLinear(WrappedLinear):
     def __init__(self, base: nn.Linear, cfg: DiffPruningConfig):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.w = nn.Parameter(torch.zeros_like(base.weight, dtype=torch.float32))
         self.log_alpha = nn.Parameter(torch.full_like(base.weight, cfg.gate_init, dtype=torch.float32))
         self.beta, self.gamma, self.zeta = cfg.beta, cfg.gamma, cfg.zeta
-        self.adapter_enabled = True
-        self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def gates(self) -> torch.Tensor:
         if self.training:

@@ -16,7 +16,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import freeze_all, match_targets, replace_module
+from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 
 @dataclass
@@ -27,30 +27,15 @@ class IA3Config(MethodConfig):
     init_ia3_weights: bool = opt(True, "Start from ones (output == base)")
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """A Linear whose output (attention) or input (feed-forward) is rescaled by a learned vector."""
 
     def __init__(self, base: nn.Linear, feedforward: bool, init_ones: bool = True):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.is_feedforward = feedforward
         shape = (1, base.in_features) if feedforward else (base.out_features, 1)
         dev = base.weight.device
         self.ia3_l = nn.Parameter(torch.ones(shape, device=dev) if init_ones else torch.randn(shape, device=dev))
-        self.adapter_enabled = True
-        self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.adapter_enabled:

@@ -17,7 +17,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import freeze_all, match_targets, replace_module
+from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -49,14 +49,13 @@ def _dequantized_weight(base: nn.Module) -> torch.Tensor:
     return w.detach().float()
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLinear):
     """A Linear (or 4-/8-bit Linear) with a low-rank update; module names match peft's."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool, dora: bool):
-        super().__init__()
+        super().__init__(base)
         if r <= 0:
             raise ConfigError(f"LoRA rank r must be at least 1, got {r}.")
-        self.base_layer = base
         in_f, out_f = base.in_features, base.out_features
         dev = base.weight.device
         self.lora_A = nn.Linear(in_f, r, bias=False, device=dev, dtype=torch.float32)
@@ -65,22 +64,8 @@ class LoraLinear(nn.Module):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.use_dora = dora
-        self.adapter_enabled = True
-        self.merged = False
         if dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(out_f, device=dev, dtype=torch.float32))
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:  # some model code reads `.weight` of projections
-        return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -31,6 +31,7 @@ class Row:
     batch: int
     seq: int
     grad_ckpt: bool
+    labels: str = "all"  # all: every token trains; prompt: the first half of each row is a masked prompt (SFT)
 
 
 GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lora", 4, 1024, True),
@@ -38,7 +39,7 @@ GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lo
             Row("qwen2.5-1.5b", "lora", 4, 2048, True), Row("llama-3.2-1b", "lora", 8, 2048, True),
             Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True)]
 QUICK_GRID = GPU_GRID[:5]
-CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False)]
+CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt")]
 
 
 def _method_cfg(method: str) -> dict:
@@ -83,7 +84,8 @@ def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out: dict[str, Any] = {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq,
-                           "grad_ckpt": row.grad_ckpt, "engine": engine, "device": str(device)}
+                           "grad_ckpt": row.grad_ckpt, "labels": row.labels, "engine": engine,
+                           "device": str(device)}
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -110,6 +112,8 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" or None)
     batch = random_batch(model.config.vocab_size, row.batch, row.seq, device)
+    if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
+        batch["labels"][:, : row.seq // 2] = -100
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

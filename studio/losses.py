@@ -42,15 +42,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             hs, ys = h[start:start + chunk], y[start:start + chunk]
-            raw = (hs @ weight.t()).float()
-            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, ys[:, None]).squeeze(1)).sum()
+            logits = (hs @ weight.t()).float()
+            tanh = None
+            if softcap:
+                tanh = torch.tanh(logits.div_(softcap))
+                logits = tanh * softcap
+            # One exp pass, in place: e = exp(logits - max); lse = max + log(sum e); softmax = e / sum e.
+            peak = logits.amax(dim=-1, keepdim=True)
+            target = logits.gather(1, ys[:, None])
+            e = logits.sub_(peak).exp_()
+            sums = e.sum(dim=-1, keepdim=True)
+            total += (peak + sums.log() - target).sum()
             if need_h or need_w:
-                d = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot
+                d = e.div_(sums)  # d loss / d logits = softmax - onehot
                 d[torch.arange(ys.shape[0], device=d.device), ys] -= 1
-                if softcap:
-                    d *= 1 - (logits / softcap) ** 2  # through tanh
+                if tanh is not None:
+                    d *= 1 - tanh * tanh  # through the tanh soft cap
                 d = d.to(weight.dtype)
                 if need_h:
                     grad_h[start:start + chunk] = d @ weight

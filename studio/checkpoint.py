@@ -133,11 +133,25 @@ def export_merged(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
         raise ConfigError(f"{info.cfg.name} cannot be merged into the base; export the adapter (without --merge).")
     info.method.merge(model)
     unwrap(model)
+    _check_plain_architecture(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _check_plain_architecture(model: nn.Module) -> None:
+    """A merged model must have exactly the tensors its config declares, or reloading it silently drops
+    some (e.g. a merged shift adds biases to layers that the architecture builds without one)."""
+    with torch.device("meta"):
+        plain = type(model)(model.config)
+    want = set(plain.state_dict())
+    extra = sorted(set(model.state_dict()) - want)
+    if extra:
+        raise ConfigError(f"The merged model has tensors its architecture does not declare ({extra[0]}, ... "
+                          f"{len(extra)} in all), so a plain reload would lose them; export the adapter instead, "
+                          f"or train without that option (e.g. ssf with shift: false).")
 
 
 def zip_adapter(folder: str | Path, zip_path: str | Path) -> Path:

@@ -86,3 +86,16 @@ def test_errors_are_one_clear_line_and_nonzero(tmp_path):
     assert proc.returncode == 1 and "does not exist" in proc.stderr
     proc = cli("chat", "--model", "no-such-model", "--prompt", "hi", check=False)
     assert proc.returncode == 1 and "not a preset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_merged_export_refuses_tensors_the_architecture_would_drop(tmp_path):
+    from studio.checkpoint import export_merged
+    from studio.config import ModelConfig
+    from studio.errors import ConfigError
+    from studio.methods import apply_method, method_config
+    from studio.models import load_model
+    model, tok = load_model(ModelConfig(name="tiny-llama", device="cpu"))  # Llama: no biases
+    apply_method(model, method_config({"name": "ssf"}))  # a merged shift would add biases
+    with pytest.raises(ConfigError, match="architecture does not declare"):
+        export_merged(model, tok, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

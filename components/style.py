@@ -37,6 +37,7 @@ h3.panel-title small, .muted { color:var(--body-text-color-subdued); font-weight
 .params-head { font-size:13.5px; margin:6px 0 2px; }
 .params-head .big { font-size:20px; font-weight:700; color:var(--color-accent); }
 .tiles { display:grid; grid-template-columns:repeat(auto-fill, minmax(140px, 1fr)); gap:8px; margin:4px 0; }
+.method-facts { font-size:12px; line-height:1.5; padding:8px 10px; margin-top:6px; border:1px solid var(--border-color-primary); border-radius:8px; max-height:160px; overflow:auto; }
 .tile { border:1px solid var(--border-color-primary); border-radius:10px; padding:8px 10px;
   background:var(--background-fill-primary); }
 .t-label { font-size:11.5px; text-transform:uppercase; letter-spacing:.04em; color:var(--body-text-color-subdued); }

@@ -218,7 +218,22 @@ def stats_html(run, metrics: list[dict]) -> str:
             + tile("Tokens / s", f"{last['tokens_per_s']:,.0f}" if last.get("tokens_per_s") else "–")
             + tile("Peak memory", peak_txt, ("" if peak else "not measured on CPU · ")
                    + (f"estimate {fmt_bytes(est)}" if est else ""))
-            + "</div>")
+            + "</div>" + method_facts_html(metrics))
+
+
+def method_facts_html(metrics: list[dict]) -> str:
+    """What the method reports as it trains (AdaLoRA's rank per layer, changed fractions), latest first."""
+    facts = next((m["method"] for m in reversed(metrics) if m.get("method")), None)
+    if not facts:
+        return ""
+    rows = []
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            value = " · ".join(f"{k}: {v}" for k, v in list(value.items())[:48])
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        rows.append(f"<div><b>{html.escape(key.replace('_', ' '))}</b> {html.escape(str(value))}</div>")
+    return "<div class='method-facts'>" + "".join(rows) + "</div>"
 
 
 def live_view(sig: Any) -> list[Any]:

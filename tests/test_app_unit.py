@@ -271,3 +271,11 @@ def test_delete_run(trained, ws):
     from components import runs
     row, msg = runs.confirm_delete("unit-run")
     assert "Deleted" in msg and not trained.path.exists()
+
+
+def test_method_facts_show_adalora_ranks_from_the_run_directory():
+    from components.train import method_facts_html
+    rows = [{"step": 1}, {"step": 10, "method": {"rank_per_layer": {"model.layers.0.self_attn.q_proj": 3}}}]
+    out = method_facts_html(rows)
+    assert "rank per layer" in out and "q_proj: 3" in out
+    assert method_facts_html([{"step": 1}]) == ""

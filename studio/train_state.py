@@ -17,29 +17,39 @@ TENSORS = "train_state.safetensors"
 META = "train_state.json"
 
 
+def _split(value, prefix: str, tensors: dict[str, torch.Tensor]):
+    """JSON-able copy of `value` with every tensor moved into `tensors` (a {"__tensor__": key} marker)."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().to("cpu").contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(value, dict):
+        return {"__dict__": [[_split(k, f"{prefix}.k{i}", tensors), _split(v, f"{prefix}.{i}", tensors)]
+                             for i, (k, v) in enumerate(value.items())]}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, dict) and "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if isinstance(value, dict) and "__dict__" in value:
+        return {_join(k, tensors): _join(v, tensors) for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
 def save_train_state(folder: Path, step: int, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    state = optimizer.state_dict()
+    """Optimizer (any layout: torch's or bitsandbytes' nested states), schedule and RNG of a checkpoint."""
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    scalars: dict[str, dict] = {}
-    for pid, pstate in state["state"].items():
-        for key, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"opt.{pid}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    meta = {"step": step, "optimizer": _split(optimizer.state_dict(), "opt", tensors),
+            "scheduler": _split(scheduler.state_dict(), "sched", tensors)}
     save_file(tensors, folder / TENSORS)
-    meta = {"step": step, "param_groups": state["param_groups"], "scalars": scalars,
-            "scheduler": scheduler.state_dict()}
-    (folder / META).write_text(json.dumps(meta, default=_jsonable))
-
-
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    return str(value)
+    (folder / META).write_text(json.dumps(meta))
 
 
 def load_train_state(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> int:
@@ -53,15 +63,8 @@ def load_train_state(folder: Path, model, optimizer: torch.optim.Optimizer, sche
     state = load_adapter_state_file(folder)
     applied(model).method.load_adapter_state(model, {k: v.to(device) for k, v in state.items()})
     tensors = load_file(folder / TENSORS)
-    opt_state: dict = {"state": {}, "param_groups": meta["param_groups"]}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(pid), {})[name] = value
-    for pid, values in meta["scalars"].items():
-        opt_state["state"].setdefault(int(pid), {}).update(values)
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(meta["scheduler"])
+    optimizer.load_state_dict(_join(meta["optimizer"], tensors))
+    scheduler.load_state_dict(_join(meta["scheduler"], tensors))
     torch.set_rng_state(tensors["rng.cpu"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():

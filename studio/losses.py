@@ -47,14 +47,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if softcap:
                 tanh = torch.tanh(logits.div_(softcap))
                 logits = tanh * softcap
-            # One exp pass, in place: e = exp(logits - max); lse = max + log(sum e); softmax = e / sum e.
-            peak = logits.amax(dim=-1, keepdim=True)
-            target = logits.gather(1, ys[:, None])
-            e = logits.sub_(peak).exp_()
-            sums = e.sum(dim=-1, keepdim=True)
-            total += (peak + sums.log() - target).sum()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # one fused pass
+            total += (lse - logits.gather(1, ys[:, None])).sum()
             if need_h or need_w:
-                d = e.div_(sums)  # d loss / d logits = softmax - onehot
+                d = logits.sub_(lse).exp_()  # softmax in place; d loss / d logits = softmax - onehot
                 d[torch.arange(ys.shape[0], device=d.device), ys] -= 1
                 if tanh is not None:
                     d *= 1 - tanh * tanh  # through the tanh soft cap

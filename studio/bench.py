@@ -152,20 +152,41 @@ def estimated_bytes(row: Row, device: torch.device) -> int | None:
         return None
 
 
+def _median_row(rows: list[dict]) -> dict:
+    """The round with the median step time (rounds alternate engines, so load drift hits both alike)."""
+    done = [r for r in rows if not r.get("oom")]
+    if not done:
+        return rows[0]
+    done.sort(key=lambda r: r["ms_per_step"])
+    out = dict(done[len(done) // 2])
+    out["rounds_ms_per_step"] = [r["ms_per_step"] for r in rows if not r.get("oom")]
+    return out
+
+
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
-          steps: int = 5, grid: list[Row] | None = None) -> Iterator[dict]:
-    """Yield one row per (shape, method, engine); our row carries the ratios to the peft row."""
+          steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None) -> Iterator[dict]:
+    """Yield one row per (shape, method, engine); our row carries the ratios to the peft row.
+
+    The engines run in alternating rounds (peft, ours, peft, ours, ...) and each reports its median
+    round: on a shared CPU the load changes over a minute, and alternating keeps the ratio fair.
+    """
     from .models import resolve_device
     dev = resolve_device(device)
     grid = grid or (CPU_GRID if dev.type == "cpu" else (QUICK_GRID if quick else GPU_GRID))
+    rounds = rounds or (3 if dev.type == "cpu" else 1)
     have_peft = with_peft and importlib.util.find_spec("peft") is not None
     for row in grid:
         if row.method == "qlora" and dev.type != "cuda":
             continue
-        baseline = run_row(row, "peft", dev, warmup, steps) if have_peft else None
+        theirs, mine = [], []
+        for _ in range(rounds):
+            if have_peft:
+                theirs.append(run_row(row, "peft", dev, warmup, steps))
+            mine.append(run_row(row, "studio", dev, warmup, steps))
+        baseline = _median_row(theirs) if theirs else None
         if baseline:
             yield baseline
-        ours = run_row(row, "studio", dev, warmup, steps)
+        ours = _median_row(mine)
         ours["estimated_bytes"] = estimated_bytes(row, dev)
         if baseline and not baseline.get("oom") and not ours.get("oom"):
             ours["speedup_vs_peft"] = round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)

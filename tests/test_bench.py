@@ -8,13 +8,14 @@ from studio.bench import Row, bench
 
 
 def test_bench_rows_compare_engines_on_cpu():
-    rows = list(bench(device="cpu", warmup=1, steps=1, grid=[Row("tiny-llama", "lora", 2, 32, False),
+    rows = list(bench(device="cpu", warmup=1, steps=1, rounds=2, grid=[Row("tiny-llama", "lora", 2, 32, False),
                                                             Row("tiny-llama", "full", 2, 32, False)]))
     assert [(r["engine"], r["method"]) for r in rows] == [("peft", "lora"), ("studio", "lora"),
                                                           ("peft", "full"), ("studio", "full")]
     ours = rows[1]
     assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["speedup_vs_peft"] > 0
     assert ours["estimated_bytes"] > 0 and ours["mfu"] is None  # no MFU claim on the CPU
+    assert len(ours["rounds_ms_per_step"]) == 2
 
 
 def test_bench_memory_cli_writes_json_lines(capsys):

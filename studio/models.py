@@ -265,8 +265,6 @@ def load_model(mcfg: ModelConfig, task: str = "causal_lm", seed: int = 0) -> tup
     device = resolve_device(mcfg.device)
     dtype = resolve_dtype(mcfg.dtype, device)
     compute = resolve_dtype(mcfg.compute_dtype, device)
-    if mcfg.quantization != "none" and device.type == "cpu" and compute == torch.float32:
-        compute = torch.float32
     tok = load_tokenizer(mcfg)
     preset = model_presets().get(mcfg.name, {})
     if preset.get("source") == "random":

@@ -7,7 +7,6 @@ preset's fields and then the user's values applied.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 from functools import lru_cache

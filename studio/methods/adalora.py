@@ -307,17 +307,5 @@ class AdaLoraMethod(Method):
                 alloc.allocated = True
                 alloc.budget = int(sum(layer.rank for layer in alloc.layers.values()))
 
-    def merge(self, model: nn.Module) -> None:
-        for m in model.modules():
-            if isinstance(m, SVDLinear):
-                m.merge()
-        applied(model).merged = True
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in model.modules():
-            if isinstance(m, SVDLinear):
-                m.unmerge()
-        applied(model).merged = False
-
 
 register(AdaLoraMethod())

@@ -103,10 +103,20 @@ class Method:
 
     # --- optional -------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
-        raise ConfigError(f"{self.name} cannot be merged into the base weights; export the adapter instead.")
+        """Fold the update into the base weights: every wrapper module that can merge() does."""
+        self._merge_all(model, merge=True)
 
     def unmerge(self, model: nn.Module) -> None:
-        raise ConfigError(f"{self.name} cannot be merged, so there is nothing to unmerge.")
+        self._merge_all(model, merge=False)
+
+    def _merge_all(self, model: nn.Module, merge: bool) -> None:
+        if not self.mergeable:
+            raise ConfigError(f"{self.name} cannot be merged into the base weights; export the adapter instead.")
+        from .common import WrappedLinear
+        for module in model.modules():
+            if isinstance(module, WrappedLinear) and hasattr(module, "merge"):
+                module.merge() if merge else module.unmerge()
+        applied(model).merged = merge
 
     @contextlib.contextmanager
     def disable_adapter(self, model: nn.Module) -> Iterator[None]:

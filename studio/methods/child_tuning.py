@@ -260,15 +260,5 @@ class ChildTuningMethod(Method):
         return {"changed_entries": changed, "target_entries": total, "changed_fraction": changed / max(1, total),
                 "changed_per_module": per, "mask_source": applied(model).extra.get("mask_source")}
 
-    def merge(self, model: nn.Module) -> None:
-        for m in self._modules(model).values():
-            m.merge()
-        applied(model).merged = True
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in self._modules(model).values():
-            m.unmerge()
-        applied(model).merged = False
-
 
 register(ChildTuningMethod())

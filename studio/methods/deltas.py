@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodConfig, applied
+from .base import Method, MethodConfig
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 
@@ -104,15 +104,6 @@ class DeltaMethod(Method):
                 out[f"{path}.{name}"] = p.detach()
         return out
 
-    def merge(self, model: nn.Module) -> None:
-        for _, m in self.wrappers(model):
-            m.merge()
-        applied(model).merged = True
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, m in self.wrappers(model):
-            m.unmerge()
-        applied(model).merged = False
 
     def adapter_config(self, model: nn.Module, cfg: MethodConfig) -> dict:
         out = super().adapter_config(model, cfg)

@@ -179,15 +179,5 @@ class DiffPruningMethod(Method):
                 "expected_density": density, "projected": applied(model).extra.get("projected", False),
                 "changed_per_module": per}
 
-    def merge(self, model: nn.Module) -> None:
-        for m in self._modules(model).values():
-            m.merge()
-        applied(model).merged = True
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in self._modules(model).values():
-            m.unmerge()
-        applied(model).merged = False
-
 
 register(DiffPruningMethod())

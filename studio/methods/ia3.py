@@ -15,7 +15,7 @@ from torch import nn
 from ..config import opt
 from ..errors import ConfigError
 from . import register
-from .base import Method, MethodConfig, applied
+from .base import Method, MethodConfig
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 
@@ -97,18 +97,6 @@ class IA3Method(Method):
         out.update(task_type="CAUSAL_LM", fan_in_fan_out=False, inference_mode=True, modules_to_save=None,
                    exclude_modules=None)
         return out
-
-    def merge(self, model: nn.Module) -> None:
-        for m in model.modules():
-            if isinstance(m, IA3Linear):
-                m.merge()
-        applied(model).merged = True
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in model.modules():
-            if isinstance(m, IA3Linear):
-                m.unmerge()
-        applied(model).merged = False
 
 
 register(IA3Method())

@@ -295,17 +295,6 @@ class LoraMethod(Method):
         data.pop("loraplus_lr_ratio", None) if data.get("loraplus_lr_ratio") is None else None
         return super().config_from_adapter(data)
 
-    def merge(self, model: nn.Module) -> None:
-        for m in model.modules():
-            if isinstance(m, LoraLinear):
-                m.merge()
-        applied(model).merged = True
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in model.modules():
-            if isinstance(m, LoraLinear):
-                m.unmerge()
-        applied(model).merged = False
 
     def optimizer_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         ratio = applied(model).cfg.loraplus_lr_ratio

@@ -120,9 +120,15 @@ class LoraLinear(WrappedLinear):
                 return result + (init * self.scaling).to(result.dtype)
             return result
         xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        lora = self.lora_B(self.lora_A(xd)) * self.scaling
         if not self.use_dora:
-            return result + lora.to(result.dtype)
+            low = self.lora_A(xd)
+            if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):
+                # result + low @ (s·B)^T in one addmm: the scale lands on the small B, not the activation.
+                flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, self.r),
+                                   (self.lora_B.weight * self.scaling).t())
+                return flat.view(result.shape)
+            return result + (self.lora_B(low) * self.scaling).to(result.dtype)
+        lora = self.lora_B(self.lora_A(xd)) * self.scaling
         with torch.no_grad():
             norm = self._combined_weight().norm(dim=1)
         scale = (self.lora_magnitude_vector / norm).to(lora.dtype)

@@ -97,6 +97,7 @@ class Facts:
     fp32_trainable: int                        # trainable fp32 numel (autocast keeps bf16 copies of them)
     max_linear: int                            # largest decoder Linear (numel) - 4-bit dequantization buffer
     host_copy_bytes: int = 0                   # full FT keep_base_copy
+    fused_head: bool = False                   # frozen plain Linear head: losses.FusedLinearCrossEntropy
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -200,9 +201,10 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
     cfg = run_cfg.method
     if getattr(cfg, "keep_base_copy", False):
         host_copy = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    fused = type(head) is nn.Linear and head.bias is None and not any(p.requires_grad for p in head.parameters())
     return Facts(arch, layer_infos, total, trainable, by_dtype, weights + buffers, buffers, grad, grad_layer,
                  grad_outside, tensors, any(p.requires_grad for p in embed.parameters()) if embed else False,
-                 final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy)
+                 final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused)
 
 
 def _layer_info(layer: nn.Module) -> LayerInfo:
@@ -364,7 +366,12 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     # ---- the loss: kept hidden states of labelled positions, indices, labels; chunk logits
     logits_saved = labelled * arch.hidden * act + labelled * 8 + b * seq if (g or facts.grad_outside) else 0
     c = min(int(tc.loss_chunk), labelled)
-    chunk = c * arch.vocab * (4 + 4 + 4) + (c * arch.vocab * act if act < 4 else 0)
+    if facts.fused_head:
+        # Fused linear + CE: fp32 logits plus logsumexp's temporary (a 16-bit matmul output or the
+        # 16-bit softmax copy is never alive beside both), then softmax in place; nothing is recomputed.
+        chunk = c * arch.vocab * 8
+    else:  # checkpointed chunk: logits, their gradient and the softmax, recomputed in backward
+        chunk = c * arch.vocab * (4 + 4 + 4) + (c * arch.vocab * act if act < 4 else 0)
     if arch.softcap:
         chunk += c * arch.vocab * 4
     saved = sum(per_layer) + fixed + logits_saved

@@ -19,7 +19,14 @@ from .common import WrappedLinear, freeze_all, match_targets, replace_module
 
 
 class DeltaLinear(WrappedLinear):
-    """A Linear plus a weight update ΔW; subclasses define `delta_weight()`."""
+    """A Linear plus a weight update ΔW; subclasses define `delta_weight()`.
+
+    LyCORIS-style regularisers, off unless a subclass sets them: `rank_dropout` drops whole rows of
+    ΔW in training (`drop_rows`), `module_dropout` skips the whole update for a training step.
+    """
+
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
@@ -42,9 +49,17 @@ class DeltaLinear(WrappedLinear):
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.delta_weight())
 
+    def drop_rows(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training and self.rank_dropout and not self.merged:
+            keep = (torch.rand(w.shape[0], device=w.device) > self.rank_dropout).to(w.dtype)
+            w = w * keep.unsqueeze(1)
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged or not self.adapter_enabled:
+            return result
+        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return result
         return result + self.delta_forward(x.to(self.adapter_dtype())).to(result.dtype)
 

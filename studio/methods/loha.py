@@ -47,15 +47,7 @@ class LoHaLinear(DeltaLinear):
 
     def delta_weight(self) -> torch.Tensor:
         w = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
-        if self.training and self.rank_dropout and not self.merged:
-            keep = (torch.rand(w.shape[0], device=w.device) > self.rank_dropout).to(w.dtype)
-            w = w * keep.unsqueeze(1)
-        return w
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            return self.base_layer(x)
-        return super().forward(x)
+        return self.drop_rows(w)
 
 
 class LoHaMethod(DeltaMethod):

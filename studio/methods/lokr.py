@@ -92,15 +92,7 @@ class LoKrLinear(DeltaLinear):
 
     def delta_weight(self) -> torch.Tensor:
         w = torch.kron(self._factor(1), self._factor(2).contiguous()) * self.scaling
-        if self.training and self.rank_dropout and not self.merged:
-            keep = (torch.rand(w.shape[0], device=w.device) > self.rank_dropout).to(w.dtype)
-            w = w * keep.unsqueeze(1)
-        return w
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            return self.base_layer(x)
-        return super().forward(x)
+        return self.drop_rows(w)
 
 
 class LoKrMethod(DeltaMethod):

@@ -19,7 +19,8 @@ from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
 from .common import freeze_all
-from .soft_prompt_common import PromptHook, PromptTable, SoftPromptSource, soft_prompt_summary, text_config
+from .soft_prompt_common import PromptHook, PromptTable, SoftPromptSource, load_prompt_embeddings, \
+    prompt_embeddings_state, soft_prompt_summary, text_config
 
 
 @dataclass
@@ -111,21 +112,10 @@ class _PromptMethodBase(Method):
         applied(model).extra = {"hook": hook}
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {"prompt_embeddings": model.prompt_encoder().detach().float()}
+        return prompt_embeddings_state(model)
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        if "prompt_embeddings" not in state:
-            raise ConfigError(f"This adapter has no prompt_embeddings tensor (found {sorted(state)[:3]}); it is not a "
-                              f"{self.name} adapter.")
-        value = state["prompt_embeddings"]
-        width = text_config(model).hidden_size
-        if value.dim() != 2 or value.shape[1] != width:
-            raise ConfigError(f"prompt_embeddings has shape {tuple(value.shape)}, this model needs (n, {width}); "
-                              f"the adapter was trained on another base model.")
-        model.prompt_encoder.freeze_to_table(value)
-        for p in model.prompt_encoder.parameters():
-            p.requires_grad_(True)
+        load_prompt_embeddings(model, state, text_config(model).hidden_size, self.name, "")
 
     def adapter_config(self, model: nn.Module, cfg) -> dict:
         out = super().adapter_config(model, cfg)

@@ -263,3 +263,24 @@ class SoftPromptSource(nn.Module):
 def soft_prompt_summary(source: SoftPromptSource) -> dict:
     return {"virtual_tokens": source.num_virtual_tokens,
             "reparameterised": source.encoder is not None}
+
+
+def prompt_embeddings_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter file of every soft prompt: what the encoder produces now (peft's `prompt_embeddings`)."""
+    with torch.no_grad():
+        return {"prompt_embeddings": model.prompt_encoder().detach().float()}
+
+
+def load_prompt_embeddings(model: nn.Module, state: dict[str, torch.Tensor], width: int, kind: str,
+                           needs: str) -> None:
+    """Replace the soft prompt's source by the saved table (n x width); `needs` explains the width."""
+    if "prompt_embeddings" not in state:
+        raise ConfigError(f"This adapter has no prompt_embeddings tensor (found {sorted(state)[:3]}); it is not a "
+                          f"{kind} adapter.")
+    value = state["prompt_embeddings"]
+    if value.dim() != 2 or value.shape[1] != width:
+        raise ConfigError(f"prompt_embeddings has shape {tuple(value.shape)}; this model needs (n, {width}){needs}. "
+                          f"The adapter was trained on another base model.")
+    model.prompt_encoder.freeze_to_table(value)
+    for p in model.prompt_encoder.parameters():
+        p.requires_grad_(True)

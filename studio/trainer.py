@@ -93,7 +93,8 @@ class Batches:
         gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         order = torch.randperm(len(self.examples), generator=gen).tolist()
         start = (pos * self.world + self.rank) * self.batch_size
-        picked = [self.examples[i] for i in order[start:start + self.batch_size]]
+        n = len(order)  # wraps around when the data is smaller than one batch per process
+        picked = [self.examples[order[(start + j) % n]] for j in range(min(self.batch_size, n))]
         return self.collate(picked, self.pad_id)
 
 
@@ -153,6 +154,19 @@ def process_state(cfg: RunConfig):
     return PartialState(cpu=use_cpu(cfg))
 
 
+def mixed_precision(model: nn.Module, cpu: bool) -> str:
+    """Autocast to the dtype the base computes in, so fp32 adapter weights meet 16-bit activations;
+    fp16 also gets accelerate's loss scaling. A 4-bit base computes in its compute dtype."""
+    if cpu:
+        return "no"
+    compute = model.dtype
+    for module in model.modules():
+        if hasattr(module, "compute_dtype") and module.compute_dtype is not None:  # bitsandbytes Linear4bit
+            compute = module.compute_dtype
+            break
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
+
+
 def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Event | None = None,
           resume_from: str | Path | None = None) -> Iterator[dict[str, Any]]:
     """Run training; yield events. A set `stop` ends the run after the current micro-batch with a checkpoint."""
@@ -164,9 +178,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     process_state(cfg)
     task = load_task(cfg)
     model, tok = task.model, task.tokenizer
-    # bf16 autocast on CUDA when the base computes in bf16: fp32 adapter weights meet bf16 activations.
-    bf16 = not cpu and (model.dtype == torch.bfloat16 or cfg.model.quantization != "none")
-    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(model, cpu))
     set_seed(t.seed)
     is_main = accelerator.is_main_process
     info = apply_method(model, cfg.method)

@@ -113,3 +113,27 @@ def test_classification_task_trains_a_head_and_reports_accuracy(tmp_path):
     assert rows[-1]["eval_accuracy"] >= 0.6 and rows[-1]["loss"] < rows[0]["loss"]
     from studio.checkpoint import read_adapter_config
     assert read_adapter_config(rd.adapter()).get("studio_task_head")
+
+
+def test_mixed_precision_follows_the_compute_dtype():
+    import torch
+    from torch import nn
+
+    from studio.trainer import mixed_precision
+
+    class Tiny(nn.Module):
+        def __init__(self, dtype, compute=None):
+            super().__init__()
+            self.lin = nn.Linear(2, 2, dtype=dtype)
+            if compute is not None:
+                self.lin.compute_dtype = compute
+
+        @property
+        def dtype(self):
+            return self.lin.weight.dtype
+
+    assert mixed_precision(Tiny(torch.bfloat16), cpu=False) == "bf16"
+    assert mixed_precision(Tiny(torch.float16), cpu=False) == "fp16"  # T4-class GPUs: loss scaling
+    assert mixed_precision(Tiny(torch.float32), cpu=False) == "no"
+    assert mixed_precision(Tiny(torch.float32, compute=torch.bfloat16), cpu=False) == "bf16"  # 4-bit base
+    assert mixed_precision(Tiny(torch.bfloat16), cpu=True) == "no"

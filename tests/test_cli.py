@@ -99,3 +99,11 @@ def test_merged_export_refuses_tensors_the_architecture_would_drop(tmp_path):
     with pytest.raises(ConfigError, match="architecture does not declare"):
         export_merged(model, tok, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_method_reference_doc_is_generated_from_the_registry():
+    from studio.commands.methods import markdown
+    from studio.methods import list_methods
+    doc = (ROOT / "docs" / "methods.md").read_text()
+    assert doc.strip() == markdown(list_methods()).strip(), \
+        "docs/methods.md is stale: python -m studio methods --markdown > docs/methods.md"

@@ -56,6 +56,9 @@ class ChatModel:
         if not (run.path / "config.yaml").is_file():
             raise StudioError(f"{run_dir} is not a run directory (no config.yaml); pass runs/<name>.")
         cfg = run.config()
+        if cfg.model.task != "causal_lm":
+            raise StudioError(f"Run {run.name} trained a {cfg.model.task} head, which does not generate text; "
+                              f"chat needs a causal_lm run (its eval accuracy is in the Runs tab).")
         folder = Path(checkpoint) if checkpoint else (run.adapter() or (run.checkpoints() or [None])[-1])
         if folder is None:
             raise StudioError(f"Run {run.name} has no adapter or checkpoint yet; wait for its first checkpoint.")

@@ -280,6 +280,8 @@ def load_model(mcfg: ModelConfig, task: str = "causal_lm", seed: int = 0) -> tup
         if q is not None:
             kwargs.update(quantization_config=q, device_map={"": device.index or 0} if device.type == "cuda"
                           else {"": str(device)})
+        elif device.type == "cuda":  # load straight onto the GPU: no full copy in host RAM first
+            kwargs["device_map"] = {"": device.index or 0}
         path = _local_path(mcfg.name)
         try:
             if path is not None:

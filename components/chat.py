@@ -52,6 +52,30 @@ def refresh_runs(current: str | None, current_ckpt: str | None) -> list[Any]:
     return [gr.update(choices=names, value=run), gr.update(choices=choices, value=ckpt)]
 
 
+def memory_note(run_name: str | None) -> str:
+    """What chatting with this run needs in memory (weights + KV cache), from its config alone."""
+    if not run_name:
+        return "<div class='muted'>Pick a run; its base model and adapter load on the first message.</div>"
+    from studio.memory import estimate_inference
+    from studio.rundir import RunDir
+    from studio.trainer import use_cpu
+
+    from .charts import fmt_bytes
+    try:
+        cfg = RunDir(state.ws().runs / run_name).config()
+        cpu = use_cpu(cfg)
+        dtype = "float32" if cfg.model.dtype == "auto" and cpu else \
+            ("bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)
+        context = cfg.data.max_length + GenerationSettings().max_new_tokens
+        inf = estimate_inference(cfg.model.name, context, 1, dtype=dtype, quantization=cfg.model.quantization,
+                                 device="cpu" if cpu else "cuda")
+    except Exception as e:  # noqa: BLE001 - an estimate is a hint; chatting still works without it
+        return f"<div class='muted'>{html.escape(run_name)}: loads on the first message ({html.escape(str(e)[:120])}).</div>"
+    return (f"<div class='muted'>{html.escape(run_name)}: loads on the first message; chatting needs about "
+            f"<b>{fmt_bytes(inf['total'])}</b> ({fmt_bytes(inf['weights'])} weights + {fmt_bytes(inf['kv_cache'])} "
+            f"KV cache for {context} tokens) on {'CPU' if cpu else 'the GPU'}, one copy for base and tuned.</div>")
+
+
 def labels(mode: str, revealed: dict | None = None, **extra: Any) -> list[Any]:
     """Chatbot updates (label, visibility, + `extra` such as value=[]) for a mode: [left, right]."""
     if mode == "Tuned only":
@@ -153,8 +177,7 @@ def create_chat() -> dict[str, Any]:
                                elem_id="chat-ckpt")
             mode = gr.Radio(MODES, value="Side by side", label="Mode", scale=3, elem_id="chat-mode")
             refresh_btn = gr.Button("↻", size="sm", scale=0, min_width=50)
-        status = gr.HTML("<div class='muted'>Pick a run; its base model and adapter load on the first message.</div>",
-                         elem_id="chat-status")
+        status = gr.HTML(memory_note(runs[0] if runs else None), elem_id="chat-status")
         with gr.Row(equal_height=True):
             chat_l = gr.Chatbot(label="Base (adapter off)", height=380, elem_id="chat-left")
             chat_r = gr.Chatbot(label="Tuned (adapter on)", height=380, elem_id="chat-right")
@@ -185,7 +208,7 @@ def create_chat() -> dict[str, Any]:
     box.submit(on_respond, send_inputs, send_outputs)
     clear.click(reset, mode, reset_outputs)
     mode.change(reset, mode, reset_outputs)
-    run.change(checkpoint_choices, run, ckpt).then(reset, mode, reset_outputs)
+    run.change(checkpoint_choices, run, ckpt).then(reset, mode, reset_outputs).then(memory_note, run, status)
     ckpt.change(reset, mode, reset_outputs)
 
     refresh_btn.click(refresh_runs, [run, ckpt], [run, ckpt])

@@ -200,6 +200,13 @@ def test_runs_tab(trained, ws):
     assert "does not exist" in runs.resume("nope")
 
 
+def test_chat_tab_says_what_chatting_needs_in_memory(trained, ws):
+    from components.chat import memory_note
+    note = memory_note("unit-run")
+    assert "chatting needs about" in note and "KV cache" in note and "CPU" in note
+    assert "Pick a run" in memory_note(None)
+
+
 def test_chat_side_by_side_and_blind_votes(trained, ws):
     from components.chat import respond, vote
     with gr.Blocks():

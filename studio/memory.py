@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import nn
 
+from .checkpointing import checkpointed_layers
 from .errors import ConfigError, StudioError
 from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          rope_saved)
@@ -340,7 +341,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     s = seq + rule["prompt_tokens"]
     labelled = max(1, int(b * max(seq - 1, 1) * labelled_fraction))
     shape = Shape(b, s, kv_extra=rule["prefix_tokens"], labelled=labelled, padded=pad)
-    gc = bool(tc.gradient_checkpointing)
+    gc_layers = checkpointed_layers(len(facts.layers), tc.checkpoint_fraction if tc.gradient_checkpointing else 0)
+    gc = all(gc_layers) and bool(gc_layers)   # every layer recomputed
 
     # ---- activations, per layer
     g = facts.embeddings_trainable or rule["input_grad"] or facts.outside_trainable > 0 and rule["prompt_tokens"] > 0
@@ -354,7 +356,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         recompute.append(full)
         if first_grad is None and (g or g_out):
             first_grad = k
-        per_layer.append(b * s * arch.hidden * act if gc and not rule["no_backbone_grad"] else full)
+        per_layer.append(b * s * arch.hidden * act if gc_layers[k] and not rule["no_backbone_grad"] else full)
         g = g or g_out
     rows = b * s
     rope = rope_saved(arch, shape, dt) if any(recompute) else 0   # with checkpointing held, not saved
@@ -416,7 +418,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     for k in reversed(range(len(per_layer))):
         below -= per_layer[k]
         grads_done += facts.grad_layer[k]
-        tr = bwd + (recompute[k] if gc else 0)
+        tr = bwd + (recompute[k] if gc_layers[k] else 0)
         val = held + below + per_layer[k] + tr + grads_done
         if val > worst_layer[1]:
             worst_layer = (f"backward of layer {k}", val, tr)
@@ -432,7 +434,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     est.details = {
         "model": mc.name, "method": run_cfg.method.name, "rule": rule["rule"], "batch": b, "seq": s,
         "text_seq": seq, "labelled_positions": labelled, "loss_chunk": c, "padding_mask": pad,
-        "gradient_checkpointing": gc, "param_dtype": str(pdtype).replace("torch.", ""), "activation_bytes": act,
+        "gradient_checkpointing": gc, "checkpointed_layers": sum(gc_layers),
+        "param_dtype": str(pdtype).replace("torch.", ""), "activation_bytes": act,
         "quantization": mc.quantization, "optimizer": tc.optimizer,
         "weights_by_dtype": facts.weights_by_dtype, "optimizer_host": opt_host,
         "host_only": host_extra if device == "cuda" else 0,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .checkpointing import enable_gradient_checkpointing
 from .config import RunConfig
 from .data import build_datasets, collate, fit_attention_mask
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
@@ -191,8 +192,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
     info.method.prepare_for_training(model, task.train, cfg.method)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model, t.checkpoint_fraction)
 
     device = accelerator.device
     steps = total_steps(cfg, len(task.train), accelerator.num_processes)

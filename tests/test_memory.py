@@ -189,3 +189,27 @@ def test_cli_json(capsys):
 def test_memory_grid_runs_on_cpu():
     rows = list(memory_grid(quick=True))
     assert rows and all(abs(r["ratio"] - 1) < 0.10 for r in rows), rows
+
+
+def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
+    """Every other layer recomputed (train.checkpoint_fraction=0.5): estimate within 10% of what autograd
+    saves, and between the no-checkpointing and full-checkpointing estimates."""
+    from studio.checkpointing import checkpointed_layers, enable_gradient_checkpointing
+    assert checkpointed_layers(4, 0.5) == [False, True, False, True] and all(checkpointed_layers(3, 1.0))
+    facts = dict(model_presets()["tiny-llama"]["config"])
+    facts.update(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+    path = tmp_path / "m"
+    hf_config_from_dict(facts).save_pretrained(path)
+    cfg = RunConfig.from_dict({"model": {"name": str(path)}, "data": {"max_length": 128}, "method": {"name": "lora"},
+                               "train": {"batch_size": 2, "gradient_checkpointing": True,
+                                         "checkpoint_fraction": 0.5, "loss_chunk": 64}})
+    est = estimate(cfg, "cpu", padding=False)
+    model = _real(facts, {"name": "lora"}, False)
+    assert enable_gradient_checkpointing(model, 0.5) == [False, True, False, True]
+    model.train()
+    measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], 2, 128), chunk=64)
+    pred = est.details["saved_for_backward"]
+    assert abs(pred - measured) <= 0.10 * measured, (pred, measured)
+    none = estimate(_cfg(str(path), {"name": "lora"}, 2, 128, False), "cpu", padding=False)
+    full = estimate(_cfg(str(path), {"name": "lora"}, 2, 128, True), "cpu", padding=False)
+    assert full.activations < est.activations < none.activations

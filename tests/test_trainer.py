@@ -78,7 +78,8 @@ def test_resume_continues_the_same_trajectory(tmp_path, method):
 
 
 def test_gradient_accumulation_checkpointing_and_packing_train(tmp_path):
-    cfg = tiny_cfg(**{"train.grad_accum": 2, "train.gradient_checkpointing": True, "data.packing": True,
+    cfg = tiny_cfg(**{"train.grad_accum": 2, "train.gradient_checkpointing": True, "train.checkpoint_fraction": 0.5,
+                      "data.packing": True,
                       "train.max_steps": 10, "data.path": "identity"})
     rd = run(tmp_path, cfg)
     rows = rd.metrics()

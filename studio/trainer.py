@@ -193,6 +193,10 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     info.method.prepare_for_training(model, task.train, cfg.method)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model, t.checkpoint_fraction)
+    if t.compile:  # per layer ("regional"): compiles once for all identical layers, any sequence length
+        from .methods.common import decoder_layers
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)
 
     device = accelerator.device
     steps = total_steps(cfg, len(task.train), accelerator.num_processes)

@@ -138,3 +138,10 @@ def test_mixed_precision_follows_the_compute_dtype():
     assert mixed_precision(Tiny(torch.float32), cpu=False) == "no"
     assert mixed_precision(Tiny(torch.float32, compute=torch.bfloat16), cpu=False) == "bf16"  # 4-bit base
     assert mixed_precision(Tiny(torch.bfloat16), cpu=True) == "no"
+
+
+def test_compiled_layers_train_like_eager(tmp_path):
+    sets = {"train.max_steps": 3, "method.lora_dropout": 0.0}
+    eager = run(tmp_path / "eager", tiny_cfg(**sets))
+    compiled = run(tmp_path / "compiled", tiny_cfg(**sets, **{"train.compile": True}))
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)

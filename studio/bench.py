@@ -81,7 +81,7 @@ def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int) -> dict:
+def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out: dict[str, Any] = {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq,
                            "grad_ckpt": row.grad_ckpt, "labels": row.labels, "engine": engine,
@@ -94,6 +94,11 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     if engine == "studio":
         from .methods import apply_method, method_config
         apply_method(model, method_config(_method_cfg(row.method)))
+        if compile:
+            from .methods.common import decoder_layers
+            for layer in decoder_layers(model):
+                layer.compile(dynamic=True)
+            out["compiled"] = True
 
         def loss_fn(batch):
             return causal_lm_loss(model, batch)[0]
@@ -162,7 +167,8 @@ def _median_row(rows: list[dict]) -> dict:
 
 
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
-          steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None) -> Iterator[dict]:
+          steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None,
+          compile: bool = False) -> Iterator[dict]:
     """Yield one row per (shape, method, engine); our row carries the ratios to the peft row.
 
     The engines run in alternating rounds (peft, ours, peft, ours, ...) and each reports its median
@@ -180,7 +186,7 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
         for _ in range(rounds):
             if have_peft:
                 theirs.append(run_row(row, "peft", dev, warmup, steps))
-            mine.append(run_row(row, "studio", dev, warmup, steps))
+            mine.append(run_row(row, "studio", dev, warmup, steps, compile))
         baseline = _median_row(theirs) if theirs else None
         if baseline:
             yield baseline

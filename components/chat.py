@@ -57,12 +57,11 @@ def memory_note(run_name: str | None) -> str:
     if not run_name:
         return "<div class='muted'>Pick a run; its base model and adapter load on the first message.</div>"
     from studio.memory import estimate_inference
-    from studio.rundir import RunDir
     from studio.trainer import use_cpu
 
     from .charts import fmt_bytes
     try:
-        cfg = RunDir(state.ws().runs / run_name).config()
+        cfg = state.ws().run(run_name).config()
         cpu = use_cpu(cfg)
         dtype = "float32" if cfg.model.dtype == "auto" and cpu else \
             ("bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)

@@ -33,8 +33,8 @@ def build(workspace: str):
     with gr.Blocks(title="PEFT Studio") as demo:
         gr.HTML(HEADER)
         with gr.Tabs():
-            create_train()
-            create_runs()
+            train = create_train()
+            create_runs(train["form"])
             create_chat()
             create_calculator()
             create_export()

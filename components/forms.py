@@ -232,8 +232,12 @@ class MethodForm:
                 own = self.methods[self.default]["fields"] if key in visible.values() else []
                 doc = next((d for d in own if d["name"] == doc["name"]), doc)
                 self.comps[key] = make_input(doc, visible=key in visible.values(), min_width=200)
-        self.category.change(self.on_category, self.category, self.name, show_progress="hidden")
-        self.name.change(self.on_method, self.name, [self.about, *self.field_inputs], show_progress="hidden")
+        # .input, not .change: only a person's pick resets the fields to a method's defaults, so loading a
+        # saved run's method config into the form is not overwritten by the cascade.
+        fields = [self.about, *self.field_inputs]
+        self.category.input(self.on_category, self.category, self.name, show_progress="hidden").then(
+            self.on_method, self.name, fields, show_progress="hidden")
+        self.name.input(self.on_method, self.name, fields, show_progress="hidden")
         return self
 
     @property
@@ -286,13 +290,14 @@ class MethodForm:
         return out
 
     def updates(self, cfg: dict) -> list[Any]:
-        """Updates for [category, name, *fields] showing a saved method config."""
+        """Updates for [category, name, about, *fields] showing a saved method config."""
         name = cfg.get("name", self.default)
         m = self.methods.get(name)
         if not m:
-            return [gr.skip()] * (2 + len(self.keys))
+            return [gr.skip()] * (3 + len(self.keys))
         keys = self.fields_of[name]
-        out = [gr.update(value=m["category"]), gr.update(choices=self.choices(m["category"]), value=name)]
+        out = [gr.update(value=m["category"]), gr.update(choices=self.choices(m["category"]), value=name),
+               self.describe(name)]
         for key in self.keys:
             field = next((f for f, k in keys.items() if k == key), None)
             if field is None:
@@ -330,6 +335,18 @@ class RunForm:
         i += 1 + n
         out["train"] = self.train.values(values[i:i + len(self.train.docs)])
         return out
+
+    @property
+    def load_outputs(self) -> list[gr.components.Component]:
+        """What `load_updates` fills: every input plus the method family and description."""
+        m = self.method
+        return [*self.model.inputs, *self.data.inputs, m.category, m.name, m.about, *m.field_inputs,
+                *self.train.inputs]
+
+    def load_updates(self, cfg: dict) -> list[Any]:
+        """Show a saved RunConfig (as a dict) in the form, e.g. to re-run a finished run with changes."""
+        return [*self.model.updates(cfg["model"]), *self.data.updates(cfg["data"]),
+                *self.method.updates(cfg["method"]), *self.train.updates(cfg["train"])]
 
     def to_config(self, values: list[Any] | tuple[Any, ...]):
         from studio.config import RunConfig

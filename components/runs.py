@@ -142,7 +142,19 @@ def compare(names: list[str] | None) -> list[Any]:
     return [compare_figure(series) if series else empty_figure("Pick two or more runs to compare", 320), rows]
 
 
-def create_runs() -> dict[str, Any]:
+def load_into_wizard(name: str | None, form: Any) -> list[Any]:
+    """The run's config.yaml shown in the Train tab's form (all fields), to re-run it with changes."""
+    try:
+        cfg = state.ws().run(name).config()
+    except StudioError as e:
+        gr.Warning(str(e))
+        return [gr.skip()] * (len(form.load_outputs) + 1)
+    return [*form.load_updates(cfg.to_dict()),
+            f"<div class='ok'>Loaded the settings of <b>{html.escape(name)}</b> into the Train tab; change what you "
+            f"like and press Start training.</div>"]
+
+
+def create_runs(train_form: Any = None) -> dict[str, Any]:
     with gr.Tab("Runs", id="runs", elem_id="tab-runs") as tab:
         with gr.Row(equal_height=True):
             gr.HTML("<h3 class='step'>All runs <small class='muted'>· from workspace/runs; a refresh or restart "
@@ -153,6 +165,7 @@ def create_runs() -> dict[str, Any]:
         with gr.Row(equal_height=True):
             pick = gr.Dropdown(state.ws().run_names(), label="Open run", scale=3, elem_id="runs-pick")
             resume_btn = gr.Button("▶ Resume", scale=1, elem_id="resume-btn")
+            load_btn = gr.Button("↺ Load into Train", scale=1, elem_id="load-btn", visible=train_form is not None)
             delete_btn = gr.Button("Delete", variant="stop", scale=1, elem_id="delete-btn")
         with gr.Row(visible=False, elem_classes=["confirm"], equal_height=True) as confirm_row:
             confirm_text = gr.HTML()
@@ -191,6 +204,8 @@ def create_runs() -> dict[str, Any]:
     table.select(on_select, table, pick)
     pick.change(open_run, pick, [detail, curve, config], show_progress="hidden")
     resume_btn.click(resume, pick, message)
+    if train_form is not None:
+        load_btn.click(lambda name: load_into_wizard(name, train_form), pick, [*train_form.load_outputs, message])
     delete_btn.click(ask_delete, pick, [confirm_row, confirm_text])
     no_btn.click(lambda: gr.update(visible=False), None, confirm_row)
     yes_btn.click(confirm_delete, pick, [confirm_row, message]).then(

@@ -274,6 +274,19 @@ def test_stop_then_resume(run_form, ws, trained):
     assert stop_run() == gr.skip()  # nothing running: a warning, no exception
 
 
+def test_load_a_run_back_into_the_wizard(trained, ws, run_form):
+    """Runs tab -> "Load into Train": every field shows the run's config; the form gives the same config back."""
+    from components.runs import load_into_wizard
+    outputs = run_form.load_outputs
+    updates = load_into_wizard("unit-run", run_form)
+    assert len(updates) == len(outputs) + 1 and "Loaded the settings of" in updates[-1]
+    shown = {id(c): u["value"] for c, u in zip(outputs, updates) if isinstance(u, dict) and "value" in u}
+    raw = [shown.get(id(c), c.value) for c in run_form.inputs]
+    assert run_form.to_config(raw).to_dict() == {**trained.config().to_dict(), "name": ""}
+    assert load_into_wizard("no-such-run", run_form)[-1] == gr.skip()
+
+
+
 def test_delete_run(trained, ws):
     from components import runs
     row, msg = runs.confirm_delete("unit-run")

@@ -155,6 +155,15 @@ def test_train_reattach_stop(page, server):
     page.wait_for_function("document.querySelector('#run-detail').innerText.includes('checkpoints')")
     page.wait_for_selector("#run-curve .js-plotly-plot")
     shot(page, "03_runs")
+    # re-run with changes: the run's settings go back into the wizard (r=32 from the rank test above)
+    page.get_by_role("tab", name="Train").click()
+    set_number(page, "#tab-train .field-r input", 8)
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#load-btn").click()
+    page.wait_for_function("document.querySelector('#runs-msg').innerText.includes('Loaded the settings')")
+    page.get_by_role("tab", name="Train").click()
+    assert page.locator("#tab-train .field-r input").input_value() == "32"
+    page.get_by_role("tab", name="Runs").click()
 
 
 def test_chat_side_by_side_and_blind_ab(page, server):

@@ -2,7 +2,7 @@
 
 Each row builds a random-init model of a real shape (presets/models.yaml, no download), applies
 the method, runs warm-up steps, then times steps of loss + backward + optimizer step. The peft
-baseline (when peft is installed; it is never an engine dependency) uses the same base weights,
+baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the same base weights,
 batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
 seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, and on our
 rows the ratios to the baseline.
@@ -103,17 +103,12 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
         def loss_fn(batch):
             return causal_lm_loss(model, batch)[0]
     else:
-        peft = importlib.import_module("peft")  # baseline only; the engine never depends on peft
-        if row.method != "full":
-            cfg = _method_cfg(row.method)
-            model = peft.get_peft_model(model, peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                                               lora_dropout=0.0, target_modules="all-linear"))
-        else:
-            for p in model.parameters():
-                p.requires_grad_(True)
+        baseline = importlib.import_module("baselines.peft_baseline")  # outside the engine; needs peft
+        cfg = _method_cfg(row.method)
+        model = baseline.prepare(model, row.method, cfg.get("r", 0), cfg.get("lora_alpha", 0))
 
         def loss_fn(batch):
-            return model(**batch).loss
+            return baseline.loss(model, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" or None)
     batch = random_batch(model.config.vocab_size, row.batch, row.seq, device)
@@ -155,6 +150,11 @@ def estimated_bytes(row: Row, device: torch.device) -> int | None:
         return None
 
 
+def baseline_available() -> bool:
+    """peft installed and the repo's baselines/ package importable (run from the repository root)."""
+    return importlib.util.find_spec("peft") is not None and importlib.util.find_spec("baselines") is not None
+
+
 def _median_row(rows: list[dict]) -> dict:
     """The round with the median step time (rounds alternate engines, so load drift hits both alike)."""
     done = [r for r in rows if not r.get("oom")]
@@ -178,7 +178,7 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
     dev = resolve_device(device)
     grid = grid or (CPU_GRID if dev.type == "cpu" else (QUICK_GRID if quick else GPU_GRID))
     rounds = rounds or (3 if dev.type == "cpu" else 1)
-    have_peft = with_peft and importlib.util.find_spec("peft") is not None
+    have_peft = with_peft and baseline_available()
     for row in grid:
         if row.method == "qlora" and dev.type != "cuda":
             continue

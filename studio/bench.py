@@ -2,8 +2,8 @@
 
 Each row builds a random-init model of a real shape (presets/models.yaml, no download), applies
 the method, runs warm-up steps, then times steps of loss + backward + optimizer step. The peft
-baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the same base weights,
-batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
+baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
+same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
 seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, and on our
 rows the ratios to the baseline.
 """

@@ -311,6 +311,15 @@ def create_train() -> dict[str, Any]:
           [mem_plot, mem_text, params_text, params_table, layer_plot], trigger_mode="always_last",
           show_progress="hidden", queue=True)
 
+    def on_method_pick(name: str):
+        """A preset that implies model settings (qlora: a 4-bit base) sets them in the model section."""
+        from studio.methods import model_requirements
+        quant = model_requirements(name).get("quantization")
+        return gr.update(value=quant) if quant else gr.skip()
+
+    form.method.name.input(on_method_pick, form.method.name, form.model.comps["quantization"],
+                           show_progress="hidden")
+
     def on_preview(*values):
         return data_preview(form, *values)
 

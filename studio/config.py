@@ -109,13 +109,28 @@ class RunConfig:
         method_raw = raw.get("method") or {"name": "lora"}
         if isinstance(method_raw, str):
             method_raw = {"name": method_raw}
+        model_raw = _with_requirements(dict(raw.get("model") or {}), str(method_raw.get("name") or "lora"))
         return cls(
-            model=build_dataclass(ModelConfig, raw.get("model"), "model"),
+            model=build_dataclass(ModelConfig, model_raw, "model"),
             data=build_dataclass(DataConfig, raw.get("data"), "data"),
             method=method_config(method_raw),
             train=build_dataclass(TrainConfig, raw.get("train"), "train"),
             name=str(raw.get("name") or ""),
         )
+
+
+def _with_requirements(model_raw: dict, method_name: str) -> dict:
+    """Apply what a method preset implies for the model (qlora -> quantization nf4) unless the config
+    says otherwise; a contradiction (qlora with quantization none) is an error, not a silent LoRA."""
+    from .methods import model_requirements
+    for key, value in model_requirements(method_name).items():
+        given = model_raw.get(key)
+        if given is None:
+            model_raw[key] = value
+        elif given != value:
+            raise ConfigError(f"Method {method_name} needs model.{key}={value} (got {given}); set it, or pick "
+                              f"a method without that requirement (e.g. lora).")
+    return model_raw
 
 
 def build_dataclass(cls: type, raw: dict | None, section: str) -> Any:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from .errors import StudioError
 STATES = ("queued", "running", "stopping", "stopped", "done", "failed")
 
 
+_STATUS_LOCK = threading.Lock()  # the trainer thread and the page's Stop both update status.json
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -64,11 +68,12 @@ class RunDir:
 
     def write_status(self, state: str, error: str | None = None, **extra: Any) -> None:
         assert state in STATES, state
-        current = self.status()
-        current.update(extra)
-        current.update(state=state, error=error, updated=time.time(), pid=os.getpid())
-        current.setdefault("created", time.time())
-        _atomic_write(self.path / "status.json", json.dumps(current, indent=1))
+        with _STATUS_LOCK:  # read-modify-write: one writer at a time
+            current = self.status()
+            current.update(extra)
+            current.update(state=state, error=error, updated=time.time(), pid=os.getpid())
+            current.setdefault("created", time.time())
+            _atomic_write(self.path / "status.json", json.dumps(current, indent=1))
 
     def status(self) -> dict:
         try:

@@ -46,7 +46,7 @@ def presets() -> dict[str, dict]:
         data = yaml.safe_load(path.read_text()) or {}
         name = data.get("name", path.stem)
         out[name] = {"base": data.get("base", name), "summary": data.get("summary", ""),
-                     "fields": data.get("fields") or {}}
+                     "fields": data.get("fields") or {}, "requires": data.get("requires") or {}}
     return out
 
 
@@ -64,6 +64,11 @@ def resolve(name: str) -> tuple[Method, dict]:
         known = sorted(set(_REGISTRY) | set(presets()))
         raise ConfigError(f"Unknown method {name!r}; choose one of: {', '.join(known)}.")
     return _REGISTRY[base], (preset["fields"] if preset else {})
+
+
+def model_requirements(name: str) -> dict:
+    """Model settings a preset implies (qlora: quantization nf4)."""
+    return dict((presets().get(name) or {}).get("requires") or {})
 
 
 def get_method(name: str) -> Method:

@@ -71,3 +71,23 @@ def test_runs_left_running_by_a_dead_process_are_marked_failed(tmp_path):
     assert os.getpid() != status["pid"]
     recover_stale(tmp_path / "runs")
     assert run.status()["state"] == "failed" and "resume" in run.status()["error"]
+
+
+def test_status_writes_from_two_threads_never_collide(tmp_path):
+    """The trainer thread and the page's Stop update status.json at the same moment."""
+    import threading
+    run = RunDir.create(tmp_path / "runs", cfg(3))
+    errors = []
+
+    def hammer(state):
+        try:
+            for _ in range(200):
+                run.write_status(state)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in ("running", "stopping")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and run.status()["state"] in ("running", "stopping")

@@ -30,6 +30,8 @@ def markdown(rows: list[dict]) -> str:
             out += [f"### `{r['name']}`{base}", "", f"{r['summary']} ({merge}{fmt})", ""]
             if r["preset_fields"]:
                 out += ["Preset: " + ", ".join(f"`{k}={v}`" for k, v in r["preset_fields"].items()), ""]
+            if r.get("requires"):
+                out += ["Sets on the model: " + ", ".join(f"`model.{k}={v}`" for k, v in r["requires"].items()), ""]
             out += ["| field | default | help |", "|---|---|---|"]
             out += [f"| `{f['name']}` | `{f['default']}` | {f['help']}"
                     + (f" ({', '.join(map(str, f['choices']))})" if f["choices"] else "") + " |"

@@ -104,7 +104,8 @@ def list_methods() -> list[dict]:
         docs = [d | {"default": getattr(cfg, d["name"])} for d in field_docs(method.config_cls) if d["name"] != "name"]
         rows.append({"name": name, "base": method.name, "category": method.category,
                      "mergeable": method.mergeable, "peft_type": method.peft_type,
-                     "summary": preset["summary"] or method.summary, "preset_fields": fields, "fields": docs})
+                     "summary": preset["summary"] or method.summary, "preset_fields": fields,
+                     "requires": preset.get("requires") or {}, "fields": docs})
     return rows
 
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from training import fit
 from studio.checkpoint import load_adapter, save_adapter
 from studio.config import ModelConfig
 from studio.losses import causal_lm_loss
@@ -36,15 +37,7 @@ def logits(model, b):
 
 
 def train(model, b, steps=6, lr=1e-2):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss, _ = causal_lm_loss(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses, _ = fit(model, b, steps, lr)
     model.eval()
     return losses
 

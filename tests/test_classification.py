@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from training import fit
 from studio.checkpoint import load_adapter, save_adapter
 from studio.config import DataConfig, ModelConfig
 from studio.methods import applied, apply_method, method_config
@@ -23,17 +24,9 @@ def sentiment(tok, eval_fraction=0.0):
 
 
 def train(model, data, pad_id, steps=25, lr=1e-2, bs=8):
-    info = applied(model)
-    opt = torch.optim.AdamW(info.method.optimizer_groups(model, lr, 0.0), lr=lr)
-    model.train()
-    losses = []
-    for step in range(steps):
-        batch = collate_classification([data.train[(step * bs + i) % len(data.train)] for i in range(bs)], pad_id)
-        loss, _ = classification_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    def batch(step):
+        return collate_classification([data.train[(step * bs + i) % len(data.train)] for i in range(bs)], pad_id)
+    losses, _ = fit(model, batch, steps, lr, classification_loss, protocol=True)
     model.eval()
     return sum(losses[:3]) / 3, sum(losses[-3:]) / 3
 
@@ -139,15 +132,7 @@ def test_vpt_on_tiny_vit(deep, tmp_path):
     with applied(model).method.disable_adapter(model):
         with torch.no_grad():
             torch.testing.assert_close(model(pixel_values=batch["pixel_values"]).logits, base)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss, _ = classification_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses, _ = fit(model, batch, 15, 3e-2, classification_loss)
     assert losses[-1] < losses[0]
     model.eval()
     assert accuracy(model, [batch]) >= 0.9

@@ -9,6 +9,7 @@ from studio.config import ModelConfig
 from studio.losses import causal_lm_loss
 from studio.methods import applied, apply_method, method_config
 from studio.models import load_model
+from training import fit
 
 PARAMS = [pytest.param(case, arch, id=f"{case.id}-{arch}") for case in CASES for arch in case.archs]
 
@@ -110,18 +111,5 @@ def test_merge_equals_unmerged(case, arch):
 def test_loss_goes_down(case, arch):
     torch.manual_seed(0)
     model, tok, batch, _, _ = tuned(case, arch)
-    model.train()
-    info = applied(model)
-    opt = torch.optim.AdamW(info.method.optimizer_groups(model, case.lr, 0.0), lr=case.lr)
-    losses = []
-    for step in range(8):
-        loss, _ = causal_lm_loss(model, batch, chunk=5)
-        extra = info.method.extra_loss(model)
-        total = loss + extra if extra is not None else loss
-        total.backward()
-        info.method.on_step(model, step, 8)
-        opt.step()
-        opt.zero_grad()
-        info.method.after_optimizer_step(model, step, 8)
-        losses.append(loss.item())
+    losses, _ = fit(model, batch, 8, case.lr, lambda m, b: causal_lm_loss(m, b, chunk=5), protocol=True)
     assert losses[-1] < losses[0] - 0.1, losses  # tiny random models start near ln(vocab)

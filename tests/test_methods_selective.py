@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from training import fit
 from studio.checkpoint import load_adapter, save_adapter
 from studio.config import ModelConfig
 from studio.errors import ConfigError
@@ -33,19 +34,9 @@ def logits(model, data):
 
 def train(model, tok, steps=4, lr=1e-2, prepare=None):
     info = applied(model)
-    data = batch(tok)
     if prepare is not None:
         info.method.prepare_for_training(model, prepare, info.cfg)
-    opt = torch.optim.AdamW(info.method.optimizer_groups(model, lr, 0.0), lr=lr)
-    model.train()
-    for step in range(steps):
-        loss, _ = causal_lm_loss(model, data)
-        extra = info.method.extra_loss(model)
-        (loss + extra if extra is not None else loss).backward()
-        info.method.on_step(model, step, steps)
-        opt.step()
-        opt.zero_grad()
-        info.method.after_optimizer_step(model, step, steps)
+    _, opt = fit(model, batch(tok), steps, lr, protocol=True)
     model.eval()
     return opt
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from training import fit
 from studio.checkpoint import load_adapter, save_adapter
 from studio.config import ModelConfig, load_config
-from studio.losses import causal_lm_loss
 from studio.methods import applied, apply_method, method_config
 from studio.models import load_model
 from studio.rundir import RunDir
@@ -34,14 +34,7 @@ def test_nf4_base_with_lora_trains_and_saves(tiny_folder, tmp_path):
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss, _ = causal_lm_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses, _ = fit(model, batch, 6, 1e-2)
     assert losses[-1] < losses[0]
     save_adapter(model, tmp_path / "adapter")
     # The adapter is plain LoRA: it loads onto the 16/32-bit base too, close to the 4-bit outputs.

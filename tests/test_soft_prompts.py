@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training import fit
 from studio.config import ModelConfig
 from studio.errors import ConfigError
 from studio.losses import causal_lm_loss
@@ -147,15 +148,7 @@ def test_soft_prompt_trains_on_qwen2_and_round_trips(tmp_path):
     from studio.checkpoint import load_adapter, save_adapter
     model, tok = tuned("tiny-qwen2", "prompt_tuning")
     batch = text_batch(tok)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    losses = []
-    for _ in range(8):
-        loss, _ = causal_lm_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses, _ = fit(model, batch, 8, 0.1)
     assert losses[-1] < losses[0]
     model.eval()
     with torch.no_grad():

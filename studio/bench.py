@@ -32,6 +32,7 @@ class Row:
     seq: int
     grad_ckpt: bool
     labels: str = "all"  # all: every token trains; prompt: the first half of each row is a masked prompt (SFT)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: a bf16 base under autocast anywhere
 
 
 GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lora", 4, 1024, True),
@@ -39,7 +40,9 @@ GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lo
             Row("qwen2.5-1.5b", "lora", 4, 2048, True), Row("llama-3.2-1b", "lora", 8, 2048, True),
             Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True)]
 QUICK_GRID = GPU_GRID[:5]
-CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt")]
+CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt"),
+            Row("gemma-3-270m", "lora", 2, 128, False, "all", "bf16"),  # AMX / AVX512-BF16 CPUs
+            Row("gemma-3-270m", "lora", 2, 128, False, "prompt", "bf16")]
 
 
 def _method_cfg(method: str) -> dict:
@@ -82,10 +85,10 @@ def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or row.precision == "bf16" else torch.float32
     out: dict[str, Any] = {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq,
                            "grad_ckpt": row.grad_ckpt, "labels": row.labels, "engine": engine,
-                           "device": str(device)}
+                           "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -116,7 +119,7 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
         batch["labels"][:, : row.seq // 2] = -100
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = loss_fn(batch)
         loss.backward()
         opt.step()
@@ -141,7 +144,10 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
 def estimated_bytes(row: Row, device: torch.device) -> int | None:
     from .config import RunConfig
     from .memory import estimate
-    cfg = RunConfig.from_dict({"model": {"name": row.shape, "quantization": "nf4" if row.method == "qlora" else "none"},
+    model = {"name": row.shape, "quantization": "nf4" if row.method == "qlora" else "none"}
+    if row.precision == "bf16":
+        model["dtype"] = "bfloat16"
+    cfg = RunConfig.from_dict({"model": model,
                                "data": {"max_length": row.seq}, "method": _method_cfg(row.method),
                                "train": {"batch_size": row.batch, "gradient_checkpointing": row.grad_ckpt}})
     try:

@@ -1,10 +1,10 @@
 """Task losses. The causal-LM loss never builds the full fp32 logits tensor.
 
-The decoder body runs once; the output head and cross-entropy run on chunks of labelled positions,
-so the largest logits buffer is chunk x vocab (Gemma's 262k vocabulary makes this matter). For a
-plain frozen Linear head the chunk's gradients are computed right in the forward (fused linear + cross-
-entropy: nothing to recompute, only d(loss)/d(hidden) kept for backward); other heads (wrapped by a
-method) run each chunk under activation checkpointing instead.
+The decoder body runs once; the output head and cross-entropy run on chunks of labelled positions
+(Gemma's 262k vocabulary makes this matter). For a plain frozen Linear head the chunk's gradient is
+computed right in the forward, one vocabulary block at a time with an online softmax (fused linear +
+cross-entropy: the largest logits buffer is chunk x block, nothing is recomputed, only d(loss)/d(hidden)
+is kept for backward); other heads (wrapped by a method) run each chunk under activation checkpointing.
 Soft-prompt methods may prepend virtual tokens inside the body: the last T positions are kept.
 """
 from __future__ import annotations
@@ -28,47 +28,78 @@ def _chunk_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, softc
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
+def vocab_block(rows: int, vocab: int, device_type: str) -> int:
+    """Vocabulary columns per block of the fused loss: on the CPU a block of fp32 logits stays near
+    8 MB, so its softmax passes run in cache; on a GPU near 64 MB, so kernel launches stay few."""
+    target = (1 << 21) if device_type == "cpu" else (1 << 24)
+    block = max(1024, target // max(rows, 1)) // 256 * 256
+    return min(block, vocab)
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum CE(softcap(h @ W.T), y) over rows, with gradients for h (and W) computed chunk by chunk
-    in the forward, so neither the logits nor a recomputation are needed in backward."""
+    """sum CE(softcap(h @ W.T), y) over rows of a frozen head, with d(loss)/d(h) computed in the forward.
+
+    Flash-attention style over the vocabulary: each block of logits updates a running max m, a running
+    sum S of exp(l - m) and G = sum exp(l - m) · W_block, rescaled when m grows. Then
+    lse = m + log S and d(loss)/d(h) = G / S - W_y. The logits of a row never exist whole, W is read
+    once, and the softmax never leaves the cache (the CPU is memory-bound on it, not on the matmuls).
+    """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int,
-                softcap: float | None) -> torch.Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        h = h.to(weight.dtype)
+                softcap: float | None, block: int | None = None) -> torch.Tensor:
+        dev = h.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        need_h = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], chunk):
-            hs, ys = h[start:start + chunk], y[start:start + chunk]
-            logits = (hs @ weight.t()).float()
-            tanh = None
-            if softcap:
-                tanh = torch.tanh(logits.div_(softcap))
-                logits = tanh * softcap
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # one fused pass
-            total += (lse - logits.gather(1, ys[:, None])).sum()
-            if need_h or need_w:
-                d = logits.sub_(lse).exp_()  # softmax in place; d loss / d logits = softmax - onehot
-                d[torch.arange(ys.shape[0], device=d.device), ys] -= 1
-                if tanh is not None:
-                    d *= 1 - tanh * tanh  # through the tanh soft cap
-                d = d.to(weight.dtype)
+        with torch.autocast(dev, enabled=False):
+            for start in range(0, h.shape[0], chunk):
+                hs, ys = h[start:start + chunk].to(cdt), y[start:start + chunk]
+                lse, g = _online_softmax(hs, weight, cdt, softcap, block or vocab_block(hs.shape[0], weight.shape[0], dev),
+                                         need_h)
+                w_y = weight[ys].float()
+                l_y = (hs.float() * w_y).sum(1, keepdim=True)
+                if softcap:
+                    t_y = torch.tanh(l_y / softcap)
+                    l_y, w_y = t_y * softcap, w_y * (1 - t_y * t_y)
+                total += (lse - l_y).sum()
                 if need_h:
-                    grad_h[start:start + chunk] = d @ weight
-                if need_w:
-                    grad_w += d.t().float() @ hs.float()
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
-        ctx.weight_dtype = weight.dtype
+                    grad_h[start:start + chunk] = g - w_y
+        ctx.save_for_backward(grad_h)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
+        (grad_h,) = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, None, None, None, None, None
+
+
+def _online_softmax(hs: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, softcap: float | None,
+                    block: int, need_h: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logsumexp over the vocabulary of softcap(hs @ W.T) and softmax · W, one vocabulary block at a time."""
+    rows = hs.shape[0]
+    m = torch.full((rows, 1), -float("inf"), device=hs.device)
+    s = torch.zeros((rows, 1), device=hs.device)
+    g = torch.zeros((rows, weight.shape[1]), device=hs.device) if need_h else None
+    for v in range(0, weight.shape[0], block):
+        w = weight[v:v + block].to(cdt)
+        logits = (hs @ w.t()).float()
+        tanh = None
+        if softcap:
+            tanh = torch.tanh(logits.div_(softcap))
+            logits = torch.mul(tanh, softcap, out=logits)
+        m_new = torch.maximum(m, logits.amax(1, keepdim=True))
+        rescale = (m - m_new).exp_()
+        e = logits.sub_(m_new).exp_()
+        s.mul_(rescale).add_(e.sum(1, keepdim=True))
+        if need_h:
+            if tanh is not None:
+                e.mul_(tanh.mul_(tanh).neg_().add_(1))  # through the tanh soft cap
+            g.mul_(rescale).add_(e.to(cdt) @ w)
+        m = m_new
+    return m + s.log(), (g / s if need_h else None)
 
 
 def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024,
@@ -82,8 +113,8 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     keep = y != -100
     h = hidden[:, :-1][keep]
     y = y[keep]
-    # Fused only for a frozen head: a trained head (full fine-tuning) would need an fp32 vocab x hidden
-    # gradient buffer held from forward to backward, more than the checkpointed chunks cost.
+    # Fused only for a frozen head: a trained head (full fine-tuning) needs d(loss)/d(W), which takes the
+    # normalised softmax (a second pass) and an fp32 vocab x hidden buffer; checkpointed chunks cost less.
     if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() and h.requires_grad \
             and not head.weight.requires_grad:
         return FusedLinearCrossEntropy.apply(h, head.weight, y, max(1, chunk), softcap), keep.sum()

@@ -35,6 +35,7 @@ import yaml
 from torch import nn
 
 from .checkpointing import checkpointed_layers
+from .losses import vocab_block
 from .errors import ConfigError, StudioError
 from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          rope_saved)
@@ -332,8 +333,9 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     facts = model_facts(run_cfg, pdtype, nf4)
     arch = facts.arch
     rule = method_rule(run_cfg)
-    act = 2 if device == "cuda" else torch.finfo(pdtype).bits // 8
-    dt = Dtypes(act=act, autocast=device == "cuda")
+    act = torch.finfo(pdtype).bits // 8
+    # the trainer autocasts to a 16-bit base dtype (on the CPU only to bf16): fp32 adapters then see 16-bit copies
+    dt = Dtypes(act=act, autocast=act == 2 and (device == "cuda" or pdtype == torch.bfloat16))
     seq, pad = _seq_len(run_cfg, dataset_lengths)
     if padding is not None:
         pad = padding
@@ -369,13 +371,14 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     logits_saved = labelled * arch.hidden * act + labelled * 8 + b * seq if (g or facts.grad_outside) else 0
     c = min(int(tc.loss_chunk), labelled)
     if facts.fused_head:
-        # Fused linear + CE: fp32 logits plus logsumexp's temporary (a 16-bit matmul output or the
-        # 16-bit softmax copy is never alive beside both), then softmax in place; nothing is recomputed.
-        chunk = c * arch.vocab * 8
+        # Fused linear + CE over vocabulary blocks: fp32 logits of one block beside their 16-bit matmul
+        # output (or 16-bit softmax copy); G, G / S and W_y (c x hidden, fp32) at the chunk's end
+        vb = vocab_block(c, arch.vocab, device)
+        chunk = c * vb * (4 + (act if act < 4 else 0)) + c * arch.hidden * 12
+        chunk += c * vb * 4 if arch.softcap else 0
     else:  # checkpointed chunk: logits, their gradient and the softmax, recomputed in backward
         chunk = c * arch.vocab * (4 + 4 + 4) + (c * arch.vocab * act if act < 4 else 0)
-    if arch.softcap:
-        chunk += c * arch.vocab * 4
+        chunk += c * arch.vocab * 4 if arch.softcap else 0
     saved = sum(per_layer) + fixed + logits_saved
     mask_bool = 0
     if pad or shape.kv_extra or any(arch.layer_types[k] == "sliding_attention" for k in range(arch.layers)) and \

@@ -157,14 +157,15 @@ def process_state(cfg: RunConfig):
 
 def mixed_precision(model: nn.Module, cpu: bool) -> str:
     """Autocast to the dtype the base computes in, so fp32 adapter weights meet 16-bit activations;
-    fp16 also gets accelerate's loss scaling. A 4-bit base computes in its compute dtype."""
-    if cpu:
-        return "no"
+    fp16 also gets accelerate's loss scaling. A 4-bit base computes in its compute dtype. On the CPU
+    only bf16 autocasts (AMX / AVX512-BF16 matmuls); an fp16 base there runs as it is."""
     compute = model.dtype
     for module in model.modules():
         if hasattr(module, "compute_dtype") and module.compute_dtype is not None:  # bitsandbytes Linear4bit
             compute = module.compute_dtype
             break
+    if cpu:
+        return "bf16" if compute == torch.bfloat16 else "no"
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
 
 

@@ -18,6 +18,14 @@ def test_bench_rows_compare_engines_on_cpu():
     assert len(ours["rounds_ms_per_step"]) == 2
 
 
+def test_bench_bf16_rows_autocast_both_engines_on_cpu():
+    rows = list(bench(device="cpu", warmup=1, steps=1, rounds=1,
+                      grid=[Row("tiny-llama", "lora", 2, 32, False, "prompt", "bf16")]))
+    assert [(r["engine"], r["dtype"], r["labels"]) for r in rows] == [("peft", "bfloat16", "prompt"),
+                                                                      ("studio", "bfloat16", "prompt")]
+    assert rows[1]["time_ratio_vs_peft"] > 0 and rows[1]["estimated_bytes"] > 0
+
+
 def test_bench_memory_cli_writes_json_lines(capsys):
     assert main(["bench", "--memory", "--quick"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -35,6 +35,46 @@ def test_fused_head_loss_and_gradients_match_plain(softcap, train_head):
         torch.testing.assert_close(got_w, head.weight.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("block", [7, 16, 64])
+def test_online_softmax_over_vocabulary_blocks_matches_full_softmax(softcap, block):
+    torch.manual_seed(1)
+    weight = torch.randn(50, 16) * 2  # large logits: the running max must rescale earlier blocks
+    hidden = torch.randn(10, 16, requires_grad=True)
+    y = torch.randint(0, 50, (10,))
+    total = FusedLinearCrossEntropy.apply(hidden, weight, y, 3, softcap, block)
+    (grad,) = torch.autograd.grad(total * 2, hidden)
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = nn.functional.cross_entropy(logits, y, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 2, hidden)
+    torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_loss_under_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(2)
+    weight = torch.randn(300, 32).to(torch.bfloat16)
+    hidden = torch.randn(12, 32, requires_grad=True)  # fp32, as a norm's output under autocast
+    y = torch.randint(0, 300, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = FusedLinearCrossEntropy.apply(hidden, weight, y, 5, None, 64)
+    (grad,) = torch.autograd.grad(total, hidden)
+    assert grad.dtype == torch.float32
+    ref = nn.functional.cross_entropy(hidden @ weight.float().t(), y, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(total, ref, rtol=2e-2, atol=0.0)
+    assert (grad - ref_grad).abs().max() < 2e-2 * ref_grad.abs().max()
+
+
+def test_vocab_blocks_fit_the_cache_on_cpu_and_stay_few_on_gpu():
+    from studio.losses import vocab_block
+    assert vocab_block(254, 262144, "cpu") * 254 * 4 <= 9 << 20  # fp32 block near 8 MB
+    assert vocab_block(1024, 262144, "cuda") == 16384
+    assert vocab_block(4, 300, "cpu") == 300  # never wider than the vocabulary
+
+
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
 def test_model_loss_equals_transformers_loss(arch):
     from studio.config import ModelConfig

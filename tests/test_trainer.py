@@ -137,7 +137,20 @@ def test_mixed_precision_follows_the_compute_dtype():
     assert mixed_precision(Tiny(torch.float16), cpu=False) == "fp16"  # T4-class GPUs: loss scaling
     assert mixed_precision(Tiny(torch.float32), cpu=False) == "no"
     assert mixed_precision(Tiny(torch.float32, compute=torch.bfloat16), cpu=False) == "bf16"  # 4-bit base
-    assert mixed_precision(Tiny(torch.bfloat16), cpu=True) == "no"
+    assert mixed_precision(Tiny(torch.bfloat16), cpu=True) == "bf16"  # AMX / AVX512-BF16 matmuls
+    assert mixed_precision(Tiny(torch.float16), cpu=True) == "no"
+
+
+def test_bf16_base_trains_on_the_cpu_under_autocast(tmp_path):
+    import torch
+
+    from studio.checkpoint import load_adapter_state_file
+    cfg = tiny_cfg(**{"model.dtype": "bfloat16", "train.max_steps": 20, "train.lr": 1e-2})
+    rd = run(tmp_path, cfg)
+    rows = rd.metrics()
+    assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3]) - 0.75
+    state = load_adapter_state_file(rd.adapter())
+    assert {t.dtype for t in state.values()} == {torch.float32}  # adapters train in fp32 over the bf16 base
 
 
 def test_compiled_layers_train_like_eager(tmp_path):

@@ -129,8 +129,10 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean token loss of a batch {input_ids, attention_mask, labels[, position_ids]} and the token count."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    """Mean token loss of a batch {input_ids, attention_mask, labels[, position_ids, studio_segments]} and the
+    token count (studio_segments: studio.attention.Segments of a packed batch, for varlen attention)."""
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "studio_segments")
+              if batch.get(k) is not None}
     out = decoder_body(model)(**kwargs, use_cache=False)
     labels = batch["labels"]
     hidden = out.last_hidden_state[:, -labels.shape[1]:]

@@ -199,13 +199,13 @@ def tiny_tokenizer() -> Any:
 
 
 def build_random_model(facts: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       task: str = "causal_lm") -> Any:
+                       task: str = "causal_lm", attn_implementation: str = "sdpa") -> Any:
     """A randomly initialised model from config facts (deterministic for a seed)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     config = hf_config_from_dict(facts)
     torch.manual_seed(seed)
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    return auto.from_config(config, dtype=dtype)
+    return auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def _quantization_config(mcfg: ModelConfig, device: torch.device, compute: torch.dtype) -> Any:
@@ -270,7 +270,8 @@ def load_model(mcfg: ModelConfig, task: str = "causal_lm", seed: int = 0) -> tup
     if preset.get("source") == "random":
         if mcfg.quantization != "none":
             raise ConfigError("Random test presets cannot be quantized at load; use a real model for 4-/8-bit.")
-        model = build_random_model(preset["config"], seed=seed, dtype=dtype, task=task).to(device)
+        model = build_random_model(preset["config"], seed=seed, dtype=dtype, task=task,
+                                   attn_implementation=mcfg.attn_implementation).to(device)
     else:
         auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
         kwargs: dict[str, Any] = dict(dtype=dtype if mcfg.quantization == "none" else compute,

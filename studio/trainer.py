@@ -23,6 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .checkpointing import enable_gradient_checkpointing
 from .config import RunConfig
+from .attention import packed_kwargs, use_varlen_attention
 from .data import build_datasets, collate, fit_attention_mask
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
 from .losses import causal_lm_loss
@@ -45,7 +46,8 @@ class LossModule(nn.Module):
         if self.task == "classification":
             from .tasks import classification_loss
             return classification_loss(self.model, batch)
-        return causal_lm_loss(self.model, fit_attention_mask(batch, self.model), self.chunk)
+        batch = fit_attention_mask(batch, self.model)
+        return causal_lm_loss(self.model, batch | packed_kwargs(batch, self.model), self.chunk)
 
 
 @dataclass
@@ -192,6 +194,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     if not task.train:
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
     info.method.prepare_for_training(model, task.train, cfg.method)
+    if cfg.data.packing and task.labels is None and use_varlen_attention(model):
+        yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model, t.checkpoint_fraction)
     if t.compile:  # per layer ("regional"): compiles once for all identical layers, any sequence length

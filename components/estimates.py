@@ -84,7 +84,17 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
                      f"{fmt_bytes(d['not_concurrent'])} of it is freed before the peak")
     if details.get("optimizer_host"):
         notes.append(f"+{fmt_bytes(details['optimizer_host'])} optimizer states in host memory")
-    return fig, text + "<div class='muted'>" + " · ".join(notes) + "</div>"
+    html = text + "<div class='muted'>" + " · ".join(notes) + "</div>"
+    return fig, html + (cpu_speed_hint(cfg) if gpu is None and device == "cpu" else "")
+
+
+def cpu_speed_hint(cfg: Any) -> str:
+    """A tip when this CPU does bf16 matmuls in hardware but the run would train in fp32."""
+    from studio.models import cpu_has_fast_bf16
+    if cfg.model.dtype not in ("auto", "float32") or cfg.model.quantization != "none" or not cpu_has_fast_bf16():
+        return ""
+    return ("<div class='muted'>Tip: this CPU multiplies bf16 in hardware (AMX / AVX512-BF16); "
+            "<b>dtype bfloat16</b> trains about 1.5–2x faster here, with fp32 adapter weights.</div>")
 
 
 def params_panel(cfg: Any) -> tuple[str, list[list[Any]], Any]:

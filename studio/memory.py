@@ -335,7 +335,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     rule = method_rule(run_cfg)
     act = torch.finfo(pdtype).bits // 8
     # the trainer autocasts to a 16-bit base dtype (on the CPU only to bf16): fp32 adapters then see 16-bit copies
-    dt = Dtypes(act=act, autocast=act == 2 and (device == "cuda" or pdtype == torch.bfloat16))
+    dt = Dtypes(act=act, autocast=act == 2 and (device == "cuda" or pdtype == torch.bfloat16), cuda=device == "cuda")
     seq, pad = _seq_len(run_cfg, dataset_lengths)
     if padding is not None:
         pad = padding

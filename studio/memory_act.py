@@ -106,7 +106,8 @@ class Shape:
 @dataclass
 class Dtypes:
     act: int            # bytes of an activation (2 bf16/fp16, 4 fp32)
-    autocast: bool      # CUDA bf16 autocast: fp32 adapters get 16-bit input copies
+    autocast: bool      # 16-bit autocast: fp32 adapters get 16-bit input copies
+    cuda: bool = True   # CUDA dropout keeps a bool mask; the CPU's keeps a float noise tensor
 
 
 def _norm(rows: int, width: int, g_in: bool, w_trainable: bool, gemma: bool, dt: Dtypes) -> int:
@@ -130,10 +131,11 @@ def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: 
     """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself)."""
     n = rows * site.din
     if site.lora_dropout > 0:
-        # dropout keeps its mask only when its input needs grad (CUDA: bool mask; CPU: a float noise
-        # tensor), and A keeps the dropout output (CUDA: its bf16 autocast copy)
-        mask = (n * (1 if dt.autocast else dt.act)) if g_in else 0
-        return mask + n * (2 if dt.autocast else dt.act), False
+        # dropout (on the input cast to the adapter's fp32) keeps its mask only when its input needs
+        # grad (CUDA: bool mask; CPU: an fp32 noise tensor), and A keeps the dropout output (under
+        # autocast: its 16-bit copy)
+        mask = (n * (1 if dt.cuda else 4)) if g_in else 0
+        return mask + n * (2 if dt.autocast else 4), False
     if dt.autocast:
         return n * 2, False                                     # autocast bf16 copy, one per module
     return (0 if shared_saved else n * dt.act), True

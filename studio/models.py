@@ -65,6 +65,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): bf16 training is then faster."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the getattr
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -138,6 +138,21 @@ def test_estimate_follows_rank(run_form):
     assert small[3][0][0] in ("q_proj", "o_proj")
 
 
+def test_cpu_bf16_tip_only_where_it_helps(run_form, monkeypatch):
+    import torch
+
+    from components import estimates
+    from components.train import estimate_view
+    monkeypatch.setattr(estimates, "detected_device", lambda: {"device": "cpu", "label": "CPU RAM",
+                                                               "capacity": 64 << 30, "gpu": "CPU"})
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert "bfloat16</b> trains" in estimate_view(run_form, *values(run_form))[1]
+    assert "bfloat16</b> trains" not in estimate_view(run_form, *values(run_form, model__dtype="bfloat16"))[1]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert "bfloat16</b> trains" not in estimate_view(run_form, *values(run_form))[1]
+
+
 def test_bad_value_is_inline_not_a_traceback(run_form):
     from components.train import estimate_view
     out = estimate_view(run_form, *values(run_form, data__template_vars="{{{"))

@@ -108,6 +108,24 @@ def test_activations_match_autograd(arch, method, gc, tmp_path):
     assert abs(pred - measured) <= 0.10 * measured, (pred, measured, (pred - measured) / measured)
 
 
+@pytest.mark.parametrize("method", ACT_METHODS[:1] + ACT_METHODS[3:4], ids=["lora", "lora-all-nodrop"])
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+def test_activations_of_a_bf16_base_under_cpu_autocast(arch, method, tmp_path):
+    facts = dict(model_presets()[arch]["config"], hidden_size=256, intermediate_size=688, num_hidden_layers=3)
+    path = tmp_path / arch
+    hf_config_from_dict(facts).save_pretrained(path)
+    cfg = _cfg(str(path), method, 2, 128)
+    cfg.model.dtype = "bfloat16"
+    pred = estimate(cfg, "cpu", padding=False).details["saved_for_backward"]
+    model = build_random_model(facts, dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _apply(model, method, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer does for a bf16 base on the CPU
+        measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], 2, 128), chunk=64)
+    assert abs(pred - measured) <= 0.05 * measured, (pred, measured, (pred - measured) / measured)
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("gc", [False, True])
 def test_activations_real_gemma_270m(gc):

@@ -51,7 +51,7 @@ class DataConfig:
     columns: dict = opt({}, "Column mapping, e.g. {instruction: question, output: answer}")
     max_length: int = opt(512, "Tokens per example; longer examples are truncated")
     eval_fraction: float = opt(0.0, "Share of examples held out for evaluation (0 = none)")
-    packing: bool = opt(False, "Pack several short examples into one sequence")
+    packing: bool = opt(False, "Pack several short examples into one sequence (each attends only to itself)")
     system_prompt: str = opt("", "System prompt added to every conversation (empty = none)")
     template_vars: dict = opt({}, "Values for {placeholders} in shipped datasets, e.g. {name: Nova}")
     limit: int = opt(0, "Use only the first N examples (0 = all)")

@@ -182,6 +182,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     process_state(cfg)
     task = load_task(cfg)
     model, tok = task.model, task.tokenizer
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # a process-wide singleton: the previous run's precision must not stick
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(model, cpu))
     set_seed(t.seed)
     is_main = accelerator.is_main_process

@@ -145,6 +145,7 @@ def test_bf16_base_trains_on_the_cpu_under_autocast(tmp_path):
     import torch
 
     from studio.checkpoint import load_adapter_state_file
+    run(tmp_path / "fp32", tiny_cfg(**{"train.max_steps": 1}))  # the studio runs both in one process
     cfg = tiny_cfg(**{"model.dtype": "bfloat16", "train.max_steps": 20, "train.lr": 1e-2})
     rd = run(tmp_path, cfg)
     rows = rd.metrics()

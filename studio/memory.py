@@ -35,8 +35,8 @@ import yaml
 from torch import nn
 
 from .checkpointing import checkpointed_layers
-from .losses import vocab_block
 from .errors import ConfigError, StudioError
+from .losses import vocab_block
 from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          rope_saved)
 

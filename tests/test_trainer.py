@@ -145,9 +145,12 @@ def test_bf16_base_trains_on_the_cpu_under_autocast(tmp_path):
     import torch
 
     from studio.checkpoint import load_adapter_state_file
-    run(tmp_path / "fp32", tiny_cfg(**{"train.max_steps": 1}))  # the studio runs both in one process
+    from studio.models import cpu_has_fast_bf16
+    fp32 = run(tmp_path / "fp32", tiny_cfg(**{"train.max_steps": 1}))  # the studio runs both in one process
+    assert ("bfloat16 trains" in (fp32.path / "events.log").read_text()) == cpu_has_fast_bf16()
     cfg = tiny_cfg(**{"model.dtype": "bfloat16", "train.max_steps": 20, "train.lr": 1e-2})
     rd = run(tmp_path, cfg)
+    assert "bfloat16 trains" not in (rd.path / "events.log").read_text()
     rows = rd.metrics()
     assert sum(r["loss"] for r in rows[-3:]) < sum(r["loss"] for r in rows[:3]) - 0.75
     state = load_adapter_state_file(rd.adapter())

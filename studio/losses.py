@@ -1,10 +1,11 @@
 """Task losses. The causal-LM loss never builds the full fp32 logits tensor.
 
 The decoder body runs once; the output head and cross-entropy run on chunks of labelled positions
-(Gemma's 262k vocabulary makes this matter). For a plain frozen Linear head the chunk's gradient is
-computed right in the forward, one vocabulary block at a time with an online softmax (fused linear +
-cross-entropy: the largest logits buffer is chunk x block, nothing is recomputed, only d(loss)/d(hidden)
-is kept for backward); other heads (wrapped by a method) run each chunk under activation checkpointing.
+(Gemma's 262k vocabulary makes this matter). For a plain Linear head the chunk's gradients are computed
+right in the forward (fused linear + cross-entropy, nothing recomputed): a frozen head one vocabulary
+block at a time with an online softmax (the largest logits buffer is chunk x block), a trained head
+from one whole-vocabulary product per smaller chunk. Other heads (wrapped by a method) run each chunk
+under activation checkpointing.
 Soft-prompt methods may prepend virtual tokens inside the body: the last T positions are kept.
 """
 from __future__ import annotations
@@ -36,13 +37,19 @@ def vocab_block(rows: int, vocab: int, device_type: str) -> int:
     return min(block, vocab)
 
 
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum CE(softcap(h @ W.T), y) over rows of a frozen head, with d(loss)/d(h) computed in the forward.
+WEIGHT_GRAD_LOGITS = 1 << 26  # a trained head's chunk holds its whole-vocabulary logits: at most 256 MB fp32
 
-    Flash-attention style over the vocabulary: each block of logits updates a running max m, a running
-    sum S of exp(l - m) and G = sum exp(l - m) · W_block, rescaled when m grows. Then
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum CE(softcap(h @ W.T), y) over rows, with d(loss)/d(h) (and d(loss)/d(W)) computed in the forward.
+
+    Frozen head: flash-attention style over the vocabulary. Each block of logits updates a running max
+    m, a running sum S of exp(l - m) and G = sum exp(l - m) · W_block, rescaled when m grows; then
     lse = m + log S and d(loss)/d(h) = G / S - W_y. The logits of a row never exist whole, W is read
     once, and the softmax never leaves the cache (the CPU is memory-bound on it, not on the matmuls).
+    Trained head (full fine-tuning): d(loss)/d(W) needs the normalised softmax, so each (smaller)
+    chunk takes its whole-vocabulary logits once and both gradients come from the same product:
+    three head matmuls, as in an unfused loss, and no recomputation in backward.
     """
 
     @staticmethod
@@ -50,30 +57,64 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 softcap: float | None, block: int | None = None) -> torch.Tensor:
         dev = h.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-        need_h = ctx.needs_input_grad[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        if need_w:
+            chunk = min(chunk, max(1, WEIGHT_GRAD_LOGITS // weight.shape[0]))
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(dev, enabled=False):
             for start in range(0, h.shape[0], chunk):
                 hs, ys = h[start:start + chunk].to(cdt), y[start:start + chunk]
-                lse, g = _online_softmax(hs, weight, cdt, softcap, block or vocab_block(hs.shape[0], weight.shape[0], dev),
-                                         need_h)
                 w_y = weight[ys].float()
                 l_y = (hs.float() * w_y).sum(1, keepdim=True)
+                f_y = None
                 if softcap:
                     t_y = torch.tanh(l_y / softcap)
-                    l_y, w_y = t_y * softcap, w_y * (1 - t_y * t_y)
+                    l_y, f_y = t_y * softcap, 1 - t_y * t_y
+                if need_w:
+                    lse, g = _softmax_grads(hs, ys, weight, cdt, softcap, f_y, grad_w)
+                else:
+                    vb = block or vocab_block(hs.shape[0], weight.shape[0], dev)
+                    lse, g = _online_softmax(hs, weight, cdt, softcap, vb, need_h)
+                    if need_h:
+                        g = g - (w_y if f_y is None else w_y * f_y)
                 total += (lse - l_y).sum()
                 if need_h:
-                    grad_h[start:start + chunk] = g - w_y
-        ctx.save_for_backward(grad_h)
+                    grad_h[start:start + chunk] = g
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (grad_h,) = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        return gh, None, None, None, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        # in place: these buffers exist only for this backward, and a fresh vocab x hidden one costs page faults
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def _softmax_grads(hs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype,
+                   softcap: float | None, f_y: torch.Tensor | None, grad_w: torch.Tensor) -> tuple:
+    """A trained head's chunk: logsumexp, d(loss)/d(hs), and d(loss)/d(W) added into grad_w."""
+    w = weight.to(cdt)
+    logits = (hs @ w.t()).float()
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(logits.div_(softcap))
+        logits = torch.mul(tanh, softcap, out=logits)
+    m = logits.amax(1, keepdim=True)
+    d = logits.sub_(m).exp_()
+    s = d.sum(1, keepdim=True)
+    d.div_(s)  # softmax; d(loss)/d(logits) = softmax - onehot, times the soft cap's tanh'
+    if tanh is not None:
+        d.mul_(tanh.mul_(tanh).neg_().add_(1))
+    rows = torch.arange(ys.shape[0], device=ys.device)
+    d[rows, ys] -= 1 if f_y is None else f_y[:, 0]
+    d = d.to(cdt)
+    grad_w += (d.t() @ hs).float()
+    return m + s.log(), d @ w
 
 
 def _online_softmax(hs: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, softcap: float | None,
@@ -113,10 +154,8 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     keep = y != -100
     h = hidden[:, :-1][keep]
     y = y[keep]
-    # Fused only for a frozen head: a trained head (full fine-tuning) needs d(loss)/d(W), which takes the
-    # normalised softmax (a second pass) and an fp32 vocab x hidden buffer; checkpointed chunks cost less.
-    if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() and h.requires_grad \
-            and not head.weight.requires_grad:
+    if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() \
+            and (h.requires_grad or head.weight.requires_grad):
         return FusedLinearCrossEntropy.apply(h, head.weight, y, max(1, chunk), softcap), keep.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], max(1, chunk)):

@@ -36,7 +36,7 @@ from torch import nn
 
 from .checkpointing import checkpointed_layers
 from .errors import ConfigError, StudioError
-from .losses import vocab_block
+from .losses import WEIGHT_GRAD_LOGITS, vocab_block
 from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          rope_saved)
 
@@ -99,7 +99,8 @@ class Facts:
     fp32_trainable: int                        # trainable fp32 numel (autocast keeps bf16 copies of them)
     max_linear: int                            # largest decoder Linear (numel) - 4-bit dequantization buffer
     host_copy_bytes: int = 0                   # full FT keep_base_copy
-    fused_head: bool = False                   # frozen plain Linear head: losses.FusedLinearCrossEntropy
+    fused_head: bool = False                   # plain Linear head: losses.FusedLinearCrossEntropy
+    head_trainable: bool = False               # ... whose weight trains (whole-vocabulary chunks + fp32 grad)
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -203,10 +204,11 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
     cfg = run_cfg.method
     if getattr(cfg, "keep_base_copy", False):
         host_copy = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    fused = type(head) is nn.Linear and head.bias is None and not any(p.requires_grad for p in head.parameters())
+    fused = type(head) is nn.Linear and head.bias is None
+    head_tr = head is not None and any(p.requires_grad for p in head.parameters())
     return Facts(arch, layer_infos, total, trainable, by_dtype, weights + buffers, buffers, grad, grad_layer,
                  grad_outside, tensors, any(p.requires_grad for p in embed.parameters()) if embed else False,
-                 final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused)
+                 final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr)
 
 
 def _layer_info(layer: nn.Module) -> LayerInfo:
@@ -370,7 +372,14 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     # ---- the loss: kept hidden states of labelled positions, indices, labels; chunk logits
     logits_saved = labelled * arch.hidden * act + labelled * 8 + b * seq if (g or facts.grad_outside) else 0
     c = min(int(tc.loss_chunk), labelled)
-    if facts.fused_head:
+    if facts.fused_head and facts.head_trainable:
+        # Fused, trained head: the fp32 d(loss)/d(W) is saved from forward to backward; per chunk the
+        # whole-vocabulary fp32 logits of a capped chunk (and their 16-bit copy) and the chunk's product
+        logits_saved += arch.vocab * arch.hidden * 4
+        c = min(c, max(1, WEIGHT_GRAD_LOGITS // arch.vocab))
+        chunk = c * arch.vocab * (4 + (act if act < 4 else 0)) + arch.vocab * arch.hidden * act
+        chunk += c * arch.vocab * 4 if arch.softcap else 0
+    elif facts.fused_head:
         # Fused linear + CE over vocabulary blocks: fp32 logits of one block beside their 16-bit matmul
         # output (or 16-bit softmax copy); G, G / S and W_y (c x hidden, fp32) at the chunk's end
         vb = vocab_block(c, arch.vocab, device)

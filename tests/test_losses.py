@@ -18,7 +18,7 @@ def test_fused_head_loss_and_gradients_match_plain(softcap, train_head):
     labels = torch.randint(0, 50, (3, 9))
     labels[0, :4] = -100
     total, count = chunked_lm_loss(hidden, labels, head, chunk=4, softcap=softcap)
-    assert total.grad_fn.name().startswith("FusedLinearCrossEntropy") != train_head  # trained head: checkpointed
+    assert total.grad_fn.name().startswith("FusedLinearCrossEntropy")  # frozen or trained plain head
     total.backward()
     got_h, got_w = hidden.grad.clone(), head.weight.grad.clone() if train_head else None
     hidden.grad = None
@@ -33,6 +33,42 @@ def test_fused_head_loss_and_gradients_match_plain(softcap, train_head):
     torch.testing.assert_close(got_h, hidden.grad, atol=1e-5, rtol=1e-4)
     if train_head:
         torch.testing.assert_close(got_w, head.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_wrapped_head_runs_checkpointed_chunks_with_the_same_gradients(softcap):
+    torch.manual_seed(3)
+    head = nn.Sequential(nn.Linear(16, 50, bias=False))  # what a method's wrapper looks like to the loss
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    total, _ = chunked_lm_loss(hidden, labels, head, chunk=4, softcap=softcap)
+    assert not total.grad_fn.name().startswith("FusedLinearCrossEntropy")
+    total.backward()
+    got_h, got_w = hidden.grad.clone(), head[0].weight.grad.clone()
+    hidden.grad = head[0].weight.grad = None
+    logits = head(hidden[:, :-1])
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    nn.functional.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum").backward()
+    torch.testing.assert_close(got_h, hidden.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_w, head[0].weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_trained_head_chunks_stay_under_the_logits_cap(monkeypatch):
+    import studio.losses as losses
+    monkeypatch.setattr(losses, "WEIGHT_GRAD_LOGITS", 50 * 3)  # 3 rows of a 50-token vocabulary per chunk
+    seen = []
+    original = losses._softmax_grads
+    monkeypatch.setattr(losses, "_softmax_grads", lambda hs, *a: seen.append(hs.shape[0]) or original(hs, *a))
+    weight = torch.randn(50, 16, requires_grad=True)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    y = torch.randint(0, 50, (10,))
+    total = FusedLinearCrossEntropy.apply(hidden, weight, y, 1024, None, None)
+    total.backward()
+    assert seen == [3, 3, 3, 1]
+    ref_w = weight.detach().clone().requires_grad_()
+    nn.functional.cross_entropy(hidden.detach() @ ref_w.t(), y, reduction="sum").backward()
+    torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

@@ -394,6 +394,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
             arch.sliding_window and s > arch.sliding_window:
         kinds = 2 if (arch.sliding_window and len(set(arch.layer_types)) > 1) else 1
         mask_bool = kinds * b * s * (s + shape.kv_extra)                  # the bool masks of the forward
+    if run_cfg.data.packing:
+        mask_bool += b * seq * seq  # the packed batch's block-diagonal mask (varlen attention's fallback)
     autocast_cache = facts.fp32_trainable * 2 if dt.autocast else 0
     activations = sum(per_layer) + fixed + mask_bool + autocast_cache + (rope if gc else 0)
     logits = logits_saved + chunk

@@ -231,3 +231,11 @@ def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
     none = estimate(_cfg(str(path), {"name": "lora"}, 2, 128, False), "cpu", padding=False)
     full = estimate(_cfg(str(path), {"name": "lora"}, 2, 128, True), "cpu", padding=False)
     assert full.activations < est.activations < none.activations
+
+
+def test_packing_counts_the_batch_block_mask():
+    def act(packing: bool) -> int:
+        cfg = RunConfig.from_dict({"model": {"name": "qwen2.5-0.5b"}, "data": {"max_length": 1024, "packing": packing},
+                                   "train": {"batch_size": 4}})
+        return estimate(cfg, "cuda", padding=False).activations
+    assert act(True) - act(False) == 4 * 1024 * 1024

@@ -174,7 +174,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def fit_attention_mask(batch: dict, model: Any) -> dict:
     """Adapt a packed batch's bool 4D mask to the model's attention kernel (no-op for plain batches).
 
-    sdpa: kept as is. eager: converted to an additive float mask (0 / dtype min). Others (flash, flex)
+    sdpa (and studio_varlen, which falls back to it): kept as is. eager: converted to an additive float mask (0 / dtype min). Others (flash, flex)
     and sliding-window models whose window is shorter than the sequence: the mask is dropped, and
     transformers rebuilds the packed mask from position_ids itself.
     """
@@ -184,7 +184,7 @@ def fit_attention_mask(batch: dict, model: Any) -> dict:
     impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
     window = getattr(model.config, "sliding_window", None)
     out = dict(batch)
-    if impl not in ("sdpa", "eager") or (window and mask.shape[-1] > window):
+    if impl not in ("sdpa", "eager", "studio_varlen") or (window and mask.shape[-1] > window):
         out["attention_mask"] = None
     elif impl == "eager":
         dtype = next(model.parameters()).dtype

@@ -117,3 +117,20 @@ def test_packed_training_uses_varlen_and_matches_eager_masks(tmp_path):
         losses[impl] = [r["loss"] for r in rd.metrics()]
         assert ("varlen attention" in (rd.path / "events.log").read_text()) == (impl == "sdpa")
     assert losses["sdpa"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", [{"method.name": "prefix_tuning", "method.num_virtual_tokens": 4},
+                                    {"method.name": "prompt_tuning", "method.num_virtual_tokens": 4,
+                                     "method.prompt_tuning_init": "RANDOM"}])
+def test_soft_prompt_methods_refuse_packing_with_a_clear_error(tmp_path, method):
+    from studio.config import load_config
+    from studio.errors import ConfigError
+    from studio.rundir import RunDir
+    from studio.runner import execute
+    sets = {"model.name": "tiny-llama", "model.device": "cpu", "data.path": "arith", "data.limit": 40,
+            "data.packing": True, "data.max_length": 96, "train.batch_size": 2, "train.max_steps": 1, **method}
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    rd = RunDir.create(tmp_path, cfg)
+    with pytest.raises(ConfigError, match="data.packing false"):
+        execute(rd, cfg)
+    assert rd.status()["state"] == "failed" and "packing" in rd.status()["error"]

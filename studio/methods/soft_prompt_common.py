@@ -73,8 +73,9 @@ def _batch_size(kwargs: dict) -> int:
 def _extend_mask_and_positions(kwargs: dict, n: int, first: bool) -> None:
     mask = kwargs.get("attention_mask")
     if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() != 2):
-        raise ConfigError("Soft prompts need a 2-D attention mask (0/1 per token); static or compiled caches that "
-                          "pre-build 4-D masks are not supported with them. Use the default dynamic cache.")
+        raise ConfigError("Soft prompts need a 2-D attention mask (0/1 per token): they cannot train on packed "
+                          "batches (set data.packing false) or with static / compiled caches that pre-build 4-D "
+                          "masks (use the default dynamic cache).")
     if mask is not None:
         ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
         kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)

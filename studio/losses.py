@@ -73,7 +73,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     t_y = torch.tanh(l_y / softcap)
                     l_y, f_y = t_y * softcap, 1 - t_y * t_y
                 if need_w:
-                    lse, g = _softmax_grads(hs, ys, weight, cdt, softcap, f_y, grad_w)
+                    lse, g = _softmax_grads(hs, ys, weight, cdt, softcap, f_y, grad_w, need_h)
                 else:
                     vb = block or vocab_block(hs.shape[0], weight.shape[0], dev)
                     lse, g = _online_softmax(hs, weight, cdt, softcap, vb, need_h)
@@ -96,8 +96,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _softmax_grads(hs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype,
-                   softcap: float | None, f_y: torch.Tensor | None, grad_w: torch.Tensor) -> tuple:
-    """A trained head's chunk: logsumexp, d(loss)/d(hs), and d(loss)/d(W) added into grad_w."""
+                   softcap: float | None, f_y: torch.Tensor | None, grad_w: torch.Tensor, need_h: bool) -> tuple:
+    """A trained head's chunk: logsumexp, d(loss)/d(hs) (if needed), and d(loss)/d(W) added into grad_w."""
     w = weight.to(cdt)
     logits = (hs @ w.t()).float()
     tanh = None
@@ -113,8 +113,11 @@ def _softmax_grads(hs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor, cdt
     rows = torch.arange(ys.shape[0], device=ys.device)
     d[rows, ys] -= 1 if f_y is None else f_y[:, 0]
     d = d.to(cdt)
-    grad_w += (d.t() @ hs).float()
-    return m + s.log(), d @ w
+    if cdt == torch.float32:
+        grad_w.addmm_(d.t(), hs)  # no vocab x hidden temporary
+    else:
+        grad_w += (d.t() @ hs).float()
+    return m + s.log(), (d @ w if need_h else None)
 
 
 def _online_softmax(hs: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, softcap: float | None,

@@ -69,6 +69,9 @@ def test_trained_head_chunks_stay_under_the_logits_cap(monkeypatch):
     ref_w = weight.detach().clone().requires_grad_()
     nn.functional.cross_entropy(hidden.detach() @ ref_w.t(), y, reduction="sum").backward()
     torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
+    weight.grad = None  # only the head trains: no d(loss)/d(h), the same d(loss)/d(W)
+    FusedLinearCrossEntropy.apply(hidden.detach(), weight, y, 1024, None, None).backward()
+    torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

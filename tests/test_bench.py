@@ -30,3 +30,17 @@ def test_bench_memory_cli_writes_json_lines(capsys):
     assert main(["bench", "--memory", "--quick"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines and all("estimated_bytes" in row for row in lines)
+
+
+def test_peft_qlora_baseline_follows_the_qlora_guide():
+    """prepare_model_for_kbit_training: the weights that are not 4-bit train-time fp32 (what makes peft's
+    QLoRA heavy in the issue's table); LoRA on every linear layer on top."""
+    import torch
+
+    from baselines.peft_baseline import prepare
+    from studio.models import build_random_model, model_presets
+    model = build_random_model(model_presets()["tiny-llama"]["config"], dtype=torch.bfloat16)
+    model = prepare(model, "qlora", 8, 16)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)

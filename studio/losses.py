@@ -95,21 +95,31 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+def _softcap_(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softcap · tanh(logits / softcap) in place, and the tanh (None without a soft cap)."""
+    if not softcap:
+        return logits, None
+    tanh = torch.tanh(logits.div_(softcap))
+    return torch.mul(tanh, softcap, out=logits), tanh
+
+
+def _tanh_grad_(tanh: torch.Tensor) -> torch.Tensor:
+    """1 - tanh^2 (the soft cap's derivative), in place."""
+    return tanh.mul_(tanh).neg_().add_(1)
+
+
 def _softmax_grads(hs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype,
                    softcap: float | None, f_y: torch.Tensor | None, grad_w: torch.Tensor, need_h: bool) -> tuple:
     """A trained head's chunk: logsumexp, d(loss)/d(hs) (if needed), and d(loss)/d(W) added into grad_w."""
     w = weight.to(cdt)
     logits = (hs @ w.t()).float()
-    tanh = None
-    if softcap:
-        tanh = torch.tanh(logits.div_(softcap))
-        logits = torch.mul(tanh, softcap, out=logits)
+    logits, tanh = _softcap_(logits, softcap)
     m = logits.amax(1, keepdim=True)
     d = logits.sub_(m).exp_()
     s = d.sum(1, keepdim=True)
     d.div_(s)  # softmax; d(loss)/d(logits) = softmax - onehot, times the soft cap's tanh'
     if tanh is not None:
-        d.mul_(tanh.mul_(tanh).neg_().add_(1))
+        d.mul_(_tanh_grad_(tanh))
     rows = torch.arange(ys.shape[0], device=ys.device)
     d[rows, ys] -= 1 if f_y is None else f_y[:, 0]
     d = d.to(cdt)
@@ -130,17 +140,14 @@ def _online_softmax(hs: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, so
     for v in range(0, weight.shape[0], block):
         w = weight[v:v + block].to(cdt)
         logits = (hs @ w.t()).float()
-        tanh = None
-        if softcap:
-            tanh = torch.tanh(logits.div_(softcap))
-            logits = torch.mul(tanh, softcap, out=logits)
+        logits, tanh = _softcap_(logits, softcap)
         m_new = torch.maximum(m, logits.amax(1, keepdim=True))
         rescale = (m - m_new).exp_()
         e = logits.sub_(m_new).exp_()
         s.mul_(rescale).add_(e.sum(1, keepdim=True))
         if need_h:
             if tanh is not None:
-                e.mul_(tanh.mul_(tanh).neg_().add_(1))  # through the tanh soft cap
+                e.mul_(_tanh_grad_(tanh))  # through the tanh soft cap
             g.mul_(rescale).add_(e.to(cdt) @ w)
         m = m_new
     return m + s.log(), (g / s if need_h else None)

@@ -38,7 +38,7 @@ from .checkpointing import checkpointed_layers
 from .errors import ConfigError, StudioError
 from .losses import WEIGHT_GRAD_LOGITS, vocab_block
 from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
-                         rope_saved)
+                         norm_saved, rope_saved)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS_FILE = ROOT / "presets" / "gpus.yaml"
@@ -197,7 +197,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
         bseen.add(id(buf))
         buffers += buf.numel() * buf.element_size()
     by_dtype["buffers"] = buffers
-    layer_infos = [_layer_info(lay) for lay in layers_mod]
+    layer_infos = [_layer_info(lay, nf4) for lay in layers_mod]
     final_norm_tr = any(p.requires_grad for n, p in model.named_parameters()
                         if layer_index(n) is None and "norm" in n)
     host_copy = 0
@@ -211,7 +211,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
                  final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr)
 
 
-def _layer_info(layer: nn.Module) -> LayerInfo:
+def _layer_info(layer: nn.Module, nf4: bool) -> LayerInfo:
     sites: dict[str, Site] = {}
     site_paths: list[str] = []
     for path, mod in layer.named_modules():
@@ -219,7 +219,7 @@ def _layer_info(layer: nn.Module) -> LayerInfo:
         if short not in SITES_ALL or any(path.startswith(sp + ".") for sp in site_paths):
             continue
         site_paths.append(path)
-        sites[short] = _site(short, mod)
+        sites[short] = _site(short, mod, nf4)
     norms_tr = any(p.requires_grad for n, p in layer.named_parameters() if "norm" in n)
     trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
     extra: list[int] = []
@@ -231,7 +231,7 @@ def _layer_info(layer: nn.Module) -> LayerInfo:
     return LayerInfo(sites, norms_tr, trainable, extra)
 
 
-def _site(name: str, mod: nn.Module) -> Site:
+def _site(name: str, mod: nn.Module, nf4: bool) -> Site:
     base = getattr(mod, "base_layer", mod)
     din = getattr(base, "in_features", 0) or getattr(mod, "in_features", 0)
     dout = getattr(base, "out_features", 0) or getattr(mod, "out_features", 0)
@@ -250,6 +250,7 @@ def _site(name: str, mod: nn.Module) -> Site:
         drop = getattr(mod, "lora_dropout", None)
         site.lora_dropout = float(getattr(drop, "p", 0.0) or 0.0)
         site.dora = bool(getattr(mod, "use_dora", False))
+        site.lora_fused = not nf4 and bool(getattr(mod, "uses_fused_op", lambda: False)())
         return site
     ia3 = getattr(mod, "ia3_l", None)
     if isinstance(ia3, torch.Tensor):
@@ -367,8 +368,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     fixed = 0 if gc else rope
     if facts.embeddings_trainable:
         fixed += b * seq * 8                                              # input ids (embedding backward)
-    fixed += (rows * arch.hidden * 4 + rows * 4) if g else 0              # final norm: fp32 input + rsqrt
-    fixed += rows * arch.hidden * (4 if arch.gemma_norms else act) if facts.final_norm_trainable else 0
+    fixed += norm_saved(rows, arch.hidden, g, facts.final_norm_trainable, arch.gemma_norms, dt, arch.fused_norms)
     # ---- the loss: kept hidden states of labelled positions, indices, labels; chunk logits
     logits_saved = labelled * arch.hidden * act + labelled * 8 + b * seq if (g or facts.grad_outside) else 0
     c = min(int(tc.loss_chunk), labelled)

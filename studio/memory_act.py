@@ -3,13 +3,16 @@
 It mirrors what the transformers decoder code (llama, qwen2, mistral, gemma3_text, phi3) and our
 method modules save, op by op, and counts unique storages (a view costs nothing; a cast is a copy):
 
-- RMSNorm: the fp32 copy of its input (fp32 models: the input itself) and rsqrt (rows x 1) when its
-  input needs grad; its normalised output when its weight trains (gemma: in fp32).
+- RMSNorm of the supported families (studio/fused_norm.py, one autograd op): its input in its own
+  dtype and rsqrt (rows x 1) when its input needs grad or its weight trains. Other norm classes
+  (transformers' code): the fp32 copy of the input (fp32 models: the input itself) and rsqrt when
+  the input needs grad; the normalised output when the weight trains (gemma: in fp32).
 - Linear: its input when its weight trains (shared inputs such as q/k/v counted once); nothing when
   frozen (the input grad needs only the weight). 4-bit bases save nothing either.
-- LoRA: per module the adapter's input (dropout output + bool mask when dropout > 0; on CUDA the
-  bf16 autocast copy of it, one per module; on fp32 CPU without dropout the shared input itself),
-  and A's output (rows x r); DoRA adds the base output and the LoRA output (rows x out each).
+- LoRA: per module the adapter's input and A's output (rows x r). Without dropout and DoRA over a
+  16/32-bit base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself. Else
+  the dropout output + its mask when dropout > 0; under autocast the 16-bit copy of the input, one
+  per module (QLoRA); DoRA adds the base output and the LoRA output (rows x out each).
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
   materialised on a grouped-query model), the output and the fp32 logsumexp; a materialised mask
@@ -32,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fused_norm import FUSED_NORM_MODEL_TYPES
+
 SITES_ATTN = ("q_proj", "k_proj", "v_proj", "qkv_proj")
 SITES_ALL = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
              "down_proj")
@@ -47,6 +52,7 @@ class Site:
     lora_r: int = 0          # > 0: a LoRA-like adapter (lora_A / lora_B) wraps the base
     lora_dropout: float = 0.0
     dora: bool = False
+    lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     other_trainable: bool = False  # an unknown wrapper with trainable parameters
     delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W; LoHa: 2)
@@ -79,6 +85,7 @@ class Arch:
     softcap: float | None
     gemma_norms: bool   # gemma: sandwich norms, q/k norms, (1 + w) norms in fp32
     fused_qkv: bool     # phi3: qkv_proj / gate_up_proj
+    fused_norms: bool = True  # the engine swaps in its one-op RMSNorm (studio/fused_norm.py)
 
     @classmethod
     def from_config(cls, c: Any) -> "Arch":
@@ -91,7 +98,7 @@ class Arch:
         return cls(mt, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
                    getattr(c, "num_key_value_heads", None) or c.num_attention_heads, hd, c.vocab_size, sw,
                    layer_types, getattr(c, "final_logit_softcapping", None), mt.startswith("gemma"),
-                   mt in ("phi3",))
+                   mt in ("phi3",), mt in FUSED_NORM_MODEL_TYPES)
 
 
 @dataclass
@@ -110,7 +117,11 @@ class Dtypes:
     cuda: bool = True   # CUDA dropout keeps a bool mask; the CPU's keeps a float noise tensor
 
 
-def _norm(rows: int, width: int, g_in: bool, w_trainable: bool, gemma: bool, dt: Dtypes) -> int:
+def norm_saved(rows: int, width: int, g_in: bool, w_trainable: bool, gemma: bool, dt: Dtypes,
+               fused: bool = True) -> int:
+    """Bytes one RMSNorm saves: (input grad needed, weight trains) -> bytes."""
+    if fused:
+        return rows * width * dt.act + rows * 4 if (g_in or w_trainable) else 0
     out = 0
     if g_in:
         out += rows * width * 4 + rows * 4   # fp32 input (copy or the input itself) + rsqrt
@@ -130,6 +141,8 @@ def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
 def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool) -> tuple[int, bool]:
     """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself)."""
     n = rows * site.din
+    if site.lora_fused:
+        return (0 if shared_saved else n * dt.act), True
     if site.lora_dropout > 0:
         # dropout (on the input cast to the adapter's fp32) keeps its mask only when its input needs
         # grad (CUDA: bool mask; CPU: an fp32 noise tensor), and A keeps the dropout output (under
@@ -172,11 +185,11 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     h, i, hd = arch.hidden, arch.inter, arch.head_dim
     nh, nkv = arch.heads, arch.kv_heads
     st = info.sites
-    gemma = arch.gemma_norms
+    gemma, fused = arch.gemma_norms, arch.fused_norms
     total = 0
     shared: dict[str, bool] = {}
     # input norm
-    total += _norm(rows, h, g_in, info.norms_trainable, gemma, dt)
+    total += norm_saved(rows, h, g_in, info.norms_trainable, gemma, dt, fused)
     g_n1 = g_in or info.norms_trainable
     # q, k, v
     attn_in = [st[n] for n in SITES_ATTN if n in st]
@@ -188,8 +201,8 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     kv_len = s + shape.kv_extra
     if g_q:
         if gemma:  # q_norm / k_norm on the projections' outputs
-            total += _norm(rows * nh, hd, True, info.norms_trainable, True, dt)
-            total += _norm(rows * nkv, hd, True, info.norms_trainable, True, dt)
+            total += norm_saved(rows * nh, hd, True, info.norms_trainable, True, dt, fused)
+            total += norm_saved(rows * nkv, hd, True, info.norms_trainable, True, dt, fused)
         repeat = mask and 1 < nkv < nh                         # repeat_kv copies (one kv head: a view)
         kv_w = nh if repeat else nkv
         if arch.fused_qkv and not repeat:
@@ -209,9 +222,9 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
         total += _site_saves(o, rows, dt, shared, "attn", g_q)
     g_o = g_q or (o is not None and o.needs_grad_out)
     if gemma:
-        total += _norm(rows, h, g_o, info.norms_trainable, True, dt)  # post_attention_layernorm
+        total += norm_saved(rows, h, g_o, info.norms_trainable, True, dt, fused)  # post_attention_layernorm
     g_h1 = g_in or g_o
-    total += _norm(rows, h, g_h1, info.norms_trainable, gemma, dt)   # post_attention / pre_feedforward norm
+    total += norm_saved(rows, h, g_h1, info.norms_trainable, gemma, dt, fused)   # post_attention / pre_feedforward norm
     g_n2 = g_h1 or info.norms_trainable
     mlp_in = [st[n] for n in ("gate_proj", "up_proj", "gate_up_proj") if n in st]
     if g_n2 or any(x.needs_grad_out for x in mlp_in):
@@ -225,7 +238,7 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
         total += _site_saves(down, rows, dt, shared, "prod", g_gate)
     g_down = g_gate or (down is not None and down.needs_grad_out)
     if gemma:
-        total += _norm(rows, h, g_down, info.norms_trainable, True, dt)  # post_feedforward_layernorm
+        total += norm_saved(rows, h, g_down, info.norms_trainable, True, dt, fused)  # post_feedforward_layernorm
     for din in info.extra_inputs:                              # unrecognised trainable modules
         total += rows * din * dt.act
     g_out = g_h1 or g_down or bool(info.extra_inputs)

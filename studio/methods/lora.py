@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
+from .lora_fused import FusedLoraLinear, compute_dtype, fusable
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -110,7 +111,17 @@ class LoraLinear(WrappedLinear):
     def _combined_weight(self) -> torch.Tensor:
         return _dequantized_weight(self.base_layer) + self.delta_weight()
 
+    def uses_fused_op(self) -> bool:
+        """Whether forward runs as one autograd op (lora_fused.py): no dropout, no DoRA, a frozen 16/32-bit base."""
+        return self.adapter_enabled and not self.merged and not self.use_dora \
+            and isinstance(self.lora_dropout, nn.Identity) and fusable(self.base_layer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fused_op():
+            cdt = compute_dtype(x, self.lora_A.weight, self.base_layer.weight)
+            if cdt is not None:
+                return FusedLoraLinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                                             self.lora_B.weight, self.scaling, cdt)
         result = self.base_layer(x)
         if self.merged:
             return result

@@ -1,0 +1,65 @@
+"""LoRA's forward and backward as one autograd op, for the common case (16/32-bit frozen base, no dropout).
+
+y = x Wᵀ (+ b) + low (s·B)ᵀ with low = x Aᵀ. Unfused, autograd runs the base linear, A, the scale on
+B and an addmm as separate nodes: each allocates its output, and the two gradients that reach x (base
+path and adapter path) are summed into a third tensor. Here the output is written once (the adapter
+term is added in place into the base product), and d(x) = dy W + d(low) A is built in one buffer.
+Saved for backward: x (which A needs anyway) and low (rank-sized), as before.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """(x, W, bias, A, B, scaling, dtype) -> y; W and bias frozen; gradients for x, A, B."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, cdt: torch.dtype) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+        w, a = weight.to(cdt), lora_a.to(cdt)
+        sb = (lora_b * scaling).to(cdt)
+        # the output is a fresh tensor written through a 2-D view: a view of it would be an output
+        # autograd refuses to see modified in place later (and model code may do that)
+        y = x2.new_empty(*lead, weight.shape[0])
+        y2 = y.view(-1, weight.shape[0])
+        if bias is not None:
+            torch.addmm(bias.to(cdt), x2, w.t(), out=y2)
+        else:
+            torch.mm(x2, w.t(), out=y2)
+        low = x2 @ a.t()
+        y2.addmm_(low, sb.t())
+        ctx.save_for_backward(x2, low, weight, lora_a, lora_b)
+        ctx.scaling, ctx.cdt, ctx.x_dtype = scaling, cdt, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, low, weight, lora_a, lora_b = ctx.saved_tensors
+        cdt, s = ctx.cdt, ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
+        d_low = dy2 @ (lora_b * s).to(cdt)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2 @ weight.to(cdt)).addmm_(d_low, lora_a.to(cdt))
+            dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
+        da = (d_low.t() @ x2).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+        db = (dy2.t() @ low).to(lora_b.dtype).mul_(s) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None, None
+
+
+def fusable(base: nn.Module) -> bool:
+    """A plain 16/32-bit Linear whose weight and bias do not train (quantized bases take the module path)."""
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return False
+    return base.bias is None or not base.bias.requires_grad
+
+
+def compute_dtype(x: torch.Tensor, lora_a: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused op computes in: autocast's, or the one all operands share; None: do not fuse."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype == lora_a.dtype == weight.dtype else None

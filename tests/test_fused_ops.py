@@ -1,0 +1,173 @@
+"""The engine's fused ops (studio/fused_norm.py, studio/methods/lora_fused.py) against the code they replace.
+
+RMSNorm: the forward is bitwise the transformers module's, the gradients equal autograd's through
+it, for every class we swap. LoRA: output and gradients equal the unfused module path (fp32 exact,
+bf16 autocast within bf16 noise). Training: loss curves of the fused engine equal the unfused one.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from studio.fused_norm import GEMMA_NORMS, LLAMA_NORMS, fuse_norms, fusable_norm
+from studio.methods import apply_method, method_config
+from studio.methods.lora import LoraLinear
+
+from training import fit
+
+NORM_MODULES = {"GemmaRMSNorm": "gemma", "Gemma2RMSNorm": "gemma2", "Gemma3RMSNorm": "gemma3",
+                "LlamaRMSNorm": "llama", "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3",
+                "MistralRMSNorm": "mistral", "Phi3RMSNorm": "phi3"}
+
+
+def _norm(cls_name: str, width: int = 48) -> nn.Module:
+    mod = importlib.import_module(f"transformers.models.{NORM_MODULES[cls_name]}.modeling_{NORM_MODULES[cls_name]}")
+    norm = getattr(mod, cls_name)(width, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+    return norm
+
+
+def test_every_swapped_class_is_covered():
+    assert set(NORM_MODULES) == set(GEMMA_NORMS + LLAMA_NORMS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cls_name", sorted(NORM_MODULES))
+def test_fused_rmsnorm_equals_transformers(cls_name, dtype):
+    torch.manual_seed(0)
+    ref = _norm(cls_name).to(dtype)
+    ours = copy.deepcopy(ref)
+    assert fuse_norms(ours) == 1 and fuse_norms(ours) == 0  # swapped once; a second call leaves it
+    x = (torch.randn(3, 5, 48) * 3).to(dtype)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    assert y_ours.dtype == y_ref.dtype and torch.equal(y_ours, y_ref)  # bitwise: the same ops in the same order
+    dy = torch.randn_like(y_ref)
+    (y_ref.float() * dy.float()).sum().backward()
+    (y_ours.float() * dy.float()).sum().backward()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(x_ours.grad.float(), x_ref.grad.float(), **tol)
+    torch.testing.assert_close(ours.weight.grad.float(), ref.weight.grad.float(), **tol)
+
+
+def test_fused_rmsnorm_saves_less_than_transformers():
+    """Under bf16 the fused norm keeps its bf16 input and the per-row rsqrt, not an fp32 copy."""
+    ref = _norm("Gemma3RMSNorm", 256).to(torch.bfloat16)
+    ours = copy.deepcopy(ref)
+    fuse_norms(ours)
+    x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
+
+    def saved(module) -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        return sum(storages.values()) - ref.weight.numel() * 2  # the weight is a parameter, not activation
+    assert saved(ours) == 8 * 256 * 2 + 8 * 4
+    assert saved(ref) > 2 * saved(ours)
+
+
+def test_fuse_norms_keeps_names_state_and_other_norms(tiny_model):
+    model = tiny_model("tiny-gemma3")
+    keys = list(model.state_dict())
+    norms = [m for m in model.modules() if type(m).__name__ in GEMMA_NORMS]
+    assert fuse_norms(model) == len(norms) > 0
+    assert list(model.state_dict()) == keys
+    clone = copy.deepcopy(model)  # the bound forward follows the copy, not the original module
+    layer_norm = clone.model.norm
+    assert layer_norm.forward.__self__ is layer_norm
+    assert not fusable_norm(nn.LayerNorm(8)) and not fusable_norm(clone.model.norm)
+
+
+def _lora(bias: bool, dtype: torch.dtype) -> LoraLinear:
+    torch.manual_seed(1)
+    base = nn.Linear(40, 24, bias=bias).to(dtype).requires_grad_(False)
+    lora = LoraLinear(base, r=4, alpha=8, dropout=0.0, rslora=False, dora=False)
+    lora.init_weights("false")  # B != 0 so both adapter gradients are non-trivial
+    return lora
+
+
+def _unfused(lora: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """The module path written out: W x + b + s · B A x, with autograd through each op."""
+    base = lora.base_layer(x)
+    return base + (lora.lora_B(lora.lora_A(x.to(lora.lora_A.weight.dtype))) * lora.scaling).to(base.dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_lora_equals_the_module_path_fp32(bias):
+    lora = _lora(bias, torch.float32)
+    x = torch.randn(2, 7, 40)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = lora(x1)
+    assert type(y.grad_fn).__name__ == "FusedLoraLinearBackward"
+    ref = _unfused(lora, x2)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    dy = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [x1, lora.lora_A.weight, lora.lora_B.weight], dy)
+    gb = torch.autograd.grad(ref, [x2, lora.lora_A.weight, lora.lora_B.weight], dy)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    y[..., 0].mul_(2)  # model code may modify a projection's output in place
+
+
+def test_fused_lora_under_bf16_autocast_keeps_fp32_adapter_grads():
+    lora = _lora(True, torch.bfloat16)
+    x = torch.randn(3, 5, 40, dtype=torch.bfloat16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora(x1)
+        assert type(y.grad_fn).__name__ == "FusedLoraLinearBackward"
+        base = lora.base_layer(x2)
+        low = lora.lora_A(x2)
+        ref = torch.addmm(base.reshape(-1, 24), low.reshape(-1, 4), (lora.lora_B.weight * lora.scaling).t()).view(
+            base.shape)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, atol=1e-2, rtol=1e-2)
+    dy = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [x1, lora.lora_A.weight, lora.lora_B.weight], dy)
+    gb = torch.autograd.grad(ref, [x2, lora.lora_A.weight, lora.lora_B.weight], dy)
+    for a, b in zip(ga, gb):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_module_path_when_fusing_does_not_apply():
+    lora = _lora(False, torch.float32)
+    x = torch.randn(4, 40, requires_grad=True)
+    lora.lora_dropout = nn.Dropout(0.1)  # dropout: the module path
+    assert type(lora(x).grad_fn).__name__ != "FusedLoraLinearBackward"
+    lora.lora_dropout = nn.Identity()
+    lora.base_layer.weight.requires_grad_(True)  # a training base (e.g. full + LoRA): the module path
+    assert type(lora(x).grad_fn).__name__ != "FusedLoraLinearBackward"
+    lora.base_layer.weight.requires_grad_(False)
+    lora.adapter_enabled = False  # disabled: the base alone
+    torch.testing.assert_close(lora(x), lora.base_layer(x))
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "lora_dropout": 0.0, "target_modules": "all-linear"},
+                                    {"name": "full", "keep_base_copy": False}], ids=["lora", "full"])
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+def test_training_curve_equals_the_unfused_engine(tiny_model, monkeypatch, arch, method):
+    from studio.memory_bench import random_batch
+    batch = random_batch(512, 2, 32)
+
+    def curve(fused: bool) -> list[float]:
+        model = tiny_model(arch)
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr("studio.methods.fuse_norms", lambda model: 0)
+                m.setattr("studio.methods.lora.fusable", lambda base: False)
+            apply_method(model, method_config(dict(method)))
+            losses, _ = fit(model, batch, 6, 1e-3)
+        return losses
+    fused, plain = curve(True), curve(False)
+    assert fused[-1] < fused[0]
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

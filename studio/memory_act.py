@@ -17,8 +17,9 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
   materialised on a grouped-query model), the output and the fp32 logsumexp; a materialised mask
   is converted per layer to the activation dtype and saved (efficient-attention kernel).
-- MLP: the gate output, act(gate) and up output (rows x intermediate each); down's input only
-  when down trains or carries an adapter.
+- MLP: the gate output and up output (rows x intermediate each; transformers' own MLP code also
+  keeps act(gate), the fused one in studio/fused_mlp.py recomputes it); down's input only when down
+  trains or carries an adapter.
 - Gradient checkpointing (non-reentrant, per layer): only each layer's input is kept; backward
   recomputes one layer at a time (that layer's activations are the `transient` item).
 - Nothing is saved below the first point where something requires grad (frozen bottom layers of
@@ -35,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fused_mlp import FUSED_ACTIVATIONS, FUSED_MLP_MODEL_TYPES
 from .fused_norm import FUSED_NORM_MODEL_TYPES
 
 SITES_ATTN = ("q_proj", "k_proj", "v_proj", "qkv_proj")
@@ -86,6 +88,7 @@ class Arch:
     gemma_norms: bool   # gemma: sandwich norms, q/k norms, (1 + w) norms in fp32
     fused_qkv: bool     # phi3: qkv_proj / gate_up_proj
     fused_norms: bool = True  # the engine swaps in its one-op RMSNorm (studio/fused_norm.py)
+    fused_mlp: bool = True    # ... and its one-op act(gate) * up (studio/fused_mlp.py)
 
     @classmethod
     def from_config(cls, c: Any) -> "Arch":
@@ -98,7 +101,12 @@ class Arch:
         return cls(mt, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
                    getattr(c, "num_key_value_heads", None) or c.num_attention_heads, hd, c.vocab_size, sw,
                    layer_types, getattr(c, "final_logit_softcapping", None), mt.startswith("gemma"),
-                   mt in ("phi3",), mt in FUSED_NORM_MODEL_TYPES)
+                   mt in ("phi3",), mt in FUSED_NORM_MODEL_TYPES,
+                   mt in FUSED_MLP_MODEL_TYPES and _activation(c) in FUSED_ACTIVATIONS)
+
+
+def _activation(c: Any) -> str:
+    return getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None) or ""
 
 
 @dataclass
@@ -232,7 +240,7 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
             total += _site_saves(x, rows, dt, shared, "n2", g_n2)
     g_gate = g_n2 or any(x.needs_grad_out for x in mlp_in)
     if g_gate:
-        total += 3 * rows * i * dt.act                         # gate out, act(gate), up out
+        total += (2 if arch.fused_mlp else 3) * rows * i * dt.act  # gate out, up out (+ act(gate) unfused)
     down = st.get("down_proj")
     if down is not None and (g_gate or down.needs_grad_out):
         total += _site_saves(down, rows, dt, shared, "prod", g_gate)

@@ -1,7 +1,7 @@
-"""The engine's fused ops (studio/fused_norm.py, studio/methods/lora_fused.py) against the code they replace.
+"""The engine's fused ops (fused_norm.py, fused_mlp.py, methods/lora_fused.py) against the code they replace.
 
-RMSNorm: the forward is bitwise the transformers module's, the gradients equal autograd's through
-it, for every class we swap. LoRA: output and gradients equal the unfused module path (fp32 exact,
+RMSNorm and the gated MLP: the forward is bitwise the transformers module's, the gradients equal
+autograd's through it, for every class we swap. LoRA: output and gradients equal the unfused module path (fp32 exact,
 bf16 autocast within bf16 noise). Training: loss curves of the fused engine equal the unfused one.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from studio.fused_mlp import MLP_CLASSES, fuse_mlps, fusable_mlp
 from studio.fused_norm import GEMMA_NORMS, LLAMA_NORMS, fuse_norms, fusable_norm
 from studio.methods import apply_method, method_config
 from studio.methods.lora import LoraLinear
@@ -62,17 +63,74 @@ def test_fused_rmsnorm_saves_less_than_transformers():
     fuse_norms(ours)
     x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
 
-    def saved(module) -> int:
-        storages = {}
+    assert _saved(ours, x) == 8 * 256 * 2 + 8 * 4
+    assert _saved(ref, x) > 2 * _saved(ours, x)
 
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x)
-        return sum(storages.values()) - ref.weight.numel() * 2  # the weight is a parameter, not activation
-    assert saved(ours) == 8 * 256 * 2 + 8 * 4
-    assert saved(ref) > 2 * saved(ours)
+
+MLP_CONFIGS = {"LlamaMLP": ("llama", "LlamaConfig"), "Qwen2MLP": ("qwen2", "Qwen2Config"),
+               "Qwen3MLP": ("qwen3", "Qwen3Config"), "MistralMLP": ("mistral", "MistralConfig"),
+               "GemmaMLP": ("gemma", "GemmaConfig"), "Gemma2MLP": ("gemma2", "Gemma2Config"),
+               "Gemma3MLP": ("gemma3", "Gemma3TextConfig")}
+
+
+def _mlp(cls_name: str) -> nn.Module:
+    import transformers
+    folder, config_cls = MLP_CONFIGS[cls_name]
+    config = getattr(transformers, config_cls)(hidden_size=32, intermediate_size=72)
+    mod = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    torch.manual_seed(0)
+    return getattr(mod, cls_name)(config)
+
+
+def _saved(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """Unique storage bytes autograd keeps for backward through `module`, parameters excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(storages.values())
+
+
+def test_every_mlp_class_is_covered():
+    assert set(MLP_CONFIGS) == set(MLP_CLASSES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cls_name", sorted(MLP_CONFIGS))
+def test_fused_mlp_equals_transformers(cls_name, dtype):
+    ref = _mlp(cls_name).to(dtype)
+    ours = copy.deepcopy(ref)
+    assert fuse_mlps(ours) == 1 and fuse_mlps(ours) == 0
+    x = torch.randn(3, 5, 32, dtype=dtype) * 2
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    assert torch.equal(y_ours, y_ref)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y_ours.backward(dy)
+    assert torch.equal(x_ours.grad, x_ref.grad)  # the same ops on the same values: bitwise
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert torch.equal(q.grad, p.grad), name
+    rows = 3 * 5 * 72 * x.element_size()
+    assert _saved(ref, x_ref) - _saved(ours, x_ours) == rows  # act(gate) is not kept
+
+
+def test_mlps_with_other_code_keep_it():
+    import transformers
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+    assert not fusable_mlp(Phi3MLP(transformers.Phi3Config(hidden_size=32, intermediate_size=64)))
+    relu = _mlp("LlamaMLP")
+    relu.act_fn = nn.ReLU()
+    assert not fusable_mlp(relu)
+    hooked = _mlp("LlamaMLP")
+    hooked.act_fn.register_forward_hook(lambda *a: None)  # a hook on the activation must still run
+    assert not fusable_mlp(hooked)
 
 
 def test_fuse_norms_keeps_names_state_and_other_norms(tiny_model):
@@ -164,6 +222,7 @@ def test_training_curve_equals_the_unfused_engine(tiny_model, monkeypatch, arch,
         with monkeypatch.context() as m:
             if not fused:
                 m.setattr("studio.methods.fuse_norms", lambda model: 0)
+                m.setattr("studio.methods.fuse_mlps", lambda model: 0)
                 m.setattr("studio.methods.lora.fusable", lambda base: False)
             apply_method(model, method_config(dict(method)))
             losses, _ = fit(model, batch, 6, 1e-3)

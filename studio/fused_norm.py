@@ -61,9 +61,8 @@ class FusedRMSNorm(torch.autograd.Function):
 
 
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    gemma = type(self).__name__ in GEMMA_NORMS
-    eps = self.eps if gemma else self.variance_epsilon
-    return FusedRMSNorm.apply(hidden_states, self.weight, eps, gemma)
+    gemma = self.studio_gemma_norm
+    return FusedRMSNorm.apply(hidden_states, self.weight, self.eps if gemma else self.variance_epsilon, gemma)
 
 
 def fusable_norm(module: nn.Module) -> bool:
@@ -79,6 +78,7 @@ def fuse_norms(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if fusable_norm(module):
+            module.studio_gemma_norm = type(module).__name__ in GEMMA_NORMS  # the formula, fixed per class
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
     return count

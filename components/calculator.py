@@ -22,7 +22,8 @@ def build_calc_form(methods: list[dict] | None = None) -> RunForm:
                                overrides={"name": lambda d: model_picker(d, "calc-model")}),
                    SectionForm(DataConfig, "data", only=["max_length"]),
                    MethodForm(methods),
-                   SectionForm(TrainConfig, "train", only=["batch_size", "optimizer", "gradient_checkpointing"]))
+                   SectionForm(TrainConfig, "train", only=["batch_size", "optimizer", "gradient_checkpointing",
+                                                             "offload_checkpoints"]))
 
 
 def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .checkpointing import enable_gradient_checkpointing
 from .losses import causal_lm_loss
 from .memory_bench import random_batch
 
@@ -33,12 +34,18 @@ class Row:
     grad_ckpt: bool
     labels: str = "all"  # all: every token trains; prompt: the first half of each row is a masked prompt (SFT)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: a bf16 base under autocast anywhere
+    offload: bool = False  # ours only: checkpointed layer inputs in pinned CPU RAM (train.offload_checkpoints)
+
+    def baseline_key(self) -> tuple:
+        """The settings the peft baseline sees (offloading is ours alone, so both variants share one)."""
+        return self.shape, self.method, self.batch, self.seq, self.grad_ckpt, self.labels, self.precision
 
 
 GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lora", 4, 1024, True),
             Row("qwen2.5-0.5b", "full", 4, 1024, False), Row("qwen2.5-0.5b", "qlora", 4, 1024, True),
             Row("qwen2.5-1.5b", "lora", 4, 2048, True), Row("llama-3.2-1b", "lora", 8, 2048, True),
-            Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True)]
+            Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "lora", 4, 2048, True, offload=True),
+            Row("qwen2.5-7b", "qlora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True, offload=True)]
 QUICK_GRID = GPU_GRID[:5]
 CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt"),
             Row("gemma-3-270m", "lora", 2, 128, False, "all", "bf16"),  # AMX / AVX512-BF16 CPUs
@@ -60,7 +67,7 @@ def _base_model(row: Row, device: torch.device, dtype: torch.dtype) -> Any:
         from .memory_bench import _quantize_nf4
         model = _quantize_nf4(model)
     if row.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return model.train()
 
 
@@ -88,6 +95,7 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     dtype = torch.bfloat16 if device.type == "cuda" or row.precision == "bf16" else torch.float32
     out: dict[str, Any] = {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq,
                            "grad_ckpt": row.grad_ckpt, "labels": row.labels, "engine": engine,
+                           "offload": row.offload and engine == "studio",
                            "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -97,6 +105,9 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     if engine == "studio":
         from .methods import apply_method, method_config
         apply_method(model, method_config(_method_cfg(row.method)))
+        if row.offload and row.grad_ckpt:
+            from .offload import CheckpointOffloader
+            enable_gradient_checkpointing(model, 1.0, CheckpointOffloader())
         if compile:
             from .methods.common import decoder_layers
             for layer in decoder_layers(model):
@@ -149,7 +160,8 @@ def estimated_bytes(row: Row, device: torch.device) -> int | None:
         model["dtype"] = "bfloat16"
     cfg = RunConfig.from_dict({"model": model,
                                "data": {"max_length": row.seq}, "method": _method_cfg(row.method),
-                               "train": {"batch_size": row.batch, "gradient_checkpointing": row.grad_ckpt}})
+                               "train": {"batch_size": row.batch, "gradient_checkpointing": row.grad_ckpt,
+                                         "offload_checkpoints": row.offload}})
     try:
         return estimate(cfg, device.type, padding=False).total
     except Exception:  # noqa: BLE001 - an estimate gap must not stop the speed benchmark
@@ -185,16 +197,19 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
     grid = grid or (CPU_GRID if dev.type == "cpu" else (QUICK_GRID if quick else GPU_GRID))
     rounds = rounds or (3 if dev.type == "cpu" else 1)
     have_peft = with_peft and baseline_available()
+    baselines: dict[tuple, dict] = {}  # rows differing only in our own settings share one peft run
     for row in grid:
         if row.method == "qlora" and dev.type != "cuda":
             continue
+        known = baselines.get(row.baseline_key())
         theirs, mine = [], []
         for _ in range(rounds):
-            if have_peft:
+            if have_peft and known is None:
                 theirs.append(run_row(row, "peft", dev, warmup, steps))
             mine.append(run_row(row, "studio", dev, warmup, steps, compile))
-        baseline = _median_row(theirs) if theirs else None
-        if baseline:
+        baseline = known or (_median_row(theirs) if theirs else None)
+        if baseline and known is None:
+            baselines[row.baseline_key()] = baseline
             yield baseline
         ours = _median_row(mine)
         ours["estimated_bytes"] = estimated_bytes(row, dev)

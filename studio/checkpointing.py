@@ -2,9 +2,12 @@
 
 `train.checkpoint_fraction` = 1.0 recomputes every layer (least memory); 0.5 every other layer
 (about half the recompute time for half the saving). The layers are spread evenly, and the memory
-estimator reads the same choice from `checkpointed_layers`.
+estimator reads the same choice from `checkpointed_layers`. `train.offload_checkpoints` keeps the
+checkpointed layers' inputs in pinned CPU RAM on CUDA (studio/offload.py).
 """
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
@@ -15,15 +18,42 @@ def checkpointed_layers(n_layers: int, fraction: float) -> list[bool]:
     return [int((k + 1) * fraction + 1e-9) > int(k * fraction + 1e-9) for k in range(n_layers)]
 
 
-def enable_gradient_checkpointing(model: nn.Module, fraction: float = 1.0) -> list[bool]:
+def enable_gradient_checkpointing(model: nn.Module, fraction: float = 1.0, offloader: Any = None) -> list[bool]:
     """Turn on transformers' per-layer checkpointing (non-reentrant), then off again for the layers
-    the fraction leaves out. Returns the per-layer choice."""
+    the fraction leaves out; with an offloader (studio.offload.CheckpointOffloader) the checkpointed
+    layers keep their inputs in host memory. Returns the per-layer choice."""
     from .methods.common import decoder_layers
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.24 on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     layers = decoder_layers(model)
     chosen = checkpointed_layers(len(layers), fraction)
     for layer, on in zip(layers, chosen):
         if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = on
+            if on and offloader is not None:
+                layer._gradient_checkpointing_func = offloader.checkpoint_function()
     return chosen
+
+
+def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool) -> str | None:
+    """Apply train.gradient_checkpointing, checkpoint_fraction and offload_checkpoints to a model;
+    returns a line for the user when a setting has no effect here."""
+    t = train_cfg
+    if not t.gradient_checkpointing:
+        if t.offload_checkpoints:
+            return "train.offload_checkpoints only applies with train.gradient_checkpointing on; it is ignored."
+        return None
+    offloader = None
+    if t.offload_checkpoints and not cpu:
+        from .offload import CheckpointOffloader
+        offloader = CheckpointOffloader()
+    enable_gradient_checkpointing(model, t.checkpoint_fraction, offloader)
+    if t.offload_checkpoints and cpu:
+        return "train.offload_checkpoints has no effect on the CPU: the layer inputs are in RAM already."
+    if offloader is not None:
+        return "The checkpointed layers' inputs wait in pinned CPU RAM (train.offload_checkpoints)."
+    return None

@@ -73,6 +73,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
     checkpoint_fraction: float = opt(1.0, "Share of layers recomputed when checkpointing (0.5 = every other: "
                                           "faster, more memory)")
+    offload_checkpoints: bool = opt(False, "With gradient checkpointing on CUDA: keep the checkpointed layers' inputs "
+                                           "in pinned CPU RAM, fetched back one layer ahead in backward")
     compile: bool = opt(False, "torch.compile each decoder layer (slow first step, faster after; mainly for CUDA)")
     seed: int = opt(42, "Seed for init, data order and dropout")
     eval_every: int = opt(0, "Evaluate every N steps (0 = only at the end if there is an eval split)")

@@ -348,6 +348,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     shape = Shape(b, s, kv_extra=rule["prefix_tokens"], labelled=labelled, padded=pad)
     gc_layers = checkpointed_layers(len(facts.layers), tc.checkpoint_fraction if tc.gradient_checkpointing else 0)
     gc = all(gc_layers) and bool(gc_layers)   # every layer recomputed
+    # offloaded checkpoints: the recomputed layers' inputs wait in host memory (studio/offload.py)
+    offload = device == "cuda" and bool(tc.gradient_checkpointing) and bool(tc.offload_checkpoints)
 
     # ---- activations, per layer
     g = facts.embeddings_trainable or rule["input_grad"] or facts.outside_trainable > 0 and rule["prompt_tokens"] > 0
@@ -361,7 +363,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         recompute.append(full)
         if first_grad is None and (g or g_out):
             first_grad = k
-        per_layer.append(b * s * arch.hidden * act if gc_layers[k] and not rule["no_backbone_grad"] else full)
+        per_layer.append((0 if offload else b * s * arch.hidden * act) if gc_layers[k] and not rule["no_backbone_grad"]
+                         else full)
         g = g or g_out
     rows = b * s
     rope = rope_saved(arch, shape, dt) if any(recompute) else 0   # with checkpointing held, not saved
@@ -410,6 +413,9 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         extra += b * rule["prompt_tokens"] * arch.hidden * act
         notes.append("prompt embeddings expanded to the batch")
     host_extra = facts.host_copy_bytes
+    offloaded = sum(b * s * arch.hidden * act for on in gc_layers if on) if offload and not rule["no_backbone_grad"] else 0
+    if offloaded:
+        notes.append(f"checkpointed layer inputs in pinned CPU RAM: {human(offloaded)}")
     if device == "cpu" and host_extra:
         extra += host_extra
         notes.append("full: CPU copy of the base weights (keep_base_copy)")
@@ -433,6 +439,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         below -= per_layer[k]
         grads_done += facts.grad_layer[k]
         tr = bwd + (recompute[k] if gc_layers[k] else 0)
+        if offload and gc_layers[k] and k > 0:
+            tr += b * s * arch.hidden * act                                # the layer below, fetched ahead
         val = held + below + per_layer[k] + tr + grads_done
         if val > worst_layer[1]:
             worst_layer = (f"backward of layer {k}", val, tr)
@@ -452,7 +460,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         "param_dtype": str(pdtype).replace("torch.", ""), "activation_bytes": act,
         "quantization": mc.quantization, "optimizer": tc.optimizer,
         "weights_by_dtype": facts.weights_by_dtype, "optimizer_host": opt_host,
-        "host_only": host_extra if device == "cuda" else 0,
+        "host_only": host_extra if device == "cuda" else 0, "offloaded_to_host": offloaded,
         "activations_per_layer": per_layer, "recompute_per_layer": recompute,
         "first_layer_with_grad": first_grad,
         "saved_for_backward": saved, "logits_saved": logits_saved, "logits_chunk": chunk,
@@ -611,6 +619,9 @@ def switches(run_cfg: Any) -> list[tuple[str, dict]]:
     tc, mc = run_cfg.train, run_cfg.model
     if not tc.gradient_checkpointing:
         out.append(("gradient checkpointing on", {"train.gradient_checkpointing": True}))
+    if not (tc.gradient_checkpointing and tc.offload_checkpoints):
+        out.append(("gradient checkpointing, layer inputs in CPU RAM",
+                    {"train.gradient_checkpointing": True, "train.offload_checkpoints": True}))
     if mc.quantization == "none" and run_cfg.method.name != "full":
         out.append(("4-bit NF4 base (QLoRA)", {"model.quantization": "nf4"}))
     if tc.optimizer in ("adamw", "paged_adamw"):

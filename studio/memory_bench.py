@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .checkpointing import enable_gradient_checkpointing
 from .losses import causal_lm_loss
 
 
@@ -59,7 +60,7 @@ def _apply(model: nn.Module, method: dict, grad_ckpt: bool) -> None:
     from .methods import apply_method, method_config
     apply_method(model, method_config(method))
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
 
 

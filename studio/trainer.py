@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .attention import packed_kwargs, use_varlen_attention
-from .checkpointing import enable_gradient_checkpointing
+from .checkpointing import setup_checkpointing
 from .config import RunConfig
 from .data import build_datasets, collate, fit_attention_mask
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
@@ -201,8 +201,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     info.method.prepare_for_training(model, task.train, cfg.method)
     if cfg.data.packing and task.labels is None and use_varlen_attention(model):
         yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model, t.checkpoint_fraction)
+    note = setup_checkpointing(model, t, cpu)
+    if note:
+        yield {"type": "status", "message": note}
     if t.compile:  # per layer ("regional"): compiles once for all identical layers, any sequence length
         from .methods.common import decoder_layers
         for layer in decoder_layers(model):

@@ -44,3 +44,11 @@ def test_peft_qlora_baseline_follows_the_qlora_guide():
     assert model.get_input_embeddings().weight.dtype == torch.float32
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_bench_offload_row_shares_the_peft_run():
+    """A row that differs only in our offloading reuses the peft row of the same settings."""
+    rows = list(bench(device="cpu", warmup=1, steps=1, rounds=1, grid=[Row("tiny-llama", "lora", 2, 32, True),
+                                                            Row("tiny-llama", "lora", 2, 32, True, offload=True)]))
+    assert [(r["engine"], r["offload"]) for r in rows] == [("peft", False), ("studio", False), ("studio", True)]
+    assert all(r["speedup_vs_peft"] > 0 for r in rows[1:])

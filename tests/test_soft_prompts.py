@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from training import fit
+from studio.checkpointing import enable_gradient_checkpointing
 from studio.config import ModelConfig
 from studio.errors import ConfigError
 from studio.losses import causal_lm_loss
@@ -109,7 +110,7 @@ def test_prefix_under_gradient_checkpointing_gives_the_same_loss_and_grads(name)
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     l1, g1 = loss_and_grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     l2, g2 = loss_and_grads()
     torch.testing.assert_close(l2, l1)
     for a, b in zip(g1, g2):

@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpointing import enable_gradient_checkpointing
+from .checkpointing import enable_gradient_checkpointing, transformers_checkpointing
+from .errors import ConfigError
 from .losses import causal_lm_loss
 from .memory_bench import random_batch
 
@@ -66,8 +67,8 @@ def _base_model(row: Row, device: torch.device, dtype: torch.dtype) -> Any:
     if row.method == "qlora":
         from .memory_bench import _quantize_nf4
         model = _quantize_nf4(model)
-    if row.grad_ckpt:
-        enable_gradient_checkpointing(model)
+    if row.grad_ckpt:  # as a transformers user turns it on; our engine re-does it its own way in run_row
+        transformers_checkpointing(model)
     return model.train()
 
 
@@ -105,9 +106,9 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     if engine == "studio":
         from .methods import apply_method, method_config
         apply_method(model, method_config(_method_cfg(row.method)))
-        if row.offload and row.grad_ckpt:
+        if row.grad_ckpt:
             from .offload import CheckpointOffloader
-            enable_gradient_checkpointing(model, 1.0, CheckpointOffloader())
+            enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if row.offload else None)
         if compile:
             from .methods.common import decoder_layers
             for layer in decoder_layers(model):
@@ -186,7 +187,7 @@ def _median_row(rows: list[dict]) -> dict:
 
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
           steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None,
-          compile: bool = False) -> Iterator[dict]:
+          compile: bool = False, only: list[str] | None = None) -> Iterator[dict]:
     """Yield one row per (shape, method, engine); our row carries the ratios to the peft row.
 
     The engines run in alternating rounds (peft, ours, peft, ours, ...) and each reports its median
@@ -195,6 +196,12 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
     from .models import resolve_device
     dev = resolve_device(device)
     grid = grid or (CPU_GRID if dev.type == "cpu" else (QUICK_GRID if quick else GPU_GRID))
+    if only:
+        unknown = set(only) - {row.shape for row in grid}
+        if unknown:
+            raise ConfigError(f"--only names shapes not in this grid: {sorted(unknown)}; it has "
+                              f"{sorted({row.shape for row in grid})}.")
+        grid = [row for row in grid if row.shape in only]
     rounds = rounds or (3 if dev.type == "cpu" else 1)
     have_peft = with_peft and baseline_available()
     baselines: dict[tuple, dict] = {}  # rows differing only in our own settings share one peft run

@@ -18,16 +18,25 @@ def checkpointed_layers(n_layers: int, fraction: float) -> list[bool]:
     return [int((k + 1) * fraction + 1e-9) > int(k * fraction + 1e-9) for k in range(n_layers)]
 
 
-def enable_gradient_checkpointing(model: nn.Module, fraction: float = 1.0, offloader: Any = None) -> list[bool]:
-    """Turn on transformers' per-layer checkpointing (non-reentrant), then off again for the layers
-    the fraction leaves out; with an offloader (studio.offload.CheckpointOffloader) the checkpointed
-    layers keep their inputs in host memory. Returns the per-layer choice."""
-    from .methods.common import decoder_layers
+def transformers_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of every layer, as a transformers user turns it on."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.24 on
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def enable_gradient_checkpointing(model: nn.Module, fraction: float = 1.0, offloader: Any = None) -> list[bool]:
+    """Turn on transformers' per-layer checkpointing (non-reentrant), then off again for the layers
+    the fraction leaves out; with an offloader (studio.offload.CheckpointOffloader) the checkpointed
+    layers keep their inputs in host memory. Returns the per-layer choice."""
+    from .methods.common import decoder_layers
+    transformers_checkpointing(model)
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None) is not None:
+        # transformers makes the embeddings' output require grad, which only the reentrant checkpoint
+        # needs; with it the first layers would keep and compute input gradients no one uses
+        model.disable_input_require_grads()
     model.config.use_cache = False
     layers = decoder_layers(model)
     chosen = checkpointed_layers(len(layers), fraction)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from studio.__main__ import main
 from studio.bench import Row, bench
+from studio.errors import ConfigError
 
 
 def test_bench_rows_compare_engines_on_cpu():
@@ -52,3 +55,11 @@ def test_bench_offload_row_shares_the_peft_run():
                                                             Row("tiny-llama", "lora", 2, 32, True, offload=True)]))
     assert [(r["engine"], r["offload"]) for r in rows] == [("peft", False), ("studio", False), ("studio", True)]
     assert all(r["speedup_vs_peft"] > 0 for r in rows[1:])
+
+
+def test_bench_only_filters_the_grid_and_names_unknown_shapes():
+    grid = [Row("tiny-llama", "lora", 2, 16, False), Row("tiny-qwen2", "lora", 2, 16, False)]
+    rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1, with_peft=False, grid=grid, only=["tiny-qwen2"]))
+    assert [r["shape"] for r in rows] == ["tiny-qwen2"]
+    with pytest.raises(ConfigError, match="tiny-gemma3"):
+        list(bench(device="cpu", grid=grid, only=["tiny-gemma3"]))

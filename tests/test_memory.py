@@ -136,7 +136,7 @@ def test_activations_real_gemma_270m(gc):
     measured = saved_tensor_bytes(model, random_batch(model.config.vocab_size, 1, 128), chunk=1024)
     est = estimate(_cfg("gemma-3-270m", {"name": "lora"}, 1, 128, gc, chunk=1024), "cpu", padding=False)
     pred = est.details["saved_for_backward"]
-    assert abs(pred - measured) <= 0.12 * measured, (pred, measured)
+    assert abs(pred - measured) <= 0.02 * measured, (pred, measured)
 
 
 def test_items_and_total_are_consistent():
@@ -210,11 +210,10 @@ def test_memory_grid_runs_on_cpu():
 
 
 def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
-    """Every other layer recomputed (train.checkpoint_fraction=0.5): estimate within 12% of what autograd
-    saves, and between the no-checkpointing and full-checkpointing estimates. The estimate is ~1.1 MB
-    (4 x rows x hidden) under what is measured here, only in this mixed case (none and all recomputed
-    are within 0.5%): 8.9% of the step before the fused MLP saved a rows x intermediate per kept layer,
-    10.1% after. Not found yet; the bound says so rather than hiding it."""
+    """Every other layer recomputed (train.checkpoint_fraction=0.5): estimate within 2% of what autograd
+    saves, and between the no-checkpointing and full-checkpointing estimates. (transformers' switch makes
+    the embeddings' output require grad; left on, the first, kept layer saved ~1.1 MB more for input
+    gradients nothing uses. enable_gradient_checkpointing turns that off.)"""
     from studio.checkpointing import checkpointed_layers, enable_gradient_checkpointing
     assert checkpointed_layers(4, 0.5) == [False, True, False, True] and all(checkpointed_layers(3, 1.0))
     facts = dict(model_presets()["tiny-llama"]["config"])
@@ -230,7 +229,7 @@ def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
     model.train()
     measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], 2, 128), chunk=64)
     pred = est.details["saved_for_backward"]
-    assert abs(pred - measured) <= 0.12 * measured, (pred, measured)
+    assert abs(pred - measured) <= 0.02 * measured, (pred, measured)
     none = estimate(_cfg(str(path), {"name": "lora"}, 2, 128, False), "cpu", padding=False)
     full = estimate(_cfg(str(path), {"name": "lora"}, 2, 128, True), "cpu", padding=False)
     assert full.activations < est.activations < none.activations

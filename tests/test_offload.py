@@ -190,3 +190,13 @@ def test_offloading_is_a_memory_switch():
     assert any("CPU RAM" in label for label in labels)
     run.train.offload_checkpoints = True
     assert not any("CPU RAM" in label for label in (label for label, _ in switches(run)))
+
+
+def test_checkpointing_does_not_make_the_embeddings_output_require_grad():
+    """transformers' switch hooks the embeddings so their output requires grad (for the reentrant
+    checkpoint); ours removes it: with frozen embeddings no layer computes input gradients for nothing."""
+    model, _ = _model("tiny-llama", {"name": "lora", "r": 4}, "ckpt")
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    causal_lm_loss(model, random_batch(model.config.vocab_size, 2, 8))
+    assert seen == [False]

@@ -56,22 +56,23 @@ def saved_tensor_bytes(model: nn.Module, batch: dict, chunk: int = 1024, backwar
     return sum(seen.values())
 
 
-def _apply(model: nn.Module, method: dict, grad_ckpt: bool) -> None:
+def _apply(model: nn.Module, method: dict, grad_ckpt: bool, offload: bool = False) -> None:
     from .methods import apply_method, method_config
     apply_method(model, method_config(method))
     if grad_ckpt:
-        enable_gradient_checkpointing(model)
+        from .offload import CheckpointOffloader
+        enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if offload else None)
     model.train()
 
 
 def _run_cfg(model_name: str, method: dict, batch: int, seq: int, grad_ckpt: bool, quant: str = "none",
-             optimizer: str = "adamw") -> Any:
+             optimizer: str = "adamw", offload: bool = False) -> Any:
     from .config import RunConfig
     return RunConfig.from_dict({"model": {"name": model_name, "quantization": quant},
                                 "data": {"max_length": seq},
                                 "method": method,
                                 "train": {"batch_size": batch, "gradient_checkpointing": grad_ckpt,
-                                          "optimizer": optimizer}})
+                                          "optimizer": optimizer, "offload_checkpoints": offload}})
 
 
 GRID_SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-1.5b", "qwen2.5-7b")
@@ -91,7 +92,8 @@ def grid_methods() -> list[tuple[str, dict, str]]:
     return rows
 
 
-def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, seq: int, grad_ckpt: bool) -> int:
+def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, seq: int, grad_ckpt: bool,
+               offload: bool = False) -> int:
     """max_memory_allocated of two real training steps of a random-init model of the preset's shape."""
     from .models import build_random_model, model_presets
     facts = model_presets()[model_name]["config"]
@@ -102,7 +104,7 @@ def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, 
         p.requires_grad_(False)
     if quant == "nf4":
         model = _quantize_nf4(model)
-    _apply(model, method, grad_ckpt)
+    _apply(model, method, grad_ckpt, offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     data = random_batch(model.config.vocab_size, batch, seq, "cuda")
@@ -147,9 +149,10 @@ def memory_grid(quick: bool = False) -> Iterator[dict]:
     for shape in GRID_SHAPES:
         for label, method, quant in grid_methods():
             for batch, seq in GRID_SIZES:
-                for grad_ckpt in (False, True):
-                    cfg = _run_cfg(shape, method, batch, seq, grad_ckpt, quant)
-                    row = {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt}
+                for grad_ckpt, offload in ((False, False), (True, False), (True, True)):
+                    cfg = _run_cfg(shape, method, batch, seq, grad_ckpt, quant, offload=offload)
+                    row = {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt,
+                           "offload": offload}
                     try:
                         est = estimate(cfg, "cuda", padding=False)
                         row["estimated_bytes"] = est.total
@@ -157,7 +160,7 @@ def memory_grid(quick: bool = False) -> Iterator[dict]:
                         yield row | {"error": f"estimate: {type(e).__name__}: {e}"[:200]}
                         continue
                     try:
-                        measured = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt) + est.context
+                        measured = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt, offload) + est.context
                         row.update(measured_bytes=measured, ratio=est.total / measured)
                     except torch.OutOfMemoryError:
                         row.update(measured_bytes=None, ratio=None, oom=True)

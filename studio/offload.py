@@ -49,6 +49,7 @@ class CheckpointOffloader:
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
+    @torch.no_grad()
     def pack(self, t: torch.Tensor) -> Any:
         if t.device.type not in self.devices or t.numel() * t.element_size() < self.min_bytes:
             return t
@@ -73,6 +74,7 @@ class CheckpointOffloader:
     def _release(self, n: int) -> None:
         self.offloaded_bytes -= n
 
+    @torch.no_grad()
     def _fetch(self, stored: _Stored) -> None:
         if stored.device.type != "cuda":
             stored.fetched = stored.host.to(stored.device, copy=True)
@@ -87,6 +89,7 @@ class CheckpointOffloader:
         with torch.cuda.stream(side):
             fetched.copy_(stored.host, non_blocking=True)
             stored.arrived = side.record_event()
+        fetched.record_stream(side)  # if it is dropped unused (an error in backward), the copy still finishes first
         stored.fetched = fetched
 
     def unpack(self, stored: Any) -> torch.Tensor:

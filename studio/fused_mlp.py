@@ -7,6 +7,11 @@ and recomputes act(gate) in the backward (one elementwise pass), so a layer save
 its MLP. The forward runs the same ops in the same dtype, so outputs are bitwise equal;
 d(up) = dy · act(gate), d(gate) = act'(gate) · dy · up (aten's own activation backward).
 
+When down_proj is a LoRA that runs as one op (studio/methods/lora_fused.py), act(gate) · up and
+down_proj run as one op too: LoRA's A needs down's input for its gradient, which would keep a
+fourth rows x intermediate tensor per layer; here it is recomputed from gate and up in the backward
+(the same ops, so the gradients are bitwise those of the two ops apart).
+
 Covered: SiLU (Llama, Qwen2/3, Mistral) and tanh-GELU (Gemma 1/2/3) MLPs with gate_proj / up_proj /
 down_proj. Only the module's forward is replaced (an instance attribute): names, state dicts and
 hooks on the projections are untouched. Other MLPs (Phi-3's fused gate_up_proj, other activations)
@@ -20,6 +25,8 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .methods.lora_fused import lora_linear_backward, lora_linear_forward
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
@@ -39,16 +46,50 @@ class GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         gate, up = ctx.saved_tensors
+        return *_gated_backward(dy, gate, up, ctx.kind, ctx.needs_input_grad[0], ctx.needs_input_grad[1]), None
+
+
+class GatedDownLora(torch.autograd.Function):
+    """(gate, up, kind, W, bias, A, B, scaling, dtype) -> down(act(gate) * up) with down a frozen Linear plus
+    LoRA; keeps gate, up and the rank-sized low, recomputes act(gate) * up for A's gradient."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype) -> torch.Tensor:
+        h = _act(gate, kind) * up
+        y, low = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias, lora_a, lora_b,
+                                     scaling)
+        ctx.save_for_backward(gate, up, low, weight, lora_a, lora_b)
+        ctx.kind, ctx.scaling, ctx.cdt = kind, scaling, cdt
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        gate, up, low, weight, lora_a, lora_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        h = _act(gate, ctx.kind) * up
+        dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, lora_a, lora_b,
+                                          ctx.scaling, needs[0] or needs[1], needs[5], needs[6])
+        del h
         d_gate = d_up = None
-        if ctx.needs_input_grad[1]:
-            d_up = dy * _act(gate, ctx.kind)
-        if ctx.needs_input_grad[0]:
-            g = dy * up
-            if ctx.kind == "silu":
-                d_gate = torch.ops.aten.silu_backward(g, gate)
-            else:
-                d_gate = torch.ops.aten.gelu_backward(g, gate, approximate="tanh")
-        return d_gate, d_up, None
+        if dh is not None:
+            d_gate, d_up = _gated_backward(dh.view(gate.shape).to(gate.dtype), gate, up, ctx.kind, needs[0], needs[1])
+        return d_gate, d_up, None, None, None, da, db, None, None
+
+
+def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, need_gate: bool,
+                    need_up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """d(gate), d(up) of act(gate) * up; act(gate) is recomputed."""
+    d_gate = d_up = None
+    if need_up:
+        d_up = dy * _act(gate, kind)
+    if need_gate:
+        g = dy * up
+        if kind == "silu":
+            d_gate = torch.ops.aten.silu_backward(g, gate)
+        else:
+            d_gate = torch.ops.aten.gelu_backward(g, gate, approximate="tanh")
+    return d_gate, d_up
 
 
 def _act(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -67,7 +108,16 @@ def activation_kind(act_fn: nn.Module) -> str | None:
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(GatedActivation.apply(self.gate_proj(x), self.up_proj(x), self.studio_act_kind))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down = self.down_proj
+    parts = down.fused_parts(gate) if hasattr(down, "fused_parts") and not _has_hooks(down) else None
+    if parts is not None:
+        return GatedDownLora.apply(gate, up, self.studio_act_kind, *parts)
+    return down(GatedActivation.apply(gate, up, self.studio_act_kind))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def fusable_mlp(module: nn.Module) -> bool:
@@ -75,7 +125,7 @@ def fusable_mlp(module: nn.Module) -> bool:
         return False
     return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and \
         activation_kind(getattr(module, "act_fn", None)) is not None and \
-        not module.act_fn._forward_hooks and not module.act_fn._forward_pre_hooks
+        not _has_hooks(module.act_fn)
 
 
 def fuse_mlps(model: nn.Module) -> int:

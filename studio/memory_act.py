@@ -19,7 +19,8 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   is converted per layer to the activation dtype and saved (efficient-attention kernel).
 - MLP: the gate output and up output (rows x intermediate each; transformers' own MLP code also
   keeps act(gate), the fused one in studio/fused_mlp.py recomputes it); down's input only when down
-  trains or carries an adapter.
+  trains or carries an adapter, and not for a fused LoRA on down under the fused MLP (one op that
+  recomputes it).
 - Gradient checkpointing (non-reentrant, per layer): only each layer's input is kept; backward
   recomputes one layer at a time (that layer's activations are the `transient` item).
 - Nothing is saved below the first point where something requires grad (frozen bottom layers of
@@ -242,6 +243,8 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     if g_gate:
         total += (2 if arch.fused_mlp else 3) * rows * i * dt.act  # gate out, up out (+ act(gate) unfused)
     down = st.get("down_proj")
+    if arch.fused_mlp and down is not None and down.lora_fused:
+        shared["prod"] = True  # one op with act(gate) * up: down's input is recomputed from gate and up
     if down is not None and (g_gate or down.needs_grad_out):
         total += _site_saves(down, rows, dt, shared, "prod", g_gate)
     g_down = g_gate or (down is not None and down.needs_grad_out)

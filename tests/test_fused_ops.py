@@ -222,7 +222,7 @@ def test_training_curve_equals_the_unfused_engine(tiny_model, monkeypatch, arch,
         with monkeypatch.context() as m:
             if not fused:
                 m.setattr("studio.methods.fuse_norms", lambda model: 0)
-                m.setattr("studio.methods.fuse_mlps", lambda model: 0)
+                m.setattr("studio.fused_mlp.fuse_mlps", lambda model: 0)
                 m.setattr("studio.methods.lora.fusable", lambda base: False)
             apply_method(model, method_config(dict(method)))
             losses, _ = fit(model, batch, 6, 1e-3)
@@ -230,3 +230,61 @@ def test_training_curve_equals_the_unfused_engine(tiny_model, monkeypatch, arch,
     fused, plain = curve(True), curve(False)
     assert fused[-1] < fused[0]
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def _lora_mlp(cls_name: str, dtype: torch.dtype, bias: bool = False) -> nn.Module:
+    """A transformers MLP with LoRA (no dropout, B != 0) on gate, up and down, not yet fused."""
+    mlp = _mlp(cls_name).to(dtype)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        base = getattr(mlp, name)
+        if bias and name == "down_proj":
+            base = nn.Linear(base.in_features, base.out_features, bias=True).to(dtype)
+        base.requires_grad_(False)
+        lora = LoraLinear(base, r=4, alpha=8, dropout=0.0, rslora=False, dora=False)
+        lora.init_weights("false")
+        setattr(mlp, name, lora)
+    return mlp
+
+
+def _mlp_grads(mlp: nn.Module, x: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = mlp(x)
+    y.backward(torch.ones_like(y) * 0.1 + y.detach() * 0.01)
+    return y, [x.grad] + [p.grad for p in mlp.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp32-bias", "bf16-autocast"])
+@pytest.mark.parametrize("cls_name", ["LlamaMLP", "Gemma3MLP"])
+def test_mlp_with_lora_down_runs_as_one_op_bitwise(cls_name, case):
+    """act(gate)·up and down's LoRA as one op: the outputs and every gradient are bitwise those of the
+    two fused ops apart, and down's input (a rows x intermediate tensor) is no longer kept."""
+    autocast = case == "bf16-autocast"
+    dtype = torch.bfloat16 if autocast else torch.float32
+    apart = _lora_mlp(cls_name, dtype, bias=case == "fp32-bias")
+    fuse_mlps(apart)
+    apart.down_proj.register_forward_pre_hook(lambda *a: None)  # a hook on down keeps the two ops apart
+    one = copy.deepcopy(apart)
+    one.down_proj._forward_pre_hooks.clear()
+    x = torch.randn(3, 5, 32, dtype=dtype)
+    y_apart, g_apart = _mlp_grads(apart, x, autocast)
+    y_one, g_one = _mlp_grads(one, x, autocast)
+    assert type(y_one.grad_fn).__name__ == "GatedDownLoraBackward"
+    assert type(y_apart.grad_fn).__name__ == "FusedLoraLinearBackward"
+    assert torch.equal(y_one, y_apart)
+    assert all(torch.equal(a, b) for a, b in zip(g_one, g_apart))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kept = _saved(apart, x.clone().requires_grad_()) - _saved(one, x.clone().requires_grad_())
+    assert kept == 3 * 5 * 72 * 2 if autocast else 3 * 5 * 72 * 4
+
+
+def test_mlp_keeps_down_apart_when_its_lora_cannot_fuse():
+    mlp = _lora_mlp("LlamaMLP", torch.float32)
+    fuse_mlps(mlp)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    assert type(mlp(x).grad_fn).__name__ == "GatedDownLoraBackward"
+    mlp.down_proj.lora_dropout = nn.Dropout(0.1)
+    assert type(mlp(x).grad_fn).__name__ != "GatedDownLoraBackward"
+    mlp.down_proj.lora_dropout = nn.Identity()
+    mlp.down_proj.adapter_enabled = False
+    assert type(mlp(x).grad_fn).__name__ != "GatedDownLoraBackward"

@@ -17,7 +17,6 @@ from torch import nn
 
 from ..config import build_dataclass, field_docs
 from ..errors import ConfigError
-from ..fused_mlp import fuse_mlps
 from ..fused_norm import fuse_norms
 from .base import CATEGORIES, AppliedAdapter, Method, MethodConfig, applied, attach
 
@@ -91,6 +90,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig) -> AppliedAdapter:
     method = get_method(cfg.name)
     info = attach(model, method, cfg)
     method.apply(model, cfg)
+    from ..fused_mlp import fuse_mlps  # here, not at the top: fused_mlp uses methods/lora_fused.py
     fuse_norms(model)  # the engine's RMSNorm and gated MLP: the same outputs, fewer saved bytes and ops
     fuse_mlps(model)
     return info

@@ -116,12 +116,20 @@ class LoraLinear(WrappedLinear):
         return self.adapter_enabled and not self.merged and not self.use_dora \
             and isinstance(self.lora_dropout, nn.Identity) and fusable(self.base_layer)
 
+    def fused_parts(self, x: torch.Tensor) -> tuple | None:
+        """(W, bias, A, B, scaling, compute dtype) when forward on x runs as the fused op; else None.
+        The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it with act(gate) * up."""
+        if type(self).forward is not LoraLinear.forward or not self.uses_fused_op():
+            return None
+        cdt = compute_dtype(x, self.lora_A.weight, self.base_layer.weight)
+        if cdt is None:
+            return None
+        return self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_fused_op():
-            cdt = compute_dtype(x, self.lora_A.weight, self.base_layer.weight)
-            if cdt is not None:
-                return FusedLoraLinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
-                                             self.lora_B.weight, self.scaling, cdt)
+        parts = self.fused_parts(x)
+        if parts is not None:
+            return FusedLoraLinear.apply(x, *parts)
         result = self.base_layer(x)
         if self.merged:
             return result

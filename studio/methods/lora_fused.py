@@ -18,37 +18,52 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, cdt: torch.dtype) -> torch.Tensor:
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-        w, a = weight.to(cdt), lora_a.to(cdt)
-        sb = (lora_b * scaling).to(cdt)
-        # the output is a fresh tensor written through a 2-D view: a view of it would be an output
-        # autograd refuses to see modified in place later (and model code may do that)
-        y = x2.new_empty(*lead, weight.shape[0])
-        y2 = y.view(-1, weight.shape[0])
-        if bias is not None:
-            torch.addmm(bias.to(cdt), x2, w.t(), out=y2)
-        else:
-            torch.mm(x2, w.t(), out=y2)
-        low = x2 @ a.t()
-        y2.addmm_(low, sb.t())
+        y, low = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(x2, low, weight, lora_a, lora_b)
-        ctx.scaling, ctx.cdt, ctx.x_dtype = scaling, cdt, x.dtype
+        ctx.scaling, ctx.x_dtype = scaling, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, low, weight, lora_a, lora_b = ctx.saved_tensors
-        cdt, s = ctx.cdt, ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
-        d_low = dy2 @ (lora_b * s).to(cdt)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = (dy2 @ weight.to(cdt)).addmm_(d_low, lora_a.to(cdt))
+        needs = ctx.needs_input_grad
+        dx, da, db = lora_linear_backward(dy, x2, low, weight, lora_a, lora_b, ctx.scaling, needs[0], needs[3], needs[4])
+        if dx is not None:
             dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
-        da = (d_low.t() @ x2).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
-        db = (dy2.t() @ low).to(lora_b.dtype).mul_(s) if ctx.needs_input_grad[4] else None
         return dx, None, None, da, db, None, None
+
+
+def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
+                        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (shape lead + out) = x2 Wᵀ (+ b) + low (s·B)ᵀ and low = x2 Aᵀ, all in x2's dtype; x2 is rows x in."""
+    cdt = x2.dtype
+    w, a = weight.to(cdt), lora_a.to(cdt)
+    sb = (lora_b * scaling).to(cdt)
+    # the output is a fresh tensor written through a 2-D view: a view of it would be an output
+    # autograd refuses to see modified in place later (and model code may do that)
+    y = x2.new_empty(*lead, weight.shape[0])
+    y2 = y.view(-1, weight.shape[0])
+    if bias is not None:
+        torch.addmm(bias.to(cdt), x2, w.t(), out=y2)
+    else:
+        torch.mm(x2, w.t(), out=y2)
+    low = x2 @ a.t()
+    y2.addmm_(low, sb.t())
+    return y, low
+
+
+def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
+                         lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, need_x: bool, need_a: bool,
+                         need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed."""
+    cdt = x2.dtype
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
+    d_low = dy2 @ (lora_b * s).to(cdt)
+    dx = (dy2 @ weight.to(cdt)).addmm_(d_low, lora_a.to(cdt)) if need_x else None
+    da = (d_low.t() @ x2).to(lora_a.dtype) if need_a else None
+    db = (dy2.t() @ low).to(lora_b.dtype).mul_(s) if need_b else None
+    return dx, da, db
 
 
 def fusable(base: nn.Module) -> bool:

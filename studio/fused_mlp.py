@@ -72,8 +72,12 @@ class GatedDownLora(torch.autograd.Function):
                                           ctx.scaling, needs[0] or needs[1], needs[5], needs[6])
         del h
         d_gate = d_up = None
-        if dh is not None:
-            d_gate, d_up = _gated_backward(dh.view(gate.shape).to(gate.dtype), gate, up, ctx.kind, needs[0], needs[1])
+        if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live
+            dh = dh.view(gate.shape).to(gate.dtype)
+            if needs[1]:
+                d_up = _act(gate, ctx.kind).mul_(dh)
+            if needs[0]:
+                d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
         return d_gate, d_up, None, None, None, da, db, None, None
 
 
@@ -84,12 +88,15 @@ def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind
     if need_up:
         d_up = dy * _act(gate, kind)
     if need_gate:
-        g = dy * up
-        if kind == "silu":
-            d_gate = torch.ops.aten.silu_backward(g, gate)
-        else:
-            d_gate = torch.ops.aten.gelu_backward(g, gate, approximate="tanh")
+        d_gate = _act_backward(dy * up, gate, kind)
     return d_gate, d_up
+
+
+def _act_backward(g: torch.Tensor, gate: torch.Tensor, kind: str) -> torch.Tensor:
+    """g · act'(gate), aten's own activation backward."""
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(g, gate)
+    return torch.ops.aten.gelu_backward(g, gate, approximate="tanh")
 
 
 def _act(x: torch.Tensor, kind: str) -> torch.Tensor:

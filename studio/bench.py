@@ -5,7 +5,8 @@ the method, runs warm-up steps, then times steps of loss + backward + optimizer 
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
 seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, and on our
-rows the ratios to the baseline.
+rows the ratios to the baseline. peak_bytes is torch.cuda.max_memory_allocated on CUDA; on the CPU,
+the tensor bytes of one more (untimed) step watched op by op (memory_bench.step_peak_bytes).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from .checkpointing import enable_gradient_checkpointing, transformers_checkpointing
 from .errors import ConfigError
 from .losses import causal_lm_loss
-from .memory_bench import random_batch
+from .memory_bench import random_batch, step_peak_bytes
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (the target's reference)
 
@@ -139,6 +140,10 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
 
     try:
         seconds = _time_steps(step, warmup, steps, device)
+        if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
+            states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+            out["peak_bytes"] = step_peak_bytes(step, [*model.parameters(), *model.buffers(), *states,
+                                                       *batch.values()])
     except torch.OutOfMemoryError:
         return out | {"oom": True}
     finally:
@@ -149,7 +154,9 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
                           cfg.hidden_size)
     out.update(ms_per_step=round(seconds * 1000, 2), tokens_per_s=round(tokens / seconds, 1),
                mfu=round(fpt * tokens / seconds / H100_BF16_FLOPS, 4) if device.type == "cuda" else None,
-               peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+               peak_what="max_memory_allocated" if device.type == "cuda" else "tensor bytes, op by op (CPU)")
+    if device.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
     return out  # the model, optimizer and batch are freed with this frame
 
 

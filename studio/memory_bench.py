@@ -5,6 +5,11 @@ torch.autograd.graph.saved_tensors_hooks, counting the unique storages autograd 
 forward (views of one storage count once; parameters and buffers are not activations). This is
 the quantity the estimator's `details["saved_for_backward"]` predicts, on any device.
 
+`step_peak_bytes(step, held)`: the CPU's stand-in for torch.cuda.max_memory_allocated. The bytes of
+the tensors held across steps (weights, optimizer state, batch) plus the peak of the storages the
+step creates while they live, seen op by op through a dispatch mode (forward and backward; not the
+scratch buffers inside one kernel, so a lower bound of what the allocator sees).
+
 `memory_grid(quick)`: on CUDA, random-init models of real shapes (presets), LoRA r=16 all-linear,
 QLoRA, full, IA3, prefix (those registered), batch x seq from 1x512 to 8x2048, checkpointing on/off;
 one real step (loss, backward, AdamW step, twice so optimizer states exist) per row; yields
@@ -15,10 +20,13 @@ quick=True) it runs one tiny shape and measures saved-tensor bytes instead (for 
 from __future__ import annotations
 
 import gc as _gc
-from typing import Any, Iterator
+import weakref
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .checkpointing import enable_gradient_checkpointing
 from .losses import causal_lm_loss
@@ -54,6 +62,40 @@ def saved_tensor_bytes(model: nn.Module, batch: dict, chunk: int = 1024, backwar
     if backward:
         loss.backward()
     return sum(seen.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages op outputs create while the mode is on and that are still alive; their peak."""
+
+    def __init__(self, skip: Iterable[int] = ()) -> None:
+        super().__init__()
+        self.skip, self.seen = set(skip), set()
+        self.live = self.peak = 0
+
+    def _freed(self, key: int, n: int) -> None:
+        self.live -= n
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.seen and key not in self.skip:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+
+def step_peak_bytes(step: Callable[[], Any], held: Iterable[torch.Tensor]) -> int:
+    """Peak bytes of one call of `step`: the unique storages of `held` plus the peak of what it creates."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    with LiveBytes(storages) as mode:
+        step()
+    return sum(storages.values()) + mode.peak
 
 
 def _apply(model: nn.Module, method: dict, grad_ckpt: bool, offload: bool = False) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from studio.__main__ import main
 from studio.bench import Row, bench
@@ -19,6 +20,7 @@ def test_bench_rows_compare_engines_on_cpu():
     assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["speedup_vs_peft"] > 0
     assert ours["estimated_bytes"] > 0 and ours["mfu"] is None  # no MFU claim on the CPU
     assert len(ours["rounds_ms_per_step"]) == 2
+    assert ours["peak_bytes"] > 0 and rows[0]["peak_bytes"] > 0 and 0 < ours["memory_ratio_vs_peft"] < 1
 
 
 def test_bench_bf16_rows_autocast_both_engines_on_cpu():
@@ -63,3 +65,16 @@ def test_bench_only_filters_the_grid_and_names_unknown_shapes():
     assert [r["shape"] for r in rows] == ["tiny-qwen2"]
     with pytest.raises(ConfigError, match="tiny-gemma3"):
         list(bench(device="cpu", grid=grid, only=["tiny-gemma3"]))
+
+
+def test_step_peak_bytes_counts_what_is_held_and_the_step_peak():
+    from studio.memory_bench import step_peak_bytes
+    held = torch.ones(1000)
+
+    def step():
+        doubled = held * 2            # 4,000 bytes
+        shifted = doubled + 1         # 4,000 more while both live
+        del doubled, shifted
+        (held * 3).sum()              # a new 4,000 after the first two are freed
+
+    assert step_peak_bytes(step, [held, held[:10]]) == 4000 + 8000  # a view of a held tensor counts once

@@ -478,7 +478,9 @@ def _optimizer_bytes(name: str, tensors: list[tuple[int, int]], device: str) -> 
         return sum(n * e for n, e in tensors) * SGD_STATES, 0, 0
     if name in ("adamw", "paged_adamw"):
         states = sum(2 * n * e + 4 for n, e in tensors)                   # exp_avg, exp_avg_sq, step
-        transient = 0 if device == "cuda" else sum(n * e for n, e in tensors)  # foreach: one param-sized temp
+        # CUDA: fused, in place. CPU: torch's per-tensor loop (no foreach kernels there), whose
+        # sqrt(v) and its quotient are two temporaries of the largest tensor at a time
+        transient = 0 if device == "cuda" else 2 * max((n * e for n, e in tensors), default=0)
     else:
         states = 0
         for n, e in tensors:

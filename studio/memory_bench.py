@@ -15,7 +15,8 @@ QLoRA, full, IA3, prefix (those registered), batch x seq from 1x512 to 8x2048, c
 one real step (loss, backward, AdamW step, twice so optimizer states exist) per row; yields
 {shape, method, batch, seq, grad_ckpt, estimated_bytes, measured_bytes, ratio} (measured =
 torch.cuda.max_memory_allocated + the estimate's context item). OOM rows say so. On CPU (or with
-quick=True) it runs one tiny shape and measures saved-tensor bytes instead (for the tests).
+quick=True) it runs one tiny shape and measures saved-tensor bytes and the whole step's peak
+(`measured_step_peak`) instead.
 """
 from __future__ import annotations
 
@@ -96,6 +97,21 @@ def step_peak_bytes(step: Callable[[], Any], held: Iterable[torch.Tensor]) -> in
     with LiveBytes(storages) as mode:
         step()
     return sum(storages.values()) + mode.peak
+
+
+def measured_step_peak(model: nn.Module, batch: dict, chunk: int = 1024) -> int:
+    """step_peak_bytes of a training step (causal_lm_loss, backward, AdamW), after one step that
+    creates the optimizer state; on the CPU (CUDA has max_memory_allocated)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        loss, _ = causal_lm_loss(model, batch, chunk=chunk)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    return step_peak_bytes(step, [*model.parameters(), *model.buffers(), *states, *batch.values()])
 
 
 def _apply(model: nn.Module, method: dict, grad_ckpt: bool, offload: bool = False) -> None:
@@ -229,8 +245,12 @@ def _cpu_grid() -> Iterator[dict]:
             for p in model.parameters():
                 p.requires_grad_(False)
             _apply(model, method, grad_ckpt)
-            measured = saved_tensor_bytes(model, random_batch(512, batch, seq), chunk=cfg.train.loss_chunk)
+            data = random_batch(512, batch, seq)
+            measured = saved_tensor_bytes(model, data, chunk=cfg.train.loss_chunk)
             pred = est.details["saved_for_backward"]
-            yield {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt,
-                   "estimated_bytes": pred, "measured_bytes": measured, "ratio": pred / measured,
-                   "what": "saved-for-backward bytes (CPU)"}
+            row = {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt}
+            yield row | {"estimated_bytes": pred, "measured_bytes": measured, "ratio": pred / measured,
+                         "what": "saved-for-backward bytes (CPU)"}
+            peak = measured_step_peak(model, data, chunk=cfg.train.loss_chunk)
+            yield row | {"estimated_bytes": est.total, "measured_bytes": peak, "ratio": est.total / peak,
+                         "what": "whole step, tensor bytes op by op (CPU)"}

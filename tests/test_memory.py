@@ -205,8 +205,14 @@ def test_cli_json(capsys):
 
 
 def test_memory_grid_runs_on_cpu():
+    """Saved bytes within 10%; the whole step (on this smallest model, where fixed costs weigh most)
+    at most 5% under and 15% over."""
     rows = list(memory_grid(quick=True))
-    assert rows and all(abs(r["ratio"] - 1) < 0.10 for r in rows), rows
+    saved = [r for r in rows if r["what"].startswith("saved")]
+    whole = [r for r in rows if r["what"].startswith("whole step")]
+    assert saved and len(whole) == len(saved)
+    assert all(abs(r["ratio"] - 1) < 0.10 for r in saved), saved
+    assert all(0.95 <= r["ratio"] <= 1.15 for r in whole), whole
 
 
 def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
@@ -254,23 +260,11 @@ def test_whole_step_estimate_matches_the_measured_cpu_peak(tmp_path, method, gc)
     """The estimate's total against the peak of a real step (loss, backward, AdamW) watched op by op:
     weights, gradients, optimizer state, activations and the transients of backward and the step.
     Never more than 3% under (an honest estimate), at most 10% over."""
-    from studio.memory_bench import step_peak_bytes
+    from studio.memory_bench import measured_step_peak
     facts = dict(model_presets()["tiny-llama"]["config"])
     facts.update(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
     path = tmp_path / "m"
     hf_config_from_dict(facts).save_pretrained(path)
     est = estimate(_cfg(str(path), method, 2, 128, gc), "cpu", padding=False)
-    model = _real(facts, method, gc)
-    batch = random_batch(facts["vocab_size"], 2, 128)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        from studio.losses import causal_lm_loss
-        loss, _ = causal_lm_loss(model, batch, chunk=64)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    step()  # the optimizer state exists from here on
-    states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    measured = step_peak_bytes(step, [*model.parameters(), *model.buffers(), *states, *batch.values()])
+    measured = measured_step_peak(_real(facts, method, gc), random_batch(facts["vocab_size"], 2, 128), chunk=64)
     assert -0.03 <= (est.total - measured) / measured <= 0.10, (est.total, measured, est.details["peak_phase"])

@@ -50,26 +50,28 @@ class GatedActivation(torch.autograd.Function):
 
 
 class GatedDownLora(torch.autograd.Function):
-    """(gate, up, kind, W, bias, A, B, scaling, dtype) -> down(act(gate) * up) with down a frozen Linear plus
-    LoRA; keeps gate, up and the rank-sized low, recomputes act(gate) * up for A's gradient."""
+    """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p) -> down(act(gate) * up) with down a frozen
+    Linear plus LoRA; keeps gate, up, the rank-sized low (and the dropout mask), recomputes act(gate) * up
+    for A's gradient."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype) -> torch.Tensor:
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
+                p: float = 0.0) -> torch.Tensor:
         h = _act(gate, kind) * up
-        y, low = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias, lora_a, lora_b,
-                                     scaling)
-        ctx.save_for_backward(gate, up, low, weight, lora_a, lora_b)
-        ctx.kind, ctx.scaling, ctx.cdt = kind, scaling, cdt
+        y, low, mask = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias, lora_a,
+                                           lora_b, scaling, p)
+        ctx.save_for_backward(gate, up, low, weight, lora_a, lora_b, mask)
+        ctx.kind, ctx.scaling, ctx.cdt, ctx.p = kind, scaling, cdt, p
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        gate, up, low, weight, lora_a, lora_b = ctx.saved_tensors
+        gate, up, low, weight, lora_a, lora_b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
         h = _act(gate, ctx.kind) * up
         dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, lora_a, lora_b,
-                                          ctx.scaling, needs[0] or needs[1], needs[5], needs[6])
+                                          ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p)
         del h
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live
@@ -78,7 +80,7 @@ class GatedDownLora(torch.autograd.Function):
                 d_up = _act(gate, ctx.kind).mul_(dh)
             if needs[0]:
                 d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
-        return d_gate, d_up, None, None, None, da, db, None, None
+        return d_gate, d_up, None, None, None, da, db, None, None, None
 
 
 def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, need_gate: bool,

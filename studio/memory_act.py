@@ -9,10 +9,11 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   the input needs grad; the normalised output when the weight trains (gemma: in fp32).
 - Linear: its input when its weight trains (shared inputs such as q/k/v counted once); nothing when
   frozen (the input grad needs only the weight). 4-bit bases save nothing either.
-- LoRA: per module the adapter's input and A's output (rows x r). Without dropout and DoRA over a
-  16/32-bit base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself. Else
-  the dropout output + its mask when dropout > 0; under autocast the 16-bit copy of the input, one
-  per module (QLoRA); DoRA adds the base output and the LoRA output (rows x out each).
+- LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
+  base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus a bool
+  keep-mask when dropout > 0. Else the dropout output + its mask when dropout > 0; under autocast
+  the 16-bit copy of the input, one per module (QLoRA); DoRA adds the base output and the LoRA
+  output (rows x out each).
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
   materialised on a grouped-query model), the output and the fp32 logsumexp; a materialised mask
@@ -150,8 +151,8 @@ def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
 def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool) -> tuple[int, bool]:
     """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself)."""
     n = rows * site.din
-    if site.lora_fused:
-        return (0 if shared_saved else n * dt.act), True
+    if site.lora_fused:  # the input it was given (shared by the projections that read it), a bool keep-mask
+        return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 else 0), True
     if site.lora_dropout > 0:
         # dropout (on the input cast to the adapter's fp32) keeps its mask only when its input needs
         # grad (CUDA: bool mask; CPU: an fp32 noise tensor), and A keeps the dropout output (under

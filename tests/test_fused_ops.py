@@ -200,7 +200,7 @@ def test_fused_lora_under_bf16_autocast_keeps_fp32_adapter_grads():
 def test_module_path_when_fusing_does_not_apply():
     lora = _lora(False, torch.float32)
     x = torch.randn(4, 40, requires_grad=True)
-    lora.lora_dropout = nn.Dropout(0.1)  # dropout: the module path
+    lora.lora_dropout = nn.AlphaDropout(0.1)  # a dropout of another kind: the module path
     assert type(lora(x).grad_fn).__name__ != "FusedLoraLinearBackward"
     lora.lora_dropout = nn.Identity()
     lora.base_layer.weight.requires_grad_(True)  # a training base (e.g. full + LoRA): the module path
@@ -283,8 +283,67 @@ def test_mlp_keeps_down_apart_when_its_lora_cannot_fuse():
     fuse_mlps(mlp)
     x = torch.randn(2, 3, 32, requires_grad=True)
     assert type(mlp(x).grad_fn).__name__ == "GatedDownLoraBackward"
-    mlp.down_proj.lora_dropout = nn.Dropout(0.1)
+    mlp.down_proj.lora_dropout = nn.AlphaDropout(0.1)
     assert type(mlp(x).grad_fn).__name__ != "GatedDownLoraBackward"
+    mlp.down_proj.lora_dropout = nn.Dropout(0.1)  # plain dropout fuses (a saved keep-mask)
+    assert type(mlp(x).grad_fn).__name__ == "GatedDownLoraBackward"
     mlp.down_proj.lora_dropout = nn.Identity()
     mlp.down_proj.adapter_enabled = False
     assert type(mlp(x).grad_fn).__name__ != "GatedDownLoraBackward"
+
+
+
+def _fixed_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
+    """A keep-mask from its own seeded generator: the same for the same shape, in any path."""
+    g = torch.Generator().manual_seed(x2.shape[0] * 7919 + x2.shape[1])
+    return torch.rand(x2.shape, generator=g) >= p
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_lora_dropout_is_the_formula_with_its_mask(monkeypatch, bias):
+    """y = x Wᵀ + b + s · (x ⊙ m / keep) Aᵀ Bᵀ and its gradients, for the mask the op drew; the mask is
+    a bool kept for backward, not a dropped copy of x."""
+    monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
+    lora = _lora(bias, torch.float32)
+    lora.lora_dropout = nn.Dropout(0.25)
+    x = torch.randn(2, 7, 40)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = lora(x1)
+    assert type(y.grad_fn).__name__ == "FusedLoraLinearBackward"
+    assert any(t.dtype == torch.bool for t in y.grad_fn.saved_tensors)
+    mask = _fixed_mask(x.reshape(-1, 40), 0.25).view(x.shape)
+    ref = lora.base_layer(x2) + lora.lora_B(lora.lora_A(x2 * mask / 0.75)) * lora.scaling
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    dy = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [x1, lora.lora_A.weight, lora.lora_B.weight], dy)
+    gb = torch.autograd.grad(ref, [x2, lora.lora_A.weight, lora.lora_B.weight], dy)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    lora.eval()  # no dropout at evaluation: the plain fused path
+    torch.testing.assert_close(lora(x), lora.base_layer(x) + lora.lora_B(lora.lora_A(x)) * lora.scaling)
+
+
+def test_dropout_mask_keeps_the_asked_share():
+    from studio.methods.lora_fused import dropout_mask
+    torch.manual_seed(0)
+    mask = dropout_mask(torch.empty(400, 250), 0.1)
+    assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.9) < 0.005
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_mlp_with_dropout_lora_down_is_bitwise_the_ops_apart(monkeypatch, autocast):
+    monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    apart = _lora_mlp("LlamaMLP", dtype)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(apart, name).lora_dropout = nn.Dropout(0.1)
+    fuse_mlps(apart)
+    apart.train()
+    apart.down_proj.register_forward_pre_hook(lambda *a: None)
+    one = copy.deepcopy(apart)
+    one.down_proj._forward_pre_hooks.clear()
+    x = torch.randn(3, 5, 32, dtype=dtype)
+    y_apart, g_apart = _mlp_grads(apart, x, autocast)
+    y_one, g_one = _mlp_grads(one, x, autocast)
+    assert type(y_one.grad_fn).__name__ == "GatedDownLoraBackward"
+    assert torch.equal(y_one, y_apart) and all(torch.equal(a, b) for a, b in zip(g_one, g_apart))

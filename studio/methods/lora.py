@@ -112,19 +112,23 @@ class LoraLinear(WrappedLinear):
         return _dequantized_weight(self.base_layer) + self.delta_weight()
 
     def uses_fused_op(self) -> bool:
-        """Whether forward runs as one autograd op (lora_fused.py): no dropout, no DoRA, a frozen 16/32-bit base."""
+        """Whether forward runs as one autograd op (lora_fused.py): no DoRA, plain dropout or none, a frozen
+        16/32-bit base."""
         return self.adapter_enabled and not self.merged and not self.use_dora \
-            and isinstance(self.lora_dropout, nn.Identity) and fusable(self.base_layer)
+            and type(self.lora_dropout) in (nn.Identity, nn.Dropout) and fusable(self.base_layer)
 
     def fused_parts(self, x: torch.Tensor) -> tuple | None:
-        """(W, bias, A, B, scaling, compute dtype) when forward on x runs as the fused op; else None.
-        The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it with act(gate) * up."""
+        """(W, bias, A, B, scaling, compute dtype, dropout p) when forward on x runs as the fused op; else
+        None. The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it with act(gate) * up."""
         if type(self).forward is not LoraLinear.forward or not self.uses_fused_op():
             return None
         cdt = compute_dtype(x, self.lora_A.weight, self.base_layer.weight)
         if cdt is None:
             return None
-        return self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt
+        drop = self.lora_dropout
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        return self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, \
+            cdt, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.fused_parts(x)

@@ -1,10 +1,13 @@
-"""LoRA's forward and backward as one autograd op, for the common case (16/32-bit frozen base, no dropout).
+"""LoRA's forward and backward as one autograd op, for the common case (16/32-bit frozen base, no DoRA).
 
-y = x Wᵀ (+ b) + low (s·B)ᵀ with low = x Aᵀ. Unfused, autograd runs the base linear, A, the scale on
-B and an addmm as separate nodes: each allocates its output, and the two gradients that reach x (base
-path and adapter path) are summed into a third tensor. Here the output is written once (the adapter
-term is added in place into the base product), and d(x) = dy W + d(low) A is built in one buffer.
-Saved for backward: x (which A needs anyway) and low (rank-sized), as before.
+y = x Wᵀ (+ b) + low (s·B)ᵀ with low = drop(x) Aᵀ. Unfused, autograd runs the base linear, the
+dropout, A, the scale on B and an addmm as separate nodes: each allocates its output, and the two
+gradients that reach x (base path and adapter path) are summed into a third tensor. Here the output
+is written once (the adapter term is added in place into the base product), and
+d(x) = dy W + d(low) A (· mask / keep) is built in one buffer. Saved for backward: x (which A needs
+anyway, and which q, k, v share), low (rank-sized) and, with dropout, a bool mask (one byte per
+element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x per
+adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it.
 """
 from __future__ import annotations
 
@@ -13,30 +16,42 @@ from torch import nn
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    """(x, W, bias, A, B, scaling, dtype) -> y; W and bias frozen; gradients for x, A, B."""
+    """(x, W, bias, A, B, scaling, dtype, dropout p) -> y; W and bias frozen; gradients for x, A, B."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, cdt: torch.dtype) -> torch.Tensor:
+                lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-        y, low = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling)
-        ctx.save_for_backward(x2, low, weight, lora_a, lora_b)
-        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        y, low, mask = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling, p)
+        ctx.save_for_backward(x2, low, weight, lora_a, lora_b, mask)
+        ctx.scaling, ctx.x_dtype, ctx.p = scaling, x.dtype, p
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, low, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, low, weight, lora_a, lora_b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, da, db = lora_linear_backward(dy, x2, low, weight, lora_a, lora_b, ctx.scaling, needs[0], needs[3], needs[4])
+        dx, da, db = lora_linear_backward(dy, x2, low, weight, lora_a, lora_b, ctx.scaling, needs[0], needs[3],
+                                          needs[4], mask, ctx.p)
         if dx is not None:
             dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
-        return dx, None, None, da, db, None, None
+        return dx, None, None, da, db, None, None, None
+
+
+def dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep-mask of dropout with probability p (True = kept), one byte per element."""
+    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+
+
+def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    return x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
 
 
 def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
-                        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (shape lead + out) = x2 Wᵀ (+ b) + low (s·B)ᵀ and low = x2 Aᵀ, all in x2's dtype; x2 is rows x in."""
+                        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                        p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """y (shape lead + out) = x2 Wᵀ (+ b) + low (s·B)ᵀ, low = drop(x2) Aᵀ, all in x2's dtype; x2 is
+    rows x in. Returns y, low and the dropout keep-mask (None when p is 0)."""
     cdt = x2.dtype
     w, a = weight.to(cdt), lora_a.to(cdt)
     sb = (lora_b * scaling).to(cdt)
@@ -48,20 +63,28 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
         torch.addmm(bias.to(cdt), x2, w.t(), out=y2)
     else:
         torch.mm(x2, w.t(), out=y2)
-    low = x2 @ a.t()
+    mask = dropout_mask(x2, p) if p > 0 else None
+    low = _dropped(x2, mask, p) @ a.t()
     y2.addmm_(low, sb.t())
-    return y, low
+    return y, low, mask
 
 
 def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
                          lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, need_x: bool, need_a: bool,
-                         need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                         need_b: bool, mask: torch.Tensor | None = None, p: float = 0.0,
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed."""
     cdt = x2.dtype
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
     d_low = dy2 @ (lora_b * s).to(cdt)
-    dx = (dy2 @ weight.to(cdt)).addmm_(d_low, lora_a.to(cdt)) if need_x else None
-    da = (d_low.t() @ x2).to(lora_a.dtype) if need_a else None
+    dx = None
+    if need_x:
+        dx = dy2 @ weight.to(cdt)
+        if mask is None:
+            dx.addmm_(d_low, lora_a.to(cdt))
+        else:
+            dx.add_(_dropped(d_low @ lora_a.to(cdt), mask, p))
+    da = (d_low.t() @ _dropped(x2, mask, p)).to(lora_a.dtype) if need_a else None
     db = (dy2.t() @ low).to(lora_b.dtype).mul_(s) if need_b else None
     return dx, da, db
 

@@ -11,9 +11,8 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   frozen (the input grad needs only the weight). 4-bit bases save nothing either.
 - LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
   base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus a bool
-  keep-mask when dropout > 0. Else the dropout output + its mask when dropout > 0; under autocast
-  the 16-bit copy of the input, one per module (QLoRA); DoRA adds the base output and the LoRA
-  output (rows x out each).
+  keep-mask when dropout > 0. Else (4-bit bases, DoRA) the dropout output + its mask when
+  dropout > 0, or the shared input; DoRA adds the base output and the LoRA output (rows x out each).
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
   materialised on a grouped-query model), the output and the fp32 logsumexp; a materialised mask
@@ -154,14 +153,11 @@ def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: 
     if site.lora_fused:  # the input it was given (shared by the projections that read it), a bool keep-mask
         return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 else 0), True
     if site.lora_dropout > 0:
-        # dropout (on the input cast to the adapter's fp32) keeps its mask only when its input needs
-        # grad (CUDA: bool mask; CPU: an fp32 noise tensor), and A keeps the dropout output (under
-        # autocast: its 16-bit copy)
+        # dropout keeps its mask only when its input needs grad (CUDA: bool mask; CPU: a noise
+        # tensor), and A keeps the dropout output (under autocast: 16-bit)
         mask = (n * (1 if dt.cuda else 4)) if g_in else 0
         return mask + n * (2 if dt.autocast else 4), False
-    if dt.autocast:
-        return n * 2, False                                     # autocast bf16 copy, one per module
-    return (0 if shared_saved else n * dt.act), True
+    return (0 if shared_saved else n * dt.act), True             # the input itself, shared
 
 
 def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in: bool = True) -> int:

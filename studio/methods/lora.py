@@ -142,7 +142,9 @@ class LoraLinear(WrappedLinear):
                 init = F.linear(F.linear(x.to(self.lora_A_init.dtype), self.lora_A_init), self.lora_B_init)
                 return result + (init * self.scaling).to(result.dtype)
             return result
-        xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        # under autocast A computes in the 16-bit dtype anyway: an fp32 copy of x would be cast back,
+        # and each adapter would keep its own 16-bit copy instead of sharing x with its neighbours
+        xd = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
         if not self.use_dora:
             low = self.lora_A(xd)
             if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):

@@ -153,20 +153,35 @@ def _lora(bias: bool, dtype: torch.dtype) -> LoraLinear:
     return lora
 
 
+def _fixed_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
+    """A keep-mask from its own seeded generator: the same for the same shape, in any path."""
+    g = torch.Generator().manual_seed(x2.shape[0] * 7919 + x2.shape[1])
+    return torch.rand(x2.shape, generator=g) >= p
+
+
 def _unfused(lora: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     """The module path written out: W x + b + s · B A x, with autograd through each op."""
     base = lora.base_layer(x)
     return base + (lora.lora_B(lora.lora_A(x.to(lora.lora_A.weight.dtype))) * lora.scaling).to(base.dtype)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["nodrop", "dropout"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_fused_lora_equals_the_module_path_fp32(bias):
+def test_fused_lora_equals_the_module_path_fp32(monkeypatch, bias, dropout):
+    """W x + b + s · B A drop(x), and its gradients; with dropout for the mask the op drew (pinned here),
+    kept for backward as a bool, not as a dropped copy of x."""
+    monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
     lora = _lora(bias, torch.float32)
+    if dropout:
+        lora.lora_dropout = nn.Dropout(dropout)
     x = torch.randn(2, 7, 40)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y = lora(x1)
     assert type(y.grad_fn).__name__ == "FusedLoraLinearBackward"
-    ref = _unfused(lora, x2)
+    assert any(t is not None and t.dtype == torch.bool for t in y.grad_fn.saved_tensors) == bool(dropout)
+    mask = _fixed_mask(x.reshape(-1, 40), dropout).view(x.shape)
+    ref = _unfused(lora, x2) if not dropout else \
+        lora.base_layer(x2) + lora.lora_B(lora.lora_A(x2 * mask / (1 - dropout))) * lora.scaling
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
     dy = torch.randn_like(y)
     ga = torch.autograd.grad(y, [x1, lora.lora_A.weight, lora.lora_B.weight], dy)
@@ -174,6 +189,8 @@ def test_fused_lora_equals_the_module_path_fp32(bias):
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     y[..., 0].mul_(2)  # model code may modify a projection's output in place
+    lora.eval()  # no dropout at evaluation
+    torch.testing.assert_close(lora(x), _unfused(lora, x))
 
 
 def test_fused_lora_under_bf16_autocast_keeps_fp32_adapter_grads():
@@ -254,14 +271,19 @@ def _mlp_grads(mlp: nn.Module, x: torch.Tensor, autocast: bool) -> tuple[torch.T
     return y, [x.grad] + [p.grad for p in mlp.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("case", ["fp32", "fp32-bias", "bf16-autocast"])
+@pytest.mark.parametrize("case", ["fp32", "fp32-bias", "bf16-autocast", "fp32-dropout", "bf16-autocast-dropout"])
 @pytest.mark.parametrize("cls_name", ["LlamaMLP", "Gemma3MLP"])
-def test_mlp_with_lora_down_runs_as_one_op_bitwise(cls_name, case):
+def test_mlp_with_lora_down_runs_as_one_op_bitwise(monkeypatch, cls_name, case):
     """act(gate)·up and down's LoRA as one op: the outputs and every gradient are bitwise those of the
-    two fused ops apart, and down's input (a rows x intermediate tensor) is no longer kept."""
-    autocast = case == "bf16-autocast"
+    two fused ops apart (with dropout: for the same mask), and down's input (a rows x intermediate
+    tensor) is no longer kept."""
+    autocast = case.startswith("bf16-autocast")
     dtype = torch.bfloat16 if autocast else torch.float32
     apart = _lora_mlp(cls_name, dtype, bias=case == "fp32-bias")
+    if case.endswith("dropout"):
+        monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(apart, name).lora_dropout = nn.Dropout(0.1)
     fuse_mlps(apart)
     apart.down_proj.register_forward_pre_hook(lambda *a: None)  # a hook on down keeps the two ops apart
     one = copy.deepcopy(apart)
@@ -293,57 +315,8 @@ def test_mlp_keeps_down_apart_when_its_lora_cannot_fuse():
 
 
 
-def _fixed_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
-    """A keep-mask from its own seeded generator: the same for the same shape, in any path."""
-    g = torch.Generator().manual_seed(x2.shape[0] * 7919 + x2.shape[1])
-    return torch.rand(x2.shape, generator=g) >= p
-
-
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_fused_lora_dropout_is_the_formula_with_its_mask(monkeypatch, bias):
-    """y = x Wᵀ + b + s · (x ⊙ m / keep) Aᵀ Bᵀ and its gradients, for the mask the op drew; the mask is
-    a bool kept for backward, not a dropped copy of x."""
-    monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
-    lora = _lora(bias, torch.float32)
-    lora.lora_dropout = nn.Dropout(0.25)
-    x = torch.randn(2, 7, 40)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = lora(x1)
-    assert type(y.grad_fn).__name__ == "FusedLoraLinearBackward"
-    assert any(t.dtype == torch.bool for t in y.grad_fn.saved_tensors)
-    mask = _fixed_mask(x.reshape(-1, 40), 0.25).view(x.shape)
-    ref = lora.base_layer(x2) + lora.lora_B(lora.lora_A(x2 * mask / 0.75)) * lora.scaling
-    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
-    dy = torch.randn_like(y)
-    ga = torch.autograd.grad(y, [x1, lora.lora_A.weight, lora.lora_B.weight], dy)
-    gb = torch.autograd.grad(ref, [x2, lora.lora_A.weight, lora.lora_B.weight], dy)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    lora.eval()  # no dropout at evaluation: the plain fused path
-    torch.testing.assert_close(lora(x), lora.base_layer(x) + lora.lora_B(lora.lora_A(x)) * lora.scaling)
-
-
 def test_dropout_mask_keeps_the_asked_share():
     from studio.methods.lora_fused import dropout_mask
     torch.manual_seed(0)
     mask = dropout_mask(torch.empty(400, 250), 0.1)
     assert mask.dtype == torch.bool and abs(mask.float().mean().item() - 0.9) < 0.005
-
-
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_mlp_with_dropout_lora_down_is_bitwise_the_ops_apart(monkeypatch, autocast):
-    monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
-    dtype = torch.bfloat16 if autocast else torch.float32
-    apart = _lora_mlp("LlamaMLP", dtype)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        getattr(apart, name).lora_dropout = nn.Dropout(0.1)
-    fuse_mlps(apart)
-    apart.train()
-    apart.down_proj.register_forward_pre_hook(lambda *a: None)
-    one = copy.deepcopy(apart)
-    one.down_proj._forward_pre_hooks.clear()
-    x = torch.randn(3, 5, 32, dtype=dtype)
-    y_apart, g_apart = _mlp_grads(apart, x, autocast)
-    y_one, g_one = _mlp_grads(one, x, autocast)
-    assert type(y_one.grad_fn).__name__ == "GatedDownLoraBackward"
-    assert torch.equal(y_one, y_apart) and all(torch.equal(a, b) for a, b in zip(g_one, g_apart))

@@ -53,8 +53,17 @@ def run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+        _end_process_group()
     print(run_dir.path)
     return 0
+
+
+def _end_process_group() -> None:
+    """Data-parallel runs (torchrun / accelerate launch) end their process group here: left to the
+    interpreter's exit, gloo's threads can be torn down mid-flight and abort the process."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _shared_run_dir(state, runs_dir: str, cfg, name: str | None):

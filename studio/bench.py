@@ -22,7 +22,7 @@ import torch
 from .checkpointing import enable_gradient_checkpointing, transformers_checkpointing
 from .errors import ConfigError
 from .losses import causal_lm_loss
-from .memory_bench import random_batch, step_peak_bytes
+from .memory_bench import held_across_steps, random_batch, step_peak_bytes
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (the target's reference)
 
@@ -68,8 +68,6 @@ def _base_model(row: Row, device: torch.device, dtype: torch.dtype) -> Any:
     if row.method == "qlora":
         from .memory_bench import _quantize_nf4
         model = _quantize_nf4(model)
-    if row.grad_ckpt:  # as a transformers user turns it on; our engine re-does it its own way in run_row
-        transformers_checkpointing(model)
     return model.train()
 
 
@@ -121,6 +119,8 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     else:
         baseline = importlib.import_module("baselines.peft_baseline")  # outside the engine; needs peft
         cfg = _method_cfg(row.method)
+        if row.grad_ckpt:  # as a transformers user turns it on
+            transformers_checkpointing(model)
         model = baseline.prepare(model, row.method, cfg.get("r", 0), cfg.get("lora_alpha", 0))
 
         def loss_fn(batch):
@@ -141,9 +141,7 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     try:
         seconds = _time_steps(step, warmup, steps, device)
         if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
-            states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-            out["peak_bytes"] = step_peak_bytes(step, [*model.parameters(), *model.buffers(), *states,
-                                                       *batch.values()])
+            out["peak_bytes"] = step_peak_bytes(step, held_across_steps(model, opt, batch))
     except torch.OutOfMemoryError:
         return out | {"oom": True}
     finally:

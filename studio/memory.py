@@ -350,6 +350,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     gc = all(gc_layers) and bool(gc_layers)   # every layer recomputed
     # offloaded checkpoints: the recomputed layers' inputs wait in host memory (studio/offload.py)
     offload = device == "cuda" and bool(tc.gradient_checkpointing) and bool(tc.offload_checkpoints)
+    layer_input = b * s * arch.hidden * act
 
     # ---- activations, per layer
     g = facts.embeddings_trainable or rule["input_grad"] or facts.outside_trainable > 0 and rule["prompt_tokens"] > 0
@@ -363,8 +364,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         recompute.append(full)
         if first_grad is None and (g or g_out):
             first_grad = k
-        per_layer.append((0 if offload else b * s * arch.hidden * act) if gc_layers[k] and not rule["no_backbone_grad"]
-                         else full)
+        per_layer.append((0 if offload else layer_input) if gc_layers[k] and not rule["no_backbone_grad"] else full)
         g = g or g_out
     rows = b * s
     rope = rope_saved(arch, shape, dt) if any(recompute) else 0   # with checkpointing held, not saved
@@ -413,7 +413,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         extra += b * rule["prompt_tokens"] * arch.hidden * act
         notes.append("prompt embeddings expanded to the batch")
     host_extra = facts.host_copy_bytes
-    offloaded = sum(b * s * arch.hidden * act for on in gc_layers if on) if offload and not rule["no_backbone_grad"] else 0
+    offloaded = layer_input * sum(gc_layers) if offload and not rule["no_backbone_grad"] else 0
     if offloaded:
         notes.append(f"checkpointed layer inputs in pinned CPU RAM: {human(offloaded)}")
     if device == "cpu" and host_extra:
@@ -440,7 +440,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         grads_done += facts.grad_layer[k]
         tr = bwd + (recompute[k] if gc_layers[k] else 0)
         if offload and gc_layers[k] and k > 0:
-            tr += b * s * arch.hidden * act                                # the layer below, fetched ahead
+            tr += layer_input                                              # the layer below, fetched ahead
         val = held + below + per_layer[k] + tr + grads_done
         if val > worst_layer[1]:
             worst_layer = (f"backward of layer {k}", val, tr)

@@ -39,15 +39,15 @@ def random_batch(vocab: int, batch: int, seq: int, device: Any = "cpu", seed: in
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def saved_tensor_bytes(model: nn.Module, batch: dict, chunk: int = 1024, backward: bool = True) -> int:
-    """Unique storage bytes autograd saved for backward during one forward of causal_lm_loss."""
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    skip |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+def saved_bytes(run: Callable[[], Any], module: nn.Module) -> tuple[int, Any]:
+    """Unique storage bytes autograd saves for backward while `run()` runs (the parameters and buffers
+    of `module` excluded); returns them and what `run` returned."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    skip |= {b.untyped_storage().data_ptr() for b in module.buffers()}
     seen: dict[tuple, int] = {}
-    recording = [True]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if recording[0] and not t.is_meta:
+        if not t.is_meta:
             try:
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
@@ -58,11 +58,16 @@ def saved_tensor_bytes(model: nn.Module, batch: dict, chunk: int = 1024, backwar
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = causal_lm_loss(model, batch, chunk=chunk)
-    recording[0] = False
+        out = run()
+    return sum(seen.values()), out
+
+
+def saved_tensor_bytes(model: nn.Module, batch: dict, chunk: int = 1024, backward: bool = True) -> int:
+    """Unique storage bytes autograd saved for backward during one forward of causal_lm_loss."""
+    n, (loss, _) = saved_bytes(lambda: causal_lm_loss(model, batch, chunk=chunk), model)
     if backward:
         loss.backward()
-    return sum(seen.values())
+    return n
 
 
 class LiveBytes(TorchDispatchMode):
@@ -110,8 +115,13 @@ def measured_step_peak(model: nn.Module, batch: dict, chunk: int = 1024) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
     step()
+    return step_peak_bytes(step, held_across_steps(model, opt, batch))
+
+
+def held_across_steps(model: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> list[torch.Tensor]:
+    """What lives from one training step to the next: weights, buffers, optimizer state, the batch."""
     states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    return step_peak_bytes(step, [*model.parameters(), *model.buffers(), *states, *batch.values()])
+    return [*model.parameters(), *model.buffers(), *states, *batch.values()]
 
 
 def _apply(model: nn.Module, method: dict, grad_ckpt: bool, offload: bool = False) -> None:

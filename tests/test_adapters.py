@@ -11,6 +11,7 @@ from training import fit
 from studio.checkpoint import load_adapter, save_adapter
 from studio.config import ModelConfig
 from studio.losses import causal_lm_loss
+from studio.memory_bench import saved_tensor_bytes
 from studio.methods import applied, apply_method, method_config
 from studio.methods.adapter import adapter_sites
 from studio.models import load_model
@@ -163,32 +164,17 @@ def test_lst_backbone_gets_no_gradient_and_side_does():
     assert model.lst_side.blocks[0].gate_proj.weight.shape == (128 // 8, 64 // 8)
 
 
-def saved_bytes(model, b):
-    params = {p.data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = causal_lm_loss(model, b)
-    loss.backward()
-    return sum(seen.values())
-
-
 def test_lst_saves_activation_memory():
     model, tok = fresh()
     ids = torch.randint(0, 500, (2, 96))
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     apply_method(model, method_config({"name": "lora", "r": 8, "lora_dropout": 0.0}))
     model.train()
-    lora = saved_bytes(model, b)
+    lora = saved_tensor_bytes(model, b)
     model, _ = fresh()
     apply_method(model, method_config({"name": "lst"}))
     model.train()
-    lst = saved_bytes(model, b)
+    lst = saved_tensor_bytes(model, b)
     assert lst * 2.5 < lora, (lst, lora)
     assert applied(model).method.trainable_summary(model)["backbone_backward"] is False
 

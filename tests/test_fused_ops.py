@@ -15,6 +15,7 @@ from torch import nn
 
 from studio.fused_mlp import MLP_CLASSES, fuse_mlps, fusable_mlp
 from studio.fused_norm import GEMMA_NORMS, LLAMA_NORMS, fuse_norms, fusable_norm
+from studio.memory_bench import saved_bytes
 from studio.methods import apply_method, method_config
 from studio.methods.lora import LoraLinear
 
@@ -84,17 +85,7 @@ def _mlp(cls_name: str) -> nn.Module:
 
 def _saved(module: nn.Module, *inputs: torch.Tensor) -> int:
     """Unique storage bytes autograd keeps for backward through `module`, parameters excluded."""
-    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(*inputs)
-    return sum(storages.values())
+    return saved_bytes(lambda: module(*inputs), module)[0]
 
 
 def test_every_mlp_class_is_covered():

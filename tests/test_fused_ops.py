@@ -214,6 +214,9 @@ def test_module_path_when_fusing_does_not_apply():
     lora.base_layer.weight.requires_grad_(True)  # a training base (e.g. full + LoRA): the module path
     assert type(lora(x).grad_fn).__name__ != "FusedLoraLinearBackward"
     lora.base_layer.weight.requires_grad_(False)
+    from studio.methods.unipelt import GatedLoraLinear
+    gated = GatedLoraLinear(nn.Linear(40, 24).requires_grad_(False), 4, 8)  # its own forward: not fused
+    assert not gated.uses_fused_op() and gated.fused_parts(x) is None
     lora.adapter_enabled = False  # disabled: the base alone
     torch.testing.assert_close(lora(x), lora.base_layer(x))
 

@@ -112,15 +112,16 @@ class LoraLinear(WrappedLinear):
         return _dequantized_weight(self.base_layer) + self.delta_weight()
 
     def uses_fused_op(self) -> bool:
-        """Whether forward runs as one autograd op (lora_fused.py): no DoRA, plain dropout or none, a frozen
-        16/32-bit base."""
-        return self.adapter_enabled and not self.merged and not self.use_dora \
-            and type(self.lora_dropout) in (nn.Identity, nn.Dropout) and fusable(self.base_layer)
+        """Whether forward runs as one autograd op (lora_fused.py): this class's forward (a subclass with
+        its own keeps it), no DoRA, plain dropout or none, a frozen 16/32-bit base."""
+        return type(self).forward is LoraLinear.forward and self.adapter_enabled and not self.merged \
+            and not self.use_dora and type(self.lora_dropout) in (nn.Identity, nn.Dropout) \
+            and fusable(self.base_layer)
 
     def fused_parts(self, x: torch.Tensor) -> tuple | None:
         """(W, bias, A, B, scaling, compute dtype, dropout p) when forward on x runs as the fused op; else
         None. The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it with act(gate) * up."""
-        if type(self).forward is not LoraLinear.forward or not self.uses_fused_op():
+        if not self.uses_fused_op():
             return None
         cdt = compute_dtype(x, self.lora_A.weight, self.base_layer.weight)
         if cdt is None:

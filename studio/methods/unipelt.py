@@ -47,9 +47,6 @@ class GatedLoraLinear(LoraLinear):
         nn.init.zeros_(self.lora_gate.weight)
         nn.init.zeros_(self.lora_gate.bias)
 
-    def uses_fused_op(self) -> bool:
-        return False  # the gate needs the adapter's input: its own forward below
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if not self.adapter_enabled:

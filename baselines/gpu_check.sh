@@ -5,7 +5,7 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then: GPU facts, the quick speed grid (ours vs peft), the
-# memory estimate against max_memory_allocated, and the full grid while time is left.
+# 7B rows, and the memory estimate against max_memory_allocated while time is left; then a summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(transformers==5.24.0 bitsandbytes==0.50.2 peft==0.21.2)
@@ -27,8 +27,14 @@ run)
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$OUT/facts.txt"
-  timeout 330 python3 -m studio bench --quick --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
-  timeout 150 python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning | tail -40
+  # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the 7B rows
+  # (MFU, offloading, QLoRA in 24 GB), then the estimator against max_memory_allocated while time is left.
+  timeout 220 python3 -m studio bench --quick --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+  timeout 200 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+    | tee -a "$OUT/bench.log"
+  timeout "${MEMORY_S:-90}" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
+    > "$OUT/memory.log"
+  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"
   ;;
 *) echo "usage: bash baselines/gpu_check.sh fetch|run" >&2; exit 2 ;;
 esac

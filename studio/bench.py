@@ -4,8 +4,9 @@ Each row builds a random-init model of a real shape (presets/models.yaml, no dow
 the method, runs warm-up steps, then times steps of loss + backward + optimizer step. The peft
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
-seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, and on our
-rows the ratios to the baseline. peak_bytes is torch.cuda.max_memory_allocated on CUDA; on the CPU,
+seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes,
+loss_first_last, and on our rows the ratios to the baseline; a row that ran out of memory or failed
+says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA; on the CPU,
 the tensor bytes of one more (untimed) step watched op by op (memory_bench.step_peak_bytes).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gc
 import importlib
 import importlib.util
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -22,7 +24,7 @@ import torch
 from .checkpointing import enable_gradient_checkpointing, transformers_checkpointing
 from .errors import ConfigError
 from .losses import causal_lm_loss
-from .memory_bench import held_across_steps, random_batch, step_peak_bytes
+from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (the target's reference)
 
@@ -60,17 +62,6 @@ def _method_cfg(method: str) -> dict:
     return {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
-def _base_model(row: Row, device: torch.device, dtype: torch.dtype) -> Any:
-    from .models import build_random_model, model_presets
-    model = build_random_model(model_presets()[row.shape]["config"], seed=0, dtype=dtype).to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if row.method == "qlora":
-        from .memory_bench import _quantize_nf4
-        model = _quantize_nf4(model)
-    return model.train()
-
-
 def flops_per_token(n_params: int, trainable: int, method: str, layers: int, seq: int, hidden: int) -> float:
     """Training FLOPs per token: forward 2N, backward 2N for activations (+2N weight grads when full)."""
     matmul = (6 if method == "full" else 4) * n_params + 6 * trainable
@@ -78,29 +69,48 @@ def flops_per_token(n_params: int, trainable: int, method: str, layers: int, seq
     return matmul + attention
 
 
-def _time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
+def _time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
+    """Seconds per timed step, and the losses of the first and the last step (read after the clock stops,
+    so no step waits on the GPU; both engines start from the same weights and batch, so they compare)."""
+    losses = [step() for _ in range(warmup)]
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        losses.append(step())
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t0) / steps
+    return seconds, [round(float(losses[0]), 4), round(float(losses[-1]), 4)]
+
+
+def _row_facts(row: Row, engine: str) -> dict[str, Any]:
+    return {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq, "grad_ckpt": row.grad_ckpt,
+            "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio"}
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
+    """One engine's row; out of memory, or any other failure, becomes a row that says so (the grid goes on)."""
+    out = _row_facts(row, engine)
+    try:
+        return _measure_row(row, engine, device, warmup, steps, compile)
+    except torch.OutOfMemoryError:
+        return out | {"oom": True}
+    except Exception as exc:  # noqa: BLE001 - a broken row is reported, not fatal to a long GPU run
+        traceback.print_exc()
+        return out | {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" or row.precision == "bf16" else torch.float32
-    out: dict[str, Any] = {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq,
-                           "grad_ckpt": row.grad_ckpt, "labels": row.labels, "engine": engine,
-                           "offload": row.offload and engine == "studio",
-                           "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    out = _row_facts(row, engine) | {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    model = random_base_model(row.shape, device, dtype, "nf4" if row.method == "qlora" else "none")
+    if device.type == "cuda":  # after the build: a 4-bit model is quantised from a bf16 one here, not loaded
         torch.cuda.reset_peak_memory_stats()
-    model = _base_model(row, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     if engine == "studio":
         from .methods import apply_method, method_config
@@ -131,21 +141,17 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
         batch["labels"][:, : row.seq // 2] = -100
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = loss_fn(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
-    try:
-        seconds = _time_steps(step, warmup, steps, device)
-        if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
-            out["peak_bytes"] = step_peak_bytes(step, held_across_steps(model, opt, batch))
-    except torch.OutOfMemoryError:
-        return out | {"oom": True}
-    finally:
-        gc.collect()
+    seconds, out["loss_first_last"] = _time_steps(step, warmup, steps, device)
+    if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
+        out["peak_bytes"] = step_peak_bytes(step, held_across_steps(model, opt, batch))
     tokens = row.batch * row.seq
     cfg = model.config
     fpt = flops_per_token(n_params, sum(p.numel() for p in params), row.method, cfg.num_hidden_layers, row.seq,
@@ -181,12 +187,11 @@ def baseline_available() -> bool:
 
 def _median_row(rows: list[dict]) -> dict:
     """The round with the median step time (rounds alternate engines, so load drift hits both alike)."""
-    done = [r for r in rows if not r.get("oom")]
+    done = sorted((r for r in rows if "ms_per_step" in r), key=lambda r: r["ms_per_step"])
     if not done:
-        return rows[0]
-    done.sort(key=lambda r: r["ms_per_step"])
+        return rows[0]  # out of memory or an error: the row says which
     out = dict(done[len(done) // 2])
-    out["rounds_ms_per_step"] = [r["ms_per_step"] for r in rows if not r.get("oom")]
+    out["rounds_ms_per_step"] = [r["ms_per_step"] for r in rows if "ms_per_step" in r]
     return out
 
 
@@ -225,7 +230,7 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
             yield baseline
         ours = _median_row(mine)
         ours["estimated_bytes"] = estimated_bytes(row, dev)
-        if baseline and not baseline.get("oom") and not ours.get("oom"):
+        if baseline and "ms_per_step" in baseline and "ms_per_step" in ours:
             ours["speedup_vs_peft"] = round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)
             ours["time_ratio_vs_peft"] = round(ours["ms_per_step"] / baseline["ms_per_step"], 3)
             if ours.get("peak_bytes") and baseline.get("peak_bytes"):

@@ -163,15 +163,8 @@ def grid_methods() -> list[tuple[str, dict, str]]:
 def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, seq: int, grad_ckpt: bool,
                offload: bool = False) -> int:
     """max_memory_allocated of two real training steps of a random-init model of the preset's shape."""
-    from .models import build_random_model, model_presets
-    facts = model_presets()[model_name]["config"]
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = build_random_model(facts, dtype=torch.bfloat16).cuda()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if quant == "nf4":
-        model = _quantize_nf4(model)
+    model = random_base_model(model_name, torch.device("cuda"), torch.bfloat16, quant)
     _apply(model, method, grad_ckpt, offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
@@ -189,8 +182,23 @@ def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, 
     return peak
 
 
+def random_base_model(shape: str, device: torch.device, dtype: torch.dtype, quant: str = "none") -> nn.Module:
+    """A frozen random-init model of a preset's shape, initialised on `device` itself (a 7B init on
+    the CPU takes minutes); quant="nf4" swaps its decoder Linears for 4-bit ones (CUDA)."""
+    from .models import build_random_model, model_presets
+    with torch.device(device):
+        model = build_random_model(model_presets()[shape]["config"], seed=0, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if quant == "nf4":
+        model = _quantize_nf4(model)
+        torch.cuda.empty_cache()
+    return model.train()
+
+
 def _quantize_nf4(model: nn.Module) -> nn.Module:
-    """Swap the decoder Linears for bitsandbytes NF4 Linear4bit (double quant, blocksize 64), on CUDA."""
+    """Swap the decoder Linears for bitsandbytes NF4 Linear4bit (double quant, blocksize 64), quantised
+    where the weight lies (CUDA, or bitsandbytes' CPU backend in tests)."""
     import bitsandbytes as bnb
 
     from .methods.common import decoder_layers, replace_module
@@ -199,12 +207,12 @@ def _quantize_nf4(model: nn.Module) -> nn.Module:
             if type(mod) is nn.Linear:
                 q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
                                       compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="cpu")
-                q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=True,
                                              quant_type="nf4", blocksize=64)
                 if mod.bias is not None:
                     q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
-                replace_module(layer, name, q.cuda())
+                replace_module(layer, name, q.to(mod.weight.device))  # Params4bit quantises on .to()
     return model
 
 

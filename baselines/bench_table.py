@@ -1,0 +1,62 @@
+"""Markdown tables of `python -m studio bench` JSON lines (speed rows, and --memory rows), for issue notes.
+
+    python baselines/bench_table.py bench.jsonl [memory.jsonl ...]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+GB = 1e9
+
+
+def _gb(n: float | None) -> str:
+    return f"{n / GB:.2f}" if n else ""
+
+
+def speed_table(rows: list[dict]) -> list[str]:
+    out = ["| shape | method | batch x seq | ckpt | offload | engine | ms/step | tokens/s | MFU | peak GB "
+           "| est. GB | speed vs peft | memory vs peft | loss first/last |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r or r.get("oom"):
+            result = [f"error: {r['error'][:80]}" if "error" in r else "out of memory"] + [""] * 7
+        else:
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
+            speed = f"{r['speedup_vs_peft']:.2f}x" if "speedup_vs_peft" in r else ""
+            mem = f"{r['memory_ratio_vs_peft']:.2f}x" if "memory_ratio_vs_peft" in r else ""
+            loss = "/".join(str(v) for v in r.get("loss_first_last", []))
+            result = [f"{r['ms_per_step']:,.0f}", f"{r['tokens_per_s']:,.0f}", mfu, _gb(r.get("peak_bytes")),
+                      _gb(r.get("estimated_bytes")), speed, mem, loss]
+        cells = [r["shape"], r["method"], f"{r['batch']}x{r['seq']}", "on" if r["grad_ckpt"] else "off",
+                 "on" if r.get("offload") else "", r["engine"], *result]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def memory_table(rows: list[dict]) -> list[str]:
+    out = ["| shape | method | batch x seq | ckpt | offload | estimated GB | measured GB | estimate/measured |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['ratio']:.3f}" if r.get("ratio") else ("out of memory" if r.get("oom") else r.get("error", ""))
+        out.append(f"| {r['shape']} | {r['method']} | {r['batch']}x{r['seq']} | {'on' if r['grad_ckpt'] else 'off'} "
+                   f"| {'on' if r.get('offload') else ''} | {_gb(r.get('estimated_bytes'))} "
+                   f"| {_gb(r.get('measured_bytes'))} | {ratio} |")
+    return out
+
+
+def main(paths: list[str]) -> int:
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.startswith("{")]
+        speed = [r for r in rows if "engine" in r]
+        memory = [r for r in rows if "engine" not in r]
+        print(f"\n{path}\n")
+        print("\n".join((speed_table(speed) if speed else []) + (memory_table(memory) if memory else [])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

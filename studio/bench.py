@@ -105,9 +105,20 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
             torch.cuda.empty_cache()
 
 
-def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool) -> dict:
+@dataclass
+class Step:
+    """One engine's training step on a row's model, batch and optimizer (bench and profiling share it)."""
+    run: Any  # () -> the loss tensor; loss, backward, optimizer step
+    model: Any
+    params: list
+    opt: Any
+    batch: dict
+    n_params: int
+    dtype: torch.dtype
+
+
+def build_step(row: Row, engine: str, device: torch.device, compile: bool = False) -> Step:
     dtype = torch.bfloat16 if device.type == "cuda" or row.precision == "bf16" else torch.float32
-    out = _row_facts(row, engine) | {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     model = random_base_model(row.shape, device, dtype, "nf4" if row.method == "qlora" else "none")
     if device.type == "cuda":  # after the build: a 4-bit model is quantised from a bf16 one here, not loaded
         torch.cuda.reset_peak_memory_stats()
@@ -122,7 +133,6 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
             from .methods.common import decoder_layers
             for layer in decoder_layers(model):
                 layer.compile(dynamic=True)
-            out["compiled"] = True
 
         def loss_fn(batch):
             return causal_lm_loss(model, batch)[0]
@@ -141,7 +151,7 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
     if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
         batch["labels"][:, : row.seq // 2] = -100
 
-    def step() -> torch.Tensor:
+    def run() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = loss_fn(batch)
         loss.backward()
@@ -149,13 +159,21 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    seconds, out["loss_first_last"] = _time_steps(step, warmup, steps, device)
+    return Step(run, model, params, opt, batch, n_params, dtype)
+
+
+def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool) -> dict:
+    step = build_step(row, engine, device, compile)
+    out = _row_facts(row, engine) | {"device": str(device), "dtype": str(step.dtype).removeprefix("torch.")}
+    if compile and engine == "studio":
+        out["compiled"] = True
+    seconds, out["loss_first_last"] = _time_steps(step.run, warmup, steps, device)
     if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
-        out["peak_bytes"] = step_peak_bytes(step, held_across_steps(model, opt, batch))
+        out["peak_bytes"] = step_peak_bytes(step.run, held_across_steps(step.model, step.opt, step.batch))
     tokens = row.batch * row.seq
-    cfg = model.config
-    fpt = flops_per_token(n_params, sum(p.numel() for p in params), row.method, cfg.num_hidden_layers, row.seq,
-                          cfg.hidden_size)
+    cfg = step.model.config
+    fpt = flops_per_token(step.n_params, sum(p.numel() for p in step.params), row.method, cfg.num_hidden_layers,
+                          row.seq, cfg.hidden_size)
     out.update(ms_per_step=round(seconds * 1000, 2), tokens_per_s=round(tokens / seconds, 1),
                mfu=round(fpt * tokens / seconds / H100_BF16_FLOPS, 4) if device.type == "cuda" else None,
                peak_what="max_memory_allocated" if device.type == "cuda" else "tensor bytes, op by op (CPU)")

@@ -1,0 +1,54 @@
+"""Where a bench row's step spends its time: wall time vs GPU-busy time, kernel count, top kernels and ops.
+
+    python -m baselines.profile_step qwen2.5-0.5b lora 4 1024 [--ckpt] [--engine studio|peft] [--compile]
+
+Launch-bound steps (GPU busy far below wall time) want fewer, larger kernels; GPU-bound ones, better kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> None:
+    from studio.bench import Row, build_step
+    p = argparse.ArgumentParser()
+    p.add_argument("shape")
+    p.add_argument("method")
+    p.add_argument("batch", type=int)
+    p.add_argument("seq", type=int)
+    p.add_argument("--ckpt", action="store_true")
+    p.add_argument("--engine", default="studio")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rows", type=int, default=18)
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step = build_step(Row(a.shape, a.method, a.batch, a.seq, a.ckpt), a.engine, device, a.compile)
+    for _ in range(3):
+        step.run()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step.run()
+    sync()
+    wall = (time.perf_counter() - t0) / a.steps * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(a.steps):
+            step.run()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in kernels) / 1e3 / a.steps  # kernel time in ms, overlaps counted twice
+    print(f"== {a.engine} {a.shape} {a.method} {a.batch}x{a.seq} ckpt={a.ckpt} compile={a.compile}: "
+          f"{wall:.1f} ms/step wall, {busy:.1f} ms/step in kernels, {len(kernels) // a.steps} kernels/step")
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=a.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,18 +17,18 @@ def _gb(n: float | None) -> str:
 
 def speed_table(rows: list[dict]) -> list[str]:
     out = ["| shape | method | batch x seq | ckpt | offload | engine | ms/step | tokens/s | MFU | peak GB "
-           "| est. GB | speed vs peft | memory vs peft | loss first/last |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| steady GB | est. GB | speed vs peft | memory vs peft | loss first/last |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or r.get("oom"):
-            result = [f"error: {r['error'][:80]}" if "error" in r else "out of memory"] + [""] * 7
+            result = [f"error: {r['error'][:80]}" if "error" in r else "out of memory"] + [""] * 8
         else:
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
             speed = f"{r['speedup_vs_peft']:.2f}x" if "speedup_vs_peft" in r else ""
             mem = f"{r['memory_ratio_vs_peft']:.2f}x" if "memory_ratio_vs_peft" in r else ""
             loss = "/".join(str(v) for v in r.get("loss_first_last", []))
             result = [f"{r['ms_per_step']:,.0f}", f"{r['tokens_per_s']:,.0f}", mfu, _gb(r.get("peak_bytes")),
-                      _gb(r.get("estimated_bytes")), speed, mem, loss]
+                      _gb(r.get("steady_peak_bytes")), _gb(r.get("estimated_bytes")), speed, mem, loss]
         cells = [r["shape"], r["method"], f"{r['batch']}x{r['seq']}", "on" if r["grad_ckpt"] else "off",
                  "on" if r.get("offload") else "", r["engine"], *result]
         out.append("| " + " | ".join(cells) + " |")

@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=18)
+    p.add_argument("--shapes", action="store_true", help="group the ops by their input shapes")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step = build_step(Row(a.shape, a.method, a.batch, a.seq, a.ckpt), a.engine, device, a.compile)
@@ -38,7 +39,7 @@ def main() -> None:
     sync()
     wall = (time.perf_counter() - t0) / a.steps * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=a.shapes) as prof:
         for _ in range(a.steps):
             step.run()
         sync()
@@ -47,7 +48,9 @@ def main() -> None:
     print(f"== {a.engine} {a.shape} {a.method} {a.batch}x{a.seq} ckpt={a.ckpt} compile={a.compile}: "
           f"{wall:.1f} ms/step wall, {busy:.1f} ms/step in kernels, {len(kernels) // a.steps} kernels/step")
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=a.rows, max_name_column_width=60))
+    table = prof.key_averages(group_by_input_shape=a.shapes).table(sort_by=sort, row_limit=a.rows,
+                                                                 max_name_column_width=60, max_shapes_column_width=70)
+    print(table)
 
 
 if __name__ == "__main__":

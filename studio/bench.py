@@ -6,8 +6,9 @@ baseline (baselines/peft_baseline.py, outside the engine; used when peft is inst
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
 seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes,
 loss_first_last, and on our rows the ratios to the baseline; a row that ran out of memory or failed
-says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA; on the CPU,
-the tensor bytes of one more (untimed) step watched op by op (memory_bench.step_peak_bytes).
+says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
+whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tensor bytes of one more
+(untimed) step watched op by op (memory_bench.step_peak_bytes).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import importlib.util
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -69,12 +70,15 @@ def flops_per_token(n_params: int, trainable: int, method: str, layers: int, seq
     return matmul + attention
 
 
-def _time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
+def _time_steps(step, warmup: int, steps: int, device: torch.device,
+                on_warm: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
     """Seconds per timed step, and the losses of the first and the last step (read after the clock stops,
-    so no step waits on the GPU; both engines start from the same weights and batch, so they compare)."""
+    so no step waits on the GPU; both engines start from the same weights and batch, so they compare).
+    on_warm runs between the warm-up and the timed steps."""
     losses = [step() for _ in range(warmup)]
     if device.type == "cuda":
         torch.cuda.synchronize()
+    on_warm()
     t0 = time.perf_counter()
     for _ in range(steps):
         losses.append(step())
@@ -167,7 +171,14 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
     out = _row_facts(row, engine) | {"device": str(device), "dtype": str(step.dtype).removeprefix("torch.")}
     if compile and engine == "studio":
         out["compiled"] = True
-    seconds, out["loss_first_last"] = _time_steps(step.run, warmup, steps, device)
+    warm_peak = []
+
+    def on_warm() -> None:  # the first steps' peak (a compile, the optimizer state's birth) vs the steady one
+        if device.type == "cuda":
+            warm_peak.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    seconds, out["loss_first_last"] = _time_steps(step.run, warmup, steps, device, on_warm)
     if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
         out["peak_bytes"] = step_peak_bytes(step.run, held_across_steps(step.model, step.opt, step.batch))
     tokens = row.batch * row.seq
@@ -178,7 +189,8 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
                mfu=round(fpt * tokens / seconds / H100_BF16_FLOPS, 4) if device.type == "cuda" else None,
                peak_what="max_memory_allocated" if device.type == "cuda" else "tensor bytes, op by op (CPU)")
     if device.type == "cuda":
-        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["steady_peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_bytes"] = max(warm_peak + [out["steady_peak_bytes"]])
     return out  # the model, optimizer and batch are freed with this frame
 
 

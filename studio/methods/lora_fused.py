@@ -1,6 +1,6 @@
 """LoRA's forward and backward as one autograd op, for the common case (16/32-bit frozen base, no DoRA).
 
-y = x Wᵀ (+ b) + low (s·B)ᵀ with low = drop(x) Aᵀ. Unfused, autograd runs the base linear, the
+y = x Wᵀ (+ b) + s · low Bᵀ with low = drop(x) Aᵀ. Unfused, autograd runs the base linear, the
 dropout, A, the scale on B and an addmm as separate nodes: each allocates its output, and the two
 gradients that reach x (base path and adapter path) are summed into a third tensor. Here the output
 is written once (the adapter term is added in place into the base product), and
@@ -50,11 +50,10 @@ def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Ten
 def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                         p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """y (shape lead + out) = x2 Wᵀ (+ b) + low (s·B)ᵀ, low = drop(x2) Aᵀ, all in x2's dtype; x2 is
+    """y (shape lead + out) = x2 Wᵀ (+ b) + s · low Bᵀ, low = drop(x2) Aᵀ, all in x2's dtype; x2 is
     rows x in. Returns y, low and the dropout keep-mask (None when p is 0)."""
     cdt = x2.dtype
-    w, a = weight.to(cdt), lora_a.to(cdt)
-    sb = (lora_b * scaling).to(cdt)
+    w, a, b = weight.to(cdt), lora_a.to(cdt), lora_b.to(cdt)  # no copies in the weights' own dtype
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, weight.shape[0])
@@ -65,7 +64,7 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
         torch.mm(x2, w.t(), out=y2)
     mask = dropout_mask(x2, p) if p > 0 else None
     low = _dropped(x2, mask, p) @ a.t()
-    y2.addmm_(low, sb.t())
+    y2.addmm_(low, b.t(), alpha=scaling)  # the scale rides in the GEMM: no scaled copy of B per call
     return y, low, mask
 
 
@@ -76,17 +75,22 @@ def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, 
     """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed."""
     cdt = x2.dtype
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
-    d_low = dy2 @ (lora_b * s).to(cdt)
+    d_low = dy2 @ lora_b.to(cdt)  # d(loss)/d(low) / s: the scale is applied inside the products below
     dx = None
     if need_x:
         dx = dy2 @ weight.to(cdt)
         if mask is None:
-            dx.addmm_(d_low, lora_a.to(cdt))
+            dx.addmm_(d_low, lora_a.to(cdt), alpha=s)
         else:
-            dx.add_(_dropped(d_low @ lora_a.to(cdt), mask, p))
-    da = (d_low.t() @ _dropped(x2, mask, p)).to(lora_a.dtype) if need_a else None
-    db = (dy2.t() @ low).to(lora_b.dtype).mul_(s) if need_b else None
+            dx.add_(_dropped(_scaled_mm(d_low, lora_a.to(cdt), s), mask, p))
+    da = _scaled_mm(d_low.t(), _dropped(x2, mask, p), s).to(lora_a.dtype) if need_a else None
+    db = _scaled_mm(dy2.t(), low, s).to(lora_b.dtype) if need_b else None
     return dx, da, db
+
+
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
+    """s · m1 @ m2 as one GEMM (beta=0: the placeholder input is never read, as torch.addmm documents)."""
+    return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=s)
 
 
 def fusable(base: nn.Module) -> bool:

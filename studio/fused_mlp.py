@@ -5,7 +5,8 @@ transformers computes `down(act(gate(x)) * up(x))` as two ops: the activation ke
 intermediate tensors per layer, the largest activations of a decoder layer. Ours keeps gate and up
 and recomputes act(gate) in the backward (one elementwise pass), so a layer saves a third less in
 its MLP. The forward runs the same ops in the same dtype, so outputs are bitwise equal;
-d(up) = dy · act(gate), d(gate) = act'(gate) · dy · up (aten's own activation backward).
+d(up) = dy · act(gate), d(gate) = act'(gate) · dy · up (aten's own activation backward). On CUDA with
+Triton, the product and both gradients are one kernel each (studio/kernels/gated.py; same casts).
 
 When down_proj is a LoRA that runs as one op (studio/methods/lora_fused.py), act(gate) · up and
 down_proj run as one op too: LoRA's A needs down's input for its gradient, which would keep a
@@ -41,7 +42,7 @@ class GatedActivation(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
         ctx.kind = kind
-        return _act(gate, kind) * up
+        return gated(gate, up, kind)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -58,7 +59,7 @@ class GatedDownLora(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
                 p: float = 0.0) -> torch.Tensor:
-        h = _act(gate, kind) * up
+        h = gated(gate, up, kind)
         y, low, mask = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias, lora_a,
                                            lora_b, scaling, p)
         ctx.save_for_backward(gate, up, low, weight, lora_a, lora_b, mask)
@@ -69,29 +70,66 @@ class GatedDownLora(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         gate, up, low, weight, lora_a, lora_b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        h = _act(gate, ctx.kind) * up
+        h = gated(gate, up, ctx.kind)
         dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, lora_a, lora_b,
                                           ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p)
         del h
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live
             dh = dh.view(gate.shape).to(gate.dtype)
-            if needs[1]:
-                d_up = _act(gate, ctx.kind).mul_(dh)
-            if needs[0]:
-                d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
+            if _kernel_ok(dh, gate, up, ctx.kind):
+                from .kernels import gated as kernel
+                d_gate, d_up = kernel.backward(dh, gate, up, ctx.kind, needs[0], needs[1], overwrite_dh=True)
+            else:
+                if needs[1]:
+                    d_up = _act(gate, ctx.kind).mul_(dh)
+                if needs[0]:
+                    d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
         return d_gate, d_up, None, None, None, da, db, None, None, None
 
 
 def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, need_gate: bool,
                     need_up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """d(gate), d(up) of act(gate) * up; act(gate) is recomputed."""
+    if _kernel_ok(dy, gate, up, kind):
+        from .kernels import gated as kernel
+        return kernel.backward(dy, gate, up, kind, need_gate, need_up)
     d_gate = d_up = None
     if need_up:
         d_up = dy * _act(gate, kind)
     if need_gate:
         d_gate = _act_backward(dy * up, gate, kind)
     return d_gate, d_up
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(gate) * up: one Triton kernel on CUDA, else the two torch ops (the reference)."""
+    if _kernel_ok(gate, gate, up, kind):
+        from .kernels import gated as kernel
+        return kernel.forward(gate, up, kind)
+    return _act(gate, kind) * up
+
+
+def _kernel_ok(t: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str) -> bool:
+    from . import kernels
+    if not kernels.use_triton(gate) or not t.dtype == gate.dtype == up.dtype or gate.shape != up.shape:
+        return False
+    return kernels.checked(("gated", gate.device.type, gate.dtype, kind), lambda: _kernel_agrees(gate, kind))
+
+
+def _kernel_agrees(like: torch.Tensor, kind: str) -> bool:
+    """The kernels against the torch ops on a small input (first use of a dtype and activation)."""
+    from .kernels import gated as kernel
+    gen = torch.Generator(device=like.device).manual_seed(0)
+    g, u, dh = (3 * torch.randn(3, 1000, generator=gen, device=like.device)).to(like.dtype).unbind(0)
+    tol = 1e-4 if like.dtype == torch.float32 else 2e-2  # tanh-GELU: tanh from a sigmoid, a few ulp apart
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(((a.float() - b.float()).abs() <= tol * (1 + b.float().abs())).all())
+
+    dg, du = kernel.backward(dh, g, u, kind, True, True)
+    return close(kernel.forward(g, u, kind), _act(g, kind) * u) and close(du, _act(g, kind) * dh) and \
+        close(dg, _act_backward(dh * u, g, kind))
 
 
 def _act_backward(g: torch.Tensor, gate: torch.Tensor, kind: str) -> torch.Tensor:

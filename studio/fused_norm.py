@@ -1,7 +1,8 @@
 """RMSNorm as one autograd op, swapped into the transformers norm modules whose formula we know.
 
 transformers' RMSNorm is six to eight tensor ops, and autograd keeps an fp32 copy of the input plus
-intermediates for each. Ours computes the same forward, op for op (the outputs are bitwise equal),
+intermediates for each. Ours computes the same forward, op for op (the outputs are bitwise equal;
+on CUDA with Triton, one kernel each way, equal up to the order of the row sum),
 keeps only the input in its own dtype and the rsqrt per row (half the bytes under bf16), and writes
 the backward directly: with x̂ = x·r, r = rsqrt(mean(x²) + eps) and u = d(loss)/d(x̂),
 d(loss)/d(x) = r · (u − x̂ · mean(u ⊙ x̂)).
@@ -26,38 +27,83 @@ FUSED_NORM_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "llama", "
 
 
 class FusedRMSNorm(torch.autograd.Function):
-    """(x, weight, eps, gemma) -> y, as the transformers module computes it; gradients for x and weight."""
+    """(x, weight, eps, gemma) -> y, as the transformers module computes it; gradients for x and weight.
+    On CUDA with Triton, one kernel each way (studio/kernels/rmsnorm.py); else the torch ops below."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = xf * r
-        if gemma:
-            y = xhat.mul_(1.0 + weight.float()).type_as(x)
+        ctx.gemma, ctx.triton = gemma, _triton_ok(x, weight, eps, gemma)
+        if ctx.triton:
+            from .kernels import rmsnorm
+            y, r = rmsnorm.forward(x, weight, eps, gemma)
         else:
-            y = weight * xhat.to(x.dtype)
+            y, r = torch_forward(x, weight, eps, gemma)
         ctx.save_for_backward(x, r, weight)
-        ctx.eps, ctx.gemma = eps, gemma
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, r, weight = ctx.saved_tensors
-        xhat = x.float() * r
-        if ctx.gemma:
-            u = dy.float() * (1.0 + weight.float())
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.triton:
+            from .kernels import rmsnorm
+            dx, dw = rmsnorm.backward(dy, x, weight, r, ctx.gemma, need_w)
         else:
-            u = (dy * weight).float()
-        dw = None
-        if ctx.needs_input_grad[1]:
-            scaled = xhat if ctx.gemma else xhat.to(x.dtype).float()
-            dw = (dy.float() * scaled).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dot = (u * xhat).mean(-1, keepdim=True)
-            dx = u.sub_(xhat.mul_(dot)).mul_(r).to(x.dtype)
+            dx, dw = torch_backward(dy, x, weight, r, ctx.gemma, need_x, need_w)
         return dx, dw, None, None
+
+
+def torch_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """y, and r = rsqrt(mean(x²) + eps) per row (keepdim), with transformers' ops and casts."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * r
+    if gemma:
+        return xhat.mul_(1.0 + weight.float()).type_as(x), r
+    return weight * xhat.to(x.dtype), r
+
+
+def torch_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, gemma: bool,
+                   need_x: bool = True, need_w: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    r = r.reshape(*x.shape[:-1], 1)
+    xhat = x.float() * r
+    u = dy.float() * (1.0 + weight.float()) if gemma else (dy * weight).float()
+    dw = dx = None
+    if need_w:
+        scaled = xhat if gemma else xhat.to(x.dtype).float()
+        dw = (dy.float() * scaled).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    if need_x:
+        dot = (u * xhat).mean(-1, keepdim=True)
+        dx = u.sub_(xhat.mul_(dot)).mul_(r).to(x.dtype)
+    return dx, dw
+
+
+def _triton_ok(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> bool:
+    from . import kernels
+    if not kernels.use_triton(x) or x.shape[-1] > 16384 or x.numel() == 0:
+        return False
+    key = ("rmsnorm", x.device.type, x.dtype, weight.dtype, gemma)
+    return kernels.checked(key, lambda: _kernel_agrees(x, weight, eps, gemma))
+
+
+def _kernel_agrees(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> bool:
+    """The kernels against torch_forward / torch_backward on a few rows like x (first use of a dtype pair)."""
+    from .kernels import rmsnorm
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    n = x.shape[-1]
+    xs = torch.randn(8, n, generator=gen, device=x.device).to(x.dtype)
+    w = (weight.detach().float() + 0.1 * torch.randn(n, generator=gen, device=x.device)).to(weight.dtype)
+    dy = torch.randn(8, n, generator=gen, device=x.device).to(torch.result_type(w, xs) if not gemma else xs.dtype)
+    y, r = rmsnorm.forward(xs, w, eps, gemma)
+    dx, dw = rmsnorm.backward(dy, xs, w, r, gemma, True)
+    y0, r0 = torch_forward(xs, w, eps, gemma)
+    dx0, dw0 = torch_backward(dy, xs, w, r0, gemma)
+    tol = 1e-4 if x.dtype == torch.float32 else 3e-2
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(((a.float() - b.float()).abs() <= tol * (1 + b.float().abs())).all())
+
+    return close(y, y0) and close(dx, dx0) and close(dw, dw0)
 
 
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""Triton kernels for the engine's fused ops on CUDA (RMSNorm, the gated MLP activation).
+
+The torch code of each fused op stays the reference and the path everywhere else: on the CPU, when
+Triton is missing, when STUDIO_TRITON=0, and when a kernel fails its first-use check against that
+reference (a card or Triton version that miscompiles it then costs speed, never correctness).
+Tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1 before import;
+`forced()` routes CPU tensors to them).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+_forced = False
+_verdicts: dict[tuple, bool] = {}
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _enabled() -> bool:
+    return os.environ.get("STUDIO_TRITON", "1") != "0" and triton_available()
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a fused op runs its Triton kernel for this tensor."""
+    return (t.is_cuda or _forced) and _enabled()
+
+
+@contextlib.contextmanager
+def forced() -> Iterator[None]:
+    """Route CPU tensors to the kernels too (tests, with TRITON_INTERPRET=1 set before Triton loads)."""
+    global _forced
+    before, _forced = _forced, True
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def checked(key: tuple, check: Callable[[], bool]) -> bool:
+    """A kernel's verdict for `key` (op, dtypes, variant): `check()` compares it once with the torch
+    reference on a small input; a kernel that fails, or raises, is set aside with a warning."""
+    if key not in _verdicts:
+        try:
+            _verdicts[key] = bool(check())
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot build here is a fallback, not an error
+            warnings.warn(f"Triton kernel {key} failed to run ({type(exc).__name__}: {exc}); using torch ops.",
+                          stacklevel=2)
+            _verdicts[key] = False
+        else:
+            if not _verdicts[key]:
+                warnings.warn(f"Triton kernel {key} disagrees with the torch reference here; using torch ops.",
+                              stacklevel=2)
+    return _verdicts[key]
+
+
+def block_size(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+def num_warps(block: int) -> int:
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def programs_for(rows: int, device: torch.device) -> int:
+    """Programs of a row-looping kernel: a few per multiprocessor (each keeps a partial sum)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(rows, 4 * sms))

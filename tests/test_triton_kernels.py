@@ -1,0 +1,107 @@
+"""The Triton kernels against their torch references, on the CPU through Triton's interpreter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # requirements-dev.txt installs it; CUDA builds of torch bring it
+
+from studio import kernels  # noqa: E402
+from studio.fused_norm import FusedRMSNorm, torch_backward, torch_forward  # noqa: E402
+from studio.fused_mlp import _act, _act_backward  # noqa: E402
+from studio.kernels import gated, rmsnorm  # noqa: E402
+
+
+def _close(a, b, tol):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rmsnorm_kernels_match_the_torch_reference(gemma, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 200, generator=g).to(dtype)[:, :, :96]  # rows with a stride, width not a power of 2
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    y, r = rmsnorm.forward(x, w, 1e-6, gemma)
+    y0, r0 = torch_forward(x, w, 1e-6, gemma)
+    _close(y, y0, tol)
+    torch.testing.assert_close(r, r0.reshape(-1), atol=1e-5, rtol=1e-5)
+    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    for need_w in (True, False):
+        dx, dw = rmsnorm.backward(dy, x, w, r, gemma, need_w)
+        dx0, dw0 = torch_backward(dy, x, w, r0, gemma)
+        _close(dx, dx0, tol)
+        if need_w:
+            _close(dw, dw0, tol * 4)  # a sum over 15 rows
+        else:
+            assert dw is None
+
+
+def test_mixed_dtypes_follow_the_module_casts():
+    """An fp32 weight on bf16 activations (a norm kept in fp32): llama's product is fp32, gemma's output bf16."""
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    w = torch.ones(64)
+    assert rmsnorm.forward(x, w, 1e-6, False)[0].dtype == torch.float32
+    assert rmsnorm.forward(x, w, 1e-6, True)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_gated_kernels_match_the_torch_reference(kind, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    gate, up, dh = (3 * torch.randn(3, 2, 7, 300, generator=g)).to(dtype)[..., :250].unbind(0)  # strided
+    _close(gated.forward(gate, up, kind), _act(gate, kind) * up, tol)
+    d_gate, d_up = gated.backward(dh, gate, up, kind, True, True)
+    _close(d_up, _act(gate, kind) * dh, tol)
+    _close(d_gate, _act_backward(dh * up, gate, kind), tol)
+    own = dh.contiguous()
+    d_gate2, none = gated.backward(own, gate, up, kind, True, False, overwrite_dh=True)
+    assert none is None and d_gate2.data_ptr() == own.data_ptr()  # written over the caller's buffer
+    _close(d_gate2, d_gate, 0)
+
+
+@pytest.mark.parametrize("name,kinds", [("tiny-llama", {"silu"}), ("tiny-gemma3", {"gelu_tanh"})])
+def test_a_model_on_the_kernels_trains_like_the_torch_ops(tiny_model, monkeypatch, name, kinds):
+    """A LoRA training step with the norms and the gated MLPs on the kernels: the same loss and gradients."""
+    from studio.memory_bench import random_batch
+    from studio.methods import apply_method, method_config
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    runs = []
+    for force in (False, True):
+        model = tiny_model(name)
+        apply_method(model, method_config({"name": "lora", "r": 4, "lora_dropout": 0.0,
+                                           "target_modules": "all-linear"}))
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.requires_grad_(True)  # the norm weights train too: their kernel gradient is checked
+        batch = random_batch(model.config.vocab_size, 2, 16)
+        with kernels.forced() if force else torch.enable_grad():
+            loss = model(**batch).loss
+            loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert {k[0] for k, ok in kernels._verdicts.items() if ok} == {"rmsnorm", "gated"}  # both ran, checked
+    assert {k[3] for k in kernels._verdicts if k[0] == "gated"} == kinds
+    (l0, g0), (l1, g1) = runs
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys() and any("norm" in n for n in g0) and any("down_proj" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-3)
+
+
+def test_a_kernel_that_disagrees_or_fails_is_set_aside(monkeypatch):
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert kernels.checked(("k", 1), lambda: False) is False
+    assert kernels.checked(("k", 1), lambda: True) is False  # the verdict stands for the process
+
+    def broken():
+        raise RuntimeError("no such instruction")
+
+    with pytest.warns(UserWarning, match="failed to run"):
+        assert kernels.checked(("k", 2), broken) is False
+    x = torch.randn(2, 8)
+    with kernels.forced():
+        monkeypatch.setattr(kernels, "_verdicts", {("rmsnorm", "cpu", torch.float32, torch.float32, False): False})
+        y = FusedRMSNorm.apply(x, torch.ones(8), 1e-6, False)  # falls back to the torch ops
+    torch.testing.assert_close(y, torch_forward(x, torch.ones(8), 1e-6, False)[0])

@@ -108,12 +108,14 @@ def test_activations_match_autograd(arch, method, gc, tmp_path):
     assert abs(pred - measured) <= 0.10 * measured, (pred, measured, (pred - measured) / measured)
 
 
-@pytest.mark.parametrize("method", ACT_METHODS[:2] + [{"name": "dora", "lora_dropout": 0.0}] + ACT_METHODS[3:4],
-                         ids=["lora", "full", "dora-nodrop", "lora-all-nodrop"])
+@pytest.mark.parametrize("method", ACT_METHODS[:2] + [{"name": "dora", "lora_dropout": 0.0}] + ACT_METHODS[3:4]
+                         + [{"name": "ia3"}],
+                         ids=["lora", "full", "dora-nodrop", "lora-all-nodrop", "ia3"])
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
 def test_activations_of_a_bf16_base_under_cpu_autocast(arch, method, tmp_path):
-    """The fused LoRA (with its dropout mask), a trained base, and DoRA's module path, which feeds the
-    16-bit input to its adapters as it is (no fp32 copy to be cast back: q, k, v share one)."""
+    """The fused LoRA (with its dropout mask), a trained base, DoRA's module path, which feeds the
+    16-bit input to its adapters as it is (no fp32 copy to be cast back: q, k, v share one), and IA3,
+    whose fp32 vectors scale 16-bit activations without upcasting them (the GPU grid caught that)."""
     facts = dict(model_presets()[arch]["config"], hidden_size=256, intermediate_size=688, num_hidden_layers=3)
     path = tmp_path / arch
     hf_config_from_dict(facts).save_pretrained(path)

@@ -41,10 +41,12 @@ class IA3Linear(WrappedLinear):
         if self.merged or not self.adapter_enabled:
             return self.base_layer(x)
         scale = self.ia3_l.flatten()
+        # scaled in the activations' dtype: an fp32 product of a 16-bit input would be a second,
+        # twice-as-large copy of the widest activation (down_proj's input) kept for backward
         if self.is_feedforward:
-            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
+            return self.base_layer(x * scale.to(x.dtype))
         out = self.base_layer(x)
-        return (out * scale).to(out.dtype)
+        return out * scale.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -4,8 +4,9 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then: GPU facts, the quick speed grid (ours vs peft), the
-# 7B rows, and the memory estimate against max_memory_allocated while time is left; then a summary table.
+# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, the quick speed
+# grid (ours vs peft), the 7B rows, and the memory estimate against max_memory_allocated while time is
+# left; then a summary table. About 7 minutes on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(transformers==5.24.0 bitsandbytes==0.50.2 peft==0.21.2)
@@ -27,6 +28,9 @@ run)
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$OUT/facts.txt"
+  # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
+    | tee "$OUT/kernels.log"
   # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the 7B rows
   # (MFU, offloading, QLoRA in 24 GB), then the estimator against max_memory_allocated while time is left.
   timeout 220 python3 -m studio bench --quick --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.log"

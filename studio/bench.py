@@ -5,7 +5,7 @@ the method, runs warm-up steps, then times steps of loss + backward + optimizer 
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
 seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes,
-loss_first_last, and on our rows the ratios to the baseline; a row that ran out of memory or failed
+loss_first_last, and on our rows the ratios to the baseline and the Triton kernels in use; a row that ran out of memory or failed
 says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
 whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tensor bytes of one more
 (untimed) step watched op by op (memory_bench.step_peak_bytes).
@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import kernels
 from .checkpointing import enable_gradient_checkpointing, transformers_checkpointing
 from .errors import ConfigError
 from .losses import causal_lm_loss
@@ -181,6 +182,8 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
     seconds, out["loss_first_last"] = _time_steps(step.run, warmup, steps, device, on_warm)
     if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
         out["peak_bytes"] = step_peak_bytes(step.run, held_across_steps(step.model, step.opt, step.batch))
+    if engine == "studio" and kernels.verdicts():
+        out["triton_kernels"] = kernels.verdicts()  # which ran (True) or were set aside (False) in this process
     tokens = row.batch * row.seq
     cfg = step.model.config
     fpt = flops_per_token(step.n_params, sum(p.numel() for p in step.params), row.method, cfg.num_hidden_layers,

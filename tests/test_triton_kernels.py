@@ -1,4 +1,5 @@
-"""The Triton kernels against their torch references, on the CPU through Triton's interpreter."""
+"""The Triton kernels against their torch references: compiled on a CUDA machine, else on the CPU through
+Triton's interpreter (conftest sets TRITON_INTERPRET=1 there)."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,8 @@ from studio.fused_norm import FusedRMSNorm, torch_backward, torch_forward  # noq
 from studio.fused_mlp import _act, _act_backward  # noqa: E402
 from studio.kernels import gated, rmsnorm  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _close(a, b, tol):
     assert a.dtype == b.dtype and a.shape == b.shape
@@ -21,13 +24,13 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_rmsnorm_kernels_match_the_torch_reference(gemma, dtype, tol):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 200, generator=g).to(dtype)[:, :, :96]  # rows with a stride, width not a power of 2
-    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    x = torch.randn(3, 5, 200, generator=g).to(DEVICE, dtype)[:, :, :96]  # rows with a stride, width not a power of 2
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE, dtype)
     y, r = rmsnorm.forward(x, w, 1e-6, gemma)
     y0, r0 = torch_forward(x, w, 1e-6, gemma)
     _close(y, y0, tol)
     torch.testing.assert_close(r, r0.reshape(-1), atol=1e-5, rtol=1e-5)
-    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, y.dtype)
     for need_w in (True, False):
         dx, dw = rmsnorm.backward(dy, x, w, r, gemma, need_w)
         dx0, dw0 = torch_backward(dy, x, w, r0, gemma)
@@ -40,8 +43,8 @@ def test_rmsnorm_kernels_match_the_torch_reference(gemma, dtype, tol):
 
 def test_mixed_dtypes_follow_the_module_casts():
     """An fp32 weight on bf16 activations (a norm kept in fp32): llama's product is fp32, gemma's output bf16."""
-    x = torch.randn(4, 64).to(torch.bfloat16)
-    w = torch.ones(64)
+    x = torch.randn(4, 64, device=DEVICE).to(torch.bfloat16)
+    w = torch.ones(64, device=DEVICE)
     assert rmsnorm.forward(x, w, 1e-6, False)[0].dtype == torch.float32
     assert rmsnorm.forward(x, w, 1e-6, True)[0].dtype == torch.bfloat16
 
@@ -50,7 +53,7 @@ def test_mixed_dtypes_follow_the_module_casts():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_gated_kernels_match_the_torch_reference(kind, dtype, tol):
     g = torch.Generator().manual_seed(0)
-    gate, up, dh = (3 * torch.randn(3, 2, 7, 300, generator=g)).to(dtype)[..., :250].unbind(0)  # strided
+    gate, up, dh = (3 * torch.randn(3, 2, 7, 300, generator=g)).to(DEVICE, dtype)[..., :250].unbind(0)  # strided
     _close(gated.forward(gate, up, kind), _act(gate, kind) * up, tol)
     d_gate, d_up = gated.backward(dh, gate, up, kind, True, True)
     _close(d_up, _act(gate, kind) * dh, tol)
@@ -69,18 +72,19 @@ def test_a_model_on_the_kernels_trains_like_the_torch_ops(tiny_model, monkeypatc
     monkeypatch.setattr(kernels, "_verdicts", {})
     runs = []
     for force in (False, True):
-        model = tiny_model(name)
+        model = tiny_model(name, device=DEVICE, dtype="float32")
         apply_method(model, method_config({"name": "lora", "r": 4, "lora_dropout": 0.0,
                                            "target_modules": "all-linear"}))
         for p in model.parameters():
             if p.dim() == 1:
                 p.requires_grad_(True)  # the norm weights train too: their kernel gradient is checked
-        batch = random_batch(model.config.vocab_size, 2, 16)
-        with kernels.forced() if force else torch.enable_grad():
+        batch = random_batch(model.config.vocab_size, 2, 16, DEVICE)
+        with kernels.forced() if force else kernels.disabled():
             loss = model(**batch).loss
             loss.backward()
         runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     assert {k[0] for k, ok in kernels._verdicts.items() if ok} == {"rmsnorm", "gated"}  # both ran, checked
+    assert all(kernels.verdicts().values()) and any(v.startswith("gated ") for v in kernels.verdicts())
     assert {k[3] for k in kernels._verdicts if k[0] == "gated"} == kinds
     (l0, g0), (l1, g1) = runs
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-_forced = False
+_routing = {"forced": False, "off": False}
 _verdicts: dict[tuple, bool] = {}
 
 
@@ -32,18 +32,31 @@ def _enabled() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a fused op runs its Triton kernel for this tensor."""
-    return (t.is_cuda or _forced) and _enabled()
+    return (t.is_cuda or _routing["forced"]) and not _routing["off"] and _enabled()
 
 
 @contextlib.contextmanager
-def forced() -> Iterator[None]:
-    """Route CPU tensors to the kernels too (tests, with TRITON_INTERPRET=1 set before Triton loads)."""
-    global _forced
-    before, _forced = _forced, True
+def _routed(key: str) -> Iterator[None]:
+    before, _routing[key] = _routing[key], True
     try:
         yield
     finally:
-        _forced = before
+        _routing[key] = before
+
+
+def forced() -> contextlib.AbstractContextManager:
+    """Route CPU tensors to the kernels too (tests, with TRITON_INTERPRET=1 set before Triton loads)."""
+    return _routed("forced")
+
+
+def disabled() -> contextlib.AbstractContextManager:
+    """The torch ops everywhere, CUDA included (the reference side of a comparison)."""
+    return _routed("off")
+
+
+def verdicts() -> dict[str, bool]:
+    """Which kernels this process has checked, and whether each is in use ("rmsnorm cuda bfloat16 ...")."""
+    return {" ".join(str(p).removeprefix("torch.") for p in key): ok for key, ok in _verdicts.items()}
 
 
 def checked(key: tuple, check: Callable[[], bool]) -> bool:

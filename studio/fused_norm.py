@@ -82,7 +82,7 @@ def _triton_ok(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -
     from . import kernels
     if not kernels.use_triton(x) or x.shape[-1] > 16384 or x.numel() == 0:
         return False
-    key = ("rmsnorm", x.device.type, x.dtype, weight.dtype, gemma)
+    key = ("rmsnorm", x.device.type, x.dtype, weight.dtype, "gemma" if gemma else "llama")
     return kernels.checked(key, lambda: _kernel_agrees(x, weight, eps, gemma))
 
 

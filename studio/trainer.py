@@ -311,6 +311,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             if task.eval and ((t.eval_every and step % t.eval_every == 0) or step == steps):
                 event.update(evaluate())
             yield event
+            if step == start_step + 1 and kernel_note():
+                yield {"type": "status", "message": kernel_note()}
             if t.save_every and step % t.save_every == 0 and step < steps:
                 folder = save(step)
                 if folder:
@@ -338,6 +340,17 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         yield {"type": "checkpoint", "step": step, "path": str(folder)}
     accelerator.wait_for_everyone()
     yield {"type": "done", "step": step, "adapter": str(run_dir / "adapter") if run_dir else None}
+
+
+def kernel_note() -> str | None:
+    """Which Triton kernels the first step used, and any set aside (studio/kernels); None when none ran."""
+    from .kernels import verdicts
+    used = sorted(k for k, ok in verdicts().items() if ok)
+    dropped = sorted(k for k, ok in verdicts().items() if not ok)
+    parts = [f"Triton kernels in use: {', '.join(used)}."] if used else []
+    if dropped:
+        parts.append(f"Set aside after their first-use check (torch ops instead): {', '.join(dropped)}.")
+    return " ".join(parts) or None
 
 
 def _to(batch: dict, device: torch.device) -> dict:

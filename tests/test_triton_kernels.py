@@ -106,6 +106,16 @@ def test_a_kernel_that_disagrees_or_fails_is_set_aside(monkeypatch):
         assert kernels.checked(("k", 2), broken) is False
     x = torch.randn(2, 8)
     with kernels.forced():
-        monkeypatch.setattr(kernels, "_verdicts", {("rmsnorm", "cpu", torch.float32, torch.float32, False): False})
+        monkeypatch.setattr(kernels, "_verdicts", {("rmsnorm", "cpu", torch.float32, torch.float32, "llama"): False})
         y = FusedRMSNorm.apply(x, torch.ones(8), 1e-6, False)  # falls back to the torch ops
     torch.testing.assert_close(y, torch_forward(x, torch.ones(8), 1e-6, False)[0])
+
+
+def test_the_run_log_names_the_kernels_in_use(monkeypatch):
+    from studio.trainer import kernel_note
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    assert kernel_note() is None  # the CPU path: nothing to report
+    monkeypatch.setattr(kernels, "_verdicts", {("rmsnorm", "cuda", torch.bfloat16, torch.bfloat16, "llama"): True,
+                                               ("gated", "cuda", torch.bfloat16, "silu"): False})
+    note = kernel_note()
+    assert "in use: rmsnorm cuda bfloat16 bfloat16 llama." in note and "Set aside" in note and "gated cuda" in note

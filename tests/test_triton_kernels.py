@@ -119,3 +119,19 @@ def test_the_run_log_names_the_kernels_in_use(monkeypatch):
                                                ("gated", "cuda", torch.bfloat16, "silu"): False})
     note = kernel_note()
     assert "in use: rmsnorm cuda bfloat16 bfloat16 llama." in note and "Set aside" in note and "gated cuda" in note
+
+
+def test_every_kernel_variant_compiles_for_ampere_and_hopper(tmp_path):
+    """The compiler's rules, which the interpreter does not apply (tests/kernel_compile.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path),
+                                                                             "TRITON_DEFAULT_FP_FUSION": "1"}
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(root / "tests" / "kernel_compile.py")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 84 kernel variants" in done.stdout  # 7 per dtype and variant flag, 3 dtypes, 2 archs

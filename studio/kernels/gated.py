@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
-SQRT_2_OVER_PI = 0.7978845608028654
-KAPPA = 0.044715
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # globals a kernel reads must be constexpr
+KAPPA = tl.constexpr(0.044715)
 
 
 @triton.jit

@@ -1,0 +1,49 @@
+"""Compile every variant of the engine's Triton kernels for Ampere and Hopper, no GPU needed.
+
+Triton's interpreter (the CPU tests) runs the kernels' Python; it does not apply the compiler's rules
+(a global a kernel reads must be constexpr, types must agree across branches). This script runs the
+real front end, LLVM and ptxas. Run with TRITON_INTERPRET unset (tests/test_triton_kernels.py does).
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from studio.kernels import gated, rmsnorm
+
+
+def cases():
+    for dt, flag in itertools.product(("bf16", "fp16", "fp32"), (True, False)):
+        p = f"*{dt}"
+        yield rmsnorm._forward, dict(X=p, W=p, Y=p, R="*fp32", stride_x="i32", stride_y="i32", n="i32", eps="fp32",
+                                     GEMMA="constexpr", BLOCK="constexpr"), dict(GEMMA=flag, BLOCK=4096)
+        for need_w in (True, False):
+            yield rmsnorm._backward, dict(DY=p, X=p, W=p, R="*fp32", DX=p, DW="*fp32", stride_dy="i32", stride_x="i32",
+                                          stride_dx="i32", n="i32", rows="i32", rows_per_program="i32",
+                                          GEMMA="constexpr", NEED_W="constexpr", BLOCK="constexpr"), \
+                dict(GEMMA=flag, NEED_W=need_w, BLOCK=4096)
+        yield gated._forward, dict(G=p, U=p, H=p, n="i32", SILU="constexpr", BLOCK="constexpr"), \
+            dict(SILU=flag, BLOCK=gated.BLOCK)
+        for need_g, need_u in ((True, True), (True, False), (False, True)):
+            yield gated._backward, dict(DH=p, G=p, U=p, DG=p, DU=p, n="i32", SILU="constexpr", NEED_G="constexpr",
+                                        NEED_U="constexpr", BLOCK="constexpr"), \
+                dict(SILU=flag, NEED_G=need_g, NEED_U=need_u, BLOCK=gated.BLOCK)
+
+
+def main() -> int:
+    done = 0
+    for arch in (80, 90):
+        for fn, signature, constexprs in cases():
+            triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 8})
+            done += 1
+    print(f"compiled {done} kernel variants")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

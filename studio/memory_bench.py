@@ -184,7 +184,8 @@ def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, 
 
 def random_base_model(shape: str, device: torch.device, dtype: torch.dtype, quant: str = "none") -> nn.Module:
     """A frozen random-init model of a preset's shape, initialised on `device` itself (a 7B init on
-    the CPU takes minutes); quant="nf4" swaps its decoder Linears for 4-bit ones (CUDA)."""
+    the CPU takes minutes); quant="nf4" swaps its decoder Linears for 4-bit ones (CUDA, or
+    bitsandbytes' CPU backend)."""
     from .models import build_random_model, model_presets
     with torch.device(device):
         model = build_random_model(model_presets()[shape]["config"], seed=0, dtype=dtype)

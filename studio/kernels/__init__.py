@@ -31,8 +31,10 @@ def _enabled() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether a fused op runs its Triton kernel for this tensor."""
-    return (t.is_cuda or _routing["forced"]) and not _routing["off"] and _enabled()
+    """Whether a fused op runs its Triton kernel for this tensor (not inside torch.compile, whose
+    inductor fuses the torch ops itself)."""
+    return (t.is_cuda or _routing["forced"]) and not _routing["off"] and _enabled() and \
+        not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager

@@ -36,13 +36,15 @@ def speed_table(rows: list[dict]) -> list[str]:
 
 
 def memory_table(rows: list[dict]) -> list[str]:
-    out = ["| shape | method | batch x seq | ckpt | offload | estimated GB | measured GB | estimate/measured |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| shape | method | batch x seq | ckpt | offload | estimated GB | measured GB | estimate/measured "
+           "| on card GB | estimate/on card |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio']:.3f}" if r.get("ratio") else ("out of memory" if r.get("oom") else r.get("error", ""))
+        on_card = f"{r['ratio_on_card']:.3f}" if r.get("ratio_on_card") else ""
         out.append(f"| {r['shape']} | {r['method']} | {r['batch']}x{r['seq']} | {'on' if r['grad_ckpt'] else 'off'} "
                    f"| {'on' if r.get('offload') else ''} | {_gb(r.get('estimated_bytes'))} "
-                   f"| {_gb(r.get('measured_bytes'))} | {ratio} |")
+                   f"| {_gb(r.get('measured_bytes'))} | {ratio} | {_gb(r.get('on_card_bytes'))} | {on_card} |")
     return out
 
 

@@ -14,9 +14,10 @@ scratch buffers inside one kernel, so a lower bound of what the allocator sees).
 QLoRA, full, IA3, prefix (those registered), batch x seq from 1x512 to 8x2048, checkpointing on/off;
 one real step (loss, backward, AdamW step, twice so optimizer states exist) per row; yields
 {shape, method, batch, seq, grad_ckpt, estimated_bytes, measured_bytes, ratio} (measured =
-torch.cuda.max_memory_allocated + the estimate's context item). OOM rows say so. On CPU (or with
-quick=True) it runs one tiny shape and measures saved-tensor bytes and the whole step's peak
-(`measured_step_peak`) instead.
+torch.cuda.max_memory_allocated + the estimate's context item) and what the card held: the
+allocator's peak reservation plus the bytes outside the allocator (on_card_bytes, ratio_on_card).
+OOM rows say so. On CPU (or with quick=True) it runs one tiny shape and measures saved-tensor bytes
+and the whole step's peak (`measured_step_peak`) instead.
 """
 from __future__ import annotations
 
@@ -161,8 +162,10 @@ def grid_methods() -> list[tuple[str, dict, str]]:
 
 
 def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, seq: int, grad_ckpt: bool,
-               offload: bool = False) -> int:
-    """max_memory_allocated of two real training steps of a random-init model of the preset's shape."""
+               offload: bool = False) -> dict[str, int]:
+    """Two real training steps of a random-init model of the preset's shape: max_memory_allocated, the
+    allocator's max_memory_reserved, and what the process holds on the card outside the allocator (the CUDA
+    context, library handles, loaded kernels: mem_get_info's used bytes less the reserved ones)."""
     torch.cuda.empty_cache()
     model = random_base_model(model_name, torch.device("cuda"), torch.bfloat16, quant)
     _apply(model, method, grad_ckpt, offload)
@@ -177,9 +180,11 @@ def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, 
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    free, total = torch.cuda.mem_get_info()
+    out = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
+           "outside_allocator": total - free - torch.cuda.memory_reserved()}
     del model, opt, params, data, loss
-    return peak
+    return out
 
 
 def random_base_model(shape: str, device: torch.device, dtype: torch.dtype, quant: str = "none") -> nn.Module:
@@ -237,8 +242,12 @@ def memory_grid(quick: bool = False) -> Iterator[dict]:
                         yield row | {"error": f"estimate: {type(e).__name__}: {e}"[:200]}
                         continue
                     try:
-                        measured = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt, offload) + est.context
-                        row.update(measured_bytes=measured, ratio=est.total / measured)
+                        got = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt, offload)
+                        measured = got["allocated"] + est.context
+                        # on the card: the allocator's reservation at its peak plus everything outside it
+                        on_card = got["reserved"] + got["outside_allocator"]
+                        row.update(measured_bytes=measured, ratio=est.total / measured, on_card_bytes=on_card,
+                                   ratio_on_card=est.total / on_card, **{f"{k}_bytes": v for k, v in got.items()})
                     except torch.OutOfMemoryError:
                         row.update(measured_bytes=None, ratio=None, oom=True)
                     except Exception as e:  # noqa: BLE001 - record and go on with the grid

@@ -127,4 +127,4 @@ def test_bench_table_prints_speed_memory_and_failed_rows(tmp_path, capsys):
     ours = next(line for line in lines if "| studio |" in line and "error" not in line)
     assert f"{rows[1]['speedup_vs_peft']:.2f}x" in ours
     assert any("error: RuntimeError: no kernel" in line for line in lines)
-    assert "| s | lora | 1x8 | on |  | 2.00 | 2.50 | 0.800 |" in lines
+    assert "| s | lora | 1x8 | on |  | 2.00 | 2.50 | 0.800 |  |  |" in lines

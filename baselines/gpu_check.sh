@@ -33,7 +33,7 @@ run)
     | tee "$OUT/kernels.log"
   # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the 7B rows
   # (MFU, offloading, QLoRA in 24 GB), then the estimator against max_memory_allocated while time is left.
-  timeout 220 python3 -m studio bench --quick --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+  timeout 240 python3 -m studio bench --quick --triton-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
   timeout 200 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
   timeout "${MEMORY_S:-90}" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \

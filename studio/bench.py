@@ -12,6 +12,8 @@ whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tenso
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import importlib
 import importlib.util
@@ -41,9 +43,10 @@ class Row:
     labels: str = "all"  # all: every token trains; prompt: the first half of each row is a masked prompt (SFT)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: a bf16 base under autocast anywhere
     offload: bool = False  # ours only: checkpointed layer inputs in pinned CPU RAM (train.offload_checkpoints)
+    triton: bool = True  # ours only: False runs the torch ops where the fused ops have Triton kernels (A/B)
 
     def baseline_key(self) -> tuple:
-        """The settings the peft baseline sees (offloading is ours alone, so both variants share one)."""
+        """The settings the peft baseline sees (offloading and kernels are ours alone: variants share one)."""
         return self.shape, self.method, self.batch, self.seq, self.grad_ckpt, self.labels, self.precision
 
 
@@ -91,7 +94,8 @@ def _time_steps(step, warmup: int, steps: int, device: torch.device,
 
 def _row_facts(row: Row, engine: str) -> dict[str, Any]:
     return {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq, "grad_ckpt": row.grad_ckpt,
-            "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio"}
+            "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio",
+            "triton": row.triton and engine == "studio"}
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
@@ -156,10 +160,13 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
         batch["labels"][:, : row.seq // 2] = -100
 
+    routing = kernels.disabled if not row.triton else contextlib.nullcontext
+
     def run() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = loss_fn(batch)
-        loss.backward()
+        with routing():  # forward and backward: the gated MLP picks its backward kernel there
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = loss_fn(batch)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -182,7 +189,7 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
     seconds, out["loss_first_last"] = _time_steps(step.run, warmup, steps, device, on_warm)
     if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
         out["peak_bytes"] = step_peak_bytes(step.run, held_across_steps(step.model, step.opt, step.batch))
-    if engine == "studio" and kernels.verdicts():
+    if engine == "studio" and row.triton and kernels.verdicts():
         out["triton_kernels"] = kernels.verdicts()  # which ran (True) or were set aside (False) in this process
     tokens = row.batch * row.seq
     cfg = step.model.config
@@ -230,7 +237,7 @@ def _median_row(rows: list[dict]) -> dict:
 
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
           steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None,
-          compile: bool = False, only: list[str] | None = None) -> Iterator[dict]:
+          compile: bool = False, only: list[str] | None = None, triton_ab: bool = False) -> Iterator[dict]:
     """Yield one row per (shape, method, engine); our row carries the ratios to the peft row.
 
     The engines run in alternating rounds (peft, ours, peft, ours, ...) and each reports its median
@@ -245,6 +252,8 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
             raise ConfigError(f"--only names shapes not in this grid: {sorted(unknown)}; it has "
                               f"{sorted({row.shape for row in grid})}.")
         grid = [row for row in grid if row.shape in only]
+    if triton_ab:  # each of our rows again with the torch ops instead of the Triton kernels, same peft row
+        grid = [variant for row in grid for variant in (row, dataclasses.replace(row, triton=False))]
     rounds = rounds or (3 if dev.type == "cpu" else 1)
     have_peft = with_peft and baseline_available()
     baselines: dict[tuple, dict] = {}  # rows differing only in our own settings share one peft run

@@ -128,3 +128,28 @@ def test_bench_table_prints_speed_memory_and_failed_rows(tmp_path, capsys):
     assert f"{rows[1]['speedup_vs_peft']:.2f}x" in ours
     assert any("error: RuntimeError: no kernel" in line for line in lines)
     assert "| s | lora | 1x8 | on |  | 2.00 | 2.50 | 0.800 |  |  |" in lines
+
+
+def test_triton_ab_runs_each_of_our_rows_with_and_without_the_kernels(monkeypatch):
+    """--triton-ab: our row twice (kernels, then the torch ops), one peft row; the second never calls a kernel."""
+    import studio.bench as bench_mod
+    from studio import kernels
+    from studio.kernels import rmsnorm
+    calls, per_run = [], []
+    real_forward, real_run_row = rmsnorm.forward, bench_mod.run_row
+    monkeypatch.setattr(rmsnorm, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+
+    def counted(row, engine, *args):
+        calls.clear()
+        out = real_run_row(row, engine, *args)
+        per_run.append((engine, row.triton, len(calls)))
+        return out
+
+    monkeypatch.setattr(bench_mod, "run_row", counted)
+    with kernels.forced():  # CPU tensors through the kernels (Triton's interpreter here)
+        rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1, triton_ab=True,
+                          grid=[Row("tiny-llama", "lora", 2, 16, False)]))
+    assert [(r["engine"], r["triton"]) for r in rows] == [("peft", False), ("studio", True), ("studio", False)]
+    assert rows[2]["speedup_vs_peft"] > 0 and "triton_kernels" in rows[1] and "triton_kernels" not in rows[2]
+    engines = {(e, t): n for e, t, n in per_run}
+    assert engines[("peft", True)] == 0 and engines[("studio", True)] > 0 and engines[("studio", False)] == 0

@@ -7,14 +7,13 @@ Launch-bound steps (GPU busy far below wall time) want fewer, larger kernels; GP
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 
 def main() -> None:
-    from studio.bench import Row, build_step
+    from studio.bench import Row, time_steps, build_step
     p = argparse.ArgumentParser()
     p.add_argument("shape")
     p.add_argument("method")
@@ -31,15 +30,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     row = Row(a.shape, a.method, a.batch, a.seq, a.ckpt, precision="bf16" if a.bf16 else "auto")
     step = build_step(row, a.engine, device, a.compile)
-    for _ in range(3):
-        step.run()
+    wall = time_steps(step.run, 3, a.steps, device)[0] * 1e3  # the bench's own warm-up and clock
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step.run()
-    sync()
-    wall = (time.perf_counter() - t0) / a.steps * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=a.shapes) as prof:
         for _ in range(a.steps):

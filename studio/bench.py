@@ -74,7 +74,7 @@ def flops_per_token(n_params: int, trainable: int, method: str, layers: int, seq
     return matmul + attention
 
 
-def _time_steps(step, warmup: int, steps: int, device: torch.device,
+def time_steps(step, warmup: int, steps: int, device: torch.device,
                 on_warm: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
     """Seconds per timed step, and the losses of the first and the last step (read after the clock stops,
     so no step waits on the GPU; both engines start from the same weights and batch, so they compare).
@@ -186,7 +186,7 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
             warm_peak.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
 
-    seconds, out["loss_first_last"] = _time_steps(step.run, warmup, steps, device, on_warm)
+    seconds, out["loss_first_last"] = time_steps(step.run, warmup, steps, device, on_warm)
     if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
         out["peak_bytes"] = step_peak_bytes(step.run, held_across_steps(step.model, step.opt, step.batch))
     if engine == "studio" and row.triton and kernels.verdicts():

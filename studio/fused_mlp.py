@@ -122,14 +122,11 @@ def _kernel_agrees(like: torch.Tensor, kind: str) -> bool:
     from .kernels import gated as kernel
     gen = torch.Generator(device=like.device).manual_seed(0)
     g, u, dh = (3 * torch.randn(3, 1000, generator=gen, device=like.device)).to(like.dtype).unbind(0)
+    from .kernels import agree
     tol = 1e-4 if like.dtype == torch.float32 else 2e-2  # tanh-GELU: tanh from a sigmoid, a few ulp apart
-
-    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return bool(((a.float() - b.float()).abs() <= tol * (1 + b.float().abs())).all())
-
     dg, du = kernel.backward(dh, g, u, kind, True, True)
-    return close(kernel.forward(g, u, kind), _act(g, kind) * u) and close(du, _act(g, kind) * dh) and \
-        close(dg, _act_backward(dh * u, g, kind))
+    return agree(tol, (kernel.forward(g, u, kind), _act(g, kind) * u), (du, _act(g, kind) * dh),
+                 (dg, _act_backward(dh * u, g, kind)))
 
 
 def _act_backward(g: torch.Tensor, gate: torch.Tensor, kind: str) -> torch.Tensor:

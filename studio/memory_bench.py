@@ -260,7 +260,6 @@ def memory_grid(quick: bool = False) -> Iterator[dict]:
 
 def _cpu_grid() -> Iterator[dict]:
     from .memory import estimate
-    from .models import build_random_model, model_presets
     shape = "tiny-llama"
     for label, method, quant in grid_methods():
         if quant != "none":
@@ -269,9 +268,7 @@ def _cpu_grid() -> Iterator[dict]:
             batch, seq = 2, 64
             cfg = _run_cfg(shape, method, batch, seq, grad_ckpt)
             est = estimate(cfg, "cpu", padding=False)
-            model = build_random_model(model_presets()[shape]["config"])
-            for p in model.parameters():
-                p.requires_grad_(False)
+            model = random_base_model(shape, torch.device("cpu"), torch.float32)
             _apply(model, method, grad_ckpt)
             data = random_batch(512, batch, seq)
             measured = saved_tensor_bytes(model, data, chunk=cfg.train.loss_chunk)

@@ -311,8 +311,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             if task.eval and ((t.eval_every and step % t.eval_every == 0) or step == steps):
                 event.update(evaluate())
             yield event
-            if step == start_step + 1 and kernel_note():
-                yield {"type": "status", "message": kernel_note()}
+            if step == start_step + 1 and (note := kernel_note()):
+                yield {"type": "status", "message": note}
             if t.save_every and step % t.save_every == 0 and step < steps:
                 folder = save(step)
                 if folder:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+MAX_NORM_WIDTH = 16384  # wider norm rows keep the torch path (one row must fit a program's registers)
 _routing = {"forced": False, "off": False}
 _verdicts: dict[tuple, bool] = {}
 
@@ -76,6 +77,11 @@ def checked(key: tuple, check: Callable[[], bool]) -> bool:
                 warnings.warn(f"Triton kernel {key} disagrees with the torch reference here; using torch ops.",
                               stacklevel=2)
     return _verdicts[key]
+
+
+def agree(tol: float, *pairs: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Each (kernel output, torch reference) pair within tol, relative to the reference (first-use checks)."""
+    return all(bool(((a.float() - b.float()).abs() <= tol * (1 + b.float().abs())).all()) for a, b in pairs)
 
 
 def block_size(n: int) -> int:

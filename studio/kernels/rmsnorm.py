@@ -15,8 +15,6 @@ import triton.language as tl
 
 from . import block_size, num_warps, programs_for
 
-MAX_WIDTH = 16384  # wider rows keep the torch path (one row must fit a program's registers)
-
 
 @triton.jit
 def _forward(X, W, Y, R, stride_x, stride_y, n, eps, GEMMA: tl.constexpr, BLOCK: tl.constexpr):

@@ -7,13 +7,33 @@ block at a time with an online softmax (the largest logits buffer is chunk x blo
 from one whole-vocabulary product per smaller chunk. Other heads (wrapped by a method) run each chunk
 under activation checkpointing.
 Soft-prompt methods may prepend virtual tokens inside the body: the last T positions are kept.
+Inside `static_shapes()` (CUDA-graph capture, studio/step_graph.py) no shape depends on the labels: every
+position goes through the head and the masked ones are weighted 0, so no step waits on the GPU.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+_static = False
+
+
+@contextlib.contextmanager
+def static_shapes() -> Iterator[None]:
+    """Within it, the loss computes every position (masked ones weighted 0) instead of selecting the
+    labelled ones: the same value, no data-dependent shape (CUDA-graph capture needs that)."""
+    global _static
+    before, _static = _static, True
+    try:
+        yield
+    finally:
+        _static = before
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
@@ -50,11 +70,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     Trained head (full fine-tuning): d(loss)/d(W) needs the normalised softmax, so each (smaller)
     chunk takes its whole-vocabulary logits once and both gradients come from the same product:
     three head matmuls, as in an unfused loss, and no recomputation in backward.
+    keep (optional, static shapes): a 0/1 weight per row; y must then hold valid ids on every row.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int,
-                softcap: float | None, block: int | None = None) -> torch.Tensor:
+                softcap: float | None, block: int | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         dev = h.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -66,6 +87,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             for start in range(0, h.shape[0], chunk):
                 hs, ys = h[start:start + chunk].to(cdt), y[start:start + chunk]
+                ks = keep[start:start + chunk, None].float() if keep is not None else None
                 w_y = weight[ys].float()
                 l_y = (hs.float() * w_y).sum(1, keepdim=True)
                 f_y = None
@@ -73,13 +95,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                     t_y = torch.tanh(l_y / softcap)
                     l_y, f_y = t_y * softcap, 1 - t_y * t_y
                 if need_w:
-                    lse, g = _softmax_grads(hs, ys, weight, cdt, softcap, f_y, grad_w, need_h)
+                    lse, g = _softmax_grads(hs, ys, weight, cdt, softcap, f_y, grad_w, need_h, ks)
                 else:
                     vb = block or vocab_block(hs.shape[0], weight.shape[0], dev)
                     lse, g = _online_softmax(hs, weight, cdt, softcap, vb, need_h)
                     if need_h:
                         g = g - (w_y if f_y is None else w_y * f_y)
-                total += (lse - l_y).sum()
+                        g = g * ks if ks is not None else g
+                total += ((lse - l_y) * ks).sum() if ks is not None else (lse - l_y).sum()
                 if need_h:
                     grad_h[start:start + chunk] = g
         ctx.save_for_backward(grad_h, grad_w)
@@ -92,7 +115,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         # in place: these buffers exist only for this backward, and a fresh vocab x hidden one costs page faults
         gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
         gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def _softcap_(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,8 +132,10 @@ def _tanh_grad_(tanh: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_grads(hs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype,
-                   softcap: float | None, f_y: torch.Tensor | None, grad_w: torch.Tensor, need_h: bool) -> tuple:
-    """A trained head's chunk: logsumexp, d(loss)/d(hs) (if needed), and d(loss)/d(W) added into grad_w."""
+                   softcap: float | None, f_y: torch.Tensor | None, grad_w: torch.Tensor, need_h: bool,
+                   ks: torch.Tensor | None = None) -> tuple:
+    """A trained head's chunk: logsumexp, d(loss)/d(hs) (if needed), and d(loss)/d(W) added into grad_w
+    (ks: optional 0/1 row weights)."""
     w = weight.to(cdt)
     logits = (hs @ w.t()).float()
     logits, tanh = _softcap_(logits, softcap)
@@ -122,6 +147,8 @@ def _softmax_grads(hs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor, cdt
         d.mul_(_tanh_grad_(tanh))
     rows = torch.arange(ys.shape[0], device=ys.device)
     d[rows, ys] -= 1 if f_y is None else f_y[:, 0]
+    if ks is not None:
+        d.mul_(ks)
     d = d.to(cdt)
     if cdt == torch.float32:
         grad_w.addmm_(d.t(), hs)  # no vocab x hidden temporary
@@ -158,14 +185,20 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     """Sum of next-token cross-entropy over labelled positions, and their count.
 
     Only labelled positions go through the head (prompt tokens masked with -100 cost nothing),
-    `chunk` of them at a time.
+    `chunk` of them at a time; inside `static_shapes()` all positions do, the masked ones weighted 0.
     """
     y = labels[:, 1:]
     keep = y != -100
-    h = hidden[:, :-1][keep]
-    y = y[keep]
+    if _static:
+        h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), y.reshape(-1)  # F.cross_entropy skips -100
+    else:
+        h, y = hidden[:, :-1][keep], y[keep]
     if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() \
             and (h.requires_grad or head.weight.requires_grad):
+        if _static:
+            flat = keep.reshape(-1)
+            return FusedLinearCrossEntropy.apply(h, head.weight, y.clamp(min=0), max(1, chunk), softcap, None,
+                                                 flat), keep.sum()
         return FusedLinearCrossEntropy.apply(h, head.weight, y, max(1, chunk), softcap), keep.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], max(1, chunk)):

@@ -1,11 +1,13 @@
 """The chunked / fused loss equals transformers' loss, with the same gradients."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
-from studio.losses import FusedLinearCrossEntropy, causal_lm_loss, chunked_lm_loss
+from studio.losses import FusedLinearCrossEntropy, causal_lm_loss, chunked_lm_loss, static_shapes
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
@@ -33,6 +35,32 @@ def test_fused_head_loss_and_gradients_match_plain(softcap, train_head):
     torch.testing.assert_close(got_h, hidden.grad, atol=1e-5, rtol=1e-4)
     if train_head:
         torch.testing.assert_close(got_w, head.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("head_kind", ["frozen", "trained", "wrapped"])
+def test_static_shapes_give_the_same_loss_and_gradients(softcap, head_kind):
+    """CUDA-graph capture computes every position with masked ones weighted 0: same value, same gradients."""
+    def run(static: bool):
+        torch.manual_seed(1)
+        head = nn.Linear(16, 50, bias=False)
+        head.weight.requires_grad_(head_kind != "frozen")
+        module = nn.Sequential(head) if head_kind == "wrapped" else head
+        hidden = torch.randn(3, 9, 16, requires_grad=True)
+        labels = torch.randint(0, 50, (3, 9))
+        labels[0, :4] = labels[2, 6:] = -100  # a masked prompt and right padding
+        with static_shapes() if static else contextlib.nullcontext():
+            total, count = chunked_lm_loss(hidden, labels, module, chunk=4, softcap=softcap)
+        total.backward()
+        return total.detach(), count, hidden.grad, head.weight.grad
+
+    dynamic, static = run(False), run(True)
+    torch.testing.assert_close(static[0], dynamic[0], atol=1e-4, rtol=1e-5)
+    assert static[1] == dynamic[1] == 24 - 4 - 2
+    assert static[2][2, 6:].abs().max() == 0  # masked positions get no gradient
+    torch.testing.assert_close(static[2], dynamic[2], atol=1e-5, rtol=1e-4)
+    if head_kind != "frozen":
+        torch.testing.assert_close(static[3], dynamic[3], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

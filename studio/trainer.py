@@ -30,6 +30,7 @@ from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, load_model
+from .step_graph import GraphedTrainStep, graph_blocker
 from .train_state import load_train_state, save_train_state
 
 
@@ -221,6 +222,25 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     wrapped = LossModule(model, t.loss_chunk, cfg.model.task)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    graphed = None
+    if t.cuda_graphs:
+        blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
+                                method=info.method, mixed_precision=accelerator.mixed_precision,
+                                processes=accelerator.num_processes, compile=t.compile,
+                                offload=t.offload_checkpoints)
+        if blocker:
+            yield {"type": "status", "message": f"train.cuda_graphs is off for this run: {blocker}."}
+        else:
+            def micro_step(batch: dict) -> torch.Tensor:
+                with accelerator.autocast():
+                    loss, _ = wrapped(batch)
+                    extra = info.method.extra_loss(model)
+                    total = loss + extra if extra is not None else loss
+                accelerator.backward(total / t.grad_accum)
+                return loss.detach()
+            graphed = GraphedTrainStep(micro_step, trainable, t.batch_size, cfg.data.max_length, pad_id,
+                                       accelerator.device)
     batches = Batches(task.train, t.batch_size, t.seed, pad_id, task.collate, accelerator.process_index,
                       accelerator.num_processes)
 
@@ -229,7 +249,6 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         start_step = load_train_state(Path(resume_from), model, optimizer, scheduler)
         yield {"type": "status", "message": f"Resumed from step {start_step}."}
     run_dir = Path(run_dir) if run_dir is not None else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
     yield {"type": "start", "total_steps": steps, "start_step": start_step, "train_examples": len(task.train),
            "eval_examples": len(task.eval), "data_stats": task.stats,
            "lengths": [len(ex["input_ids"]) for ex in task.train]}
@@ -273,7 +292,23 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             for micro in range(t.grad_accum):
                 if stop is not None and stop.is_set():
                     raise StoppedError("Stopped by the user.")
-                batch = _to(batches.get(step * t.grad_accum + micro), device)
+                cpu_batch = batches.get(step * t.grad_accum + micro)
+                tokens += int(cpu_batch["attention_mask"].sum()) if cpu_batch["attention_mask"].dim() == 2 else \
+                    int(cpu_batch["input_ids"].numel())
+                if graphed is not None:
+                    try:
+                        loss_sum += graphed(cpu_batch).item()
+                        continue
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - capture is an optimisation: step eagerly instead
+                        if graphed.micro.graph is None:  # failed in capture (the run's first micro-batch)
+                            optimizer.zero_grad(set_to_none=True)  # what the warm-up runs added
+                        graphed = None
+                        yield {"type": "status", "message": "train.cuda_graphs: capture failed "
+                                                            f"({type(exc).__name__}: {str(exc)[:200]}); this run "
+                                                            "steps eagerly."}
+                batch = _to(cpu_batch, device)
                 sync = micro == t.grad_accum - 1
                 meter = SavedTensorMeter(model) if measure_cpu and step == start_step and micro == 0 else None
                 with (accelerator.no_sync(wrapped) if not sync else nullcontext()), accelerator.autocast():
@@ -285,8 +320,6 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                 if meter is not None:
                     saved = meter.bytes
                 loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum().item()) if batch["attention_mask"].dim() == 2 else \
-                    int(batch["input_ids"].numel())
             info.method.on_step(model, step, steps)
             grad_norm = None
             if t.max_grad_norm > 0:
@@ -295,7 +328,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             if measure_cpu and step == start_step:  # grads and optimizer states exist only now
                 cpu_peak = static_bytes(model, optimizer) + saved
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into its own buffers
             info.method.after_optimizer_step(model, step, steps)
             step += 1
             elapsed = time.perf_counter() - step_start

@@ -51,6 +51,7 @@ class Method:
     peft_type: str | None = None  # value written to adapter_config.json (own value if peft lacks it)
     promises_identity_at_init: bool = True  # output == base right after apply()
     task_types: tuple = ("causal_lm",)
+    graph_safe: bool = False  # its training step is the same GPU work every time (train.cuda_graphs may capture it)
 
     # --- required -------------------------------------------------------------------------
     def apply(self, model: nn.Module, cfg: MethodConfig) -> None:

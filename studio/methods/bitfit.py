@@ -104,6 +104,7 @@ class _SelectiveMethod(Method):
 
 class BitFitMethod(_SelectiveMethod):
     name = "bitfit"
+    graph_safe = True
     summary = "Only bias terms train (models without biases: add zero biases or train norm scales instead)."
     config_cls = BitFitConfig
     peft_type = "STUDIO_BITFIT"

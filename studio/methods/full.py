@@ -36,6 +36,7 @@ def _unique_params(model: nn.Module):
 
 class FullMethod(Method):
     name = "full"
+    graph_safe = True
     category = "selective"
     summary = "Every weight trains (most memory); the baseline."
     config_cls = FullConfig

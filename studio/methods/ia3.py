@@ -75,6 +75,7 @@ class IA3Linear(WrappedLinear):
 
 class IA3Method(Method):
     name = "ia3"
+    graph_safe = True
     category = "reparameterised"
     summary = "Learned scaling vectors on keys, values and the FFN activation (tiny; merges into the base)."
     config_cls = IA3Config

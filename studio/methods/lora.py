@@ -222,6 +222,7 @@ class ModulesToSave(nn.Module):
 
 class LoraMethod(Method):
     name = "lora"
+    graph_safe = True
     category = "reparameterised"
     summary = "Low-rank update B·A added to chosen linear layers; merges into the base."
     config_cls = LoraConfig

@@ -1,0 +1,141 @@
+"""train.cuda_graphs: the padded, static-shape micro-batch equals the eager one, and the trainer's graph
+path (capture, replay into fixed gradient buffers, fallback) follows the eager trajectory.
+
+The CPU cannot capture a CUDA graph, so the trainer tests stand a re-running replay in for
+torch.cuda.CUDAGraph (GraphedMicroStep.record): everything around the capture runs as on a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from studio import step_graph
+from studio.config import load_config
+from studio.losses import causal_lm_loss, static_shapes
+from studio.methods import apply_method, method_config, registry
+from studio.models import build_random_model, model_presets
+from studio.step_graph import GraphedMicroStep, graph_blocker, pad_batch
+from studio.trainer import train
+
+
+def test_pad_batch_grows_to_the_captured_shape_without_a_mask():
+    batch = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+             "labels": torch.tensor([[-100, 6, 7], [8, 9, -100]])}
+    out = pad_batch(batch, rows=3, length=5, pad_id=0)
+    assert set(out) == {"input_ids", "labels"}
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 0, 0, 0], [0] * 5]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [8, 9, -100, -100, -100], [-100] * 5]
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_batch(batch, rows=1, length=5, pad_id=0)
+
+
+def _blocker(**changes):
+    facts = dict(device=torch.device("cuda"), task="causal_lm", packing=False, method=registry()["lora"],
+                 mixed_precision="bf16", processes=1, compile=False, offload=False) | changes
+    return graph_blocker(**facts)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"device": torch.device("cpu")}, "CUDA"), ({"task": "classification"}, "causal-LM"),
+    ({"packing": True}, "data.packing"), ({"mixed_precision": "fp16"}, "bf16"), ({"processes": 2}, "one process"),
+    ({"compile": True}, "train.compile"), ({"offload": True}, "offload_checkpoints"),
+    ({"method": registry()["prefix_tuning"]}, "not marked safe")])
+def test_graph_blocker_names_what_stops_capture(changes, reason):
+    assert _blocker() is None
+    assert reason in _blocker(**changes)
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+def test_padded_static_micro_batch_equals_the_eager_one(arch):
+    """pad_batch drops the mask and adds pad rows/columns; static_shapes weighs them 0: same loss, same grads."""
+    model = build_random_model(model_presets()[arch]["config"], seed=0)
+    apply_method(model, method_config({"name": "lora", "r": 4, "lora_dropout": 0.0, "target_modules": "all-linear",
+                                       "init_lora_weights": "gaussian"}))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (2, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    batch = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+    def loss_and_grads(b: dict, static: bool):
+        model.zero_grad(set_to_none=True)
+        with static_shapes() if static else torch.enable_grad():
+            loss, count = causal_lm_loss(model, b, chunk=5)
+        loss.backward()
+        return loss.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager = loss_and_grads(batch, False)
+    padded = loss_and_grads(pad_batch(batch, rows=3, length=16, pad_id=0), True)
+    torch.testing.assert_close(padded[0], eager[0], atol=1e-5, rtol=1e-5)
+    assert padded[1] == eager[1]
+    for name, grad in eager[2].items():
+        torch.testing.assert_close(padded[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _cfg(**sets):
+    base = {"model.name": "tiny-llama", "model.device": "cpu", "data.path": "arith", "data.max_length": 48,
+            "data.limit": 64, "train.batch_size": 3, "train.grad_accum": 2, "train.max_steps": 4, "train.lr": 3e-3,
+            "method.name": "lora", "method.r": 4, "method.lora_dropout": 0.0, "method.target_modules": "all-linear"}
+    return load_config(None, [f"{k}={v}" for k, v in (base | sets).items()])
+
+
+def _run(cfg) -> tuple[list[float], list[str]]:
+    events = list(train(cfg))
+    return [e["loss"] for e in events if e["type"] == "step"], [e["message"] for e in events if e["type"] == "status"]
+
+
+def test_on_the_cpu_the_run_says_graphs_need_cuda_and_trains():
+    losses, notes = _run(_cfg(**{"train.cuda_graphs": True}))
+    assert len(losses) == 4
+    assert any("train.cuda_graphs is off for this run: it needs a CUDA device" in n for n in notes)
+
+
+class _Rerun:
+    """Stands in for a captured graph on the CPU: replay() re-runs the step on the static batch."""
+    replays = 0
+
+    def __init__(self, micro: GraphedMicroStep):
+        self.micro = micro
+
+    def replay(self) -> None:
+        type(self).replays += 1
+        with static_shapes():
+            self.micro.out.copy_(self.micro.fn(self.micro.static))
+
+
+def _emulated_record(self: GraphedMicroStep):
+    with static_shapes():
+        self.out = self.fn(self.static)
+    self.zero_grads()  # a real capture runs nothing
+    return _Rerun(self)
+
+
+def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch):
+    eager, _ = _run(_cfg())
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
+    monkeypatch.setattr(GraphedMicroStep, "record", _emulated_record)
+    _Rerun.replays = 0
+    graphed, notes = _run(_cfg(**{"train.cuda_graphs": True}))
+    assert _Rerun.replays == 4 * 2  # every micro-batch of every step replayed
+    assert not any("cuda_graphs" in n for n in notes)
+    assert graphed == pytest.approx(eager, rel=1e-4)  # gradients accumulate into the captured buffers
+
+
+def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):
+    eager, _ = _run(_cfg())
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
+
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(GraphedMicroStep, "record", refuse)
+    fallback, notes = _run(_cfg(**{"train.cuda_graphs": True}))
+    assert any("capture failed (RuntimeError: operation not permitted" in n and "steps eagerly" in n for n in notes)
+    assert fallback == pytest.approx(eager, rel=1e-4)  # the warm-up's gradients were dropped
+
+
+def test_the_graph_safe_methods_are_the_ones_that_say_so():
+    safe = {name for name, method in registry().items() if getattr(method, "graph_safe", False)}
+    assert safe == {"lora", "full", "ia3", "bitfit"}
+    assert step_graph.IGNORE == -100

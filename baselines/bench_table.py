@@ -29,7 +29,8 @@ def speed_table(rows: list[dict]) -> list[str]:
             loss = "/".join(str(v) for v in r.get("loss_first_last", []))
             result = [f"{r['ms_per_step']:,.0f}", f"{r['tokens_per_s']:,.0f}", mfu, _gb(r.get("peak_bytes")),
                       _gb(r.get("steady_peak_bytes")), _gb(r.get("estimated_bytes")), speed, mem, loss]
-        engine = r["engine"] + (" (torch ops)" if r["engine"] == "studio" and r.get("triton") is False else "")
+        engine = r["engine"] + (" (torch ops)" if r["engine"] == "studio" and r.get("triton") is False else "") \
+            + (" (graphs)" if r.get("graphs") else "")
         cells = [r["shape"], r["method"], f"{r['batch']}x{r['seq']}", "on" if r["grad_ckpt"] else "off",
                  "on" if r.get("offload") else "", engine, *result]
         out.append("| " + " | ".join(cells) + " |")

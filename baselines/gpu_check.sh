@@ -5,8 +5,8 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, the quick speed
-# grid (ours vs peft), the 7B rows, and the memory estimate against max_memory_allocated while time is
-# left; then a summary table. At most 9.5 minutes (a device call: timeout_s 590).
+# grid (ours vs peft; ours also without the Triton kernels, and with CUDA graphs), the 7B rows, and the
+# memory estimate against max_memory_allocated while time is left; then a summary table. At most 9.5 minutes (a device call: timeout_s 590).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(transformers==5.24.0 bitsandbytes==0.50.2 peft==0.21.2)
@@ -33,10 +33,11 @@ run)
     | tee "$OUT/kernels.log"
   # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the 7B rows
   # (MFU, offloading, QLoRA in 24 GB), then the estimator against max_memory_allocated while time is left.
-  timeout 220 python3 -m studio bench --quick --triton-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
-  timeout 180 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+  timeout 250 python3 -m studio bench --quick --triton-ab --graphs --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+    | tee "$OUT/bench.log"
+  timeout 170 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
-  timeout "${MEMORY_S:-60}" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
+  timeout "${MEMORY_S:-40}" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
   python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"
   ;;

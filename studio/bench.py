@@ -44,9 +44,10 @@ class Row:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: a bf16 base under autocast anywhere
     offload: bool = False  # ours only: checkpointed layer inputs in pinned CPU RAM (train.offload_checkpoints)
     triton: bool = True  # ours only: False runs the torch ops where the fused ops have Triton kernels (A/B)
+    graphs: bool = False  # ours only, CUDA: each micro-batch replayed as one captured graph (train.cuda_graphs)
 
     def baseline_key(self) -> tuple:
-        """The settings the peft baseline sees (offloading and kernels are ours alone: variants share one)."""
+        """The settings the peft baseline sees (offloading, kernels, graphs are ours alone: variants share one)."""
         return self.shape, self.method, self.batch, self.seq, self.grad_ckpt, self.labels, self.precision
 
 
@@ -95,7 +96,7 @@ def time_steps(step, warmup: int, steps: int, device: torch.device,
 def _row_facts(row: Row, engine: str) -> dict[str, Any]:
     return {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq, "grad_ckpt": row.grad_ckpt,
             "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio",
-            "triton": row.triton and engine == "studio"}
+            "triton": row.triton and engine == "studio", "graphs": row.graphs and engine == "studio"}
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
@@ -137,7 +138,8 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         apply_method(model, method_config(_method_cfg(row.method)))
         if row.grad_ckpt:
             from .offload import CheckpointOffloader
-            enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if row.offload else None)
+            enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if row.offload else None,
+                                          preserve_rng=not row.graphs)  # no dropout in the bench's rows
         if compile:
             from .methods.common import decoder_layers
             for layer in decoder_layers(model):
@@ -162,14 +164,31 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
 
     routing = kernels.disabled if not row.triton else contextlib.nullcontext
 
-    def run() -> torch.Tensor:
+    def forward_backward(b: dict) -> torch.Tensor:
         with routing():  # forward and backward: the gated MLP picks its backward kernel there
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = loss_fn(batch)
+                loss = loss_fn(b)
             loss.backward()
+        return loss.detach()
+
+    def run() -> torch.Tensor:
+        loss = forward_backward(batch)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
+
+    if row.graphs and engine == "studio":  # as train.cuda_graphs runs it: padded batch, no mask, replayed
+        from .step_graph import GraphedMicroStep, pad_batch
+        micro = GraphedMicroStep(forward_backward, params)
+        batch = pad_batch(batch, row.batch, row.seq, 0)
+
+        def run() -> torch.Tensor:  # noqa: F811 - the graphed variant of the step above
+            if micro.graph is None:
+                micro.capture(batch)
+            loss = micro(batch).clone()  # the graph's output is overwritten by the next replay
+            opt.step()
+            opt.zero_grad(set_to_none=False)  # the graph adds into these buffers
+            return loss
 
     return Step(run, model, params, opt, batch, n_params, dtype)
 
@@ -237,7 +256,8 @@ def _median_row(rows: list[dict]) -> dict:
 
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
           steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None,
-          compile: bool = False, only: list[str] | None = None, triton_ab: bool = False) -> Iterator[dict]:
+          compile: bool = False, only: list[str] | None = None, triton_ab: bool = False,
+          graphs: bool = False) -> Iterator[dict]:
     """Yield one row per (shape, method, engine); our row carries the ratios to the peft row.
 
     The engines run in alternating rounds (peft, ours, peft, ours, ...) and each reports its median
@@ -254,11 +274,13 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
         grid = [row for row in grid if row.shape in only]
     if triton_ab:  # each of our rows again with the torch ops instead of the Triton kernels, same peft row
         grid = [variant for row in grid for variant in (row, dataclasses.replace(row, triton=False))]
+    if graphs:  # and with each micro-batch replayed as a CUDA graph (the kernels as the row has them)
+        grid = [variant for row in grid for variant in (row, dataclasses.replace(row, graphs=True))]
     rounds = rounds or (3 if dev.type == "cpu" else 1)
     have_peft = with_peft and baseline_available()
     baselines: dict[tuple, dict] = {}  # rows differing only in our own settings share one peft run
     for row in grid:
-        if row.method == "qlora" and dev.type != "cuda":
+        if (row.method == "qlora" or row.graphs) and dev.type != "cuda":
             continue
         known = baselines.get(row.baseline_key())
         theirs, mine = [], []

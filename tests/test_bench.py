@@ -1,6 +1,7 @@
 """The benchmark runs our engine and the peft baseline on the same shape and reports ratios."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -153,3 +154,22 @@ def test_triton_ab_runs_each_of_our_rows_with_and_without_the_kernels(monkeypatc
     assert rows[2]["speedup_vs_peft"] > 0 and "triton_kernels" in rows[1] and "triton_kernels" not in rows[2]
     engines = {(e, t): n for e, t, n in per_run}
     assert engines[("peft", True)] == 0 and engines[("studio", True)] > 0 and engines[("studio", False)] == 0
+
+
+def test_graphs_variant_steps_like_the_eager_row_and_is_cuda_only(monkeypatch):
+    """--graphs: our step replayed from a capture (emulated here) trains the same as the eager step;
+    on the CPU the bench leaves graph rows out."""
+    from studio.bench import build_step
+    from training import emulate_graph_capture
+    row = Row("tiny-llama", "lora", 2, 16, False)
+
+    def losses(graphs: bool) -> list[float]:
+        step = build_step(dataclasses.replace(row, graphs=graphs), "studio", torch.device("cpu"))
+        return [float(step.run()) for _ in range(3)]
+
+    eager = losses(False)
+    replays = emulate_graph_capture(monkeypatch)
+    assert losses(True) == pytest.approx(eager, rel=1e-5)
+    assert len(replays) == 3
+    rows = list(bench(device="cpu", with_peft=False, warmup=0, steps=1, rounds=1, graphs=True, grid=[row]))
+    assert [(r["engine"], r["graphs"]) for r in rows] == [("studio", False)]

@@ -2,7 +2,7 @@
 path (capture, replay into fixed gradient buffers, fallback) follows the eager trajectory.
 
 The CPU cannot capture a CUDA graph, so the trainer tests stand a re-running replay in for
-torch.cuda.CUDAGraph (GraphedMicroStep.record): everything around the capture runs as on a GPU.
+torch.cuda.CUDAGraph (training.emulate_graph_capture): everything around the capture runs as on a GPU.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from studio.methods import apply_method, method_config, registry
 from studio.models import build_random_model, model_presets
 from studio.step_graph import GraphedMicroStep, graph_blocker, pad_batch
 from studio.trainer import train
+from training import emulate_graph_capture
 
 
 def test_pad_batch_grows_to_the_captured_shape_without_a_mask():
@@ -92,33 +93,12 @@ def test_on_the_cpu_the_run_says_graphs_need_cuda_and_trains():
     assert any("train.cuda_graphs is off for this run: it needs a CUDA device" in n for n in notes)
 
 
-class _Rerun:
-    """Stands in for a captured graph on the CPU: replay() re-runs the step on the static batch."""
-    replays = 0
-
-    def __init__(self, micro: GraphedMicroStep):
-        self.micro = micro
-
-    def replay(self) -> None:
-        type(self).replays += 1
-        with static_shapes():
-            self.micro.out.copy_(self.micro.fn(self.micro.static))
-
-
-def _emulated_record(self: GraphedMicroStep):
-    with static_shapes():
-        self.out = self.fn(self.static)
-    self.zero_grads()  # a real capture runs nothing
-    return _Rerun(self)
-
-
 def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch):
     eager, _ = _run(_cfg())
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
-    monkeypatch.setattr(GraphedMicroStep, "record", _emulated_record)
-    _Rerun.replays = 0
+    replays = emulate_graph_capture(monkeypatch)
     graphed, notes = _run(_cfg(**{"train.cuda_graphs": True}))
-    assert _Rerun.replays == 4 * 2  # every micro-batch of every step replayed
+    assert replays == [1] * 4 * 2  # every micro-batch of every step replayed
     assert not any("cuda_graphs" in n for n in notes)
     assert graphed == pytest.approx(eager, rel=1e-4)  # gradients accumulate into the captured buffers
 
@@ -139,3 +119,17 @@ def test_the_graph_safe_methods_are_the_ones_that_say_so():
     safe = {name for name, method in registry().items() if getattr(method, "graph_safe", False)}
     assert safe == {"lora", "full", "ia3", "bitfit"}
     assert step_graph.IGNORE == -100
+
+
+@pytest.mark.parametrize("dropout, graphs, preserved", [(0.0, True, False), (0.1, True, True), (0.0, False, True)])
+def test_checkpointing_skips_the_rng_state_only_for_a_captured_step_without_dropout(dropout, graphs, preserved):
+    """Restoring the RNG around a recomputed layer matters only when the forward draws random numbers;
+    capture skips it (not every torch can read that state while capturing)."""
+    from studio.checkpointing import has_dropout, setup_checkpointing
+    from studio.config import TrainConfig
+    model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
+    apply_method(model, method_config({"name": "lora", "lora_dropout": dropout}))
+    assert has_dropout(model) == (dropout > 0)
+    setup_checkpointing(model, TrainConfig(gradient_checkpointing=True, cuda_graphs=graphs), cpu=False)
+    func = model.model.layers[0]._gradient_checkpointing_func
+    assert func.keywords.get("preserve_rng_state", True) == preserved

@@ -6,8 +6,8 @@ micro-batch replays as one graph launch. What capture needs, and how it is met h
 - every batch the same shape: `pad_batch` pads to (batch_size, max_length), padding rows included;
 - no host sync inside: the loss runs in losses.static_shapes(); lazy set-up (kernel first-use checks,
   Triton compiles, cuBLAS workspaces) happens in warm-up runs on a side stream before capture;
-- gradients accumulate into buffers that exist before capture and are never replaced, so the
-  optimizer zeroes them in place (zero_grad(set_to_none=False));
+- gradients accumulate into buffers that exist before capture (the warm-up's) and are never replaced,
+  so the optimizer zeroes them in place (zero_grad(set_to_none=False));
 - the batch enters through static tensors, copied in before each replay.
 The caller owns the fallback: a capture that raises leaves its micro-batch to run eagerly.
 """
@@ -63,8 +63,7 @@ def pad_batch(batch: dict, rows: int, length: int, pad_id: int) -> dict:
 class GraphedMicroStep:
     """fn(batch) -> tensors (forward and backward of one micro-batch), captured once and replayed.
 
-    `params` are the trained parameters: their .grad buffers are made before capture and the graph
-    adds into them on every replay."""
+    `params` are the trained parameters: the graph adds into their .grad buffers on every replay."""
 
     def __init__(self, fn: Callable[[dict], Any], params: list[torch.Tensor], warmup: int = 3):
         self.fn, self.params, self.warmup = fn, params, warmup
@@ -91,15 +90,16 @@ class GraphedMicroStep:
     def record(self) -> Any:
         """Capture fn on the static batch (nothing runs: replay() runs it); sets self.out."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), static_shapes():
+        # thread_local: the page's thread may touch CUDA (memory readings, chat) while the trainer captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), static_shapes():
             self.out = self.fn(self.static)
         return graph
 
     def zero_grads(self) -> None:
+        """In place: the captured backward adds into these very buffers (made by the warm-up's backward;
+        a parameter that got none stays without, as in an eager step)."""
         for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            else:
+            if p.grad is not None:
                 p.grad.zero_()
 
     def __call__(self, batch: dict) -> Any:

@@ -4,8 +4,9 @@ A small model on a fast GPU is launch-bound: Qwen2.5-0.5B LoRA at 4x1024 on an H
 kernels in a 139 ms step; the rest was the host queueing ~5,800 kernels one by one. Captured once, a
 micro-batch replays as one graph launch. What capture needs, and how it is met here:
 - every batch the same shape: `pad_batch` pads to (batch_size, max_length), padding rows included;
-- no host sync inside: the loss runs in losses.static_shapes(); lazy set-up (kernel first-use checks,
-  Triton compiles, cuBLAS workspaces) happens in warm-up runs on a side stream before capture;
+- no host sync inside: the loss runs in losses.static_shapes(), transformers is told the batch is not
+  packed (`capturing_unpacked`); lazy set-up (kernel first-use checks, Triton compiles, cuBLAS
+  workspaces) happens in warm-up runs on a side stream before capture;
 - gradients accumulate into buffers that exist before capture (the warm-up's) and are never replaced,
   so the optimizer zeroes them in place (zero_grad(set_to_none=False));
 - the batch enters through static tensors, copied in before each replay.
@@ -14,13 +15,30 @@ The caller owns the fallback: a capture that raises leaves its micro-batch to ru
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .losses import static_shapes
 
 IGNORE = -100
+
+
+@contextlib.contextmanager
+def capturing_unpacked() -> Iterator[None]:
+    """The loss in static shapes, and transformers told that the positions are not packed.
+
+    While a stream captures, transformers cannot look (that is a host sync), so it assumes packing and
+    builds an explicit B x T x T mask, which keeps sdpa off its causal flash kernel. A captured batch is
+    never packed (graph_blocker) and its positions are 0..T-1, so the answer is known: no packing."""
+    from transformers import masking_utils
+    found = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        with static_shapes():
+            yield
+    finally:
+        masking_utils.find_packed_sequence_indices = found
 
 
 def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, mixed_precision: str,
@@ -91,7 +109,7 @@ class GraphedMicroStep:
         """Capture fn on the static batch (nothing runs: replay() runs it); sets self.out."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the page's thread may touch CUDA (memory readings, chat) while the trainer captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), static_shapes():
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), capturing_unpacked():
             self.out = self.fn(self.static)
         return graph
 

@@ -14,7 +14,7 @@ from studio.config import load_config
 from studio.losses import causal_lm_loss, static_shapes
 from studio.methods import apply_method, method_config, registry
 from studio.models import build_random_model, model_presets
-from studio.step_graph import GraphedMicroStep, graph_blocker, pad_batch
+from studio.step_graph import GraphedMicroStep, capturing_unpacked, graph_blocker, pad_batch
 from studio.trainer import train
 from training import emulate_graph_capture
 
@@ -133,3 +133,61 @@ def test_checkpointing_skips_the_rng_state_only_for_a_captured_step_without_drop
     setup_checkpointing(model, TrainConfig(gradient_checkpointing=True, cuda_graphs=graphs), cpu=False)
     func = model.model.layers[0]._gradient_checkpointing_func
     assert func.keywords.get("preserve_rng_state", True) == preserved
+
+
+class _HostSyncWatch(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for a CUDA device (a scalar read, a data-dependent shape):
+    a captured graph can contain none of them."""
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_dim",
+               "_unique2", "unique_consecutive", "bincount", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+        if name in self.SYNCING or bool_index:
+            self.seen.append(name + (" (bool mask)" if bool_index else ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+@pytest.mark.parametrize("method", ["lora", "full", "ia3", "bitfit"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_the_captured_micro_batch_never_waits_on_the_device(monkeypatch, arch, method, ckpt):
+    """What capture runs (padded batch, static loss, forward and backward, with transformers seeing a
+    capturing stream) has no host sync, and full-attention layers keep sdpa's causal kernel (no mask).
+    The eager loss, which selects the labelled positions, has a sync: the watch does see them."""
+    import torch.nn.functional as F
+
+    from studio.checkpointing import enable_gradient_checkpointing
+    model = build_random_model(model_presets()[arch]["config"], seed=0).train()
+    raw = {"lora": {"name": "lora", "lora_dropout": 0.0, "target_modules": "all-linear"},
+           "bitfit": {"name": "bitfit", "missing_bias": "add_zero"}}.get(method, {"name": method})
+    apply_method(model, method_config(raw))
+    if ckpt:
+        enable_gradient_checkpointing(model, 1.0, preserve_rng=False)
+    ids = torch.randint(5, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    padded = pad_batch(batch, rows=2, length=12, pad_id=0)
+    masks, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: masks.append((k.get("attn_mask") is None, k.get("is_causal"))) or sdpa(*a, **k))
+    monkeypatch.setattr("transformers.utils.import_utils.is_cuda_stream_capturing", lambda: True)
+    watch = _HostSyncWatch()
+    with watch, capturing_unpacked():
+        loss, _ = causal_lm_loss(model, padded, chunk=7)
+        loss.backward()
+    assert watch.seen == []
+    windows = [getattr(m, "sliding_window", None) for m in model.modules() if hasattr(m, "is_causal")]
+    full = sum(1 for w in windows if not w)
+    assert masks[:len(windows)].count((True, True)) >= full  # forward calls (checkpointing re-runs some)
+    assert full > 0 or arch == "tiny-gemma3"  # whose tiny config has sliding layers only
+    monkeypatch.undo()
+    watch = _HostSyncWatch()
+    with watch:
+        causal_lm_loss(model, batch, chunk=7)[0].backward()
+    assert "index (bool mask)" in watch.seen

@@ -122,7 +122,10 @@ def _softcap_(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor
     """softcap · tanh(logits / softcap) in place, and the tanh (None without a soft cap)."""
     if not softcap:
         return logits, None
-    tanh = torch.tanh(logits.div_(softcap))
+    if logits.is_cpu:  # tanh(x) = 2·sigmoid(2x) - 1: torch's CPU tanh takes about 3x as long as its sigmoid
+        tanh = torch.sigmoid(logits.mul_(2 / softcap)).mul_(2).sub_(1)
+    else:
+        tanh = torch.tanh(logits.div_(softcap))
     return torch.mul(tanh, softcap, out=logits), tanh
 
 

@@ -171,24 +171,22 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
             loss.backward()
         return loss.detach()
 
-    def run() -> torch.Tensor:
-        loss = forward_backward(batch)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    micro = None
     if row.graphs and engine == "studio":  # as train.cuda_graphs runs it: padded batch, no mask, replayed
         from .step_graph import GraphedMicroStep, pad_batch
         micro = GraphedMicroStep(forward_backward, params)
         batch = pad_batch(batch, row.batch, row.seq, 0)
 
-        def run() -> torch.Tensor:  # noqa: F811 - the graphed variant of the step above
+    def run() -> torch.Tensor:
+        if micro is None:
+            loss = forward_backward(batch)
+        else:
             if micro.graph is None:
                 micro.capture(batch)
             loss = micro(batch).clone()  # the graph's output is overwritten by the next replay
-            opt.step()
-            opt.zero_grad(set_to_none=False)  # the graph adds into these buffers
-            return loss
+        opt.step()
+        opt.zero_grad(set_to_none=micro is None)  # a graph adds into its own buffers
+        return loss
 
     return Step(run, model, params, opt, batch, n_params, dtype)
 

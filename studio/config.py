@@ -76,8 +76,9 @@ class TrainConfig:
     offload_checkpoints: bool = opt(False, "With gradient checkpointing on CUDA: keep the checkpointed layers' inputs "
                                            "in pinned CPU RAM, fetched back one layer ahead in backward")
     compile: bool = opt(False, "torch.compile each decoder layer (slow first step, faster after; mainly for CUDA)")
-    cuda_graphs: bool = opt(False, "CUDA: replay each micro-batch as one captured graph (batches padded to "
-                                   "data.max_length); for small models, whose steps wait on kernel launches")
+    cuda_graphs: bool = opt(False, "CUDA: replay each micro-batch as one captured graph (one per length, "
+                                   "padded to a multiple of 128 tokens); for small models, whose steps wait on "
+                                   "kernel launches")
     seed: int = opt(42, "Seed for init, data order and dropout")
     eval_every: int = opt(0, "Evaluate every N steps (0 = only at the end if there is an eval split)")
     save_every: int = opt(0, "Save a checkpoint every N steps (0 = only at the end)")

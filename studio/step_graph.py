@@ -3,7 +3,7 @@
 A small model on a fast GPU is launch-bound: Qwen2.5-0.5B LoRA at 4x1024 on an H200 ran 53 ms of
 kernels in a 139 ms step; the rest was the host queueing ~5,800 kernels one by one. Captured once, a
 micro-batch replays as one graph launch. What capture needs, and how it is met here:
-- every batch the same shape: `pad_batch` pads to (batch_size, max_length), padding rows included;
+- fixed shapes: `pad_batch` pads to batch_size rows and a length bucket (one graph per bucket);
 - no host sync inside: the loss runs in losses.static_shapes(), transformers is told the batch is not
   packed (`capturing_unpacked`); lazy set-up (kernel first-use checks, Triton compiles, cuBLAS
   workspaces) happens in warm-up runs on a side stream before capture;
@@ -22,6 +22,7 @@ import torch
 from .losses import static_shapes
 
 IGNORE = -100
+LENGTH_BUCKET = 128  # captured lengths are multiples of this: little padding, few graphs
 
 
 @contextlib.contextmanager
@@ -83,8 +84,8 @@ class GraphedMicroStep:
 
     `params` are the trained parameters: the graph adds into their .grad buffers on every replay."""
 
-    def __init__(self, fn: Callable[[dict], Any], params: list[torch.Tensor], warmup: int = 3):
-        self.fn, self.params, self.warmup = fn, params, warmup
+    def __init__(self, fn: Callable[[dict], Any], params: list[torch.Tensor], warmup: int = 3, pool: Any = None):
+        self.fn, self.params, self.warmup, self.pool = fn, params, warmup, pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: dict[str, torch.Tensor] = {}
         self.out: Any = None
@@ -109,7 +110,7 @@ class GraphedMicroStep:
         """Capture fn on the static batch (nothing runs: replay() runs it); sets self.out."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the page's thread may touch CUDA (memory readings, chat) while the trainer captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"), capturing_unpacked():
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), capturing_unpacked():
             self.out = self.fn(self.static)
         return graph
 
@@ -131,19 +132,42 @@ class GraphedMicroStep:
         return self.out
 
 
+class CaptureFailed(RuntimeError):
+    """A capture (or its warm-up) raised; the cause is chained. The gradients hold the warm-up's additions."""
+
+
 class GraphedTrainStep:
-    """The trainer's micro-batch under train.cuda_graphs: pad to the fixed shape, move to the device,
-    capture on first use (warm-up included), replay. A capture that raises propagates: the trainer
-    then steps eagerly, with the gradients zeroed."""
+    """The trainer's micro-batch under train.cuda_graphs: one graph per padded length (a multiple of
+    LENGTH_BUCKET up to data.max_length, all rows padded to batch_size), captured on first use and
+    replayed after. The graphs share one memory pool: between replays only their gradient buffers
+    (outside the pool) and their loss scalars stay alive, so any replay order is safe."""
 
-    def __init__(self, fn: Callable[[dict], Any], params: list[torch.Tensor], rows: int, length: int,
+    def __init__(self, fn: Callable[[dict], Any], params: list[torch.Tensor], rows: int, max_length: int,
                  pad_id: int, device: torch.device):
-        self.micro = GraphedMicroStep(fn, params)
-        self.rows, self.length, self.pad_id, self.device = rows, length, pad_id, device
+        self.fn, self.params, self.rows, self.max_length, self.pad_id, self.device = \
+            fn, params, rows, max_length, pad_id, device
+        self.graphs: dict[int, GraphedMicroStep] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def __call__(self, batch: dict) -> Any:
+    def length_for(self, tokens: int) -> int:
+        return min(self.max_length, -(-tokens // LENGTH_BUCKET) * LENGTH_BUCKET)
+
+    def __call__(self, batch: dict, may_capture: bool = True) -> Any:
+        """fn's outputs for this micro-batch, or None when its length has no graph yet and may_capture
+        is off (capture zeroes the gradients: only right while they hold nothing, at a step's start)."""
+        length = self.length_for(batch["input_ids"].shape[1])
+        micro = self.graphs.get(length)
+        if micro is None and not may_capture:
+            return None
         padded = {k: v.to(self.device, non_blocking=True)
-                  for k, v in pad_batch(batch, self.rows, self.length, self.pad_id).items()}
-        if self.micro.graph is None:
-            self.micro.capture(padded)
-        return self.micro(padded)
+                  for k, v in pad_batch(batch, self.rows, length, self.pad_id).items()}
+        if micro is None:
+            micro = GraphedMicroStep(self.fn, self.params, pool=self.pool)
+            try:
+                micro.capture(padded)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise CaptureFailed(f"capture failed ({type(exc).__name__}: {exc})") from exc
+            self.graphs[length] = micro
+        return micro(padded)

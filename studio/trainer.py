@@ -30,7 +30,7 @@ from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, load_model
-from .step_graph import GraphedTrainStep, graph_blocker
+from .step_graph import CaptureFailed, GraphedTrainStep, graph_blocker
 from .train_state import load_train_state, save_train_state
 
 
@@ -296,18 +296,20 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                 tokens += int(cpu_batch["attention_mask"].sum()) if cpu_batch["attention_mask"].dim() == 2 else \
                     int(cpu_batch["input_ids"].numel())
                 if graphed is not None:
-                    try:
-                        loss_sum += graphed(cpu_batch).item()
-                        continue
+                    try:  # a length without a graph yet is captured at a step's start, else run eagerly
+                        loss = graphed(cpu_batch, may_capture=micro == 0)
+                        if loss is not None:
+                            loss_sum += loss.item()
+                            continue
                     except torch.OutOfMemoryError:
                         raise
-                    except Exception as exc:  # noqa: BLE001 - capture is an optimisation: step eagerly instead
-                        if graphed.micro.graph is None:  # failed in capture (the run's first micro-batch)
-                            optimizer.zero_grad(set_to_none=True)  # what the warm-up runs added
+                    except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: step eagerly instead
+                        if isinstance(exc, CaptureFailed):  # at micro-batch 0: drop what the warm-up added
+                            optimizer.zero_grad(set_to_none=True)
                         graphed = None
-                        yield {"type": "status", "message": "train.cuda_graphs: capture failed "
-                                                            f"({type(exc).__name__}: {str(exc)[:200]}); this run "
-                                                            "steps eagerly."}
+                        what = str(exc) if isinstance(exc, CaptureFailed) else \
+                            f"replay failed ({type(exc).__name__}: {exc})"
+                        yield {"type": "status", "message": f"train.cuda_graphs: {what[:240]}; this run steps eagerly."}
                 batch = _to(cpu_batch, device)
                 sync = micro == t.grad_accum - 1
                 meter = SavedTensorMeter(model) if measure_cpu and step == start_step and micro == 0 else None
@@ -346,6 +348,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             yield event
             if step == start_step + 1 and (note := kernel_note()):
                 yield {"type": "status", "message": note}
+            if step == start_step + 1 and graphed is not None and graphed.graphs:
+                yield {"type": "status", "message": "train.cuda_graphs: micro-batches replay as CUDA graphs (one "
+                                                    "per padded length, captured on its first use)."}
             if t.save_every and step % t.save_every == 0 and step < steps:
                 folder = save(step)
                 if folder:

@@ -98,9 +98,27 @@ def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch):
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
     replays = emulate_graph_capture(monkeypatch)
     graphed, notes = _run(_cfg(**{"train.cuda_graphs": True}))
-    assert replays == [1] * 4 * 2  # every micro-batch of every step replayed
-    assert not any("cuda_graphs" in n for n in notes)
+    assert len(replays) == 4 * 2  # every micro-batch of every step replayed (one graph: 48 <= 128 tokens)
+    assert any("micro-batches replay as CUDA graphs" in n for n in notes)
     assert graphed == pytest.approx(eager, rel=1e-4)  # gradients accumulate into the captured buffers
+
+
+def test_each_padded_length_gets_its_graph_captured_at_a_step_start(monkeypatch):
+    """Length buckets: a new length met at micro-batch 0 is captured (the gradients are empty then);
+    met later in a step, that micro-batch runs eagerly, adding into the same buffers."""
+    monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 2)
+    eager, _ = _run(_cfg(**{"train.max_steps": 6}))
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
+    replays = emulate_graph_capture(monkeypatch)
+    captured = []
+    real_capture = GraphedMicroStep.capture
+    monkeypatch.setattr(GraphedMicroStep, "capture",
+                        lambda self, batch: captured.append(batch["input_ids"].shape) or real_capture(self, batch))
+    graphed, _ = _run(_cfg(**{"train.cuda_graphs": True, "train.max_steps": 6}))
+    assert len(captured) >= 2 and all(rows == 3 and length % 2 == 0 for rows, length in captured)
+    assert len(set(captured)) == len(captured)  # one graph per length
+    assert 0 < len(replays) < 6 * 2  # some micro-batches met an uncaptured length mid-step: eager
+    assert graphed == pytest.approx(eager, rel=1e-4)
 
 
 def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):

@@ -157,7 +157,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         def loss_fn(batch):
             return baseline.loss(model, batch)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type in ("cuda", "cpu") or None)  # as our trainer
     batch = random_batch(model.config.vocab_size, row.batch, row.seq, device)
     if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
         batch["labels"][:, : row.seq // 2] = -100

@@ -272,8 +272,9 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
         grid = [row for row in grid if row.shape in only]
     if triton_ab:  # each of our rows again with the torch ops instead of the Triton kernels, same peft row
         grid = [variant for row in grid for variant in (row, dataclasses.replace(row, triton=False))]
-    if graphs:  # and with each micro-batch replayed as a CUDA graph (the kernels as the row has them)
-        grid = [variant for row in grid for variant in (row, dataclasses.replace(row, graphs=True))]
+    if graphs:  # and with each micro-batch replayed as a CUDA graph (with the kernels; the A/B stays eager)
+        grid = [variant for row in grid
+                for variant in ((row, dataclasses.replace(row, graphs=True)) if row.triton else (row,))]
     rounds = rounds or (3 if dev.type == "cpu" else 1)
     have_peft = with_peft and baseline_available()
     baselines: dict[tuple, dict] = {}  # rows differing only in our own settings share one peft run

@@ -173,3 +173,25 @@ def test_graphs_variant_steps_like_the_eager_row_and_is_cuda_only(monkeypatch):
     assert len(replays) == 3
     rows = list(bench(device="cpu", with_peft=False, warmup=0, steps=1, rounds=1, graphs=True, grid=[row]))
     assert [(r["engine"], r["graphs"]) for r in rows] == [("studio", False)]
+
+
+def test_graphs_with_triton_ab_adds_one_graphed_row_per_shape(monkeypatch):
+    """--triton-ab --graphs on a GPU: ours (kernels), ours replayed from a graph, ours with the torch ops;
+    one peft row. (run_row is stubbed: this checks the grid the GPU run gets, not the GPU.)"""
+    import studio.bench as bench_mod
+    import studio.models as models
+    seen = []
+
+    def fake_run_row(row, engine, device, warmup, steps, compile=False):
+        seen.append((engine, row.triton, row.graphs))
+        return bench_mod._row_facts(row, engine) | {"ms_per_step": 10.0, "tokens_per_s": 100.0}
+
+    monkeypatch.setattr(models, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(bench_mod, "run_row", fake_run_row)
+    monkeypatch.setattr(bench_mod, "estimated_bytes", lambda row, device: None)
+    monkeypatch.setattr(bench_mod, "baseline_available", lambda: True)
+    rows = list(bench(device="cuda", rounds=1, triton_ab=True, graphs=True,
+                      grid=[Row("qwen2.5-0.5b", "lora", 4, 1024, False)]))
+    assert seen == [("peft", True, False), ("studio", True, False), ("studio", True, True), ("studio", False, False)]
+    assert [(r["engine"], r["triton"], r["graphs"]) for r in rows] == [
+        ("peft", False, False), ("studio", True, False), ("studio", True, True), ("studio", False, False)]

@@ -70,7 +70,9 @@ class GatedDownLora(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         gate, up, low, weight, lora_a, lora_b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        h = gated(gate, up, ctx.kind)
+        # the torch ops: act(gate) once, for h and then (in place) for d(up); the kernels recompute it
+        act = None if _kernel_ok(gate, gate, up, ctx.kind) else _act(gate, ctx.kind)
+        h = gated(gate, up, ctx.kind) if act is None else act * up
         dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, lora_a, lora_b,
                                           ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p)
         del h
@@ -82,7 +84,7 @@ class GatedDownLora(torch.autograd.Function):
                 d_gate, d_up = kernel.backward(dh, gate, up, ctx.kind, needs[0], needs[1], overwrite_dh=True)
             else:
                 if needs[1]:
-                    d_up = _act(gate, ctx.kind).mul_(dh)
+                    d_up = (act if act is not None else _act(gate, ctx.kind)).mul_(dh)
                 if needs[0]:
                     d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
         return d_gate, d_up, None, None, None, da, db, None, None, None

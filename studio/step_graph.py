@@ -33,13 +33,15 @@ def capturing_unpacked() -> Iterator[None]:
     builds an explicit B x T x T mask, which keeps sdpa off its causal flash kernel. A captured batch is
     never packed (graph_blocker) and its positions are 0..T-1, so the answer is known: no packing."""
     from transformers import masking_utils
-    found = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    found = getattr(masking_utils, "find_packed_sequence_indices", None)  # absent: nothing to tell
+    if found is not None:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         with static_shapes():
             yield
     finally:
-        masking_utils.find_packed_sequence_indices = found
+        if found is not None:
+            masking_utils.find_packed_sequence_indices = found
 
 
 def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, mixed_precision: str,

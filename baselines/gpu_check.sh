@@ -5,8 +5,10 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, the quick speed
-# grid (ours vs peft; ours also without the Triton kernels, and with CUDA graphs), the 7B rows, and the
-# memory estimate against max_memory_allocated while time is left; then a summary table. At most 9.5 minutes (a device call: timeout_s 590).
+# grid (ours vs peft; ours also without the Triton kernels, and with CUDA graphs), train.cuda_graphs
+# through the trainer (baselines/graphs_check.py), the 7B rows, and with MEMORY_S=N the memory estimate
+# against max_memory_allocated for N seconds (measured in the last GPU run); then a summary table.
+# At most 9.5 minutes (a device call: timeout_s 590).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(transformers==5.24.0 bitsandbytes==0.50.2 peft==0.21.2)
@@ -29,15 +31,17 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$OUT/facts.txt"
   # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
+  timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
-  # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the 7B rows
-  # (MFU, offloading, QLoRA in 24 GB), then the estimator against max_memory_allocated while time is left.
+  # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the trainer's
+  # graphs, the 7B rows (MFU, offloading, QLoRA in 24 GB), then (MEMORY_S) the estimator.
   timeout 250 python3 -m studio bench --quick --triton-ab --graphs --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/bench.log"
-  timeout 170 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+  # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree)
+  timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
+  timeout 150 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
-  timeout "${MEMORY_S:-40}" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
+  [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
   python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"
   ;;

@@ -209,3 +209,17 @@ def test_the_captured_micro_batch_never_waits_on_the_device(monkeypatch, arch, m
     with watch:
         causal_lm_loss(model, batch, chunk=7)[0].backward()
     assert "index (bool mask)" in watch.seen
+
+
+def test_graphs_check_script_compares_both_runs(monkeypatch, capsys):
+    """baselines/graphs_check (run by gpu_check.sh on a GPU): on the CPU both runs are eager, so the
+    curves are equal and the graph run says why it stayed eager."""
+    import json
+    import sys
+
+    from baselines import graphs_check
+    monkeypatch.setattr(sys, "argv", ["graphs_check", "--device", "cpu", "--models", "tiny-llama", "--steps", "2"])
+    graphs_check.main()
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["max_loss_diff"] == 0.0 and len(row["eager"]["losses"]) == 2
+    assert row["graphs"]["notes"] == ["train.cuda_graphs is off for this run: it needs a CUDA device."]

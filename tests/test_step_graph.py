@@ -136,7 +136,6 @@ def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):
 def test_the_graph_safe_methods_are_the_ones_that_say_so():
     safe = {name for name, method in registry().items() if getattr(method, "graph_safe", False)}
     assert safe == {"lora", "full", "ia3", "bitfit"}
-    assert step_graph.IGNORE == -100
 
 
 @pytest.mark.parametrize("dropout, graphs, preserved", [(0.0, True, False), (0.1, True, True), (0.0, False, True)])

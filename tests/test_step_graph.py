@@ -93,11 +93,12 @@ def test_on_the_cpu_the_run_says_graphs_need_cuda_and_trains():
     assert any("train.cuda_graphs is off for this run: it needs a CUDA device" in n for n in notes)
 
 
-def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch):
-    eager, _ = _run(_cfg())
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch, ckpt):
+    eager, _ = _run(_cfg(**{"train.gradient_checkpointing": ckpt}))
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
     replays = emulate_graph_capture(monkeypatch)
-    graphed, notes = _run(_cfg(**{"train.cuda_graphs": True}))
+    graphed, notes = _run(_cfg(**{"train.cuda_graphs": True, "train.gradient_checkpointing": ckpt}))
     assert len(replays) == 4 * 2  # every micro-batch of every step replayed (one graph: 48 <= 128 tokens)
     assert any("micro-batches replay as CUDA graphs" in n for n in notes)
     assert graphed == pytest.approx(eager, rel=1e-4)  # gradients accumulate into the captured buffers

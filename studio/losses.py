@@ -192,17 +192,14 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     """
     y = labels[:, 1:]
     keep = y != -100
-    if _static:
-        h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), y.reshape(-1)  # F.cross_entropy skips -100
+    if _static:  # F.cross_entropy skips -100 itself; the fused op takes the mask as row weights
+        h, y, rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]), y.reshape(-1), keep.reshape(-1)
     else:
-        h, y = hidden[:, :-1][keep], y[keep]
+        h, y, rows = hidden[:, :-1][keep], y[keep], None
     if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled() \
             and (h.requires_grad or head.weight.requires_grad):
-        if _static:
-            flat = keep.reshape(-1)
-            return FusedLinearCrossEntropy.apply(h, head.weight, y.clamp(min=0), max(1, chunk), softcap, None,
-                                                 flat), keep.sum()
-        return FusedLinearCrossEntropy.apply(h, head.weight, y, max(1, chunk), softcap), keep.sum()
+        ids = y if rows is None else y.clamp(min=0)  # masked rows need a valid id to index
+        return FusedLinearCrossEntropy.apply(h, head.weight, ids, max(1, chunk), softcap, None, rows), keep.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], max(1, chunk)):
         hs, ys = h[start:start + chunk], y[start:start + chunk]

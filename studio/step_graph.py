@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .data_render import IGNORE
 from .losses import static_shapes
 
-IGNORE = -100
 LENGTH_BUCKET = 128  # captured lengths are multiples of this: little padding, few graphs
 
 

@@ -224,6 +224,17 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def micro_step(batch: dict, meter: SavedTensorMeter | None = None) -> torch.Tensor:
+        """One micro-batch: loss (meter: its forward's saved tensors) and backward; eager or captured."""
+        with accelerator.autocast():
+            with meter or nullcontext():
+                loss, _ = wrapped(batch)
+            extra = info.method.extra_loss(model)
+            total = loss + extra if extra is not None else loss
+            accelerator.backward(total / t.grad_accum)
+        return loss.detach()
+
     graphed = None
     if t.cuda_graphs:
         blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
@@ -233,13 +244,6 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         if blocker:
             yield {"type": "status", "message": f"train.cuda_graphs is off for this run: {blocker}."}
         else:
-            def micro_step(batch: dict) -> torch.Tensor:
-                with accelerator.autocast():
-                    loss, _ = wrapped(batch)
-                    extra = info.method.extra_loss(model)
-                    total = loss + extra if extra is not None else loss
-                accelerator.backward(total / t.grad_accum)
-                return loss.detach()
             graphed = GraphedTrainStep(micro_step, trainable, t.batch_size, cfg.data.max_length, pad_id,
                                        accelerator.device)
     batches = Batches(task.train, t.batch_size, t.seed, pad_id, task.collate, accelerator.process_index,
@@ -314,12 +318,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                 batch = _to(cpu_batch, device)
                 sync = micro == t.grad_accum - 1
                 meter = SavedTensorMeter(model) if measure_cpu and step == start_step and micro == 0 else None
-                with (accelerator.no_sync(wrapped) if not sync else nullcontext()), accelerator.autocast():
-                    with meter or nullcontext():
-                        loss, n = wrapped(batch)
-                    extra = info.method.extra_loss(model)
-                    total = loss + extra if extra is not None else loss
-                    accelerator.backward(total / t.grad_accum)
+                with accelerator.no_sync(wrapped) if not sync else nullcontext():
+                    loss = micro_step(batch, meter)
                 if meter is not None:
                     saved = meter.bytes
                 loss_sum += loss.item()

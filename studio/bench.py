@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import importlib
 import importlib.util
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -252,6 +253,18 @@ def _median_row(rows: list[dict]) -> dict:
     return out
 
 
+def default_grid(dev: torch.device, quick: bool) -> list[Row]:
+    """The rows `bench` runs when given none: on a CPU without bf16 matrix hardware, the fp32 rows only
+    (emulated bf16 takes minutes a step and measures nothing a user of that CPU would run)."""
+    if dev.type != "cpu":
+        return QUICK_GRID if quick else GPU_GRID
+    from .models import cpu_has_fast_bf16
+    if cpu_has_fast_bf16():
+        return CPU_GRID
+    print("bench: this CPU has no AMX or AVX512-BF16, so the bf16 rows are left out", file=sys.stderr)
+    return [row for row in CPU_GRID if row.precision != "bf16"]
+
+
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
           steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None,
           compile: bool = False, only: list[str] | None = None, triton_ab: bool = False,
@@ -263,7 +276,7 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
     """
     from .models import resolve_device
     dev = resolve_device(device)
-    grid = grid or (CPU_GRID if dev.type == "cpu" else (QUICK_GRID if quick else GPU_GRID))
+    grid = grid or default_grid(dev, quick)
     if only:
         unknown = set(only) - {row.shape for row in grid}
         if unknown:

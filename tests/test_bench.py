@@ -195,3 +195,15 @@ def test_graphs_with_triton_ab_adds_one_graphed_row_per_shape(monkeypatch):
     assert seen == [("peft", True, False), ("studio", True, False), ("studio", True, True), ("studio", False, False)]
     assert [(r["engine"], r["triton"], r["graphs"]) for r in rows] == [
         ("peft", False, False), ("studio", True, False), ("studio", True, True), ("studio", False, False)]
+
+
+def test_default_cpu_grid_leaves_out_bf16_rows_without_bf16_hardware(monkeypatch):
+    import torch
+
+    from studio import bench as bench_mod, models
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert [r.precision for r in bench_mod.default_grid(cpu, False)] == ["auto", "auto"]
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert bench_mod.default_grid(cpu, False) == bench_mod.CPU_GRID
+    assert bench_mod.default_grid(torch.device("cuda"), True) == bench_mod.QUICK_GRID

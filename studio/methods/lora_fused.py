@@ -3,8 +3,9 @@
 y = x Wᵀ (+ b) + s · low Bᵀ with low = drop(x) Aᵀ. Unfused, autograd runs the base linear, the
 dropout, A, the scale on B and an addmm as separate nodes: each allocates its output, and the two
 gradients that reach x (base path and adapter path) are summed into a third tensor. Here the output
-is written once (the adapter term is added in place into the base product), and
-d(x) = dy W + d(low) A (· mask / keep) is built in one buffer. Saved for backward: x (which A needs
+is one buffer: the rank-r term is written into it and the base GEMM adds its product onto it in its
+epilogue, so the full-width output is never read back by a separate pass; d(x) = d(low) A (· mask /
+keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share), low (rank-sized) and, with dropout, a bool mask (one byte per
 element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x per
 adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it.
@@ -58,13 +59,15 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, weight.shape[0])
     y2 = y.view(-1, weight.shape[0])
-    if bias is not None:
-        torch.addmm(bias.to(cdt), x2, w.t(), out=y2)
-    else:
-        torch.mm(x2, w.t(), out=y2)
     mask = dropout_mask(x2, p) if p > 0 else None
     low = _dropped(x2, mask, p) @ a.t()
-    y2.addmm_(low, b.t(), alpha=scaling)  # the scale rides in the GEMM: no scaled copy of B per call
+    # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
+    # adding it after would read and write the whole output once more (the scale rides in the GEMM)
+    if bias is not None:
+        torch.addmm(bias.to(cdt), low, b.t(), alpha=scaling, out=y2)
+    else:
+        torch.addmm(y2, low, b.t(), beta=0, alpha=scaling, out=y2)
+    y2.addmm_(x2, w.t())
     return y, low, mask
 
 
@@ -77,12 +80,9 @@ def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, 
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
     d_low = dy2 @ lora_b.to(cdt)  # d(loss)/d(low) / s: the scale is applied inside the products below
     dx = None
-    if need_x:
-        dx = dy2 @ weight.to(cdt)
-        if mask is None:
-            dx.addmm_(d_low, lora_a.to(cdt), alpha=s)
-        else:
-            dx.add_(_dropped(_scaled_mm(d_low, lora_a.to(cdt), s), mask, p))
+    if need_x:  # as in the forward: the adapter's term first, the base GEMM adds onto it
+        dx = _dropped(_scaled_mm(d_low, lora_a.to(cdt), s), mask, p)
+        dx = dx.addmm_(dy2, weight.to(cdt))
     da = _scaled_mm(d_low.t(), _dropped(x2, mask, p), s).to(lora_a.dtype) if need_a else None
     db = _scaled_mm(dy2.t(), low, s).to(lora_b.dtype) if need_b else None
     return dx, da, db

@@ -4,7 +4,8 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, the quick speed
+# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, LoRA's GEMM order
+# (baselines/lora_order_ab.py), the quick speed
 # grid (ours vs peft; ours also without the Triton kernels, and with CUDA graphs), train.cuda_graphs
 # through the trainer (baselines/graphs_check.py), the 7B rows, and with MEMORY_S=N the memory estimate
 # against max_memory_allocated for N seconds (measured in the last GPU run); then a summary table.
@@ -33,6 +34,8 @@ run)
   # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
   timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
+  # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes
+  timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the trainer's
   # graphs, the 7B rows (MFU, offloading, QLoRA in 24 GB), then (MEMORY_S) the estimator.
   timeout 250 python3 -m studio bench --quick --triton-ab --graphs --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from studio.kernels import gated, rmsnorm
+from studio.kernels import gated, rmsnorm, rope
 
 
 def cases():
@@ -28,6 +28,10 @@ def cases():
                 dict(GEMMA=flag, NEED_W=need_w, BLOCK=4096)
         yield gated._forward, dict(G=p, U=p, H=p, n="i32", SILU="constexpr", BLOCK="constexpr"), \
             dict(SILU=flag, BLOCK=gated.BLOCK)
+        yield rope._rope, dict(X=p, Y=p, COS=p, SIN=p, seq="i32", heads="i32", sxb="i32", sxh="i32", sxt="i32",
+                               syb="i32", syh="i32", syt="i32", scb="i32", sct="i32", HALF="constexpr",
+                               BLOCK_H="constexpr", BLOCK_D="constexpr", BACKWARD="constexpr"), \
+            dict(HALF=64, BLOCK_H=32, BLOCK_D=64, BACKWARD=flag)
         for need_g, need_u in ((True, True), (True, False), (False, True)):
             yield gated._backward, dict(DH=p, G=p, U=p, DG=p, DU=p, n="i32", SILU="constexpr", NEED_G="constexpr",
                                         NEED_U="constexpr", BLOCK="constexpr"), \

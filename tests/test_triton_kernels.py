@@ -10,7 +10,8 @@ pytest.importorskip("triton")  # requirements-dev.txt installs it; CUDA builds o
 from studio import kernels  # noqa: E402
 from studio.fused_norm import FusedRMSNorm, torch_backward, torch_forward  # noqa: E402
 from studio.fused_mlp import _act, _act_backward  # noqa: E402
-from studio.kernels import gated, rmsnorm  # noqa: E402
+from studio.fused_rope import torch_rope, torch_rope_backward  # noqa: E402
+from studio.kernels import gated, rmsnorm, rope  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -64,9 +65,27 @@ def test_gated_kernels_match_the_torch_reference(kind, dtype, tol):
     _close(d_gate2, d_gate, 0)
 
 
+@pytest.mark.parametrize("batch_cos", [1, 2])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_rope_kernel_matches_the_torch_reference(batch_cos, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 12, generator=g).to(DEVICE, dtype).transpose(1, 2)  # attention's transposed view
+    angle = torch.randn(batch_cos, 7, 6, generator=g).repeat(1, 1, 2)
+    for cos, sin in ((angle.cos(), angle.sin()), (torch.randn(batch_cos, 7, 12, generator=g),
+                                                  torch.randn(batch_cos, 7, 12, generator=g))):
+        cos, sin = cos.to(DEVICE, dtype), sin.to(DEVICE, dtype)
+        assert rope.supported(x, cos, sin)
+        y = rope.apply(x, cos, sin)
+        assert y.stride() == torch.empty_like(x).stride()
+        _close(y, torch_rope(x, cos, sin), tol)
+        _close(rope.apply(x, cos, sin, backward=True), torch_rope_backward(x, cos, sin), tol)
+    strided_last = torch.randn(2, 3, 12, 7, generator=g).to(DEVICE, dtype).transpose(2, 3)
+    assert not rope.supported(x[..., :6], cos, sin) and not rope.supported(strided_last, cos, sin)
+
+
 @pytest.mark.parametrize("name,kinds", [("tiny-llama", {"silu"}), ("tiny-gemma3", {"gelu_tanh"})])
 def test_a_model_on_the_kernels_trains_like_the_torch_ops(tiny_model, monkeypatch, name, kinds):
-    """A LoRA training step with the norms and the gated MLPs on the kernels: the same loss and gradients."""
+    """A LoRA training step with the norms, the gated MLPs and RoPE on the kernels: the same loss and gradients."""
     from studio.memory_bench import random_batch
     from studio.methods import apply_method, method_config
     monkeypatch.setattr(kernels, "_verdicts", {})
@@ -83,7 +102,7 @@ def test_a_model_on_the_kernels_trains_like_the_torch_ops(tiny_model, monkeypatc
             loss = model(**batch).loss
             loss.backward()
         runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    assert {k[0] for k, ok in kernels._verdicts.items() if ok} == {"rmsnorm", "gated"}  # both ran, checked
+    assert {k[0] for k, ok in kernels._verdicts.items() if ok} == {"rmsnorm", "gated", "rope"}  # all ran, checked
     assert all(kernels.verdicts().values()) and any(v.startswith("gated ") for v in kernels.verdicts())
     assert {k[3] for k in kernels._verdicts if k[0] == "gated"} == kinds
     (l0, g0), (l1, g1) = runs
@@ -134,4 +153,4 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(tmp_path):
     done = subprocess.run([sys.executable, str(root / "tests" / "kernel_compile.py")], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 84 kernel variants" in done.stdout  # 7 per dtype and variant flag, 3 dtypes, 2 archs
+    assert "compiled 96 kernel variants" in done.stdout  # 8 per dtype and variant flag, 3 dtypes, 2 archs

@@ -1,4 +1,4 @@
-"""Triton kernels for the engine's fused ops on CUDA (RMSNorm, the gated MLP activation).
+"""Triton kernels for the engine's fused ops on CUDA (RMSNorm, the gated MLP activation, RoPE).
 
 The torch code of each fused op stays the reference and the path everywhere else: on the CPU, when
 Triton is missing, when STUDIO_TRITON=0, and when a kernel fails its first-use check against that

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import build_dataclass, field_docs
 from ..errors import ConfigError
 from ..fused_norm import fuse_norms
+from ..fused_rope import fuse_rope
 from .base import CATEGORIES, AppliedAdapter, Method, MethodConfig, applied, attach
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "methods"
@@ -91,8 +92,9 @@ def apply_method(model: nn.Module, cfg: MethodConfig) -> AppliedAdapter:
     info = attach(model, method, cfg)
     method.apply(model, cfg)
     from ..fused_mlp import fuse_mlps  # here, not at the top: fused_mlp uses methods/lora_fused.py
-    fuse_norms(model)  # the engine's RMSNorm and gated MLP: the same outputs, fewer saved bytes and ops
+    fuse_norms(model)  # the engine's RMSNorm, gated MLP and RoPE: the same outputs, fewer saved bytes and ops
     fuse_mlps(model)
+    fuse_rope(model)
     return info
 
 

@@ -60,21 +60,23 @@ class GatedDownLora(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
                 p: float = 0.0) -> torch.Tensor:
         h = gated(gate, up, kind)
-        y, low, mask = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias, lora_a,
-                                           lora_b, scaling, p)
-        ctx.save_for_backward(gate, up, low, weight, lora_a, lora_b, mask)
-        ctx.kind, ctx.scaling, ctx.cdt, ctx.p = kind, scaling, cdt, p
+        a, b = lora_a.to(cdt), lora_b.to(cdt)  # cast once: the backward uses these copies too
+        y, low, mask = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias, a, b,
+                                           scaling, p)
+        ctx.save_for_backward(gate, up, low, weight, a, b, mask)
+        ctx.kind, ctx.scaling, ctx.cdt, ctx.p, ctx.ab_dtypes = kind, scaling, cdt, p, (lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        gate, up, low, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        gate, up, low, weight, a, b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
         # the torch ops: act(gate) once, for h and then (in place) for d(up); the kernels recompute it
         act = None if _kernel_ok(gate, gate, up, ctx.kind) else _act(gate, ctx.kind)
         h = gated(gate, up, ctx.kind) if act is None else act * up
-        dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, lora_a, lora_b,
-                                          ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p)
+        dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, a, b,
+                                          ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p,
+                                          ctx.ab_dtypes)
         del h
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live

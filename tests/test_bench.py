@@ -207,3 +207,16 @@ def test_default_cpu_grid_leaves_out_bf16_rows_without_bf16_hardware(monkeypatch
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
     assert bench_mod.default_grid(cpu, False) == bench_mod.CPU_GRID
     assert bench_mod.default_grid(torch.device("cuda"), True) == bench_mod.QUICK_GRID
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_our_step_issues_far_fewer_kernel_launches_than_peft(ckpt):
+    """What launch-bound GPU rows pay for, counted on the CPU (baselines/op_count.py): a LoRA step on a
+    Qwen2-shaped model, bf16 under autocast, with the Triton kernels counted as launches."""
+    pytest.importorskip("peft")
+    pytest.importorskip("triton")
+    from baselines.op_count import count
+    ours, theirs = (count("tiny-qwen2", "lora", 2, 32, ckpt, engine) for engine in ("studio", "peft"))
+    assert ours["layers"] == theirs["layers"] == 2
+    assert ours["top"]["triton.rope.apply"] > 0 and "triton.rope.apply" not in theirs["top"]
+    assert ours["ops_per_step"] < 0.6 * theirs["ops_per_step"]

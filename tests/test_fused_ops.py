@@ -205,6 +205,34 @@ def test_fused_lora_under_bf16_autocast_keeps_fp32_adapter_grads():
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
 
 
+def test_fused_lora_casts_each_adapter_weight_once_a_step():
+    """Under autocast the forward's 16-bit copies of A and B serve the backward too (launch-bound GPU steps
+    pay per kernel): two casts down in the forward, and only the two gradients cast back up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy" and args[0].shape in {(4, 40), (24, 4)}:
+                self.seen.append((tuple(args[0].shape), args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    lora = _lora(True, torch.bfloat16)
+    x = torch.randn(3, 5, 40, dtype=torch.bfloat16, requires_grad=True)
+    forward, backward = Casts(), Casts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with forward:
+            y = lora(x)
+    with backward:
+        y.sum().backward()
+    assert sorted(forward.seen) == [((4, 40), torch.float32), ((24, 4), torch.float32)]
+    assert sorted(backward.seen) == [((4, 40), torch.bfloat16), ((24, 4), torch.bfloat16)]  # the grads, to fp32
+    assert lora.lora_A.weight.grad.dtype == lora.lora_B.weight.grad.dtype == torch.float32
+
+
 def test_module_path_when_fusing_does_not_apply():
     lora = _lora(False, torch.float32)
     x = torch.randn(4, 40, requires_grad=True)

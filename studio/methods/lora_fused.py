@@ -23,17 +23,18 @@ class FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-        y, low, mask = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling, p)
-        ctx.save_for_backward(x2, low, weight, lora_a, lora_b, mask)
-        ctx.scaling, ctx.x_dtype, ctx.p = scaling, x.dtype, p
+        a, b = lora_a.to(cdt), lora_b.to(cdt)  # cast once: the backward uses these copies too
+        y, low, mask = lora_linear_forward(x2, x.shape[:-1], weight, bias, a, b, scaling, p)
+        ctx.save_for_backward(x2, low, weight, a, b, mask)
+        ctx.scaling, ctx.x_dtype, ctx.p, ctx.ab_dtypes = scaling, x.dtype, p, (lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, low, weight, lora_a, lora_b, mask = ctx.saved_tensors
+        x2, low, weight, a, b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, da, db = lora_linear_backward(dy, x2, low, weight, lora_a, lora_b, ctx.scaling, needs[0], needs[3],
-                                          needs[4], mask, ctx.p)
+        dx, da, db = lora_linear_backward(dy, x2, low, weight, a, b, ctx.scaling, needs[0], needs[3],
+                                          needs[4], mask, ctx.p, ctx.ab_dtypes)
         if dx is not None:
             dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
         return dx, None, None, da, db, None, None, None
@@ -74,8 +75,10 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
 def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
                          lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, need_x: bool, need_a: bool,
                          need_b: bool, mask: torch.Tensor | None = None, p: float = 0.0,
+                         ab_dtypes: tuple[torch.dtype, torch.dtype] | None = None,
                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed."""
+    """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed. dA and dB come
+    in ab_dtypes (the trained weights' dtypes, when lora_a and lora_b are their compute-dtype copies)."""
     cdt = x2.dtype
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
     d_low = dy2 @ lora_b.to(cdt)  # d(loss)/d(low) / s: the scale is applied inside the products below
@@ -83,8 +86,9 @@ def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, 
     if need_x:  # as in the forward: the adapter's term first, the base GEMM adds onto it
         dx = _dropped(_scaled_mm(d_low, lora_a.to(cdt), s), mask, p)
         dx = dx.addmm_(dy2, weight.to(cdt))
-    da = _scaled_mm(d_low.t(), _dropped(x2, mask, p), s).to(lora_a.dtype) if need_a else None
-    db = _scaled_mm(dy2.t(), low, s).to(lora_b.dtype) if need_b else None
+    a_dtype, b_dtype = ab_dtypes or (lora_a.dtype, lora_b.dtype)
+    da = _scaled_mm(d_low.t(), _dropped(x2, mask, p), s).to(a_dtype) if need_a else None
+    db = _scaled_mm(dy2.t(), low, s).to(b_dtype) if need_b else None
     return dx, da, db
 
 

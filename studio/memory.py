@@ -197,7 +197,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
         bseen.add(id(buf))
         buffers += buf.numel() * buf.element_size()
     by_dtype["buffers"] = buffers
-    layer_infos = [_layer_info(lay, nf4) for lay in layers_mod]
+    layer_infos = [_layer_info(lay) for lay in layers_mod]
     final_norm_tr = any(p.requires_grad for n, p in model.named_parameters()
                         if layer_index(n) is None and "norm" in n)
     host_copy = 0
@@ -211,7 +211,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
                  final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr)
 
 
-def _layer_info(layer: nn.Module, nf4: bool) -> LayerInfo:
+def _layer_info(layer: nn.Module) -> LayerInfo:
     sites: dict[str, Site] = {}
     site_paths: list[str] = []
     for path, mod in layer.named_modules():
@@ -219,7 +219,7 @@ def _layer_info(layer: nn.Module, nf4: bool) -> LayerInfo:
         if short not in SITES_ALL or any(path.startswith(sp + ".") for sp in site_paths):
             continue
         site_paths.append(path)
-        sites[short] = _site(short, mod, nf4)
+        sites[short] = _site(short, mod)
     norms_tr = any(p.requires_grad for n, p in layer.named_parameters() if "norm" in n)
     trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
     extra: list[int] = []
@@ -231,7 +231,7 @@ def _layer_info(layer: nn.Module, nf4: bool) -> LayerInfo:
     return LayerInfo(sites, norms_tr, trainable, extra)
 
 
-def _site(name: str, mod: nn.Module, nf4: bool) -> Site:
+def _site(name: str, mod: nn.Module) -> Site:
     base = getattr(mod, "base_layer", mod)
     din = getattr(base, "in_features", 0) or getattr(mod, "in_features", 0)
     dout = getattr(base, "out_features", 0) or getattr(mod, "out_features", 0)
@@ -250,7 +250,7 @@ def _site(name: str, mod: nn.Module, nf4: bool) -> Site:
         drop = getattr(mod, "lora_dropout", None)
         site.lora_dropout = float(getattr(drop, "p", 0.0) or 0.0)
         site.dora = bool(getattr(mod, "use_dora", False))
-        site.lora_fused = not nf4 and bool(getattr(mod, "uses_fused_op", lambda: False)())
+        site.lora_fused = bool(getattr(mod, "uses_fused_op", lambda: False)())  # 4-bit bases fuse too
         return site
     ia3 = getattr(mod, "ia3_l", None)
     if isinstance(ia3, torch.Tensor):

@@ -55,3 +55,67 @@ def test_qlora_run_end_to_end_with_8bit_optimizer_or_clear_error(tiny_folder, tm
     run = RunDir.create(tmp_path / "runs", cfg)
     execute(run, cfg)
     assert run.status()["state"] == "done" and run.adapter() is not None
+
+
+def test_lora_on_a_4bit_base_trains_as_one_op_like_the_module_path(tiny_folder, monkeypatch):
+    """QLoRA takes the fused LoRA op (the base dequantized for its GEMMs, forward and backward): the outputs
+    and gradients of bitsandbytes' own path; generation (no grad) keeps bitsandbytes' 4-bit kernels."""
+    from studio.methods.lora import LoraLinear
+    model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+    apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+    q = model.model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(q.lora_B.weight, std=0.1)  # a non-zero update
+    x = torch.randn(2, 7, q.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(LoraLinear, "uses_fused_op", lambda self: False)
+        xi = x.clone().requires_grad_()
+        y = q(xi)
+        assert (type(y.grad_fn).__name__ == "FusedLoraLinearBackward") == fused
+        grads = torch.autograd.grad(y.square().sum(), [xi, q.lora_A.weight, q.lora_B.weight])
+        results.append((y.detach(), *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert q.fused_parts(x) is None  # generation: bitsandbytes' path
+    q.base_layer.compute_dtype = torch.bfloat16  # a base computing in another dtype than the fused op would
+    assert q.fused_parts(x.requires_grad_()) is None
+
+
+def test_a_4bit_model_step_on_the_fused_ops_equals_the_module_path(tiny_folder, monkeypatch):
+    """The whole model: attention projections and the gated MLP with its 4-bit down_proj (fused_mlp.py)."""
+    from studio.methods.lora import LoraLinear
+    from studio.memory_bench import random_batch
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(LoraLinear, "uses_fused_op", lambda self: False)
+        model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+        torch.manual_seed(0)  # A's initialisation
+        apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        out = model(**random_batch(model.config.vocab_size, 2, 12))
+        out.loss.backward()
+        names = {type(n).__name__ for n in _grad_fns(out.loss)}
+        assert ("GatedDownLoraBackward" in names and "FusedLoraLinearBackward" in names) == fused
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = runs
+    torch.testing.assert_close(l0, l1, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], atol=1e-5, rtol=1e-3)
+
+
+def _grad_fns(t: torch.Tensor) -> list:
+    seen, todo = [], [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.append(fn)
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return seen

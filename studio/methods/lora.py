@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
-from .lora_fused import FusedLoraLinear, compute_dtype, fusable
+from .lora_fused import FusedLoraLinear, compute_dtype, fusable, is_4bit
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -113,23 +113,30 @@ class LoraLinear(WrappedLinear):
 
     def uses_fused_op(self) -> bool:
         """Whether forward runs as one autograd op (lora_fused.py): this class's forward (a subclass with
-        its own keeps it), no DoRA, plain dropout or none, a frozen 16/32-bit base."""
+        its own keeps it), no DoRA, plain dropout or none, a frozen 16/32-bit or 4-bit base."""
         return type(self).forward is LoraLinear.forward and self.adapter_enabled and not self.merged \
             and not self.use_dora and type(self.lora_dropout) in (nn.Identity, nn.Dropout) \
             and fusable(self.base_layer)
 
     def fused_parts(self, x: torch.Tensor) -> tuple | None:
-        """(W, bias, A, B, scaling, compute dtype, dropout p) when forward on x runs as the fused op; else
-        None. The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it with act(gate) * up."""
+        """(W, bias, A, B, scaling, compute dtype, dropout p, 4-bit quant state or None) when forward on x runs
+        as the fused op; else None. The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it
+        with act(gate) * up. A 4-bit base fuses only while training (generation keeps bitsandbytes' 4-bit
+        kernels) and when it computes in the fused op's dtype."""
         if not self.uses_fused_op():
             return None
-        cdt = compute_dtype(x, self.lora_A.weight, self.base_layer.weight)
+        base = self.base_layer
+        cdt = compute_dtype(x, self.lora_A.weight, base.weight)
         if cdt is None:
             return None
+        state = None
+        if is_4bit(base):
+            if not torch.is_grad_enabled() or getattr(base, "compute_dtype", None) not in (None, cdt):
+                return None
+            state = base.weight.quant_state
         drop = self.lora_dropout
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        return self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, \
-            cdt, p
+        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, p, state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.fused_parts(x)

@@ -1,4 +1,4 @@
-"""LoRA's forward and backward as one autograd op, for the common case (16/32-bit frozen base, no DoRA).
+"""LoRA's forward and backward as one autograd op, for the common case (frozen 16/32-bit or 4-bit base, no DoRA).
 
 y = x Wᵀ (+ b) + s · low Bᵀ with low = drop(x) Aᵀ. Unfused, autograd runs the base linear, the
 dropout, A, the scale on B and an addmm as separate nodes: each allocates its output, and the two
@@ -9,6 +9,8 @@ keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share), low (rank-sized) and, with dropout, a bool mask (one byte per
 element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x per
 adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it.
+A 4-bit base (QLoRA) is dequantized into the compute dtype for the forward's GEMM and again for the
+backward's, as bitsandbytes' training path does; only the packed weight is kept in between.
 """
 from __future__ import annotations
 
@@ -21,23 +23,36 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0) -> torch.Tensor:
+                lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0,
+                quant_state=None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
         a, b = lora_a.to(cdt), lora_b.to(cdt)  # cast once: the backward uses these copies too
-        y, low, mask = lora_linear_forward(x2, x.shape[:-1], weight, bias, a, b, scaling, p)
-        ctx.save_for_backward(x2, low, weight, a, b, mask)
+        y, low, mask = lora_linear_forward(x2, x.shape[:-1], dense_weight(weight, quant_state, cdt), bias, a, b,
+                                           scaling, p)
+        ctx.save_for_backward(x2, low, weight, a, b, mask)  # a 4-bit weight stays packed until the backward
         ctx.scaling, ctx.x_dtype, ctx.p, ctx.ab_dtypes = scaling, x.dtype, p, (lora_a.dtype, lora_b.dtype)
+        ctx.quant_state = quant_state
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, low, weight, a, b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, da, db = lora_linear_backward(dy, x2, low, weight, a, b, ctx.scaling, needs[0], needs[3],
+        w = dense_weight(weight, ctx.quant_state, x2.dtype) if needs[0] else weight
+        dx, da, db = lora_linear_backward(dy, x2, low, w, a, b, ctx.scaling, needs[0], needs[3],
                                           needs[4], mask, ctx.p, ctx.ab_dtypes)
         if dx is not None:
             dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
-        return dx, None, None, da, db, None, None, None
+        return dx, None, None, da, db, None, None, None, None
+
+
+def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
+    """The base weight for the GEMMs: as it is, or, for a 4-bit base (quant_state given), dequantized into
+    cdt (bitsandbytes' own training path does the same, once forward and once backward)."""
+    if quant_state is None:
+        return weight
+    import bitsandbytes.functional as bnbf
+    return bnbf.dequantize_4bit(weight, quant_state).to(cdt)
 
 
 def dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
@@ -98,14 +113,25 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def fusable(base: nn.Module) -> bool:
-    """A plain 16/32-bit Linear whose weight and bias do not train (quantized bases take the module path)."""
-    if type(base) is not nn.Linear or base.weight.requires_grad:
+    """A Linear whose weight and bias do not train: a plain 16/32-bit one, or a bitsandbytes 4-bit one in
+    the packing its CUDA and CPU dequantization read (8-bit bases take the module path)."""
+    if not (type(base) is nn.Linear or is_4bit(base)) or base.weight.requires_grad:
         return False
     return base.bias is None or not base.bias.requires_grad
 
 
+def is_4bit(base: nn.Module) -> bool:
+    weight = getattr(base, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    return type(base).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and state is not None \
+        and not getattr(state, "packing_format_for_cpu", False)
+
+
 def compute_dtype(x: torch.Tensor, lora_a: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype the fused op computes in: autocast's, or the one all operands share; None: do not fuse."""
+    """The dtype the fused op computes in: autocast's, or the one all operands share; None: do not fuse.
+    A 4-bit weight counts as the dtype it dequantizes to."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    return x.dtype if x.dtype == lora_a.dtype == weight.dtype else None
+    state = getattr(weight, "quant_state", None)
+    w_dtype = state.dtype if state is not None else weight.dtype
+    return x.dtype if x.dtype == lora_a.dtype == w_dtype else None

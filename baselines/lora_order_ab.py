@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -27,15 +26,13 @@ def adapter_then_base(x: torch.Tensor, w: torch.Tensor, low: torch.Tensor, b: to
 
 
 def clock(fn, args: tuple, iters: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
+    """Milliseconds a call, with the bench's warm-up and clock."""
+    from studio.bench import time_steps
+
+    def call() -> float:
         fn(*args)
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn(*args)
-    sync()
-    return (time.perf_counter() - start) / iters * 1e3
+        return 0.0
+    return time_steps(call, 3, iters, device)[0] * 1e3
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.lora_fused import dense_weight, lora_linear_backward, lora_linear_forward
+from .methods.lora_fused import lora_linear_backward, lora_linear_forward
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
@@ -52,17 +52,16 @@ class GatedActivation(torch.autograd.Function):
 
 class GatedDownLora(torch.autograd.Function):
     """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state) -> down(act(gate) * up)
-    with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the rank-sized low (and the dropout mask), recomputes act(gate) * up
-    for A's gradient."""
+    with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the rank-sized low (and the
+    dropout mask), recomputes act(gate) * up for A's gradient."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
                 p: float = 0.0, quant_state=None) -> torch.Tensor:
         h = gated(gate, up, kind)
-        a, b = lora_a.to(cdt), lora_b.to(cdt)  # cast once: the backward uses these copies too
-        y, low, mask = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1],
-                                           dense_weight(weight, quant_state, cdt), bias, a, b, scaling, p)
+        y, low, mask, a, b = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias,
+                                                 lora_a, lora_b, scaling, p, quant_state)
         ctx.save_for_backward(gate, up, low, weight, a, b, mask)
         ctx.kind, ctx.scaling, ctx.cdt, ctx.p, ctx.ab_dtypes = kind, scaling, cdt, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
@@ -75,11 +74,9 @@ class GatedDownLora(torch.autograd.Function):
         # the torch ops: act(gate) once, for h and then (in place) for d(up); the kernels recompute it
         act = None if _kernel_ok(gate, gate, up, ctx.kind) else _act(gate, ctx.kind)
         h = gated(gate, up, ctx.kind) if act is None else act * up
-        if needs[0] or needs[1]:
-            weight = dense_weight(weight, ctx.quant_state, ctx.cdt)
         dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, a, b,
                                           ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p,
-                                          ctx.ab_dtypes)
+                                          ctx.ab_dtypes, ctx.quant_state)
         del h
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live

@@ -26,10 +26,9 @@ class FusedLoraLinear(torch.autograd.Function):
                 lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0,
                 quant_state=None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-        a, b = lora_a.to(cdt), lora_b.to(cdt)  # cast once: the backward uses these copies too
-        y, low, mask = lora_linear_forward(x2, x.shape[:-1], dense_weight(weight, quant_state, cdt), bias, a, b,
-                                           scaling, p)
-        ctx.save_for_backward(x2, low, weight, a, b, mask)  # a 4-bit weight stays packed until the backward
+        y, low, mask, a, b = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling, p,
+                                                 quant_state)
+        ctx.save_for_backward(x2, low, weight, a, b, mask)
         ctx.scaling, ctx.x_dtype, ctx.p, ctx.ab_dtypes = scaling, x.dtype, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
         return y
@@ -38,19 +37,18 @@ class FusedLoraLinear(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, low, weight, a, b, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        w = dense_weight(weight, ctx.quant_state, x2.dtype) if needs[0] else weight
-        dx, da, db = lora_linear_backward(dy, x2, low, w, a, b, ctx.scaling, needs[0], needs[3],
-                                          needs[4], mask, ctx.p, ctx.ab_dtypes)
+        dx, da, db = lora_linear_backward(dy, x2, low, weight, a, b, ctx.scaling, needs[0], needs[3],
+                                          needs[4], mask, ctx.p, ctx.ab_dtypes, ctx.quant_state)
         if dx is not None:
             dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
         return dx, None, None, da, db, None, None, None, None
 
 
 def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
-    """The base weight for the GEMMs: as it is, or, for a 4-bit base (quant_state given), dequantized into
-    cdt (bitsandbytes' own training path does the same, once forward and once backward)."""
+    """The base weight in cdt for the GEMMs (no copy when it is in cdt already); a 4-bit one (quant_state
+    given) dequantized, as bitsandbytes' own training path does, once forward and once backward."""
     if quant_state is None:
-        return weight
+        return weight.to(cdt)
     import bitsandbytes.functional as bnbf
     return bnbf.dequantize_4bit(weight, quant_state).to(cdt)
 
@@ -65,16 +63,18 @@ def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Ten
 
 
 def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
-                        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                        p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float = 0.0,
+                        quant_state=None) -> tuple:
     """y (shape lead + out) = x2 Wᵀ (+ b) + s · low Bᵀ, low = drop(x2) Aᵀ, all in x2's dtype; x2 is
-    rows x in. Returns y, low and the dropout keep-mask (None when p is 0)."""
+    rows x in; W is 4-bit when quant_state is given. Returns y, low, the dropout keep-mask (None when p
+    is 0) and A and B in x2's dtype: copies the backward takes instead of casting again (no copies when
+    the weights are in that dtype already)."""
     cdt = x2.dtype
-    w, a, b = weight.to(cdt), lora_a.to(cdt), lora_b.to(cdt)  # no copies in the weights' own dtype
+    w, a, b = dense_weight(weight, quant_state, cdt), lora_a.to(cdt), lora_b.to(cdt)
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
-    y = x2.new_empty(*lead, weight.shape[0])
-    y2 = y.view(-1, weight.shape[0])
+    y = x2.new_empty(*lead, w.shape[0])
+    y2 = y.view(-1, w.shape[0])
     mask = dropout_mask(x2, p) if p > 0 else None
     low = _dropped(x2, mask, p) @ a.t()
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
@@ -84,23 +84,24 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     else:
         torch.addmm(y2, low, b.t(), beta=0, alpha=scaling, out=y2)
     y2.addmm_(x2, w.t())
-    return y, low, mask
+    return y, low, mask, a, b
 
 
 def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
                          lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, need_x: bool, need_a: bool,
                          need_b: bool, mask: torch.Tensor | None = None, p: float = 0.0,
-                         ab_dtypes: tuple[torch.dtype, torch.dtype] | None = None,
+                         ab_dtypes: tuple[torch.dtype, torch.dtype] | None = None, quant_state=None,
                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed. dA and dB come
-    in ab_dtypes (the trained weights' dtypes, when lora_a and lora_b are their compute-dtype copies)."""
+    in ab_dtypes (the trained weights' dtypes, when lora_a and lora_b are their compute-dtype copies); a
+    4-bit W (quant_state given) is dequantized only if dx is needed."""
     cdt = x2.dtype
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
     d_low = dy2 @ lora_b.to(cdt)  # d(loss)/d(low) / s: the scale is applied inside the products below
     dx = None
     if need_x:  # as in the forward: the adapter's term first, the base GEMM adds onto it
         dx = _dropped(_scaled_mm(d_low, lora_a.to(cdt), s), mask, p)
-        dx = dx.addmm_(dy2, weight.to(cdt))
+        dx = dx.addmm_(dy2, dense_weight(weight, quant_state, cdt))
     a_dtype, b_dtype = ab_dtypes or (lora_a.dtype, lora_b.dtype)
     da = _scaled_mm(d_low.t(), _dropped(x2, mask, p), s).to(a_dtype) if need_a else None
     db = _scaled_mm(dy2.t(), low, s).to(b_dtype) if need_b else None

@@ -30,6 +30,7 @@ from .checkpointing import enable_gradient_checkpointing, transformers_checkpoin
 from .errors import ConfigError
 from .losses import causal_lm_loss
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
+from .step_copies import StepCopies
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (the target's reference)
 
@@ -145,10 +146,12 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
             from .methods.common import decoder_layers
             for layer in decoder_layers(model):
                 layer.compile(dynamic=True)
+        copies = None if compile or dtype != torch.bfloat16 else StepCopies.for_model(model, dtype)  # as the trainer
 
         def loss_fn(batch):
             return causal_lm_loss(model, batch)[0]
     else:
+        copies = None
         baseline = importlib.import_module("baselines.peft_baseline")  # outside the engine; needs peft
         cfg = _method_cfg(row.method)
         if row.grad_ckpt:  # as a transformers user turns it on
@@ -179,12 +182,16 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         batch = pad_batch(batch, row.batch, row.seq, 0)
 
     def run() -> torch.Tensor:
+        if copies is not None:
+            copies.refresh()
         if micro is None:
             loss = forward_backward(batch)
         else:
             if micro.graph is None:
                 micro.capture(batch)
             loss = micro(batch).clone()  # the graph's output is overwritten by the next replay
+        if copies is not None:
+            copies.stale()
         opt.step()
         opt.zero_grad(set_to_none=micro is None)  # a graph adds into its own buffers
         return loss

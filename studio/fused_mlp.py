@@ -51,17 +51,17 @@ class GatedActivation(torch.autograd.Function):
 
 
 class GatedDownLora(torch.autograd.Function):
-    """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state) -> down(act(gate) * up)
-    with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the rank-sized low (and the
-    dropout mask), recomputes act(gate) * up for A's gradient."""
+    """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state, A and B in dtype)
+    -> down(act(gate) * up) with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the
+    rank-sized low (and the dropout mask), recomputes act(gate) * up for A's gradient."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
-                p: float = 0.0, quant_state=None) -> torch.Tensor:
+                p: float = 0.0, quant_state=None, copies: tuple | None = None) -> torch.Tensor:
         h = gated(gate, up, kind)
         y, low, mask, a, b = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias,
-                                                 lora_a, lora_b, scaling, p, quant_state)
+                                                 lora_a, lora_b, scaling, p, quant_state, copies)
         ctx.save_for_backward(gate, up, low, weight, a, b, mask)
         ctx.kind, ctx.scaling, ctx.cdt, ctx.p, ctx.ab_dtypes = kind, scaling, cdt, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
@@ -89,7 +89,7 @@ class GatedDownLora(torch.autograd.Function):
                     d_up = (act if act is not None else _act(gate, ctx.kind)).mul_(dh)
                 if needs[0]:
                     d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
-        return d_gate, d_up, None, None, None, da, db, None, None, None, None
+        return d_gate, d_up, None, None, None, da, db, None, None, None, None, None
 
 
 def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, need_gate: bool,

@@ -399,6 +399,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         mask_bool = kinds * b * s * (s + shape.kv_extra)                  # the bool masks of the forward
     if run_cfg.data.packing:
         mask_bool += b * seq * seq  # the packed batch's block-diagonal mask (varlen attention's fallback)
+    # 16-bit copies of the fp32 trainable weights: autocast's cache, or the fused LoRA op's step copies
     autocast_cache = facts.fp32_trainable * 2 if dt.autocast else 0
     activations = sum(per_layer) + fixed + mask_bool + autocast_cache + (rope if gc else 0)
     logits = logits_saved + chunk

@@ -30,6 +30,7 @@ from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, load_model
+from .step_copies import StepCopies
 from .step_graph import CaptureFailed, GraphedTrainStep, graph_blocker
 from .train_state import load_train_state, save_train_state
 
@@ -246,6 +247,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         else:
             graphed = GraphedTrainStep(micro_step, trainable, t.batch_size, cfg.data.max_length, pad_id,
                                        accelerator.device)
+    # 16-bit copies of the LoRA weights made once a step, not cast in every forward (not traced by compile)
+    copies = None if t.compile else StepCopies.for_model(
+        model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision))
     batches = Batches(task.train, t.batch_size, t.seed, pad_id, task.collate, accelerator.process_index,
                       accelerator.num_processes)
 
@@ -294,6 +298,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         while step < steps:
             step_start = time.perf_counter()
             loss_sum, tokens = 0.0, 0
+            if copies is not None:
+                copies.refresh()
             for micro in range(t.grad_accum):
                 if stop is not None and stop.is_set():
                     raise StoppedError("Stopped by the user.")
@@ -327,6 +333,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             grad_norm = None
             if t.max_grad_norm > 0:
                 grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm))
+            if copies is not None:
+                copies.stale()
             optimizer.step()
             if measure_cpu and step == start_step:  # grads and optimizer states exist only now
                 cpu_peak = static_bytes(model, optimizer) + saved
@@ -365,6 +373,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             f"Out of memory at step {step + 1} (batch {t.batch_size} x {cfg.data.max_length} tokens); turn on "
             f"train.gradient_checkpointing, lower train.batch_size or data.max_length, or use model.quantization=nf4."
         ) from None
+    finally:
+        if copies is not None:
+            copies.release()
     if accelerator.num_processes > 1:
         # Gradients are all-reduced every step, so every replica must hold the same weights.
         checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().reshape(1).to(device)

@@ -219,4 +219,4 @@ def test_our_step_issues_far_fewer_kernel_launches_than_peft(ckpt):
     ours, theirs = (count("tiny-qwen2", "lora", 2, 32, ckpt, engine) for engine in ("studio", "peft"))
     assert ours["layers"] == theirs["layers"] == 2
     assert ours["top"]["triton.rope.apply"] > 0 and "triton.rope.apply" not in theirs["top"]
-    assert ours["ops_per_step"] < 0.6 * theirs["ops_per_step"]
+    assert ours["ops_per_step"] < 0.55 * theirs["ops_per_step"]

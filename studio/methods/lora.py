@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
+from ..step_copies import current_copies
 from .lora_fused import FusedLoraLinear, compute_dtype, fusable, is_4bit
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -62,6 +63,7 @@ class LoraLinear(WrappedLinear):
         self.lora_A = nn.Linear(in_f, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=dev, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.step_copies = None  # set by studio/step_copies.py while a run trains
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.use_dora = dora
@@ -119,8 +121,8 @@ class LoraLinear(WrappedLinear):
             and fusable(self.base_layer)
 
     def fused_parts(self, x: torch.Tensor) -> tuple | None:
-        """(W, bias, A, B, scaling, compute dtype, dropout p, 4-bit quant state or None) when forward on x runs
-        as the fused op; else None. The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it
+        """(W, bias, A, B, scaling, compute dtype, dropout p, 4-bit quant state or None, the step's copies of
+        A and B in the compute dtype or None) when forward on x runs as the fused op; else None. The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it
         with act(gate) * up. A 4-bit base fuses only while training (generation keeps bitsandbytes' 4-bit
         kernels) and when it computes in the fused op's dtype."""
         if not self.uses_fused_op():
@@ -136,7 +138,8 @@ class LoraLinear(WrappedLinear):
             state = base.weight.quant_state
         drop = self.lora_dropout
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, p, state
+        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, p, state, \
+            current_copies(self, cdt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.fused_parts(x)

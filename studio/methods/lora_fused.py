@@ -1,6 +1,7 @@
 """LoRA's forward and backward as one autograd op, for the common case (frozen 16/32-bit or 4-bit base, no DoRA).
 
-y = x Wᵀ (+ b) + s · low Bᵀ with low = drop(x) Aᵀ. Unfused, autograd runs the base linear, the
+y = x Wᵀ (+ b) + low Bᵀ with low = s · drop(x) Aᵀ (the scale rides in A's GEMM, and kept in low it
+needs no pass of its own in the backward either). Unfused, autograd runs the base linear, the
 dropout, A, the scale on B and an addmm as separate nodes: each allocates its output, and the two
 gradients that reach x (base path and adapter path) are summed into a third tensor. Here the output
 is one buffer: the rank-r term is written into it and the base GEMM adds its product onto it in its
@@ -9,6 +10,7 @@ keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share), low (rank-sized) and, with dropout, a bool mask (one byte per
 element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x per
 adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it.
+The gradients of A and B are written in fp32 by their GEMMs on CUDA (no cast kernel after them).
 A 4-bit base (QLoRA) is dequantized into the compute dtype for the forward's GEMM and again for the
 backward's, as bitsandbytes' training path does; only the packed weight is kept in between.
 """
@@ -19,15 +21,16 @@ from torch import nn
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    """(x, W, bias, A, B, scaling, dtype, dropout p) -> y; W and bias frozen; gradients for x, A, B."""
+    """(x, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state, A and B in dtype) -> y; W and bias
+    frozen; gradients for x, A, B."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0,
-                quant_state=None) -> torch.Tensor:
+                quant_state=None, copies: tuple | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
         y, low, mask, a, b = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling, p,
-                                                 quant_state)
+                                                 quant_state, copies)
         ctx.save_for_backward(x2, low, weight, a, b, mask)
         ctx.scaling, ctx.x_dtype, ctx.p, ctx.ab_dtypes = scaling, x.dtype, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
@@ -41,7 +44,7 @@ class FusedLoraLinear(torch.autograd.Function):
                                           needs[4], mask, ctx.p, ctx.ab_dtypes, ctx.quant_state)
         if dx is not None:
             dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
-        return dx, None, None, da, db, None, None, None, None
+        return dx, None, None, da, db, None, None, None, None, None
 
 
 def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
@@ -64,25 +67,26 @@ def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Ten
 
 def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float = 0.0,
-                        quant_state=None) -> tuple:
-    """y (shape lead + out) = x2 Wᵀ (+ b) + s · low Bᵀ, low = drop(x2) Aᵀ, all in x2's dtype; x2 is
-    rows x in; W is 4-bit when quant_state is given. Returns y, low, the dropout keep-mask (None when p
-    is 0) and A and B in x2's dtype: copies the backward takes instead of casting again (no copies when
-    the weights are in that dtype already)."""
+                        quant_state=None, copies: tuple | None = None) -> tuple:
+    """y (shape lead + out) = x2 Wᵀ (+ b) + low Bᵀ, low = s · drop(x2) Aᵀ, all in x2's dtype; x2 is
+    rows x in; W is 4-bit when quant_state is given; copies: A and B already in x2's dtype (the step's,
+    studio/step_copies.py), else they are cast here. Returns y, low, the dropout keep-mask (None when p
+    is 0) and A and B in x2's dtype, which the backward takes instead of casting again."""
     cdt = x2.dtype
-    w, a, b = dense_weight(weight, quant_state, cdt), lora_a.to(cdt), lora_b.to(cdt)
+    a, b = copies if copies is not None else (lora_a.to(cdt), lora_b.to(cdt))
+    w = dense_weight(weight, quant_state, cdt)
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, w.shape[0])
     y2 = y.view(-1, w.shape[0])
     mask = dropout_mask(x2, p) if p > 0 else None
-    low = _dropped(x2, mask, p) @ a.t()
+    low = _scaled_mm(_dropped(x2, mask, p), a.t(), scaling)  # the scale rides in the GEMM, and low keeps it
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
-    # adding it after would read and write the whole output once more (the scale rides in the GEMM)
+    # adding it after would read and write the whole output once more
     if bias is not None:
-        torch.addmm(bias.to(cdt), low, b.t(), alpha=scaling, out=y2)
+        torch.addmm(bias.to(cdt), low, b.t(), out=y2)
     else:
-        torch.addmm(y2, low, b.t(), beta=0, alpha=scaling, out=y2)
+        torch.mm(low, b.t(), out=y2)
     y2.addmm_(x2, w.t())
     return y, low, mask, a, b
 
@@ -97,20 +101,51 @@ def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, 
     4-bit W (quant_state given) is dequantized only if dx is needed."""
     cdt = x2.dtype
     dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
-    d_low = dy2 @ lora_b.to(cdt)  # d(loss)/d(low) / s: the scale is applied inside the products below
+    # s · dy B: with the scale in it (and in the forward's low), none of the products below needs one
+    d_low = _scaled_mm(dy2, lora_b.to(cdt), s)
     dx = None
     if need_x:  # as in the forward: the adapter's term first, the base GEMM adds onto it
-        dx = _dropped(_scaled_mm(d_low, lora_a.to(cdt), s), mask, p)
+        dx = _dropped(d_low @ lora_a.to(cdt), mask, p)
         dx = dx.addmm_(dy2, dense_weight(weight, quant_state, cdt))
     a_dtype, b_dtype = ab_dtypes or (lora_a.dtype, lora_b.dtype)
-    da = _scaled_mm(d_low.t(), _dropped(x2, mask, p), s).to(a_dtype) if need_a else None
-    db = _scaled_mm(dy2.t(), low, s).to(b_dtype) if need_b else None
+    da = weight_grad_mm(d_low.t(), _dropped(x2, mask, p), a_dtype) if need_a else None
+    db = weight_grad_mm(dy2.t(), low, b_dtype) if need_b else None
     return dx, da, db
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
     """s · m1 @ m2 as one GEMM (beta=0: the placeholder input is never read, as torch.addmm documents)."""
     return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=s)
+
+
+_OUT_DTYPE_OK: dict[tuple, bool] = {}
+
+
+def weight_grad_mm(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """m1 @ m2 in dtype (an adapter weight's gradient, fp32 from 16-bit operands): on CUDA the GEMM writes
+    fp32 itself (torch.mm's out_dtype: fp32 accumulators stored as they are, and no cast kernel after);
+    elsewhere, or where that op is missing, the 16-bit product is cast."""
+    if m1.dtype == dtype:
+        return m1 @ m2
+    if m1.device.type == "cuda" and out_dtype_ok(m1.device, m1.dtype, dtype):
+        return torch.mm(m1, m2, out_dtype=dtype)
+    return (m1 @ m2).to(dtype)
+
+
+def out_dtype_ok(device: torch.device, src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=dst) runs on device for src operands and agrees with the fp32
+    product; tried once per (device, dtypes), before any capture (the checks read the result)."""
+    key = (device.type, device.index, src, dst)
+    if key not in _OUT_DTYPE_OK:
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            m1, m2 = (torch.randn(shape, generator=gen).to(device, src) for shape in ((16, 96), (96, 8)))
+            got = torch.mm(m1, m2.t().contiguous().t(), out_dtype=dst)
+            want = m1.float() @ m2.float()
+            _OUT_DTYPE_OK[key] = got.dtype == dst and bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, NotImplementedError, TypeError):
+            _OUT_DTYPE_OK[key] = False
+    return _OUT_DTYPE_OK[key]
 
 
 def fusable(base: nn.Module) -> bool:

@@ -79,6 +79,7 @@ def test_stale_copies_are_never_read():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     copies = StepCopies([lora], torch.bfloat16)
     assert current_copies(lora, torch.bfloat16) is None  # not refreshed yet
+    ptrs = [c.data_ptr() for c in copies.copies]
     copies.refresh()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         before = lora(x)
@@ -91,6 +92,7 @@ def test_stale_copies_are_never_read():
         copies.refresh()
         assert torch.equal(lora(x), after)
     assert not torch.equal(after, before)
+    assert [c.data_ptr() for c in copies.copies] == ptrs  # refreshed in place: a captured graph reads them
 
 
 def test_nothing_to_copy_without_autocast_or_adapters(tiny_model):

@@ -93,12 +93,14 @@ def test_on_the_cpu_the_run_says_graphs_need_cuda_and_trains():
     assert any("train.cuda_graphs is off for this run: it needs a CUDA device" in n for n in notes)
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch, ckpt):
-    eager, _ = _run(_cfg(**{"train.gradient_checkpointing": ckpt}))
+@pytest.mark.parametrize("ckpt,dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
+def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch, ckpt, dtype):
+    """bf16: under autocast, the LoRA ops read the step's 16-bit weight copies (refreshed in place)."""
+    sets = {"train.gradient_checkpointing": ckpt, "model.dtype": dtype}
+    eager, _ = _run(_cfg(**sets))
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
     replays = emulate_graph_capture(monkeypatch)
-    graphed, notes = _run(_cfg(**{"train.cuda_graphs": True, "train.gradient_checkpointing": ckpt}))
+    graphed, notes = _run(_cfg(**sets, **{"train.cuda_graphs": True}))
     assert len(replays) == 4 * 2  # every micro-batch of every step replayed (one graph: 48 <= 128 tokens)
     assert any("micro-batches replay as CUDA graphs" in n for n in notes)
     assert graphed == pytest.approx(eager, rel=1e-4)  # gradients accumulate into the captured buffers

@@ -25,7 +25,7 @@ class StepCopies:
         self.sources = [w for m in modules for w in (m.lora_A.weight, m.lora_B.weight)]
         self.copies = [torch.empty_like(w, dtype=dtype) for w in self.sources]
         for i, module in enumerate(modules):
-            module.step_copies = (self, self.copies[2 * i], self.copies[2 * i + 1])
+            module.step_copies = (self, self.copies[2 * i], self.copies[2 * i + 1], *self.sources[2 * i:2 * i + 2])
 
     @classmethod
     def for_model(cls, model: nn.Module, dtype: torch.dtype | None) -> StepCopies | None:
@@ -54,8 +54,10 @@ class StepCopies:
 
 
 def current_copies(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The module's (A, B) copies in dtype while they are current; else None (the caller casts)."""
+    """The module's (A, B) copies in dtype while they are current (and A and B are still the weights they
+    copy, not replaced since); else None (the caller casts)."""
     held = getattr(module, "step_copies", None)
-    if held is None or not held[0].valid or held[1].dtype != dtype:
+    if held is None or not held[0].valid or held[1].dtype != dtype or held[3] is not module.lora_A.weight \
+            or held[4] is not module.lora_B.weight:
         return None
     return held[1], held[2]

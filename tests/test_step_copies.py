@@ -93,6 +93,8 @@ def test_stale_copies_are_never_read():
         assert torch.equal(lora(x), after)
     assert not torch.equal(after, before)
     assert [c.data_ptr() for c in copies.copies] == ptrs  # refreshed in place: a captured graph reads them
+    lora.lora_A.weight = torch.nn.Parameter(lora.lora_A.weight.detach().clone())  # replaced, not updated
+    assert current_copies(lora, torch.bfloat16) is None
 
 
 def test_nothing_to_copy_without_autocast_or_adapters(tiny_model):

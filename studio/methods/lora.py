@@ -15,10 +15,10 @@ from torch import nn
 
 from ..config import opt
 from ..errors import ConfigError
+from ..step_copies import current_copies
 from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
-from ..step_copies import current_copies
 from .lora_fused import FusedLoraLinear, compute_dtype, fusable, is_4bit
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -121,10 +121,11 @@ class LoraLinear(WrappedLinear):
             and fusable(self.base_layer)
 
     def fused_parts(self, x: torch.Tensor) -> tuple | None:
-        """(W, bias, A, B, scaling, compute dtype, dropout p, 4-bit quant state or None, the step's copies of
-        A and B in the compute dtype or None) when forward on x runs as the fused op; else None. The gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it
-        with act(gate) * up. A 4-bit base fuses only while training (generation keeps bitsandbytes' 4-bit
-        kernels) and when it computes in the fused op's dtype."""
+        """(W, bias, A, B, scaling, compute dtype, dropout p, 4-bit quant state or None, the step's copies
+        of A and B in the compute dtype or None) when forward on x runs as the fused op; else None. The
+        gated MLP (studio/fused_mlp.py) asks this of down_proj to fuse it with act(gate) * up. A 4-bit base
+        fuses only while training (generation keeps bitsandbytes' 4-bit kernels) and when it computes in
+        the fused op's dtype."""
         if not self.uses_fused_op():
             return None
         base = self.base_layer

@@ -139,8 +139,10 @@ def out_dtype_ok(device: torch.device, src: torch.dtype, dst: torch.dtype) -> bo
     if key not in _OUT_DTYPE_OK:
         try:
             gen = torch.Generator(device="cpu").manual_seed(0)
-            m1, m2 = (torch.randn(shape, generator=gen).to(device, src) for shape in ((16, 96), (96, 8)))
-            got = torch.mm(m1, m2.t().contiguous().t(), out_dtype=dst)
+            # a transposed first operand, as in the gradients' products
+            m1, m2 = (torch.randn(shape, generator=gen).to(device, src) for shape in ((96, 16), (96, 8)))
+            m1 = m1.t()
+            got = torch.mm(m1, m2, out_dtype=dst)
             want = m1.float() @ m2.float()
             _OUT_DTYPE_OK[key] = got.dtype == dst and bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3))
         except (RuntimeError, NotImplementedError, TypeError):

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from studio.memory_bench import random_batch
 from studio.methods import apply_method, method_config
 from studio.methods.lora import LoraLinear
-from studio.methods.lora_fused import out_dtype_ok, weight_grad_mm
+from studio.methods.lora_fused import out_dtype_ok, probe_out_dtype, weight_grad_mm
 from studio.step_copies import StepCopies, current_copies
 
 LORA = {"name": "lora", "r": 8, "lora_alpha": 24, "lora_dropout": 0.0, "target_modules": "all-linear"}  # scale 3
@@ -28,6 +28,20 @@ class WeightCasts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ == "_to_copy" and args[0].data_ptr() in self.ptrs:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class GradientCasts(TorchDispatchMode):
+    """Counts casts to fp32 of tensors shaped like the test adapter's A (4 x 16) or B (12 x 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_to_copy" and (kwargs or {}).get("dtype") == torch.float32 \
+                and tuple(args[0].shape) in {(4, 16), (12, 4)}:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -126,5 +140,48 @@ def test_weight_grad_mm_writes_the_asked_dtype():
     got = weight_grad_mm(m1, m2, torch.float32)
     assert got.dtype == torch.float32 and torch.equal(got, (m1 @ m2).float())  # the CPU: product, then cast
     assert weight_grad_mm(m1, m2, torch.bfloat16).dtype == torch.bfloat16
-    # the CUDA path's first-use check: the CPU lacks torch.mm(out_dtype=...), so it says no, once
-    assert out_dtype_ok(torch.device("cpu"), torch.bfloat16, torch.float32) is False
+    assert out_dtype_ok(torch.device("cpu"), torch.bfloat16, torch.float32) is False  # CUDA only
+    assert probe_out_dtype(torch.device("cpu"), torch.bfloat16, torch.float32) is False  # the CPU lacks the op
+
+
+def _mm_with_out_dtype(calls: list, wrong: bool = False):
+    """torch.mm as CUDA has it (an out_dtype keyword: fp32 accumulators stored as fp32), for the CPU."""
+    real = torch.mm
+
+    def mm(m1, m2, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real(m1, m2) if out is None else real(m1, m2, out=out)
+        calls.append(out_dtype)
+        got = real(m1.float(), m2.float())
+        return got + 1 if wrong else got
+    return mm
+
+
+def test_the_fp32_gradient_gemm_path_when_the_device_has_it(monkeypatch):
+    """The CUDA branch's logic on the CPU: the probe accepts an op that agrees and rejects one that does
+    not; with it, the fused op's adapter gradients come from the GEMM in fp32, with no cast after."""
+    import studio.methods.lora_fused as fused
+    calls: list = []
+    monkeypatch.setattr(torch, "mm", _mm_with_out_dtype(calls))
+    assert probe_out_dtype(torch.device("cpu"), torch.bfloat16, torch.float32)
+    monkeypatch.setattr(torch, "mm", _mm_with_out_dtype(calls, wrong=True))
+    assert not probe_out_dtype(torch.device("cpu"), torch.bfloat16, torch.float32)
+
+    base = torch.nn.Linear(16, 12, bias=False).to(torch.bfloat16).requires_grad_(False)
+    lora = LoraLinear(base, r=4, alpha=8, dropout=0.0, rslora=False, dora=False)
+    lora.init_weights("false")
+    x = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora(x)
+    dy = torch.randn_like(y)
+    want = torch.autograd.grad(y, [lora.lora_A.weight, lora.lora_B.weight], dy, retain_graph=True)
+    calls.clear()
+    monkeypatch.setattr(torch, "mm", _mm_with_out_dtype(calls))
+    monkeypatch.setattr(fused, "out_dtype_ok", lambda device, src, dst: True)
+    casts = GradientCasts()
+    with casts:
+        got = torch.autograd.grad(y, [lora.lora_A.weight, lora.lora_B.weight], dy)
+    assert calls == [torch.float32, torch.float32] and casts.count == 0
+    for g, w in zip(got, want):  # fp32 accumulators vs the bf16-rounded product: close, not equal
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)

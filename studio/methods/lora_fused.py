@@ -127,27 +127,33 @@ def weight_grad_mm(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> to
     elsewhere, or where that op is missing, the 16-bit product is cast."""
     if m1.dtype == dtype:
         return m1 @ m2
-    if m1.device.type == "cuda" and out_dtype_ok(m1.device, m1.dtype, dtype):
+    if out_dtype_ok(m1.device, m1.dtype, dtype):
         return torch.mm(m1, m2, out_dtype=dtype)
     return (m1 @ m2).to(dtype)
 
 
 def out_dtype_ok(device: torch.device, src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether torch.mm(..., out_dtype=dst) runs on device for src operands and agrees with the fp32
-    product; tried once per (device, dtypes), before any capture (the checks read the result)."""
+    """Whether torch.mm(..., out_dtype=dst) runs on this CUDA device for src operands and agrees with the
+    fp32 product; tried once per (device, dtypes), before any capture (the check reads the result)."""
+    if device.type != "cuda":
+        return False
     key = (device.type, device.index, src, dst)
     if key not in _OUT_DTYPE_OK:
-        try:
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            # a transposed first operand, as in the gradients' products
-            m1, m2 = (torch.randn(shape, generator=gen).to(device, src) for shape in ((96, 16), (96, 8)))
-            m1 = m1.t()
-            got = torch.mm(m1, m2, out_dtype=dst)
-            want = m1.float() @ m2.float()
-            _OUT_DTYPE_OK[key] = got.dtype == dst and bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3))
-        except (RuntimeError, NotImplementedError, TypeError):
-            _OUT_DTYPE_OK[key] = False
+        _OUT_DTYPE_OK[key] = probe_out_dtype(device, src, dst)
     return _OUT_DTYPE_OK[key]
+
+
+def probe_out_dtype(device: torch.device, src: torch.dtype, dst: torch.dtype) -> bool:
+    """One small product through torch.mm(..., out_dtype=dst), compared with the fp32 product."""
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        m1, m2 = (torch.randn(shape, generator=gen).to(device, src) for shape in ((96, 16), (96, 8)))
+        m1 = m1.t()  # transposed, as in the gradients' products
+        got = torch.mm(m1, m2, out_dtype=dst)
+        want = m1.float() @ m2.float()
+        return got.dtype == dst and bool(torch.allclose(got.float(), want, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def fusable(base: nn.Module) -> bool:

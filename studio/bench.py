@@ -250,6 +250,12 @@ def baseline_available() -> bool:
     return importlib.util.find_spec("peft") is not None and importlib.util.find_spec("baselines") is not None
 
 
+def paired_ratios(mine: list[dict], theirs: list[dict]) -> list[float]:
+    """Our step time over peft's, round by round (both engines' runs of one round back to back)."""
+    return [round(m["ms_per_step"] / t["ms_per_step"], 3) for m, t in zip(mine, theirs)
+            if "ms_per_step" in m and "ms_per_step" in t]
+
+
 def _median_row(rows: list[dict]) -> dict:
     """The round with the median step time (rounds alternate engines, so load drift hits both alike)."""
     done = sorted((r for r in rows if "ms_per_step" in r), key=lambda r: r["ms_per_step"])
@@ -316,6 +322,10 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
         if baseline and "ms_per_step" in baseline and "ms_per_step" in ours:
             ours["speedup_vs_peft"] = round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)
             ours["time_ratio_vs_peft"] = round(ours["ms_per_step"] / baseline["ms_per_step"], 3)
+            paired = paired_ratios(mine, theirs)
+            if len(paired) > 1:  # each round's two runs are minutes apart at most: load drift cancels
+                ours["time_ratio_rounds"] = paired
+                ours["time_ratio_median_of_rounds"] = sorted(paired)[len(paired) // 2]
             if ours.get("peak_bytes") and baseline.get("peak_bytes"):
                 ours["memory_ratio_vs_peft"] = round(ours["peak_bytes"] / baseline["peak_bytes"], 3)
         yield ours

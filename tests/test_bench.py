@@ -21,6 +21,7 @@ def test_bench_rows_compare_engines_on_cpu():
     assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["speedup_vs_peft"] > 0
     assert ours["estimated_bytes"] > 0 and ours["mfu"] is None  # no MFU claim on the CPU
     assert len(ours["rounds_ms_per_step"]) == 2
+    assert len(ours["time_ratio_rounds"]) == 2 and ours["time_ratio_median_of_rounds"] in ours["time_ratio_rounds"]
     assert ours["peak_bytes"] > 0 and rows[0]["peak_bytes"] > 0 and 0 < ours["memory_ratio_vs_peft"] < 1
     for theirs, mine in (rows[0], rows[1]), (rows[2], rows[3]):  # same weights and batch: the same first loss
         assert mine["loss_first_last"][0] == pytest.approx(theirs["loss_first_last"][0], abs=1e-3)

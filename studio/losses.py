@@ -49,12 +49,16 @@ def _chunk_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, softc
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def vocab_block(rows: int, vocab: int, device_type: str) -> int:
-    """Vocabulary columns per block of the fused loss: on the CPU a block of fp32 logits stays near
-    8 MB, so its softmax passes run in cache; on a GPU near 64 MB, so kernel launches stay few."""
-    target = (1 << 21) if device_type == "cpu" else (1 << 24)
-    block = max(1024, target // max(rows, 1)) // 256 * 256
-    return min(block, vocab)
+def vocab_block(rows: int, vocab: int, device_type: str, hidden: int = 0, weight_bytes: int = 4) -> int:
+    """Vocabulary columns per block of the fused loss. On the CPU a block's fp32 logits and its slice of
+    the head weight stay near 6 MB together, so the softmax passes and the second product find them in
+    cache (2-core EPYC, Gemma-3-270M's head over 254 and 1016 rows: 1024-2048 columns ran 7-11% faster
+    than 8192); on a GPU the logits stay near 64 MB, so kernel launches stay few."""
+    if device_type == "cpu":
+        block = (6 << 20) // max(rows * 4 + hidden * weight_bytes, 1)
+    else:
+        block = (1 << 24) // max(rows, 1)
+    return min(max(1024, block) // 256 * 256, vocab)
 
 
 WEIGHT_GRAD_LOGITS = 1 << 26  # a trained head's chunk holds its whole-vocabulary logits: at most 256 MB fp32
@@ -97,7 +101,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 if need_w:
                     lse, g = _softmax_grads(hs, ys, weight, cdt, softcap, f_y, grad_w, need_h, ks)
                 else:
-                    vb = block or vocab_block(hs.shape[0], weight.shape[0], dev)
+                    vb = block or vocab_block(hs.shape[0], weight.shape[0], dev, weight.shape[1], torch.finfo(cdt).bits // 8)
                     lse, g = _online_softmax(hs, weight, cdt, softcap, vb, need_h)
                     if need_h:
                         g = g - (w_y if f_y is None else w_y * f_y)

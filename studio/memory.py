@@ -385,7 +385,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     elif facts.fused_head:
         # Fused linear + CE over vocabulary blocks: fp32 logits of one block beside their 16-bit matmul
         # output (or 16-bit softmax copy); G, G / S and W_y (c x hidden, fp32) at the chunk's end
-        vb = vocab_block(c, arch.vocab, device)
+        vb = vocab_block(c, arch.vocab, device, arch.hidden, act)
         chunk = c * vb * (4 + (act if act < 4 else 0)) + c * arch.hidden * 12
         chunk += c * vb * 4 if arch.softcap else 0
     else:  # checkpointed chunk: logits, their gradient and the softmax, recomputed in backward

@@ -137,7 +137,9 @@ def test_fused_loss_under_bf16_autocast_stays_close_to_fp32():
 
 def test_vocab_blocks_fit_the_cache_on_cpu_and_stay_few_on_gpu():
     from studio.losses import vocab_block
-    assert vocab_block(254, 262144, "cpu") * 254 * 4 <= 9 << 20  # fp32 block near 8 MB
+    assert vocab_block(254, 262144, "cpu", 640) * (254 + 640) * 4 <= 6 << 20  # logits + weight slice near 6 MB
+    assert vocab_block(254, 262144, "cpu", 640) == 1536 and vocab_block(1016, 262144, "cpu", 640) == 1024
+    assert vocab_block(254, 262144, "cpu", 640, 2) > vocab_block(254, 262144, "cpu", 640)  # a bf16 head
     assert vocab_block(1024, 262144, "cuda") == 16384
     assert vocab_block(4, 300, "cpu") == 300  # never wider than the vocabulary
 

@@ -146,7 +146,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
             from .methods.common import decoder_layers
             for layer in decoder_layers(model):
                 layer.compile(dynamic=True)
-        copies = None if compile or dtype != torch.bfloat16 else StepCopies.for_model(model, dtype)  # as the trainer
+        copies = None if compile else StepCopies.for_model(model, dtype)  # as the trainer (fp32: none)
 
         def loss_fn(batch):
             return causal_lm_loss(model, batch)[0]

@@ -101,7 +101,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 if need_w:
                     lse, g = _softmax_grads(hs, ys, weight, cdt, softcap, f_y, grad_w, need_h, ks)
                 else:
-                    vb = block or vocab_block(hs.shape[0], weight.shape[0], dev, weight.shape[1], torch.finfo(cdt).bits // 8)
+                    vb = block or vocab_block(hs.shape[0], weight.shape[0], dev, weight.shape[1],
+                                              torch.finfo(cdt).bits // 8)
                     lse, g = _online_softmax(hs, weight, cdt, softcap, vb, need_h)
                     if need_h:
                         g = g - (w_y if f_y is None else w_y * f_y)

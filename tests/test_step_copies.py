@@ -18,32 +18,28 @@ from studio.step_copies import StepCopies, current_copies
 LORA = {"name": "lora", "r": 8, "lora_alpha": 24, "lora_dropout": 0.0, "target_modules": "all-linear"}  # scale 3
 
 
-class WeightCasts(TorchDispatchMode):
-    """Counts casts whose source is one of the given tensors."""
+class Casts(TorchDispatchMode):
+    """Counts the casts (`_to_copy`) for which `which(source tensor, target dtype)` holds."""
 
-    def __init__(self, sources: list[torch.Tensor]):
+    def __init__(self, which):
         super().__init__()
-        self.ptrs = {t.data_ptr() for t in sources}
-        self.count = 0
+        self.which, self.count = which, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ == "_to_copy" and args[0].data_ptr() in self.ptrs:
+        if func.overloadpacket.__name__ == "_to_copy" and self.which(args[0], (kwargs or {}).get("dtype")):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
 
-class GradientCasts(TorchDispatchMode):
-    """Counts casts to fp32 of tensors shaped like the test adapter's A (4 x 16) or B (12 x 4)."""
+def weight_casts(sources: list[torch.Tensor]) -> Casts:
+    """Casts whose source is one of the given tensors."""
+    ptrs = {t.data_ptr() for t in sources}
+    return Casts(lambda t, dtype: t.data_ptr() in ptrs)
 
-    def __init__(self):
-        super().__init__()
-        self.count = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ == "_to_copy" and (kwargs or {}).get("dtype") == torch.float32 \
-                and tuple(args[0].shape) in {(4, 16), (12, 4)}:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+def gradient_casts() -> Casts:
+    """Casts to fp32 of tensors shaped like the test adapter's A (4 x 16) or B (12 x 4)."""
+    return Casts(lambda t, dtype: dtype == torch.float32 and tuple(t.shape) in {(4, 16), (12, 4)})
 
 
 def _model(tiny_model, arch: str = "tiny-qwen2"):
@@ -67,7 +63,7 @@ def test_current_copies_replace_the_casts_bitwise(tiny_model, arch):
     batch = random_batch(512, 2, 24)
     adapters = [m for m in model.modules() if isinstance(m, LoraLinear)]
     weights = [w for m in adapters for w in (m.lora_A.weight, m.lora_B.weight)]
-    casting = WeightCasts(weights)
+    casting = weight_casts(weights)
     with casting:
         loss, grads = _step(model, batch)
     assert casting.count == len(weights)  # one cast each (the forward's copy serves the backward)
@@ -75,7 +71,7 @@ def test_current_copies_replace_the_casts_bitwise(tiny_model, arch):
     copies = StepCopies.for_model(model, torch.bfloat16)
     assert copies is not None and copies.modules == adapters  # every adapter, the MLP's down_proj included
     copies.refresh()
-    reading = WeightCasts(weights)
+    reading = weight_casts(weights)
     with reading:
         loss2, grads2 = _step(model, batch)
     assert reading.count == 0
@@ -178,7 +174,7 @@ def test_the_fp32_gradient_gemm_path_when_the_device_has_it(monkeypatch):
     calls.clear()
     monkeypatch.setattr(torch, "mm", _mm_with_out_dtype(calls))
     monkeypatch.setattr(fused, "out_dtype_ok", lambda device, src, dst: True)
-    casts = GradientCasts()
+    casts = gradient_casts()
     with casts:
         got = torch.autograd.grad(y, [lora.lora_A.weight, lora.lora_B.weight], dy)
     assert calls == [torch.float32, torch.float32] and casts.count == 0

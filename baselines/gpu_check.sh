@@ -5,8 +5,8 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, LoRA's GEMM order
-# (baselines/lora_order_ab.py), the quick speed
-# grid (ours vs peft; ours also without the Triton kernels, and with CUDA graphs), train.cuda_graphs
+# (baselines/lora_order_ab.py, AB=1 only), the quick speed
+# grid (ours vs peft; ours also with CUDA graphs, and with AB=1 without the Triton kernels), train.cuda_graphs
 # through the trainer (baselines/graphs_check.py), the 7B rows, and with MEMORY_S=N the memory estimate
 # against max_memory_allocated for N seconds (measured in the last GPU run); then a summary table.
 # At most 9.5 minutes (a device call: timeout_s 590).
@@ -34,11 +34,12 @@ run)
   # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
   timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
-  # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes
-  timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
+  # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes;
+  # with AB=1 only (measured in the 2026-11-27 run), like the Triton-off variant of the grid's rows
+  [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the trainer's
   # graphs, the 7B rows (MFU, offloading, QLoRA in 24 GB), then (MEMORY_S) the estimator.
-  timeout 250 python3 -m studio bench --quick --triton-ab --graphs --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+  timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --graphs --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/bench.log"
   # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree)
   timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"

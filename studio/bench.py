@@ -141,7 +141,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         if row.grad_ckpt:
             from .offload import CheckpointOffloader
             enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if row.offload else None,
-                                          preserve_rng=not row.graphs)  # no dropout in the bench's rows
+                                          preserve_rng=not row.graphs, mark=not compile)  # no dropout in its rows
         if compile:
             from .methods.common import decoder_layers
             for layer in decoder_layers(model):

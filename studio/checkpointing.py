@@ -4,12 +4,24 @@
 (about half the recompute time for half the saving). The layers are spread evenly, and the memory
 estimator reads the same choice from `checkpointed_layers`. `train.offload_checkpoints` keeps the
 checkpointed layers' inputs in pinned CPU RAM on CUDA (studio/offload.py).
+
+A checkpointed layer's recomputation runs with the layer marked (`recomputing_layer`): the recompute
+only has to rebuild what the layer's ops save for backward, and an op whose output nothing saves
+(the gated MLP's down projection at the end of a Llama-style layer, studio/fused_mlp.py) can skip
+its product there.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import functools
+import threading
+import weakref
+from typing import Any, Callable
 
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_state = threading.local()  # the backward (and so the recompute) of one graph runs on one thread
 
 
 def checkpointed_layers(n_layers: int, fraction: float) -> list[bool]:
@@ -25,6 +37,42 @@ def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
+def recomputing_layer() -> nn.Module | None:
+    """The decoder layer whose checkpoint this thread is recomputing (in backward), else None."""
+    ref = getattr(_state, "layer", None)
+    return ref() if ref is not None else None
+
+
+class _Marked:
+    """Marks a layer while entered; enterable again (a retained graph's second backward recomputes again)."""
+
+    def __init__(self, ref: weakref.ref) -> None:
+        self.ref, self.before = ref, []
+
+    def __enter__(self) -> None:
+        self.before.append(getattr(_state, "layer", None))
+        _state.layer = self.ref
+
+    def __exit__(self, *exc: Any) -> None:
+        _state.layer = self.before.pop()
+
+
+def _contexts(ref: weakref.ref) -> tuple[Any, Any]:
+    """torch checkpoint's context_fn: nothing around the forward, the mark around the recomputation."""
+    return contextlib.nullcontext(), _Marked(ref)
+
+
+def layer_checkpoint(layer: nn.Module, preserve_rng: bool = True, offloader: Any = None,
+                     mark: bool = True) -> Callable:
+    """transformers' `_gradient_checkpointing_func(fn, *args)` for one layer: torch's non-reentrant
+    checkpoint (the offloader's with one), whose recomputation marks the layer unless mark is False
+    (torch.compile traces the checkpoint and takes no context_fn of ours)."""
+    kwargs: dict[str, Any] = {"use_reentrant": False, "preserve_rng_state": preserve_rng}
+    if mark:
+        kwargs["context_fn"] = functools.partial(_contexts, weakref.ref(layer))
+    return functools.partial(offloader.checkpoint_function() if offloader is not None else checkpoint, **kwargs)
+
+
 def transformers_checkpointing(model: nn.Module, preserve_rng: bool = True) -> None:
     """Non-reentrant checkpointing of every layer, as a transformers user turns it on. preserve_rng=False
     skips saving and restoring the RNG state around each layer (only right for a forward without dropout;
@@ -37,10 +85,11 @@ def transformers_checkpointing(model: nn.Module, preserve_rng: bool = True) -> N
 
 
 def enable_gradient_checkpointing(model: nn.Module, fraction: float = 1.0, offloader: Any = None,
-                                  preserve_rng: bool = True) -> list[bool]:
+                                  preserve_rng: bool = True, mark: bool = True) -> list[bool]:
     """Turn on transformers' per-layer checkpointing (non-reentrant), then off again for the layers
     the fraction leaves out; with an offloader (studio.offload.CheckpointOffloader) the checkpointed
-    layers keep their inputs in host memory. Returns the per-layer choice."""
+    layers keep their inputs in host memory; mark: recomputations mark their layer (layer_checkpoint).
+    Returns the per-layer choice."""
     from .methods.common import decoder_layers
     transformers_checkpointing(model, preserve_rng)
     if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None) is not None:
@@ -53,8 +102,8 @@ def enable_gradient_checkpointing(model: nn.Module, fraction: float = 1.0, offlo
     for layer, on in zip(layers, chosen):
         if hasattr(layer, "gradient_checkpointing"):
             layer.gradient_checkpointing = on
-            if on and offloader is not None:
-                layer._gradient_checkpointing_func = offloader.checkpoint_function()
+            if on:
+                layer._gradient_checkpointing_func = layer_checkpoint(layer, preserve_rng, offloader, mark)
     return chosen
 
 
@@ -72,7 +121,7 @@ def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool) -> str | No
         offloader = CheckpointOffloader()
     # a captured step (train.cuda_graphs) has no RNG state to restore unless something in it is random
     enable_gradient_checkpointing(model, t.checkpoint_fraction, offloader,
-                                  preserve_rng=not t.cuda_graphs or has_dropout(model))
+                                  preserve_rng=not t.cuda_graphs or has_dropout(model), mark=not t.compile)
     if t.offload_checkpoints and cpu:
         return "train.offload_checkpoints has no effect on the CPU: the layer inputs are in RAM already."
     if offloader is not None:

@@ -11,7 +11,10 @@ Triton, the product and both gradients are one kernel each (studio/kernels/gated
 When down_proj is a LoRA that runs as one op (studio/methods/lora_fused.py), act(gate) · up and
 down_proj run as one op too: LoRA's A needs down's input for its gradient, which would keep a
 fourth rows x intermediate tensor per layer; here it is recomputed from gate and up in the backward
-(the same ops, so the gradients are bitwise those of the two ops apart).
+(the same ops, so the gradients are bitwise those of the two ops apart). In a checkpoint's
+recomputation of a Llama-style layer, whose MLP output only feeds the residual add, the fused op
+rebuilds what it keeps and skips down's product (and, 4-bit, its dequantization): a third of down's
+frozen GEMM work in a checkpointed step.
 
 Covered: SiLU (Llama, Qwen2/3, Mistral) and tanh-GELU (Gemma 1/2/3) MLPs with gate_proj / up_proj /
 down_proj. Only the module's forward is replaced (an instance attribute): names, state dicts and
@@ -27,12 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import recomputing_layer
 from .methods.lora_fused import lora_linear_backward, lora_linear_forward
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
 FUSED_MLP_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")
 FUSED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# decoder layers whose MLP output goes straight into the residual add (Gemma 2/3 normalise it first)
+OUTPUT_TO_RESIDUAL_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer",
+                             "GemmaDecoderLayer")
 
 
 class GatedActivation(torch.autograd.Function):
@@ -53,15 +60,16 @@ class GatedActivation(torch.autograd.Function):
 class GatedDownLora(torch.autograd.Function):
     """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state, A and B in dtype)
     -> down(act(gate) * up) with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the
-    rank-sized low (and the dropout mask), recomputes act(gate) * up for A's gradient."""
+    rank-sized low (and the dropout mask), recomputes act(gate) * up for A's gradient. output=False: what
+    it keeps, without the down projection itself (a recomputation that discards the output)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
-                p: float = 0.0, quant_state=None, copies: tuple | None = None) -> torch.Tensor:
+                p: float = 0.0, quant_state=None, copies: tuple | None = None, output: bool = True) -> torch.Tensor:
         h = gated(gate, up, kind)
         y, low, mask, a, b = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias,
-                                                 lora_a, lora_b, scaling, p, quant_state, copies)
+                                                 lora_a, lora_b, scaling, p, quant_state, copies, output)
         ctx.save_for_backward(gate, up, low, weight, a, b, mask)
         ctx.kind, ctx.scaling, ctx.cdt, ctx.p, ctx.ab_dtypes = kind, scaling, cdt, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
@@ -89,7 +97,7 @@ class GatedDownLora(torch.autograd.Function):
                     d_up = (act if act is not None else _act(gate, ctx.kind)).mul_(dh)
                 if needs[0]:
                     d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
-        return d_gate, d_up, None, None, None, da, db, None, None, None, None, None
+        return d_gate, d_up, None, None, None, da, db, None, None, None, None, None, None
 
 
 def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, need_gate: bool,
@@ -160,8 +168,17 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     down = self.down_proj
     parts = down.fused_parts(gate) if hasattr(down, "fused_parts") and not _has_hooks(down) else None
     if parts is not None:
-        return GatedDownLora.apply(gate, up, self.studio_act_kind, *parts)
+        return GatedDownLora.apply(gate, up, self.studio_act_kind, *parts, not _output_unread(self))
     return down(GatedActivation.apply(gate, up, self.studio_act_kind))
+
+
+def _output_unread(mlp: nn.Module) -> bool:
+    """In a checkpoint's recomputation of a layer that ends in `residual + mlp(x)`, with this MLP its own
+    (not wrapped by an adapter) and no hook on it: nothing saves the MLP's output for backward, so the
+    recomputation need not compute it (one of the three passes of down_proj's product each step)."""
+    layer = recomputing_layer()
+    return (layer is not None and type(layer).__name__ in OUTPUT_TO_RESIDUAL_LAYERS
+            and getattr(layer, "mlp", None) is mlp and not _has_hooks(mlp))
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -159,7 +159,7 @@ def test_setup_checkpointing_offloads_on_cuda_runs(tiny_model):
     model = tiny_model()
     note = setup_checkpointing(model, TrainConfig(gradient_checkpointing=True, offload_checkpoints=True), cpu=False)
     assert "pinned CPU RAM" in note
-    funcs = {layer._gradient_checkpointing_func.__name__ for layer in model.model.layers}
+    funcs = {layer._gradient_checkpointing_func.func.__name__ for layer in model.model.layers}
     assert funcs == {"offloaded_checkpoint"}
 
 

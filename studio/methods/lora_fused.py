@@ -67,20 +67,23 @@ def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Ten
 
 def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float = 0.0,
-                        quant_state=None, copies: tuple | None = None) -> tuple:
+                        quant_state=None, copies: tuple | None = None, output: bool = True) -> tuple:
     """y (shape lead + out) = x2 Wᵀ (+ b) + low Bᵀ, low = s · drop(x2) Aᵀ, all in x2's dtype; x2 is
     rows x in; W is 4-bit when quant_state is given; copies: A and B already in x2's dtype (the step's,
     studio/step_copies.py), else they are cast here. Returns y, low, the dropout keep-mask (None when p
-    is 0) and A and B in x2's dtype, which the backward takes instead of casting again."""
+    is 0) and A and B in x2's dtype, which the backward takes instead of casting again. output=False
+    (a recomputation no one reads y of): y is left unwritten and W is not touched."""
     cdt = x2.dtype
     a, b = copies if copies is not None else (lora_a.to(cdt), lora_b.to(cdt))
-    w = dense_weight(weight, quant_state, cdt)
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
-    y = x2.new_empty(*lead, w.shape[0])
-    y2 = y.view(-1, w.shape[0])
+    y = x2.new_empty(*lead, b.shape[0])
+    y2 = y.view(-1, b.shape[0])
     mask = dropout_mask(x2, p) if p > 0 else None
     low = _scaled_mm(_dropped(x2, mask, p), a.t(), scaling)  # the scale rides in the GEMM, and low keeps it
+    if not output:
+        return y, low, mask, a, b
+    w = dense_weight(weight, quant_state, cdt)
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
     # adding it after would read and write the whole output once more
     if bias is not None:

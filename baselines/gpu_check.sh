@@ -5,7 +5,7 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, LoRA's GEMM order
-# (baselines/lora_order_ab.py, AB=1 only), the quick speed
+# (baselines/lora_order_ab.py, AB=1 only), the recompute skip (baselines/recompute_ab.py, AB=1 only), the quick speed
 # grid (ours vs peft; ours also with CUDA graphs, and with AB=1 without the Triton kernels), train.cuda_graphs
 # through the trainer (baselines/graphs_check.py), the 7B rows, and with MEMORY_S=N the memory estimate
 # against max_memory_allocated for N seconds (measured in the last GPU run); then a summary table.
@@ -37,6 +37,8 @@ run)
   # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes;
   # with AB=1 only (measured in the 2026-11-27 run), like the Triton-off variant of the grid's rows
   [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
+  # the recomputation without down's product against the full one, 7B LoRA 4x2048 (baselines/recompute_ab.py)
+  [ "${AB:-0}" = 1 ] && timeout 90 python3 -m baselines.recompute_ab 2>&1 | grep '^{' | tee "$OUT/recompute_ab.jsonl"
   # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the trainer's
   # graphs, the 7B rows (MFU, offloading, QLoRA in 24 GB), then (MEMORY_S) the estimator.
   timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --graphs --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \

@@ -66,6 +66,20 @@ def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any
     return None
 
 
+GRAPHS_PAY_BELOW = 3_000_000_000  # parameters: replay ran 0.5B rows 2.2-8.9x, 1.5B 1.8x, 7B 1.01x (H200)
+
+
+def graphs_tip(n_params: int, blocker: str | None) -> str | None:
+    """The line suggesting train.cuda_graphs to a run that could take it and whose model is small enough
+    for its steps to wait on kernel launches; None otherwise."""
+    if blocker is not None or n_params >= GRAPHS_PAY_BELOW:
+        return None
+    size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+    return (f"Tip: this {size}-parameter model's steps wait on kernel launches; "
+            "train.cuda_graphs replays each micro-batch as one CUDA graph (1.8-6.6x faster LoRA steps "
+            "for 0.5B-1.5B models in our bench, the same losses).")
+
+
 def pad_batch(batch: dict, rows: int, length: int, pad_id: int) -> dict:
     """A right-padded causal-LM batch {input_ids, labels[, attention_mask]} grown to rows x length (pad
     tokens, labels -100: padding carries no loss and counts no tokens), without its attention mask.

@@ -31,7 +31,7 @@ from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, load_model
 from .step_copies import StepCopies
-from .step_graph import CaptureFailed, GraphedTrainStep, graph_blocker
+from .step_graph import CaptureFailed, GraphedTrainStep, graph_blocker, graphs_tip
 from .train_state import load_train_state, save_train_state
 
 
@@ -237,16 +237,17 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         return loss.detach()
 
     graphed = None
-    if t.cuda_graphs:
-        blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
-                                method=info.method, mixed_precision=accelerator.mixed_precision,
-                                processes=accelerator.num_processes, compile=t.compile,
-                                offload=t.offload_checkpoints)
-        if blocker:
-            yield {"type": "status", "message": f"train.cuda_graphs is off for this run: {blocker}."}
-        else:
-            graphed = GraphedTrainStep(micro_step, trainable, t.batch_size, cfg.data.max_length, pad_id,
-                                       accelerator.device)
+    blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
+                            method=info.method, mixed_precision=accelerator.mixed_precision,
+                            processes=accelerator.num_processes, compile=t.compile, offload=t.offload_checkpoints)
+    tip = None if t.cuda_graphs else graphs_tip(sum(p.numel() for p in model.parameters()), blocker)
+    if tip:
+        yield {"type": "status", "message": tip}
+    elif t.cuda_graphs and blocker:
+        yield {"type": "status", "message": f"train.cuda_graphs is off for this run: {blocker}."}
+    elif t.cuda_graphs:
+        graphed = GraphedTrainStep(micro_step, trainable, t.batch_size, cfg.data.max_length, pad_id,
+                                   accelerator.device)
     # 16-bit copies of the LoRA weights made once a step, not cast in every forward (not traced by compile)
     copies = None if t.compile else StepCopies.for_model(
         model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision))

@@ -93,6 +93,24 @@ def test_on_the_cpu_the_run_says_graphs_need_cuda_and_trains():
     assert any("train.cuda_graphs is off for this run: it needs a CUDA device" in n for n in notes)
 
 
+def test_a_run_that_could_replay_small_model_steps_is_told_so(monkeypatch):
+    _, notes = _run(_cfg())
+    assert not any("train.cuda_graphs replays" in n for n in notes)  # on the CPU: nothing to suggest
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
+    _, notes = _run(_cfg())
+    assert any(n.startswith("Tip: this 0M-parameter model") and "train.cuda_graphs" in n for n in notes)
+    replays = emulate_graph_capture(monkeypatch)
+    _, notes = _run(_cfg(**{"train.cuda_graphs": True}))
+    assert replays and not any(n.startswith("Tip:") and "cuda_graphs" in n for n in notes)
+
+
+def test_graphs_tip_only_for_small_models_that_can_take_it():
+    assert step_graph.graphs_tip(494_000_000, None).startswith("Tip: this 494M-parameter model's steps wait")
+    assert "1.5B-parameter" in step_graph.graphs_tip(1_540_000_000, None)
+    assert step_graph.graphs_tip(7_600_000_000, None) is None  # GPU-bound: replay gained 1% on 7B
+    assert step_graph.graphs_tip(494_000_000, "it needs a CUDA device") is None
+
+
 @pytest.mark.parametrize("ckpt,dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
 def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch, ckpt, dtype):
     """bf16: under autocast, the LoRA ops read the step's 16-bit weight copies (refreshed in place)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import recomputing_layer
-from .methods.lora_fused import lora_linear_backward, lora_linear_forward
+from .methods.lora_fused import cast, lora_linear_backward, lora_linear_forward
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
@@ -68,7 +68,7 @@ class GatedDownLora(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
                 p: float = 0.0, quant_state=None, copies: tuple | None = None, output: bool = True) -> torch.Tensor:
         h = gated(gate, up, kind)
-        y, low, mask, a, b = lora_linear_forward(h.reshape(-1, h.shape[-1]).to(cdt), h.shape[:-1], weight, bias,
+        y, low, mask, a, b = lora_linear_forward(cast(h.reshape(-1, h.shape[-1]), cdt), h.shape[:-1], weight, bias,
                                                  lora_a, lora_b, scaling, p, quant_state, copies, output)
         ctx.save_for_backward(gate, up, low, weight, a, b, mask)
         ctx.kind, ctx.scaling, ctx.cdt, ctx.p, ctx.ab_dtypes = kind, scaling, cdt, p, (lora_a.dtype, lora_b.dtype)
@@ -82,13 +82,13 @@ class GatedDownLora(torch.autograd.Function):
         # the torch ops: act(gate) once, for h and then (in place) for d(up); the kernels recompute it
         act = None if _kernel_ok(gate, gate, up, ctx.kind) else _act(gate, ctx.kind)
         h = gated(gate, up, ctx.kind) if act is None else act * up
-        dh, da, db = lora_linear_backward(dy, h.reshape(-1, h.shape[-1]).to(ctx.cdt), low, weight, a, b,
+        dh, da, db = lora_linear_backward(dy, cast(h.reshape(-1, h.shape[-1]), ctx.cdt), low, weight, a, b,
                                           ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p,
                                           ctx.ab_dtypes, ctx.quant_state)
         del h
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live
-            dh = dh.view(gate.shape).to(gate.dtype)
+            dh = cast(dh.view(gate.shape), gate.dtype)
             if _kernel_ok(dh, gate, up, ctx.kind):
                 from .kernels import gated as kernel
                 d_gate, d_up = kernel.backward(dh, gate, up, ctx.kind, needs[0], needs[1], overwrite_dh=True)

@@ -28,7 +28,7 @@ class FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0,
                 quant_state=None, copies: tuple | None = None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+        x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
         y, low, mask, a, b = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling, p,
                                                  quant_state, copies)
         ctx.save_for_backward(x2, low, weight, a, b, mask)
@@ -43,15 +43,21 @@ class FusedLoraLinear(torch.autograd.Function):
         dx, da, db = lora_linear_backward(dy, x2, low, weight, a, b, ctx.scaling, needs[0], needs[3],
                                           needs[4], mask, ctx.p, ctx.ab_dtypes, ctx.quant_state)
         if dx is not None:
-            dx = dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype)
+            dx = cast(dx.view(*dy.shape[:-1], dx.shape[-1]), ctx.x_dtype)
         return dx, None, None, da, db, None, None, None, None, None
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without the call when it is already (a no-op `.to` still costs microseconds of host time,
+    and a step makes dozens a layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
     """The base weight in cdt for the GEMMs (no copy when it is in cdt already); a 4-bit one (quant_state
     given) dequantized, as bitsandbytes' own training path does, once forward and once backward."""
     if quant_state is None:
-        return weight.to(cdt)
+        return cast(weight, cdt)
     import bitsandbytes.functional as bnbf
     return bnbf.dequantize_4bit(weight, quant_state).to(cdt)
 
@@ -74,7 +80,7 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     is 0) and A and B in x2's dtype, which the backward takes instead of casting again. output=False
     (a recomputation no one reads y of): y is left unwritten and W is not touched."""
     cdt = x2.dtype
-    a, b = copies if copies is not None else (lora_a.to(cdt), lora_b.to(cdt))
+    a, b = copies if copies is not None else (cast(lora_a, cdt), cast(lora_b, cdt))
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, b.shape[0])
@@ -87,7 +93,7 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
     # adding it after would read and write the whole output once more
     if bias is not None:
-        torch.addmm(bias.to(cdt), low, b.t(), out=y2)
+        torch.addmm(cast(bias, cdt), low, b.t(), out=y2)
     else:
         torch.mm(low, b.t(), out=y2)
     y2.addmm_(x2, w.t())
@@ -103,12 +109,12 @@ def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, 
     in ab_dtypes (the trained weights' dtypes, when lora_a and lora_b are their compute-dtype copies); a
     4-bit W (quant_state given) is dequantized only if dx is needed."""
     cdt = x2.dtype
-    dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
+    dy2 = cast(dy.reshape(-1, dy.shape[-1]), cdt)
     # s · dy B: with the scale in it (and in the forward's low), none of the products below needs one
-    d_low = _scaled_mm(dy2, lora_b.to(cdt), s)
+    d_low = _scaled_mm(dy2, cast(lora_b, cdt), s)
     dx = None
     if need_x:  # as in the forward: the adapter's term first, the base GEMM adds onto it
-        dx = _dropped(d_low @ lora_a.to(cdt), mask, p)
+        dx = _dropped(d_low @ cast(lora_a, cdt), mask, p)
         dx = dx.addmm_(dy2, dense_weight(weight, quant_state, cdt))
     a_dtype, b_dtype = ab_dtypes or (lora_a.dtype, lora_b.dtype)
     da = weight_grad_mm(d_low.t(), _dropped(x2, mask, p), a_dtype) if need_a else None

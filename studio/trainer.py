@@ -211,8 +211,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         from .methods.common import decoder_layers
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
-        yield {"type": "status", "message": "train.compile: compiled layers keep more for backward than the "
-                                            "memory estimate counts (measured up to 3x with checkpointing)."}
+        yield {"type": "status", "message": "train.compile: compiled layers keep more for backward than eager "
+                                            "ones (on CUDA, checkpointing measured to save nothing with it; "
+                                            "the memory estimate counts them so)."}
 
     device = accelerator.device
     steps = total_steps(cfg, len(task.train), accelerator.num_processes)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import kernels
-from .checkpointing import enable_gradient_checkpointing, transformers_checkpointing
+from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
 from .errors import ConfigError
 from .losses import causal_lm_loss
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
@@ -143,9 +143,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
             enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if row.offload else None,
                                           preserve_rng=not row.graphs, mark=not compile)  # no dropout in its rows
         if compile:
-            from .methods.common import decoder_layers
-            for layer in decoder_layers(model):
-                layer.compile(dynamic=True)
+            compile_layers(model)
         copies = None if compile else StepCopies.for_model(model, dtype)  # as the trainer (fp32: none)
 
         def loss_fn(batch):

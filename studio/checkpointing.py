@@ -107,6 +107,26 @@ def enable_gradient_checkpointing(model: nn.Module, fraction: float = 1.0, offlo
     return chosen
 
 
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer (regional: one compile serves identical layers, any length); of a
+    checkpointed layer its attention and MLP instead, so that the checkpoint runs eagerly around compiled
+    code. Compiled whole, such a layer traces the checkpoint into its own graph and keeps most of what it
+    should recompute (a 4-layer Llama shape at 4 x 1024 on the CPU: 184 MB kept after forward against
+    24 MB eager; the H200 bench, 0.5B: 5.2 against 1.6 GB). Returns how many modules were compiled."""
+    from .methods.common import decoder_layers
+    count = 0
+    for layer in decoder_layers(model):
+        parts = [getattr(layer, name, None) for name in ("self_attn", "mlp")]
+        if getattr(layer, "gradient_checkpointing", False) and all(isinstance(p, nn.Module) for p in parts):
+            targets = parts
+        else:  # not checkpointed, or a layer of other names: the whole layer
+            targets = [layer]
+        for module in targets:
+            module.compile(dynamic=True, backend=backend)
+        count += len(targets)
+    return count
+
+
 def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool) -> str | None:
     """Apply train.gradient_checkpointing, checkpoint_fraction and offload_checkpoints to a model;
     returns a line for the user when a setting has no effect here."""

@@ -346,14 +346,10 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     s = seq + rule["prompt_tokens"]
     labelled = max(1, int(b * max(seq - 1, 1) * labelled_fraction))
     shape = Shape(b, s, kv_extra=rule["prefix_tokens"], labelled=labelled, padded=pad)
-    # train.compile on CUDA: the compiled layers kept their activations with checkpointing on (H200, Qwen2.5-0.5B
-    # LoRA 4 x 1024: 5.2 GB against 1.6 GB eager, and 5.4 GB compiled without checkpointing), so count none
-    compiled_keeps = device == "cuda" and bool(tc.compile) and bool(tc.gradient_checkpointing)
-    checkpointing = bool(tc.gradient_checkpointing) and not compiled_keeps
-    gc_layers = checkpointed_layers(len(facts.layers), tc.checkpoint_fraction if checkpointing else 0)
+    gc_layers = checkpointed_layers(len(facts.layers), tc.checkpoint_fraction if tc.gradient_checkpointing else 0)
     gc = all(gc_layers) and bool(gc_layers)   # every layer recomputed
     # offloaded checkpoints: the recomputed layers' inputs wait in host memory (studio/offload.py)
-    offload = device == "cuda" and checkpointing and bool(tc.offload_checkpoints)
+    offload = device == "cuda" and bool(tc.gradient_checkpointing) and bool(tc.offload_checkpoints)
     layer_input = b * s * arch.hidden * act
 
     # ---- activations, per layer
@@ -410,9 +406,6 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
 
     # ---- method extras
     extra, notes = 0, []
-    if compiled_keeps:
-        notes.append("train.compile: counted without checkpointing (compiled layers kept their activations "
-                     "with it on CUDA)")
     L = arch.layers
     if rule["prefix_tokens"]:
         extra += 2 * L * b * rule["prefix_tokens"] * arch.kv_heads * arch.head_dim * act
@@ -632,8 +625,6 @@ def switches(run_cfg: Any) -> list[tuple[str, dict]]:
     if not (tc.gradient_checkpointing and tc.offload_checkpoints):
         out.append(("gradient checkpointing, layer inputs in CPU RAM",
                     {"train.gradient_checkpointing": True, "train.offload_checkpoints": True}))
-    if tc.compile and tc.gradient_checkpointing:
-        out.append(("train.compile off (checkpointing then applies on CUDA)", {"train.compile": False}))
     if mc.quantization == "none" and run_cfg.method.name != "full":
         out.append(("4-bit NF4 base (QLoRA)", {"model.quantization": "nf4"}))
     if tc.optimizer in ("adamw", "paged_adamw"):

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .attention import packed_kwargs, use_varlen_attention
-from .checkpointing import setup_checkpointing
+from .checkpointing import compile_layers, setup_checkpointing
 from .config import RunConfig
 from .data import build_datasets, collate, fit_attention_mask
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
@@ -207,13 +207,12 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     note = setup_checkpointing(model, t, cpu)
     if note:
         yield {"type": "status", "message": note}
-    if t.compile:  # per layer ("regional"): compiles once for all identical layers, any sequence length
-        from .methods.common import decoder_layers
-        for layer in decoder_layers(model):
-            layer.compile(dynamic=True)
-        yield {"type": "status", "message": "train.compile: compiled layers keep more for backward than eager "
-                                            "ones (on CUDA, checkpointing measured to save nothing with it; "
-                                            "the memory estimate counts them so)."}
+    if t.compile:
+        compile_layers(model)
+        yield {"type": "status", "message": "train.compile: each decoder layer is compiled (a checkpointed "
+                                            "one's attention and MLP, inside its checkpoint); the first steps "
+                                            "compile, and compiled layers may keep more for backward than the "
+                                            "memory estimate counts."}
 
     device = accelerator.device
     steps = total_steps(cfg, len(task.train), accelerator.num_processes)

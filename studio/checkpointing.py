@@ -66,7 +66,7 @@ def layer_checkpoint(layer: nn.Module, preserve_rng: bool = True, offloader: Any
                      mark: bool = True) -> Callable:
     """transformers' `_gradient_checkpointing_func(fn, *args)` for one layer: torch's non-reentrant
     checkpoint (the offloader's with one), whose recomputation marks the layer unless mark is False
-    (torch.compile traces the checkpoint and takes no context_fn of ours)."""
+    (train.compile: compiled code should not branch on a per-call flag)."""
     kwargs: dict[str, Any] = {"use_reentrant": False, "preserve_rng_state": preserve_rng}
     if mark:
         kwargs["context_fn"] = functools.partial(_contexts, weakref.ref(layer))

@@ -7,7 +7,7 @@
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, LoRA's GEMM order
 # (baselines/lora_order_ab.py, AB=1 only), the recompute skip (baselines/recompute_ab.py, AB=1 only), the quick speed
 # grid (ours vs peft; ours also with CUDA graphs, and with AB=1 without the Triton kernels), train.cuda_graphs
-# through the trainer (baselines/graphs_check.py), the 7B rows, and with MEMORY_S=N the memory estimate
+# through the trainer (baselines/graphs_check.py), the 7B rows, the Llama-3.2-1B row, and with MEMORY_S=N the memory estimate
 # against max_memory_allocated for N seconds (measured in the last GPU run); then a summary table.
 # At most 9.5 minutes (a device call: timeout_s 590).
 set -uo pipefail
@@ -46,6 +46,9 @@ run)
   # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree)
   timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
   timeout 150 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+    | tee -a "$OUT/bench.log"
+  # the Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
+  timeout 120 python3 -m studio bench --only llama-3.2-1b --graphs --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"

@@ -17,7 +17,7 @@ from studio.memory_bench import random_batch
 from studio.methods import apply_method, method_config
 from studio.offload import CheckpointOffloader
 
-LORA = {"name": "lora", "r": 4, "target_modules": "all-linear"}
+LORA = {"name": "lora", "r": 4, "target_modules": "all-linear"}  # lora_dropout 0.05 (the default)
 # one tiny config per layer class of OUTPUT_TO_RESIDUAL_LAYERS, built by transformers from its model type
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128)
@@ -86,6 +86,20 @@ def test_recompute_skips_down_and_keeps_the_gradients(skips, layer_class):
     for name in marked:
         assert torch.equal(marked[name], full[name]), name
         torch.testing.assert_close(marked[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_with_dropout_the_recomputation_draws_the_same_masks(skips):
+    def grads(mark: bool) -> dict:
+        model = _model("llama")
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
+        enable_gradient_checkpointing(model, 1.0, mark=mark)
+        torch.manual_seed(1)
+        return _grads(model)
+    marked, full = grads(True), grads(False)
+    assert skips.count(True) == 2
+    assert all(torch.equal(marked[n], full[n]) for n in full)
 
 
 def test_offloaded_checkpoint_skips_too(skips):

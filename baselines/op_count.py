@@ -46,9 +46,10 @@ class OpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def counting_triton(counter: collections.Counter) -> Iterator[None]:
     """Count each call of a kernel wrapper as (at least) one launch; the wrappers are restored after."""
-    from studio.kernels import gated, rmsnorm, rope
+    from studio.kernels import gated, rmsnorm, rope, softmax_block
     saved = []
-    for module, names in ((rmsnorm, ("forward", "backward")), (gated, ("forward", "backward")), (rope, ("apply",))):
+    for module, names in ((rmsnorm, ("forward", "backward")), (gated, ("forward", "backward")), (rope, ("apply",)),
+                          (softmax_block, ("forward",))):
         for name in names:
             real = getattr(module, name)
             saved.append((module, name, real))

@@ -6,6 +6,8 @@ right in the forward (fused linear + cross-entropy, nothing recomputed): a froze
 block at a time with an online softmax (the largest logits buffer is chunk x block), a trained head
 from one whole-vocabulary product per smaller chunk. Other heads (wrapped by a method) run each chunk
 under activation checkpointing.
+On CUDA with Triton, a vocabulary block's max, exp and sum run as one kernel over its 16-bit logits
+(studio/kernels/softmax_block.py; the torch ops stay the reference and the path elsewhere).
 Soft-prompt methods may prepend virtual tokens inside the body: the last T positions are kept.
 Inside `static_shapes()` (CUDA-graph capture, studio/step_graph.py) no shape depends on the labels: every
 position goes through the head and the masked ones are weighted 0, so no step waits on the GPU.
@@ -172,8 +174,17 @@ def _online_softmax(hs: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, so
     m = torch.full((rows, 1), -float("inf"), device=hs.device)
     s = torch.zeros((rows, 1), device=hs.device)
     g = torch.zeros((rows, weight.shape[1]), device=hs.device) if need_h else None
+    kernel = softcap is None and need_h and _block_kernel_ok(hs, cdt)
     for v in range(0, weight.shape[0], block):
         w = weight[v:v + block].to(cdt)
+        if kernel:  # the block's max, exp and sum in one pass over its 16-bit logits (studio/kernels/softmax_block.py)
+            from .kernels import softmax_block
+            e, m_new, block_sum = softmax_block.forward(hs @ w.t(), m)
+            rescale = (m - m_new).exp_()
+            s.mul_(rescale).add_(block_sum)
+            g.mul_(rescale).add_(e @ w)
+            m = m_new
+            continue
         logits = (hs @ w.t()).float()
         logits, tanh = _softcap_(logits, softcap)
         m_new = torch.maximum(m, logits.amax(1, keepdim=True))
@@ -186,6 +197,25 @@ def _online_softmax(hs: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, so
             g.mul_(rescale).add_(e.to(cdt) @ w)
         m = m_new
     return m + s.log(), (g / s if need_h else None)
+
+
+def _block_kernel_ok(hs: torch.Tensor, cdt: torch.dtype) -> bool:
+    from . import kernels
+    if cdt not in (torch.bfloat16, torch.float16) or not kernels.use_triton(hs):
+        return False
+    return kernels.checked(("softmax_block", hs.device.type, cdt), lambda: _block_kernel_agrees(hs.device, cdt))
+
+
+def _block_kernel_agrees(device: torch.device, cdt: torch.dtype) -> bool:
+    """The kernel against the torch ops on a small tile (first use of a dtype): a finite and an empty running max."""
+    from .kernels import agree, softmax_block
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(6, 1000, generator=gen)).to(device, cdt)
+    m = torch.tensor([[-float("inf")], [0.5], [9.0], [-3.0], [-float("inf")], [2.0]], device=device)
+    e, m_new, sums = softmax_block.forward(logits, m, block=256)
+    want_m = torch.maximum(m, logits.float().amax(1, keepdim=True))
+    want_e = (logits.float() - want_m).exp()
+    return agree(1e-2, (e, want_e.to(cdt))) and agree(1e-4, (m_new, want_m), (sums, want_e.sum(1, keepdim=True)))
 
 
 def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024,

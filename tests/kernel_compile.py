@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from studio.kernels import gated, rmsnorm, rope
+from studio.kernels import gated, rmsnorm, rope, softmax_block
 
 
 def cases():
@@ -32,6 +32,9 @@ def cases():
                                syb="i32", syh="i32", syt="i32", scb="i32", sct="i32", HALF="constexpr",
                                BLOCK_H="constexpr", BLOCK_D="constexpr", BACKWARD="constexpr"), \
             dict(HALF=64, BLOCK_H=32, BLOCK_D=64, BACKWARD=flag)
+        if flag:  # no variant flag: once per dtype
+            yield softmax_block._block, dict(L=p, M="*fp32", E=p, MN="*fp32", S="*fp32", n_cols="i32", stride_l="i32",
+                                             stride_e="i32", BLOCK="constexpr"), dict(BLOCK=softmax_block.BLOCK)
         for need_g, need_u in ((True, True), (True, False), (False, True)):
             yield gated._backward, dict(DH=p, G=p, U=p, DG=p, DU=p, n="i32", SILU="constexpr", NEED_G="constexpr",
                                         NEED_U="constexpr", BLOCK="constexpr"), \

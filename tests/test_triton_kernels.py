@@ -11,7 +11,8 @@ from studio import kernels  # noqa: E402
 from studio.fused_norm import FusedRMSNorm, torch_backward, torch_forward  # noqa: E402
 from studio.fused_mlp import _act, _act_backward  # noqa: E402
 from studio.fused_rope import torch_rope, torch_rope_backward  # noqa: E402
-from studio.kernels import gated, rmsnorm, rope  # noqa: E402
+from studio.kernels import gated, rmsnorm, rope, softmax_block  # noqa: E402
+from studio.losses import _online_softmax  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,6 +64,34 @@ def test_gated_kernels_match_the_torch_reference(kind, dtype, tol):
     d_gate2, none = gated.backward(own, gate, up, kind, True, False, overwrite_dh=True)
     assert none is None and d_gate2.data_ptr() == own.data_ptr()  # written over the caller's buffer
     _close(d_gate2, d_gate, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softmax_block_kernel_matches_the_torch_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(5, 400, generator=g)).to(DEVICE, dtype)[:, :300]  # rows with a stride, 300 columns
+    m = torch.tensor([[-float("inf")], [0.0], [20.0], [-5.0], [1.0]], device=DEVICE)
+    e, m_new, sums = softmax_block.forward(logits, m, block=128)  # three column blocks, the last one partial
+    want_m = torch.maximum(m, logits.float().amax(1, keepdim=True))
+    want_e = (logits.float() - want_m).exp()
+    assert torch.equal(m_new, want_m)
+    _close(e, want_e.to(dtype), 1e-2)
+    torch.testing.assert_close(sums, want_e.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert e[2].float().max() < 1  # a running max above the block's: every exponential below 1
+
+
+def test_the_loss_online_softmax_on_the_kernel_matches_the_torch_ops():
+    g = torch.Generator().manual_seed(1)
+    hs = torch.randn(6, 32, generator=g).to(DEVICE, torch.bfloat16)
+    weight = (0.5 * torch.randn(700, 32, generator=g)).to(DEVICE, torch.bfloat16)
+    with kernels.disabled():
+        lse0, g0 = _online_softmax(hs, weight, torch.bfloat16, None, 256, True)
+    with kernels.forced():
+        lse1, g1 = _online_softmax(hs, weight, torch.bfloat16, None, 256, True)
+    assert ("softmax_block", DEVICE, torch.bfloat16) in kernels._verdicts
+    assert kernels._verdicts[("softmax_block", DEVICE, torch.bfloat16)]
+    torch.testing.assert_close(lse1, lse0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("batch_cos", [1, 2])
@@ -153,4 +182,5 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(tmp_path):
     done = subprocess.run([sys.executable, str(root / "tests" / "kernel_compile.py")], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 96 kernel variants" in done.stdout  # 8 per dtype and variant flag, 3 dtypes, 2 archs
+    # 8 per dtype and variant flag and the softmax block once per dtype: 3 dtypes, 2 archs
+    assert "compiled 102 kernel variants" in done.stdout

@@ -8,7 +8,8 @@ checkpointed layers' inputs in pinned CPU RAM on CUDA (studio/offload.py).
 A checkpointed layer's recomputation runs with the layer marked (`recomputing_layer`): the recompute
 only has to rebuild what the layer's ops save for backward, and an op whose output nothing saves
 (the gated MLP's down projection at the end of a Llama-style layer, studio/fused_mlp.py) can skip
-its product there.
+its product there. `compile_layers` (train.compile) compiles a checkpointed layer's parts inside its
+checkpoint, not the layer around it.
 """
 from __future__ import annotations
 

@@ -180,20 +180,17 @@ def _online_softmax(hs: torch.Tensor, weight: torch.Tensor, cdt: torch.dtype, so
         if kernel:  # the block's max, exp and sum in one pass over its 16-bit logits (studio/kernels/softmax_block.py)
             from .kernels import softmax_block
             e, m_new, block_sum = softmax_block.forward(hs @ w.t(), m)
-            rescale = (m - m_new).exp_()
-            s.mul_(rescale).add_(block_sum)
-            g.mul_(rescale).add_(e @ w)
-            m = m_new
-            continue
-        logits = (hs @ w.t()).float()
-        logits, tanh = _softcap_(logits, softcap)
-        m_new = torch.maximum(m, logits.amax(1, keepdim=True))
-        rescale = (m - m_new).exp_()
-        e = logits.sub_(m_new).exp_()
-        s.mul_(rescale).add_(e.sum(1, keepdim=True))
-        if need_h:
-            if tanh is not None:
+        else:
+            logits = (hs @ w.t()).float()
+            logits, tanh = _softcap_(logits, softcap)
+            m_new = torch.maximum(m, logits.amax(1, keepdim=True))
+            e = logits.sub_(m_new).exp_()
+            block_sum = e.sum(1, keepdim=True)
+            if need_h and tanh is not None:
                 e.mul_(_tanh_grad_(tanh))  # through the tanh soft cap
+        rescale = (m - m_new).exp_()
+        s.mul_(rescale).add_(block_sum)
+        if need_h:
             g.mul_(rescale).add_(e.to(cdt) @ w)
         m = m_new
     return m + s.log(), (g / s if need_h else None)

@@ -28,7 +28,8 @@ def main() -> None:
     p.add_argument("--shapes", action="store_true", help="group the ops by their input shapes")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    row = Row(a.shape, a.method, a.batch, a.seq, a.ckpt, precision="bf16" if a.bf16 else "auto")
+    row = Row(a.shape, a.method, a.batch, a.seq, a.ckpt, precision="bf16" if a.bf16 else "auto",
+              graphs="off")  # the kernels one by one, as an eager step issues them
     step = build_step(row, a.engine, device, a.compile)
     wall = time_steps(step.run, 3, a.steps, device)[0] * 1e3  # the bench's own warm-up and clock
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

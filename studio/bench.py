@@ -46,7 +46,7 @@ class Row:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: a bf16 base under autocast anywhere
     offload: bool = False  # ours only: checkpointed layer inputs in pinned CPU RAM (train.offload_checkpoints)
     triton: bool = True  # ours only: False runs the torch ops where the fused ops have Triton kernels (A/B)
-    graphs: bool = False  # ours only, CUDA: each micro-batch replayed as one captured graph (train.cuda_graphs)
+    graphs: str = "auto"  # ours only: train.cuda_graphs (auto: replayed from a captured graph on CUDA below 3B)
 
     def baseline_key(self) -> tuple:
         """The settings the peft baseline sees (offloading, kernels, graphs are ours alone: variants share one)."""
@@ -98,7 +98,7 @@ def time_steps(step, warmup: int, steps: int, device: torch.device,
 def _row_facts(row: Row, engine: str) -> dict[str, Any]:
     return {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq, "grad_ckpt": row.grad_ckpt,
             "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio",
-            "triton": row.triton and engine == "studio", "graphs": row.graphs and engine == "studio"}
+            "triton": row.triton and engine == "studio", "cuda_graphs": row.graphs if engine == "studio" else "off"}
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
@@ -127,6 +127,7 @@ class Step:
     batch: dict
     n_params: int
     dtype: torch.dtype
+    graphs: bool  # each micro-batch replayed from a captured CUDA graph
 
 
 def build_step(row: Row, engine: str, device: torch.device, compile: bool = False) -> Step:
@@ -135,13 +136,14 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     if device.type == "cuda":  # after the build: a 4-bit model is quantised from a bf16 one here, not loaded
         torch.cuda.reset_peak_memory_stats()
     n_params = sum(p.numel() for p in model.parameters())
+    graphs = engine == "studio" and graphs_wanted(row, device, n_params, compile)
     if engine == "studio":
         from .methods import apply_method, method_config
         apply_method(model, method_config(_method_cfg(row.method)))
         if row.grad_ckpt:
             from .offload import CheckpointOffloader
             enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if row.offload else None,
-                                          preserve_rng=not row.graphs, mark=not compile)  # no dropout in its rows
+                                          preserve_rng=not graphs, mark=not compile)  # no dropout in its rows
         if compile:
             compile_layers(model)
         copies = None if compile else StepCopies.for_model(model, dtype)  # as the trainer (fp32: none)
@@ -174,8 +176,8 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         return loss.detach()
 
     micro = None
-    if row.graphs and engine == "studio":  # as train.cuda_graphs runs it: padded batch, no mask, replayed
-        from .step_graph import GraphedMicroStep, pad_batch
+    if graphs:
+        from .step_graph import GraphedMicroStep, pad_batch  # as the trainer: padded batch, no mask, replayed
         micro = GraphedMicroStep(forward_backward, params)
         batch = pad_batch(batch, row.batch, row.seq, 0)
 
@@ -194,12 +196,23 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         opt.zero_grad(set_to_none=micro is None)  # a graph adds into its own buffers
         return loss
 
-    return Step(run, model, params, opt, batch, n_params, dtype)
+    return Step(run, model, params, opt, batch, n_params, dtype, micro is not None)
+
+
+def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) -> bool:
+    """Whether our row replays CUDA graphs: "on" always (the bench may emulate capture on the CPU),
+    "auto" where train.cuda_graphs=auto would in a run of the same settings."""
+    from .step_graph import CUDA_ONLY, graphs_decision
+    if row.graphs != "auto":
+        return row.graphs == "on"
+    blocker = CUDA_ONLY if device.type != "cuda" else "offload" if row.offload else "compile" if compile else None
+    return graphs_decision("auto", n_params, blocker)[0]
 
 
 def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool) -> dict:
     step = build_step(row, engine, device, compile)
-    out = _row_facts(row, engine) | {"device": str(device), "dtype": str(step.dtype).removeprefix("torch.")}
+    out = _row_facts(row, engine) | {"device": str(device), "dtype": str(step.dtype).removeprefix("torch."),
+                                     "graphs": step.graphs}
     if compile and engine == "studio":
         out["compiled"] = True
     warm_peak = []
@@ -279,8 +292,12 @@ def default_grid(dev: torch.device, quick: bool) -> list[Row]:
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
           steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None,
           compile: bool = False, only: list[str] | None = None, triton_ab: bool = False,
-          graphs: bool = False) -> Iterator[dict]:
+          eager_ab: bool = False) -> Iterator[dict]:
     """Yield one row per (shape, method, engine); our row carries the ratios to the peft row.
+
+    Our rows run as a trainer with default settings would (train.cuda_graphs=auto: small models on CUDA
+    replay each micro-batch from a captured graph); eager_ab adds each such row again without graphs,
+    triton_ab each row (eagerly) with the torch ops instead of the Triton kernels.
 
     The engines run in alternating rounds (peft, ours, peft, ours, ...) and each reports its median
     round: on a shared CPU the load changes over a minute, and alternating keeps the ratio fair.
@@ -294,17 +311,21 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
             raise ConfigError(f"--only names shapes not in this grid: {sorted(unknown)}; it has "
                               f"{sorted({row.shape for row in grid})}.")
         grid = [row for row in grid if row.shape in only]
-    if triton_ab:  # each of our rows again with the torch ops instead of the Triton kernels, same peft row
-        grid = [variant for row in grid for variant in (row, dataclasses.replace(row, triton=False))]
-    if graphs:  # and with each micro-batch replayed as a CUDA graph (with the kernels; the A/B stays eager)
-        grid = [variant for row in grid
-                for variant in ((row, dataclasses.replace(row, graphs=True)) if row.triton else (row,))]
+    if triton_ab:  # again with the torch ops instead of the Triton kernels (eager), same peft row
+        grid = [variant for row in grid for variant in
+                ((row, dataclasses.replace(row, triton=False, graphs="off")) if row.graphs == "auto" else (row,))]
+    if eager_ab and dev.type == "cuda":  # again eagerly, unless its auto row turns out not to replay graphs
+        grid = [variant for row in grid for variant in
+                ((row, dataclasses.replace(row, graphs="off")) if row.graphs == "auto" else (row,))]
     rounds = rounds or (3 if dev.type == "cpu" else 1)
     have_peft = with_peft and baseline_available()
     baselines: dict[tuple, dict] = {}  # rows differing only in our own settings share one peft run
+    replayed: dict[tuple, bool] = {}  # (settings, offload) -> whether its auto row replayed graphs
     for row in grid:
-        if (row.method == "qlora" or row.graphs) and dev.type != "cuda":
+        if (row.method == "qlora" or row.graphs == "on") and dev.type != "cuda":
             continue
+        if row.graphs == "off" and row.triton and replayed.get((row.baseline_key(), row.offload)) is False:
+            continue  # its auto row already ran eagerly: the same run again
         known = baselines.get(row.baseline_key())
         theirs, mine = [], []
         for _ in range(rounds):
@@ -316,6 +337,8 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
             baselines[row.baseline_key()] = baseline
             yield baseline
         ours = _median_row(mine)
+        if row.graphs == "auto":
+            replayed[(row.baseline_key(), row.offload)] = bool(ours.get("graphs"))
         ours["estimated_bytes"] = estimated_bytes(row, dev)
         if baseline and "ms_per_step" in baseline and "ms_per_step" in ours:
             ours["speedup_vs_peft"] = round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)

@@ -128,9 +128,9 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     return count
 
 
-def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool) -> str | None:
-    """Apply train.gradient_checkpointing, checkpoint_fraction and offload_checkpoints to a model;
-    returns a line for the user when a setting has no effect here."""
+def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool, graphs: bool = False) -> str | None:
+    """Apply train.gradient_checkpointing, checkpoint_fraction and offload_checkpoints to a model (graphs:
+    its steps will be captured); returns a line for the user when a setting has no effect here."""
     t = train_cfg
     if not t.gradient_checkpointing:
         if t.offload_checkpoints:
@@ -140,9 +140,9 @@ def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool) -> str | No
     if t.offload_checkpoints and not cpu:
         from .offload import CheckpointOffloader
         offloader = CheckpointOffloader()
-    # a captured step (train.cuda_graphs) has no RNG state to restore unless something in it is random
+    # a captured step has no RNG state to restore unless something in it is random
     enable_gradient_checkpointing(model, t.checkpoint_fraction, offloader,
-                                  preserve_rng=not t.cuda_graphs or has_dropout(model), mark=not t.compile)
+                                  preserve_rng=not graphs or has_dropout(model), mark=not t.compile)
     if t.offload_checkpoints and cpu:
         return "train.offload_checkpoints has no effect on the CPU: the layer inputs are in RAM already."
     if offloader is not None:

@@ -76,9 +76,9 @@ class TrainConfig:
     offload_checkpoints: bool = opt(False, "With gradient checkpointing on CUDA: keep the checkpointed layers' inputs "
                                            "in pinned CPU RAM, fetched back one layer ahead in backward")
     compile: bool = opt(False, "torch.compile each decoder layer (slow first step, faster after; mainly for CUDA)")
-    cuda_graphs: bool = opt(False, "CUDA: replay each micro-batch as one captured graph (one per length, "
-                                   "padded to a multiple of 128 tokens); for small models, whose steps wait on "
-                                   "kernel launches")
+    cuda_graphs: str = opt("auto", "CUDA: replay each micro-batch as one captured graph (one per length, padded to "
+                                   "a multiple of 128 tokens); auto = for models under 3B parameters, whose steps "
+                                   "wait on kernel launches", ("auto", "on", "off"))
     seed: int = opt(42, "Seed for init, data order and dropout")
     eval_every: int = opt(0, "Evaluate every N steps (0 = only at the end if there is an eval split)")
     save_every: int = opt(0, "Save a checkpoint every N steps (0 = only at the end)")
@@ -168,6 +168,8 @@ def coerce(value: Any, f: dataclasses.Field, section: str) -> Any:
                 raise TypeError
             value = float(value)
         elif kind is str:
+            if isinstance(value, bool) and {"on", "off"} <= set(f.metadata.get("choices") or ()):
+                value = "on" if value else "off"  # a yes/no switch grown an "auto" keeps YAML's true/false
             if value is None:
                 value = ""
             if not isinstance(value, (str, int, float)):

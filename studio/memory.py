@@ -39,6 +39,7 @@ from .errors import ConfigError, StudioError
 from .losses import WEIGHT_GRAD_LOGITS, vocab_block
 from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          norm_saved, rope_saved)
+from .step_graph import captured_length, config_captures
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS_FILE = ROOT / "presets" / "gpus.yaml"
@@ -342,9 +343,13 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     seq, pad = _seq_len(run_cfg, dataset_lengths)
     if padding is not None:
         pad = padding
+    tokens = seq
+    graphs = device == "cuda" and config_captures(run_cfg, facts.total_params, pdtype)
+    if graphs:  # train.cuda_graphs: each micro-batch padded to its graph's length, without a mask
+        seq, pad = captured_length(seq, int(run_cfg.data.max_length)), False
     b = int(tc.batch_size)
     s = seq + rule["prompt_tokens"]
-    labelled = max(1, int(b * max(seq - 1, 1) * labelled_fraction))
+    labelled = max(1, int(b * max(tokens - 1, 1) * labelled_fraction))
     shape = Shape(b, s, kv_extra=rule["prefix_tokens"], labelled=labelled, padded=pad)
     gc_layers = checkpointed_layers(len(facts.layers), tc.checkpoint_fraction if tc.gradient_checkpointing else 0)
     gc = all(gc_layers) and bool(gc_layers)   # every layer recomputed
@@ -456,7 +461,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
                    trainable_params=facts.trainable_params, total_params=facts.total_params, device=device)
     est.details = {
         "model": mc.name, "method": run_cfg.method.name, "rule": rule["rule"], "batch": b, "seq": s,
-        "text_seq": seq, "labelled_positions": labelled, "loss_chunk": c, "padding_mask": pad,
+        "text_seq": seq, "cuda_graphs": graphs, "labelled_positions": labelled, "loss_chunk": c, "padding_mask": pad,
         "gradient_checkpointing": gc, "checkpointed_layers": sum(gc_layers),
         "param_dtype": str(pdtype).replace("torch.", ""), "activation_bytes": act,
         "quantization": mc.quantization, "optimizer": tc.optimizer,

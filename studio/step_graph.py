@@ -2,7 +2,8 @@
 
 A small model on a fast GPU is launch-bound: Qwen2.5-0.5B LoRA at 4x1024 on an H200 ran 53 ms of
 kernels in a 139 ms step; the rest was the host queueing ~5,800 kernels one by one. Captured once, a
-micro-batch replays as one graph launch. What capture needs, and how it is met here:
+micro-batch replays as one graph launch; train.cuda_graphs=auto (the default) does so on CUDA for
+models under 3B parameters. What capture needs, and how it is met here:
 - fixed shapes: `pad_batch` pads to batch_size rows and a length bucket (one graph per bucket);
 - no host sync inside: the loss runs in losses.static_shapes(), transformers is told the batch is not
   packed (`capturing_unpacked`); lazy set-up (kernel first-use checks, Triton compiles, cuBLAS
@@ -44,11 +45,14 @@ def capturing_unpacked() -> Iterator[None]:
             masking_utils.find_packed_sequence_indices = found
 
 
+CUDA_ONLY = "it needs a CUDA device"
+
+
 def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, mixed_precision: str,
                   processes: int, compile: bool, offload: bool) -> str | None:
     """Why train.cuda_graphs cannot apply to this run (one sentence), or None when it can."""
     if device.type != "cuda":
-        return "it needs a CUDA device"
+        return CUDA_ONLY
     if task != "causal_lm":
         return "it covers causal-LM training only"
     if packing:
@@ -69,15 +73,47 @@ def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any
 GRAPHS_PAY_BELOW = 3_000_000_000  # parameters: replay ran 0.5B rows 2.2-8.9x, 1.5B 1.8x, 7B 1.01x (H200)
 
 
-def graphs_tip(n_params: int, blocker: str | None) -> str | None:
-    """The line suggesting train.cuda_graphs to a run that could take it and whose model is small enough
-    for its steps to wait on kernel launches; None otherwise."""
-    if blocker is not None or n_params >= GRAPHS_PAY_BELOW:
-        return None
-    size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
-    return (f"Tip: this {size}-parameter model's steps wait on kernel launches; "
-            "train.cuda_graphs replays each micro-batch as one CUDA graph (1.8-6.6x faster LoRA steps "
-            "for 0.5B-1.5B models in our bench, the same losses).")
+def graphs_decision(setting: str, n_params: int, blocker: str | None) -> tuple[bool, str | None]:
+    """Whether train.cuda_graphs ("auto" | "on" | "off") captures this run, and a line for the user.
+
+    auto captures where it pays: a model under GRAPHS_PAY_BELOW parameters, whose steps wait on kernel
+    launches (on a 7B model replay gained 1%, not worth a capture per length). Where auto would have
+    paid but something in the run stops it, the line says what."""
+    if setting == "off":
+        return False, None
+    if blocker is None and (setting == "on" or n_params < GRAPHS_PAY_BELOW):
+        return True, None
+    if setting == "on":
+        return False, f"train.cuda_graphs is off for this run: {blocker}."
+    if blocker is not None and n_params < GRAPHS_PAY_BELOW and blocker != CUDA_ONLY:
+        return False, f"train.cuda_graphs (auto) stays off for this run: {blocker}."
+    return False, None
+
+
+def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
+    """Whether a one-process CUDA run of `run_cfg` (base computing in `dtype`) would replay its
+    micro-batches from graphs: what the memory estimate pads its batches for."""
+    from .methods import get_method
+    t = run_cfg.train
+    blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task, packing=run_cfg.data.packing,
+                            method=get_method(run_cfg.method.name),
+                            mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
+                            processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing)
+    return graphs_decision(t.cuda_graphs, n_params, blocker)[0]
+
+
+def captured_length(tokens: int, max_length: int) -> int:
+    """The length a micro-batch of `tokens` positions is padded to for capture (its graph's length)."""
+    return min(max_length, -(-tokens // LENGTH_BUCKET) * LENGTH_BUCKET)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters as the model's config counts them (a 4-bit weight stores two in a byte)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: packed storage, logical shape
+        total += state.shape.numel() if state is not None and hasattr(state, "shape") else p.numel()
+    return total
 
 
 def pad_batch(batch: dict, rows: int, length: int, pad_id: int) -> dict:
@@ -165,13 +201,10 @@ class GraphedTrainStep:
         self.graphs: dict[int, GraphedMicroStep] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def length_for(self, tokens: int) -> int:
-        return min(self.max_length, -(-tokens // LENGTH_BUCKET) * LENGTH_BUCKET)
-
     def __call__(self, batch: dict, may_capture: bool = True) -> Any:
         """fn's outputs for this micro-batch, or None when its length has no graph yet and may_capture
         is off (capture zeroes the gradients: only right while they hold nothing, at a step's start)."""
-        length = self.length_for(batch["input_ids"].shape[1])
+        length = captured_length(batch["input_ids"].shape[1], self.max_length)
         micro = self.graphs.get(length)
         if micro is None and not may_capture:
             return None

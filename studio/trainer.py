@@ -31,7 +31,7 @@ from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, load_model
 from .step_copies import StepCopies
-from .step_graph import CaptureFailed, GraphedTrainStep, graph_blocker, graphs_tip
+from .step_graph import CaptureFailed, GraphedTrainStep, graph_blocker, graphs_decision, parameter_count
 from .train_state import load_train_state, save_train_state
 
 
@@ -204,7 +204,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     info.method.prepare_for_training(model, task.train, cfg.method)
     if cfg.data.packing and task.labels is None and use_varlen_attention(model):
         yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
-    note = setup_checkpointing(model, t, cpu)
+    blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
+                            method=info.method, mixed_precision=accelerator.mixed_precision,
+                            processes=accelerator.num_processes, compile=t.compile,
+                            offload=t.offload_checkpoints and t.gradient_checkpointing)
+    use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker)
+    if graphs_note:
+        yield {"type": "status", "message": graphs_note}
+    note = setup_checkpointing(model, t, cpu, graphs=use_graphs)
     if note:
         yield {"type": "status", "message": note}
     if t.compile:
@@ -236,18 +243,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
             accelerator.backward(total / t.grad_accum)
         return loss.detach()
 
-    graphed = None
-    blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
-                            method=info.method, mixed_precision=accelerator.mixed_precision,
-                            processes=accelerator.num_processes, compile=t.compile, offload=t.offload_checkpoints)
-    tip = None if t.cuda_graphs else graphs_tip(sum(p.numel() for p in model.parameters()), blocker)
-    if tip:
-        yield {"type": "status", "message": tip}
-    elif t.cuda_graphs and blocker:
-        yield {"type": "status", "message": f"train.cuda_graphs is off for this run: {blocker}."}
-    elif t.cuda_graphs:
-        graphed = GraphedTrainStep(micro_step, trainable, t.batch_size, cfg.data.max_length, pad_id,
-                                   accelerator.device)
+    graphed = GraphedTrainStep(micro_step, trainable, t.batch_size, cfg.data.max_length, pad_id,
+                               accelerator.device) if use_graphs else None
     # 16-bit copies of the LoRA weights made once a step, not cast in every forward (not traced by compile)
     copies = None if t.compile else StepCopies.for_model(
         model, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision))

@@ -157,45 +157,66 @@ def test_triton_ab_runs_each_of_our_rows_with_and_without_the_kernels(monkeypatc
     assert engines[("peft", True)] == 0 and engines[("studio", True)] > 0 and engines[("studio", False)] == 0
 
 
-def test_graphs_variant_steps_like_the_eager_row_and_is_cuda_only(monkeypatch):
-    """--graphs: our step replayed from a capture (emulated here) trains the same as the eager step;
-    on the CPU the bench leaves graph rows out."""
+def test_graphs_row_steps_like_the_eager_row_and_replays_only_on_cuda(monkeypatch):
+    """Our step replayed from a capture (emulated here) trains the same as the eager step; on the CPU
+    the default (auto) row runs eagerly and a forced graphs row is left out."""
     from studio.bench import build_step
     from training import emulate_graph_capture
     row = Row("tiny-llama", "lora", 2, 16, False)
 
-    def losses(graphs: bool) -> list[float]:
+    def losses(graphs: str) -> tuple[list[float], bool]:
         step = build_step(dataclasses.replace(row, graphs=graphs), "studio", torch.device("cpu"))
-        return [float(step.run()) for _ in range(3)]
+        return [float(step.run()) for _ in range(3)], step.graphs
 
-    eager = losses(False)
+    eager, replayed = losses("auto")
+    assert not replayed
     replays = emulate_graph_capture(monkeypatch)
-    assert losses(True) == pytest.approx(eager, rel=1e-5)
+    graphed, replayed = losses("on")
+    assert replayed and graphed == pytest.approx(eager, rel=1e-5)
     assert len(replays) == 3
-    rows = list(bench(device="cpu", with_peft=False, warmup=0, steps=1, rounds=1, graphs=True, grid=[row]))
-    assert [(r["engine"], r["graphs"]) for r in rows] == [("studio", False)]
+    rows = list(bench(device="cpu", with_peft=False, warmup=0, steps=1, rounds=1, eager_ab=True,
+                      grid=[row, dataclasses.replace(row, graphs="on")]))
+    assert [(r["engine"], r["cuda_graphs"], r["graphs"]) for r in rows] == [("studio", "auto", False)]
 
 
-def test_graphs_with_triton_ab_adds_one_graphed_row_per_shape(monkeypatch):
-    """--triton-ab --graphs on a GPU: ours (kernels), ours replayed from a graph, ours with the torch ops;
-    one peft row. (run_row is stubbed: this checks the grid the GPU run gets, not the GPU.)"""
+def test_auto_rows_replay_graphs_where_the_trainer_would():
+    from studio.bench import graphs_wanted
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    row = Row("qwen2.5-0.5b", "lora", 4, 1024, False)
+    assert graphs_wanted(row, cuda, 494_000_000, compile=False)
+    assert not graphs_wanted(row, cuda, 7_600_000_000, compile=False)  # GPU-bound: as train.cuda_graphs=auto
+    assert not graphs_wanted(row, cpu, 494_000_000, compile=False)
+    assert not graphs_wanted(row, cuda, 494_000_000, compile=True)
+    assert not graphs_wanted(dataclasses.replace(row, offload=True), cuda, 494_000_000, compile=False)
+    assert not graphs_wanted(dataclasses.replace(row, graphs="off"), cuda, 494_000_000, compile=False)
+    assert graphs_wanted(dataclasses.replace(row, graphs="on"), cpu, 7_600_000_000, compile=False)
+
+
+def test_eager_and_triton_ab_grid_on_a_gpu(monkeypatch):
+    """--triton-ab --eager-ab on a GPU: ours as the trainer runs it (graphs for a small model), ours
+    eagerly, ours eagerly with the torch ops; one peft row. A 7B row, which auto runs eagerly, is not
+    run eagerly twice. (run_row is stubbed: this checks the grid the GPU run gets, not the GPU.)"""
     import studio.bench as bench_mod
     import studio.models as models
     seen = []
 
     def fake_run_row(row, engine, device, warmup, steps, compile=False):
-        seen.append((engine, row.triton, row.graphs))
-        return bench_mod._row_facts(row, engine) | {"ms_per_step": 10.0, "tokens_per_s": 100.0}
+        seen.append((row.shape, engine, row.triton, row.graphs))
+        graphs = engine == "studio" and row.graphs == "auto" and row.shape != "qwen2.5-7b"
+        return bench_mod._row_facts(row, engine) | {"ms_per_step": 10.0, "tokens_per_s": 100.0, "graphs": graphs}
 
     monkeypatch.setattr(models, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(bench_mod, "run_row", fake_run_row)
     monkeypatch.setattr(bench_mod, "estimated_bytes", lambda row, device: None)
     monkeypatch.setattr(bench_mod, "baseline_available", lambda: True)
-    rows = list(bench(device="cuda", rounds=1, triton_ab=True, graphs=True,
-                      grid=[Row("qwen2.5-0.5b", "lora", 4, 1024, False)]))
-    assert seen == [("peft", True, False), ("studio", True, False), ("studio", True, True), ("studio", False, False)]
-    assert [(r["engine"], r["triton"], r["graphs"]) for r in rows] == [
-        ("peft", False, False), ("studio", True, False), ("studio", True, True), ("studio", False, False)]
+    rows = list(bench(device="cuda", rounds=1, triton_ab=True, eager_ab=True,
+                      grid=[Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-7b", "lora", 4, 2048, True)]))
+    assert seen == [("qwen2.5-0.5b", "peft", True, "auto"), ("qwen2.5-0.5b", "studio", True, "auto"),
+                    ("qwen2.5-0.5b", "studio", True, "off"), ("qwen2.5-0.5b", "studio", False, "off"),
+                    ("qwen2.5-7b", "peft", True, "auto"), ("qwen2.5-7b", "studio", True, "auto"),
+                    ("qwen2.5-7b", "studio", False, "off")]
+    assert [(r["engine"], r["triton"], r["graphs"]) for r in rows][:4] == [
+        ("peft", False, False), ("studio", True, True), ("studio", True, False), ("studio", False, False)]
 
 
 def test_default_cpu_grid_leaves_out_bf16_rows_without_bf16_hardware(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 
 from studio import step_graph
 from studio.config import load_config
+from studio.errors import ConfigError
 from studio.losses import causal_lm_loss, static_shapes
 from studio.methods import apply_method, method_config, registry
 from studio.models import build_random_model, model_presets
@@ -93,22 +94,51 @@ def test_on_the_cpu_the_run_says_graphs_need_cuda_and_trains():
     assert any("train.cuda_graphs is off for this run: it needs a CUDA device" in n for n in notes)
 
 
-def test_a_run_that_could_replay_small_model_steps_is_told_so(monkeypatch):
-    _, notes = _run(_cfg())
-    assert not any("train.cuda_graphs replays" in n for n in notes)  # on the CPU: nothing to suggest
+def test_auto_captures_a_small_model_run_that_can_take_it(monkeypatch):
+    """The default (auto): on the CPU nothing to say; where capture can apply, a small model's
+    micro-batches replay without being asked; "off" keeps them eager."""
+    eager, notes = _run(_cfg())
+    assert not any("cuda_graphs" in n for n in notes)
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
-    _, notes = _run(_cfg())
-    assert any(n.startswith("Tip: this 0M-parameter model") and "train.cuda_graphs" in n for n in notes)
     replays = emulate_graph_capture(monkeypatch)
-    _, notes = _run(_cfg(**{"train.cuda_graphs": True}))
-    assert replays and not any(n.startswith("Tip:") and "cuda_graphs" in n for n in notes)
+    graphed, notes = _run(_cfg())
+    assert len(replays) == 4 * 2 and any("micro-batches replay as CUDA graphs" in n for n in notes)
+    assert graphed == pytest.approx(eager, rel=1e-4)
+    replays.clear()
+    _run(_cfg(**{"train.cuda_graphs": "off"}))
+    assert replays == []
 
 
-def test_graphs_tip_only_for_small_models_that_can_take_it():
-    assert step_graph.graphs_tip(494_000_000, None).startswith("Tip: this 494M-parameter model's steps wait")
-    assert "1.5B-parameter" in step_graph.graphs_tip(1_540_000_000, None)
-    assert step_graph.graphs_tip(7_600_000_000, None) is None  # GPU-bound: replay gained 1% on 7B
-    assert step_graph.graphs_tip(494_000_000, "it needs a CUDA device") is None
+def test_auto_says_what_keeps_graphs_off_for_a_small_model(monkeypatch):
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: "packed batches change their attention layout")
+    replays = emulate_graph_capture(monkeypatch)
+    _, notes = _run(_cfg())
+    assert "train.cuda_graphs (auto) stays off for this run: packed batches change their attention layout." in notes
+    assert replays == []
+
+
+def test_graphs_decision_pays_below_3b_parameters_under_auto():
+    decide = step_graph.graphs_decision
+    assert decide("auto", 494_000_000, None) == (True, None)
+    assert decide("auto", 1_540_000_000, None) == (True, None)
+    assert decide("auto", 7_600_000_000, None) == (False, None)  # GPU-bound: replay gained 1% on 7B
+    assert decide("on", 7_600_000_000, None) == (True, None)  # asked for: done
+    assert decide("off", 494_000_000, None) == (False, None)
+    assert decide("auto", 494_000_000, step_graph.CUDA_ONLY) == (False, None)  # CPU runs: nothing to say
+    assert decide("auto", 7_600_000_000, "it runs on one process only") == (False, None)
+    assert decide("on", 494_000_000, step_graph.CUDA_ONLY) == (
+        False, "train.cuda_graphs is off for this run: it needs a CUDA device.")
+
+
+@pytest.mark.parametrize("value, setting", [(True, "on"), (False, "off"), ("auto", "auto"), ("true", "on")])
+def test_cuda_graphs_keeps_accepting_yes_and_no(value, setting):
+    """It was a yes/no switch: YAML true/false (and --set train.cuda_graphs=true) still mean on/off."""
+    assert _cfg(**{"train.cuda_graphs": value}).train.cuda_graphs == setting
+
+
+def test_cuda_graphs_refuses_other_words():
+    with pytest.raises(ConfigError, match="must be one of auto, on, off"):
+        _cfg(**{"train.cuda_graphs": "always"})
 
 
 @pytest.mark.parametrize("ckpt,dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
@@ -168,7 +198,7 @@ def test_checkpointing_skips_the_rng_state_only_for_a_captured_step_without_drop
     model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
     apply_method(model, method_config({"name": "lora", "lora_dropout": dropout}))
     assert has_dropout(model) == (dropout > 0)
-    setup_checkpointing(model, TrainConfig(gradient_checkpointing=True, cuda_graphs=graphs), cpu=False)
+    setup_checkpointing(model, TrainConfig(gradient_checkpointing=True), cpu=False, graphs=graphs)
     func = model.model.layers[0]._gradient_checkpointing_func
     assert func.keywords.get("preserve_rng_state", True) == preserved
 
@@ -243,3 +273,14 @@ def test_graphs_check_script_compares_both_runs(monkeypatch, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["max_loss_diff"] == 0.0 and len(row["eager"]["losses"]) == 2
     assert row["graphs"]["notes"] == ["train.cuda_graphs is off for this run: it needs a CUDA device."]
+
+
+def test_parameter_count_counts_a_4bit_weight_as_its_config_does():
+    """What auto's 3B threshold compares: a 4-bit model's packed storage holds half its parameters."""
+    from studio.memory_bench import _quantize_nf4
+    model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
+    dense = sum(p.numel() for p in model.parameters())
+    assert step_graph.parameter_count(model) == dense
+    quantized = _quantize_nf4(model)
+    assert sum(p.numel() for p in quantized.parameters()) < dense
+    assert step_graph.parameter_count(quantized) == dense

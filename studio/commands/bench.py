@@ -18,8 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile our engine's decoder layers")
     p.add_argument("--triton-ab", action="store_true",
                    help="each of our rows also with the torch ops instead of the Triton kernels (CUDA A/B)")
-    p.add_argument("--graphs", action="store_true",
-                   help="each of our rows also with each micro-batch replayed as a CUDA graph (train.cuda_graphs)")
+    p.add_argument("--eager-ab", action="store_true",
+                   help="each of our rows that replays CUDA graphs (train.cuda_graphs=auto) also run eagerly")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b)")
     p.add_argument("--out", default=None, help="also append the rows to this file")
 
@@ -34,7 +34,7 @@ def run(args) -> int:
             from ..bench import bench
             rows = bench(args.quick, args.device, not args.no_peft, args.warmup, args.steps, rounds=args.rounds,
                          compile=args.compile, only=args.only.split(",") if args.only else None,
-                         triton_ab=args.triton_ab, graphs=args.graphs)
+                         triton_ab=args.triton_ab, eager_ab=args.eager_ab)
         for row in rows:
             line = json.dumps(row)
             print(line, flush=True)

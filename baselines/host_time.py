@@ -45,10 +45,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--engines", default="studio,peft")
     p.add_argument("--profile", type=int, default=0)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "auto"], help="auto: fp32 on the CPU")
     a = p.parse_args()
     torch.set_num_threads(1)  # tiny ops: threads only add hand-off time
     name = tiny_twin(a.shape)
-    row = Row(name, a.method, a.batch, a.seq, a.ckpt, precision="bf16")
+    row = Row(name, a.method, a.batch, a.seq, a.ckpt, precision=a.precision)
     for engine in a.engines.split(","):
         step = build_step(row, engine, torch.device("cpu"))
         for _ in range(3):

@@ -46,6 +46,11 @@ def capturing_unpacked() -> Iterator[None]:
 
 
 CUDA_ONLY = "it needs a CUDA device"
+PACKING = "packed batches change their attention layout every step (turn data.packing off)"
+FP16 = "fp16 needs a loss scaler that reads the gradients on the host (use bf16)"
+COMPILE = "train.compile already compiles the layers (pick one)"
+OFFLOAD = "train.offload_checkpoints moves tensors through host memory"
+SETTINGS_THAT_BLOCK = (PACKING, FP16, COMPILE, OFFLOAD)  # what a user may change to get graphs
 
 
 def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, mixed_precision: str,
@@ -56,17 +61,17 @@ def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any
     if task != "causal_lm":
         return "it covers causal-LM training only"
     if packing:
-        return "packed batches change their attention layout every step (turn data.packing off)"
+        return PACKING
     if not getattr(method, "graph_safe", False):
         return f"{method.name} is not marked safe to capture (its step changes on the host)"
     if mixed_precision == "fp16":
-        return "fp16 needs a loss scaler that reads the gradients on the host (use bf16)"
+        return FP16
     if processes > 1:
         return "it runs on one process only"
     if compile:
-        return "train.compile already compiles the layers (pick one)"
+        return COMPILE
     if offload:
-        return "train.offload_checkpoints moves tensors through host memory"
+        return OFFLOAD
     return None
 
 
@@ -78,14 +83,14 @@ def graphs_decision(setting: str, n_params: int, blocker: str | None) -> tuple[b
 
     auto captures where it pays: a model under GRAPHS_PAY_BELOW parameters, whose steps wait on kernel
     launches (on a 7B model replay gained 1%, not worth a capture per length). Where auto would have
-    paid but something in the run stops it, the line says what."""
+    paid but a setting of the run stops it, the line says which."""
     if setting == "off":
         return False, None
     if blocker is None and (setting == "on" or n_params < GRAPHS_PAY_BELOW):
         return True, None
     if setting == "on":
         return False, f"train.cuda_graphs is off for this run: {blocker}."
-    if blocker is not None and n_params < GRAPHS_PAY_BELOW and blocker != CUDA_ONLY:
+    if blocker in SETTINGS_THAT_BLOCK and n_params < GRAPHS_PAY_BELOW:
         return False, f"train.cuda_graphs (auto) stays off for this run: {blocker}."
     return False, None
 

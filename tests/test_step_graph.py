@@ -110,10 +110,10 @@ def test_auto_captures_a_small_model_run_that_can_take_it(monkeypatch):
 
 
 def test_auto_says_what_keeps_graphs_off_for_a_small_model(monkeypatch):
-    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: "packed batches change their attention layout")
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: step_graph.PACKING)
     replays = emulate_graph_capture(monkeypatch)
     _, notes = _run(_cfg())
-    assert "train.cuda_graphs (auto) stays off for this run: packed batches change their attention layout." in notes
+    assert f"train.cuda_graphs (auto) stays off for this run: {step_graph.PACKING}." in notes
     assert replays == []
 
 
@@ -125,7 +125,10 @@ def test_graphs_decision_pays_below_3b_parameters_under_auto():
     assert decide("on", 7_600_000_000, None) == (True, None)  # asked for: done
     assert decide("off", 494_000_000, None) == (False, None)
     assert decide("auto", 494_000_000, step_graph.CUDA_ONLY) == (False, None)  # CPU runs: nothing to say
-    assert decide("auto", 7_600_000_000, "it runs on one process only") == (False, None)
+    assert decide("auto", 7_600_000_000, step_graph.COMPILE) == (False, None)
+    assert decide("auto", 494_000_000, step_graph.COMPILE) == (
+        False, f"train.cuda_graphs (auto) stays off for this run: {step_graph.COMPILE}.")
+    assert decide("auto", 494_000_000, "it runs on one process only") == (False, None)  # nothing to change
     assert decide("on", 494_000_000, step_graph.CUDA_ONLY) == (
         False, "train.cuda_graphs is off for this run: it needs a CUDA device.")
 

@@ -82,7 +82,8 @@ def graphs_decision(setting: str, n_params: int, blocker: str | None) -> tuple[b
     """Whether train.cuda_graphs ("auto" | "on" | "off") captures this run, and a line for the user.
 
     auto captures where it pays: a model under GRAPHS_PAY_BELOW parameters, whose steps wait on kernel
-    launches (on a 7B model replay gained 1%, not worth a capture per length). Where auto would have
+    launches. A larger model's step is GPU-bound (7B: replay gained 1%), so there the padding to a
+    multiple of 128 tokens would cost more than replay saves. Where auto would have
     paid but a setting of the run stops it, the line says which."""
     if setting == "off":
         return False, None

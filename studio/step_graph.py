@@ -53,8 +53,8 @@ OFFLOAD = "train.offload_checkpoints moves tensors through host memory"
 SETTINGS_THAT_BLOCK = (PACKING, FP16, COMPILE, OFFLOAD)  # what a user may change to get graphs
 
 
-def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, mixed_precision: str,
-                  processes: int, compile: bool, offload: bool) -> str | None:
+def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, method_cfg: Any,
+                  mixed_precision: str, processes: int, compile: bool, offload: bool) -> str | None:
     """Why train.cuda_graphs cannot apply to this run (one sentence), or None when it can."""
     if device.type != "cuda":
         return CUDA_ONLY
@@ -62,8 +62,8 @@ def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any
         return "it covers causal-LM training only"
     if packing:
         return PACKING
-    if not getattr(method, "graph_safe", False):
-        return f"{method.name} is not marked safe to capture (its step changes on the host)"
+    if not method.capturable(method_cfg):
+        return f"{method.name} with these settings is not marked safe to capture (its step changes on the host)"
     if mixed_precision == "fp16":
         return FP16
     if processes > 1:
@@ -102,7 +102,7 @@ def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
     from .methods import get_method
     t = run_cfg.train
     blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task, packing=run_cfg.data.packing,
-                            method=get_method(run_cfg.method.name),
+                            method=get_method(run_cfg.method.name), method_cfg=run_cfg.method,
                             mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
                             processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing)
     return graphs_decision(t.cuda_graphs, n_params, blocker)[0]

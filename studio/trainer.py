@@ -205,7 +205,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     if cfg.data.packing and task.labels is None and use_varlen_attention(model):
         yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
     blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
-                            method=info.method, mixed_precision=accelerator.mixed_precision,
+                            method=info.method, method_cfg=cfg.method, mixed_precision=accelerator.mixed_precision,
                             processes=accelerator.num_processes, compile=t.compile,
                             offload=t.offload_checkpoints and t.gradient_checkpointing)
     use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker)

@@ -3,20 +3,26 @@ path (capture, replay into fixed gradient buffers, fallback) follows the eager t
 
 The CPU cannot capture a CUDA graph, so the trainer tests stand a re-running replay in for
 torch.cuda.CUDAGraph (training.emulate_graph_capture): everything around the capture runs as on a GPU.
+Whether a method may be captured at all is checked with a stricter stand-in (graph_replay.py) that
+re-issues the recorded operations without running the model's Python, as a real replay does.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from studio import step_graph
-from studio.config import load_config
+from studio.config import RunConfig, load_config
 from studio.errors import ConfigError
 from studio.losses import causal_lm_loss, static_shapes
-from studio.methods import apply_method, method_config, registry
+from studio.methods import apply_method, method_config, registry, resolve
 from studio.models import build_random_model, model_presets
 from studio.step_graph import GraphedMicroStep, capturing_unpacked, graph_blocker, pad_batch
 from studio.trainer import train
+from graph_replay import emulate_strict_graph_capture
+from method_matrix import CASES
 from training import emulate_graph_capture
 
 
@@ -33,7 +39,8 @@ def test_pad_batch_grows_to_the_captured_shape_without_a_mask():
 
 def _blocker(**changes):
     facts = dict(device=torch.device("cuda"), task="causal_lm", packing=False, method=registry()["lora"],
-                 mixed_precision="bf16", processes=1, compile=False, offload=False) | changes
+                 method_cfg=method_config({"name": "lora"}), mixed_precision="bf16", processes=1, compile=False,
+                 offload=False) | changes
     return graph_blocker(**facts)
 
 
@@ -187,9 +194,70 @@ def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):
     assert fallback == pytest.approx(eager, rel=1e-4)  # the warm-up's gradients were dropped
 
 
-def test_the_graph_safe_methods_are_the_ones_that_say_so():
-    safe = {name for name, method in registry().items() if getattr(method, "graph_safe", False)}
-    assert safe == {"lora", "full", "ia3", "bitfit"}
+def _replay_cfg(name: str, overrides: dict, graphs: str) -> RunConfig:
+    """A short tiny-Llama run of a method; its dropout-like settings at 0 (the capture's warm-up draws
+    random numbers an eager run does not, so with them the two runs would part for a fair reason)."""
+    from studio.methods import resolve
+    method = {"name": name, **overrides}
+    for f in dataclasses.fields(resolve(name)[0].config_cls):
+        if "dropout" in f.name or f.name == "drop_prob":
+            method[f.name] = 0.0
+    return RunConfig.from_dict({
+        "model": {"name": "tiny-llama", "device": "cpu"}, "method": method,
+        "data": {"path": "arith", "max_length": 48, "limit": 64},
+        "train": {"batch_size": 3, "grad_accum": 2, "max_steps": 4, "lr": 1e-2, "seed": 0, "cuda_graphs": graphs}})
+
+
+def _eager_and_replayed(monkeypatch, name: str, overrides: dict) -> tuple[list[float], list[float], list, list]:
+    """Losses of an eager run and of the same run replayed from recorded steps (tests/graph_replay.py),
+    the host-bound operations each capture met, and the run's graph notes."""
+    eager, _ = _run(_replay_cfg(name, overrides, "off"))
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
+    captures = emulate_strict_graph_capture(monkeypatch)
+    replayed, notes = _run(_replay_cfg(name, overrides, "on"))
+    return eager, replayed, captures, [n for n in notes if "cuda_graphs" in n]
+
+
+CAPTURABLE = [c for c in CASES if "causal_lm" in resolve(c.name)[0].task_types
+              and resolve(c.name)[0].capturable(method_config({"name": c.name, **c.overrides}))]
+
+
+@pytest.mark.parametrize("case", CAPTURABLE, ids=[c.id for c in CAPTURABLE])
+def test_a_method_marked_safe_trains_the_same_replayed_from_its_recorded_step(monkeypatch, case):
+    """What capture freezes (every host decision of the step) must not matter: the recorded step
+    re-issued on the recorded buffers follows the eager trajectory, and meets nothing a real capture
+    would refuse."""
+    eager, replayed, captures, notes = _eager_and_replayed(monkeypatch, case.name, case.overrides)
+    assert notes == ["train.cuda_graphs: micro-batches replay as CUDA graphs (one per padded length, "
+                     "captured on its first use)."]
+    assert captures and all(found == [] for found in captures)
+    assert replayed == pytest.approx(eager, rel=1e-5)
+
+
+def test_the_replay_check_catches_a_step_decided_on_the_host(monkeypatch):
+    """DyLoRA draws its rank on the host each step; a replay repeats the captured rank, so its training
+    parts from the eager one: the check above can fail, and DyLoRA stays unmarked."""
+    assert not registry()["dylora"].graph_safe
+    eager, replayed, _, _ = _eager_and_replayed(monkeypatch, "dylora", {"r": 4})
+    assert replayed != pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.parametrize("name, overrides", [("adapter", {"drop_prob": 0.2}), ("parallel_adapter", {"drop_prob": 0.2}),
+                                             ("loha", {"module_dropout": 0.1}), ("lokr", {"module_dropout": 0.1})])
+def test_settings_that_draw_on_the_host_keep_a_safe_method_eager(name, overrides):
+    method = registry()[name]
+    assert method.capturable(method_config({"name": name}))
+    assert not method.capturable(method_config({"name": name, **overrides}))
+    assert "not marked safe" in _blocker(method=method, method_cfg=method_config({"name": name, **overrides}))
+
+
+def test_the_methods_left_eager_are_the_ones_that_decide_on_the_host():
+    """Marked: checked above. Left: AdaLoRA (prunes ranks on a schedule), AdaMix (routes on the host),
+    DyLoRA (rank on the host), diff pruning (its gates' schedule), the prefix methods (a host tensor
+    each forward), adapter fusion (other runs' adapters) and the image-classification VPT."""
+    left = {name for name, method in registry().items() if not method.graph_safe}
+    assert left == {"adalora", "adamix", "dylora", "diff_pruning", "prefix_tuning", "mam_adapter", "unipelt",
+                    "adapter_fusion", "vpt"}
 
 
 @pytest.mark.parametrize("dropout, graphs, preserved", [(0.0, True, False), (0.1, True, True), (0.0, False, True)])

@@ -22,6 +22,7 @@ class AdaMixConfig(AdapterConfig):
 
 class AdaMixMethod(AdapterMethod):
     name = "adamix"
+    graph_safe = False  # routing picks its adapter copies on the host each pass
     summary = "M adapter copies per site, random routing in training, weight-averaged for inference."
     config_cls = AdaMixConfig
     peft_type = "ADAMIX"

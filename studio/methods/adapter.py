@@ -175,6 +175,7 @@ class AdapterFamily(Method):
 
     category = "adapter"
     mergeable = False
+    host_random = ("drop_prob",)  # AdapterDrop draws on the host whether a layer's adapters run
 
     def unfreeze(self, model: nn.Module) -> None:
         for _, site in adapter_sites(model):
@@ -192,6 +193,7 @@ class AdapterFamily(Method):
 
 class AdapterMethod(AdapterFamily):
     name = "adapter"
+    graph_safe = True
     summary = "Houlsby bottleneck adapters after attention and FFN (Pfeiffer: FFN only); AdapterDrop options."
     config_cls = AdapterConfig
     peft_type = "ADAPTER"

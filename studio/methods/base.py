@@ -52,6 +52,12 @@ class Method:
     promises_identity_at_init: bool = True  # output == base right after apply()
     task_types: tuple = ("causal_lm",)
     graph_safe: bool = False  # its training step is the same GPU work every time (train.cuda_graphs may capture it)
+    host_random: tuple = ()  # config fields that, when non-zero, make a random choice on the host each step
+
+    def capturable(self, cfg: MethodConfig | None) -> bool:
+        """Whether a training step with this config may be captured once and replayed (train.cuda_graphs):
+        graph_safe, and no per-step choice on the host (a replay would repeat the captured one)."""
+        return self.graph_safe and not any(getattr(cfg, name, 0) for name in self.host_random)
 
     # --- required -------------------------------------------------------------------------
     def apply(self, model: nn.Module, cfg: MethodConfig) -> None:

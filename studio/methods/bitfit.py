@@ -147,6 +147,7 @@ class BitFitMethod(_SelectiveMethod):
 
 class FreezeMethod(_SelectiveMethod):
     name = "freeze"
+    graph_safe = True
     summary = "Train only the last k decoder layers (or parameters matched by name patterns)."
     config_cls = FreezeConfig
     peft_type = "STUDIO_FREEZE"

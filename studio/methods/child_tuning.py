@@ -182,6 +182,7 @@ def fisher_information(model: nn.Module, modules: dict[str, nn.Module], train_da
 
 class ChildTuningMethod(Method):
     name = "child_tuning"
+    graph_safe = True
     category = "selective"
     summary = "Only a child network of the weights changes: random per-step (F) or Fisher-selected fixed (D)."
     config_cls = ChildTuningConfig

@@ -54,6 +54,7 @@ class CompacterLinear(DeltaLinear):
 
 class CompacterMethod(DeltaMethod):
     name = "compacter"
+    graph_safe = True
     summary = "Sum of Kronecker products of shared n x n rules and per-layer low-rank factors; mergeable."
     config_cls = CompacterConfig
     peft_type = "COMPACTER"

@@ -85,6 +85,7 @@ class DeltaMethod(Method):
 
     category = "reparameterised"
     mergeable = True
+    host_random = ("module_dropout",)  # drawn on the host: skip the whole update this step or not
 
     def make_module(self, model: nn.Module, path: str, base: nn.Linear, cfg: MethodConfig) -> DeltaLinear:
         raise NotImplementedError

@@ -120,6 +120,7 @@ class GloraLinear(DeltaLinear):
 
 class GloraMethod(DeltaMethod):
     name = "glora"
+    graph_safe = True
     summary = "Generalised LoRA: weight scale/shift and bias scale/shift with chosen supports; mergeable."
     config_cls = GloraConfig
     peft_type = "GLORA"

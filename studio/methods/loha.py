@@ -52,6 +52,7 @@ class LoHaLinear(DeltaLinear):
 
 class LoHaMethod(DeltaMethod):
     name = "loha"
+    graph_safe = True
     summary = "Hadamard product of two low-rank products (LoHa); mergeable; peft's LOHA format."
     config_cls = LoHaConfig
     peft_type = "LOHA"

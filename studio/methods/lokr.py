@@ -97,6 +97,7 @@ class LoKrLinear(DeltaLinear):
 
 class LoKrMethod(DeltaMethod):
     name = "lokr"
+    graph_safe = True
     summary = "Kronecker-product update W1 ⊗ W2 (KronA/LoKr); mergeable; peft's LOKR format."
     config_cls = LoKrConfig
     peft_type = "LOKR"

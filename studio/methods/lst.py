@@ -165,6 +165,7 @@ class LstHooks:
 
 class LstMethod(Method):
     name = "lst"
+    graph_safe = True
     category = "adapter"
     summary = "Ladder side-tuning: a small side network reads the frozen backbone; no backward through it."
     config_cls = LstConfig

@@ -29,6 +29,7 @@ class ParallelAdapterConfig(MethodConfig):
 
 class ParallelAdapterMethod(AdapterFamily):
     name = "parallel_adapter"
+    graph_safe = True
     summary = "Bottleneck adapter in parallel to each FFN, scaled by s (AdaptFormer: s = 0.1)."
     config_cls = ParallelAdapterConfig
     peft_type = "PARALLEL_ADAPTER"

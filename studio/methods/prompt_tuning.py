@@ -132,6 +132,7 @@ class _PromptMethodBase(Method):
 
 class PromptTuningMethod(_PromptMethodBase):
     name = "prompt_tuning"
+    graph_safe = True
     summary = "Trainable virtual token embeddings prepended to the input (only n x d parameters)."
     config_cls = PromptTuningConfig
     peft_type = "PROMPT_TUNING"
@@ -163,6 +164,7 @@ class PromptTuningMethod(_PromptMethodBase):
 
 class PTuningMethod(_PromptMethodBase):
     name = "p_tuning"
+    graph_safe = True
     summary = "Virtual token embeddings produced by a small prompt encoder (MLP or LSTM) and prepended."
     config_cls = PTuningConfig
     peft_type = "P_TUNING"

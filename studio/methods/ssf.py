@@ -76,6 +76,7 @@ class SsfLinear(DeltaLinear):
 
 class SsfMethod(DeltaMethod):
     name = "ssf"
+    graph_safe = True
     summary = "Learned per-channel scale and shift after chosen layers; folds into the weights on merge."
     config_cls = SsfConfig
     peft_type = "SSF"

@@ -69,6 +69,7 @@ class VeraLinear(DeltaLinear):
 
 class VeraMethod(DeltaMethod):
     name = "vera"
+    graph_safe = True
     summary = "Shared frozen random A, B; only two scaling vectors per layer train (peft's VERA format)."
     config_cls = VeraConfig
     peft_type = "VERA"

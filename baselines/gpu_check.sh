@@ -7,7 +7,8 @@
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, LoRA's GEMM order
 # (baselines/lora_order_ab.py, AB=1 only), the recompute skip (baselines/recompute_ab.py, AB=1 only), the quick speed
 # grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), train.cuda_graphs
-# through the trainer (baselines/graphs_check.py), the 7B rows, the Llama-3.2-1B row, and with MEMORY_S=N the memory estimate
+# through the trainer (baselines/graphs_check.py), the 7B rows, the Llama-3.2-1B row, every capture-safe method captured
+# for real (graphs_check --methods), and with MEMORY_S=N the memory estimate
 # against max_memory_allocated for N seconds (measured in the last GPU run); then a summary table.
 # At most 9.5 minutes (a device call: timeout_s 590).
 set -uo pipefail
@@ -50,6 +51,10 @@ run)
   # the Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
   timeout 120 python3 -m studio bench --only llama-3.2-1b --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
+  # every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
+  timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 6 --methods \
+    dora,vera,loha,lokr,glora,compacter,ssf,ia3,adapter,parallel_adapter,lst,prompt_tuning,p_tuning,bitfit,freeze,child_tuning,full \
+    2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
   python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"

@@ -53,7 +53,7 @@ run)
     | tee -a "$OUT/bench.log"
   # every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
   timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 6 --methods \
-    dora,vera,loha,lokr,glora,compacter,ssf,ia3,adapter,parallel_adapter,lst,prompt_tuning,p_tuning,bitfit,freeze,child_tuning,full \
+    dora,vera,loha,lokr,glora,compacter,ssf,ia3,adapter,parallel_adapter,lst,prompt_tuning,p_tuning,prefix_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full \
     2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"

@@ -48,7 +48,7 @@ def _blocker(**changes):
     ({"device": torch.device("cpu")}, "CUDA"), ({"task": "classification"}, "causal-LM"),
     ({"packing": True}, "data.packing"), ({"mixed_precision": "fp16"}, "bf16"), ({"processes": 2}, "one process"),
     ({"compile": True}, "train.compile"), ({"offload": True}, "offload_checkpoints"),
-    ({"method": registry()["prefix_tuning"]}, "not marked safe")])
+    ({"method": registry()["dylora"]}, "not marked safe")])
 def test_graph_blocker_names_what_stops_capture(changes, reason):
     assert _blocker() is None
     assert reason in _blocker(**changes)
@@ -253,11 +253,10 @@ def test_settings_that_draw_on_the_host_keep_a_safe_method_eager(name, overrides
 
 def test_the_methods_left_eager_are_the_ones_that_decide_on_the_host():
     """Marked: checked above. Left: AdaLoRA (prunes ranks on a schedule), AdaMix (routes on the host),
-    DyLoRA (rank on the host), diff pruning (its gates' schedule), the prefix methods (a host tensor
-    each forward), adapter fusion (other runs' adapters) and the image-classification VPT."""
+    DyLoRA (rank on the host), diff pruning (its gates' schedule), adapter fusion (other runs' adapters)
+    and the image-classification VPT."""
     left = {name for name, method in registry().items() if not method.graph_safe}
-    assert left == {"adalora", "adamix", "dylora", "diff_pruning", "prefix_tuning", "mam_adapter", "unipelt",
-                    "adapter_fusion", "vpt"}
+    assert left == {"adalora", "adamix", "dylora", "diff_pruning", "adapter_fusion", "vpt"}
 
 
 @pytest.mark.parametrize("dropout, graphs, preserved", [(0.0, True, False), (0.1, True, True), (0.0, False, True)])
@@ -355,3 +354,20 @@ def test_parameter_count_counts_a_4bit_weight_as_its_config_does():
     quantized = _quantize_nf4(model)
     assert sum(p.numel() for p in quantized.parameters()) < dense
     assert step_graph.parameter_count(quantized) == dense
+
+
+def test_recorded_step_replays_what_was_recorded_and_names_what_a_capture_refuses():
+    """The stand-in itself: a replay re-issues the recorded operations on the recorded buffers (the host
+    value folded in at recording stays), and host reads and host data copied in are listed."""
+    from graph_replay import RecordedStep
+    x = torch.ones(3)
+    scale = [2.0]
+    step = RecordedStep(lambda: (x * scale[0]).sum())
+    assert float(step.out) == 6.0 and step.would_not_capture == []
+    x.fill_(2.0)
+    scale[0] = 10.0  # a host value: the replay keeps the recorded 2.0
+    step.replay()
+    assert float(step.out) == 12.0
+    assert RecordedStep(lambda: x + torch.tensor([1.0, 2.0, 3.0])).would_not_capture == ["lift_fresh"]
+    assert RecordedStep(lambda: torch.cat([torch.tensor([]), x])).would_not_capture == []  # an empty copy: nothing
+    assert RecordedStep(lambda: x.sum().item()).would_not_capture == ["_local_scalar_dense"]

@@ -44,6 +44,7 @@ def split_prefix(state: dict) -> tuple[dict, dict]:
 
 class MamAdapterMethod(AdapterFamily):
     name = "mam_adapter"
+    graph_safe = True
     category = "hybrid"
     summary = "Parallel FFN adapter (m=512, s=4) + prefix tuning (30 tokens) on attention."
     config_cls = MamAdapterConfig

@@ -46,6 +46,7 @@ class PrefixMLP(nn.Module):
 
 class PrefixTuningMethod(Method):
     name = "prefix_tuning"
+    graph_safe = True
     category = "soft_prompt"
     summary = "Trainable key/value prefixes in every attention layer, fed through the KV cache."
     config_cls = PrefixTuningConfig

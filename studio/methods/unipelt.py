@@ -100,6 +100,7 @@ class GatedPrefix(nn.Module):
 
 class UniPeltMethod(AdapterFamily):
     name = "unipelt"
+    graph_safe = True
     category = "hybrid"
     summary = "Gated LoRA (q, v) + gated prefix + gated adapter; the gates learn which sub-method to use."
     config_cls = UniPeltConfig

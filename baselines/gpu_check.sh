@@ -4,13 +4,13 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, LoRA's GEMM order
-# (baselines/lora_order_ab.py, AB=1 only), the recompute skip (baselines/recompute_ab.py, AB=1 only), the quick speed
-# grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), train.cuda_graphs
-# through the trainer (baselines/graphs_check.py), the 7B rows, the Llama-3.2-1B row, every capture-safe method captured
-# for real (graphs_check --methods), and with MEMORY_S=N the memory estimate
-# against max_memory_allocated for N seconds (measured in the last GPU run); then a summary table.
-# At most 9.5 minutes (a device call: timeout_s 590).
+# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, the 7B rows, the quick
+# speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the
+# Triton kernels), train.cuda_graphs through the trainer (baselines/graphs_check.py), the Llama-3.2-1B row,
+# every capture-safe method captured for real (graphs_check --methods), with AB=1 the recompute skip
+# (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with MEMORY_S=N the memory
+# estimate against max_memory_allocated for N seconds; then a summary table.
+# About 9 minutes without AB (a device call: timeout_s 590; a cut-off keeps what the earlier stages wrote).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(transformers==5.24.0 bitsandbytes==0.50.2 peft==0.21.2)
@@ -35,26 +35,26 @@ run)
   # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
   timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
-  # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes;
-  # with AB=1 only (measured in the 2026-11-27 run), like the Triton-off variant of the grid's rows
-  [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
-  # the recomputation without down's product against the full one, 7B LoRA 4x2048 (baselines/recompute_ab.py)
-  [ "${AB:-0}" = 1 ] && timeout 90 python3 -m baselines.recompute_ab 2>&1 | grep '^{' | tee "$OUT/recompute_ab.jsonl"
-  # Priority order, each stage time-boxed so the call ends inside its limit: the quick grid, the trainer's
-  # graphs, the 7B rows (MFU, offloading, QLoRA in 24 GB), then (MEMORY_S) the estimator.
-  timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
-    | tee "$OUT/bench.log"
-  # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree)
-  timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
+  # Priority order, each stage time-boxed; the call's own limit may cut the last ones (each writes as it goes):
+  # the 7B rows (MFU, offloading, QLoRA in 24 GB), the quick grid (auto graphs, also eagerly), the trainer's
+  # graphs, the Llama-3.2-1B row, every capture-safe method captured for real, the A/Bs, the estimator.
   timeout 150 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
+  timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+    | tee -a "$OUT/bench.log"
+  # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree)
+  timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
   # the issue's Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
   timeout 120 python3 -m studio bench --only llama-3.2-1b --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
   # every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
-  timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 6 --methods \
-    dora,vera,loha,lokr,glora,compacter,ssf,ia3,adapter,parallel_adapter,lst,prompt_tuning,p_tuning,prefix_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full \
+  timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
+    dora,vera,loha,lokr,ia3,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full \
     2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
+  # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes, and
+  # the recomputation without down's product against the full one, 7B LoRA 4x2048; with AB=1 only
+  [ "${AB:-0}" = 1 ] && timeout 90 python3 -m baselines.recompute_ab 2>&1 | grep '^{' | tee "$OUT/recompute_ab.jsonl"
+  [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
   python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"

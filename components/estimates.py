@@ -84,6 +84,7 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
                      f"{fmt_bytes(d['not_concurrent'])} of it is freed before the peak")
     if details.get("optimizer_host"):
         notes.append(f"+{fmt_bytes(details['optimizer_host'])} optimizer states in host memory")
+    notes += details.get("notes", [])  # what the method or the run adds (prefix, offloading, CUDA graphs)
     html = text + "<div class='muted'>" + " · ".join(notes) + "</div>"
     return fig, html + (cpu_speed_hint(cfg) if gpu is None and device == "cpu" else "")
 

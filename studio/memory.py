@@ -428,6 +428,10 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     if "child" in rule["name"]:
         extra += facts.trainable_params  # a bool mask per trainable weight
         notes.append("child-tuning gradient mask")
+    if graphs:
+        notes.append(f"CUDA graphs: batches padded to {seq} tokens" + (
+            "; the graphs keep the step's memory reserved, so evaluation passes need room beside it (not counted)"
+            if run_cfg.data.eval_fraction > 0 else ""))
 
     # ---- gradients and optimizer
     opt_gpu, opt_host, opt_transient = _optimizer_bytes(tc.optimizer, facts.trainable_tensors, device)

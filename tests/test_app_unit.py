@@ -314,3 +314,13 @@ def test_method_facts_show_adalora_ranks_from_the_run_directory():
     out = method_facts_html(rows)
     assert "rank per layer" in out and "q_proj: 3" in out
     assert method_facts_html([{"step": 1}]) == ""
+
+
+def test_memory_panel_lists_what_the_estimate_adds():
+    """The estimate's own notes reach the page (here: a small model on a GPU replays CUDA graphs)."""
+    from components.estimates import memory_panel
+    cfg = RunConfig.from_dict({"model": {"name": "qwen2.5-0.5b"}, "data": {"max_length": 300}})
+    _, html = memory_panel(cfg, gpu="RTX 4090")
+    assert "CUDA graphs: batches padded to 300 tokens" in html
+    cfg.train.cuda_graphs = "off"
+    assert "CUDA graphs" not in memory_panel(cfg, gpu="RTX 4090")[1]

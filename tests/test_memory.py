@@ -291,3 +291,12 @@ def test_cuda_estimate_pads_to_the_captured_length_where_graphs_replay(model, se
         assert (est["seq"], est["padding_mask"]) == ((384, False) if captured else (300, True))
         assert est["labelled_positions"] == 4 * 299
     assert estimate(cfg, "cpu", dataset_lengths=[300, 200, 100]).details["cuda_graphs"] is False
+
+
+def test_cuda_estimate_says_when_graphs_pad_and_what_it_leaves_out():
+    raw = {"model": {"name": "qwen2.5-0.5b"}, "data": {"max_length": 2048}, "train": {"batch_size": 4}}
+    notes = estimate(RunConfig.from_dict(raw), "cuda", dataset_lengths=[300]).details["notes"]
+    assert "CUDA graphs: batches padded to 384 tokens" in notes
+    raw["data"]["eval_fraction"] = 0.1
+    notes = estimate(RunConfig.from_dict(raw), "cuda", dataset_lengths=[300]).details["notes"]
+    assert any(n.startswith("CUDA graphs: batches padded to 384 tokens; the graphs keep") for n in notes)

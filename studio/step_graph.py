@@ -83,8 +83,8 @@ def graphs_decision(setting: str, n_params: int, blocker: str | None) -> tuple[b
 
     auto captures where it pays: a model under GRAPHS_PAY_BELOW parameters, whose steps wait on kernel
     launches. A larger model's step is GPU-bound (7B: replay gained 1%), so there the padding to a
-    multiple of 128 tokens would cost more than replay saves. Where auto would have
-    paid but a setting of the run stops it, the line says which."""
+    multiple of 128 tokens would cost more than replay saves. Where auto would have paid but a setting
+    of the run stops it, the line says which."""
     if setting == "off":
         return False, None
     if blocker is None and (setting == "on" or n_params < GRAPHS_PAY_BELOW):

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 # operations that make the host wait for the device (a real capture fails on them) or copy host data in
 HOST_BOUND = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_dim", "_unique2",
-              "unique_consecutive", "bincount", "repeat_interleave", "lift_fresh", "item"}
+              "unique_consecutive", "bincount", "repeat_interleave", "lift_fresh"}
 
 
 def _is_view(func) -> bool:

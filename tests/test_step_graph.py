@@ -194,8 +194,8 @@ def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):
     assert fallback == pytest.approx(eager, rel=1e-4)  # the warm-up's gradients were dropped
 
 
-def _replay_cfg(name: str, overrides: dict, graphs: str) -> RunConfig:
-    """A short tiny-Llama run of a method; its dropout-like settings at 0 (the capture's warm-up draws
+def _replay_cfg(name: str, overrides: dict, graphs: str, model: str = "tiny-llama", ckpt: bool = False) -> RunConfig:
+    """A short run of a method on a tiny model; its dropout-like settings at 0 (the capture's warm-up draws
     random numbers an eager run does not, so with them the two runs would part for a fair reason)."""
     from studio.methods import resolve
     method = {"name": name, **overrides}
@@ -203,18 +203,19 @@ def _replay_cfg(name: str, overrides: dict, graphs: str) -> RunConfig:
         if "dropout" in f.name or f.name == "drop_prob":
             method[f.name] = 0.0
     return RunConfig.from_dict({
-        "model": {"name": "tiny-llama", "device": "cpu"}, "method": method,
+        "model": {"name": model, "device": "cpu"}, "method": method,
         "data": {"path": "arith", "max_length": 48, "limit": 64},
-        "train": {"batch_size": 3, "grad_accum": 2, "max_steps": 4, "lr": 1e-2, "seed": 0, "cuda_graphs": graphs}})
+        "train": {"batch_size": 3, "grad_accum": 2, "max_steps": 4, "lr": 1e-2, "seed": 0, "cuda_graphs": graphs,
+                  "gradient_checkpointing": ckpt}})
 
 
-def _eager_and_replayed(monkeypatch, name: str, overrides: dict) -> tuple[list[float], list[float], list, list]:
+def _eager_and_replayed(monkeypatch, name: str, overrides: dict, **run) -> tuple[list[float], list[float], list, list]:
     """Losses of an eager run and of the same run replayed from recorded steps (tests/graph_replay.py),
     the host-bound operations each capture met, and the run's graph notes."""
-    eager, _ = _run(_replay_cfg(name, overrides, "off"))
+    eager, _ = _run(_replay_cfg(name, overrides, "off", **run))
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
     captures = emulate_strict_graph_capture(monkeypatch)
-    replayed, notes = _run(_replay_cfg(name, overrides, "on"))
+    replayed, notes = _run(_replay_cfg(name, overrides, "on", **run))
     return eager, replayed, captures, [n for n in notes if "cuda_graphs" in n]
 
 
@@ -230,6 +231,17 @@ def test_a_method_marked_safe_trains_the_same_replayed_from_its_recorded_step(mo
     eager, replayed, captures, notes = _eager_and_replayed(monkeypatch, case.name, case.overrides)
     assert notes == ["train.cuda_graphs: micro-batches replay as CUDA graphs (one per padded length, "
                      "captured on its first use)."]
+    assert captures and all(found == [] for found in captures)
+    assert replayed == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-gemma3"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_lora_replays_like_eager_on_each_architecture_with_and_without_checkpointing(monkeypatch, model, ckpt):
+    """The default method on the other layer types (q/k/v biases; Gemma-3's sliding window and extra
+    norms), with the checkpoint's recomputation inside the recorded step too."""
+    eager, replayed, captures, _ = _eager_and_replayed(
+        monkeypatch, "lora", {"r": 4, "target_modules": "all-linear"}, model=model, ckpt=ckpt)
     assert captures and all(found == [] for found in captures)
     assert replayed == pytest.approx(eager, rel=1e-5)
 

@@ -242,3 +242,25 @@ def test_our_step_issues_far_fewer_kernel_launches_than_peft(ckpt):
     assert ours["layers"] == theirs["layers"] == 2
     assert ours["top"]["triton.rope.apply"] > 0 and "triton.rope.apply" not in theirs["top"]
     assert ours["ops_per_step"] < 0.55 * theirs["ops_per_step"]
+
+
+def test_host_time_script_times_both_engines_at_test_width(monkeypatch, capsys):
+    """baselines/host_time: a real shape's layer count and layer code at width 64; one JSON line per
+    engine (the preset it adds lives in a copy of the presets here)."""
+    import json
+    import sys
+
+    import studio.models as models
+    from baselines import host_time
+    presets = dict(models.model_presets())
+    monkeypatch.setattr(models, "model_presets", lambda: presets)
+    monkeypatch.setattr(sys, "argv", ["host_time", "--steps", "2", "--precision", "auto", "--engines", "studio"])
+    threads = torch.get_num_threads()
+    try:
+        host_time.main()
+    finally:
+        torch.set_num_threads(threads)  # the script runs on one thread
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["engine"] for r in rows] == ["studio"] and rows[0]["ms_per_layer"] > 0
+    assert presets["host-qwen2.5-0.5b"]["config"]["num_hidden_layers"] == 24
+    assert presets["host-qwen2.5-0.5b"]["config"]["hidden_size"] == 64

@@ -51,6 +51,9 @@ run)
   timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
     dora,vera,loha,lokr,ia3,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full \
     2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
+  # where auto's 3B line should be: Qwen2.5-3B at 4x2048 and 7B at 1x512, eager and replayed
+  timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 | grep -v Warning \
+    | tee "$OUT/graphs_grid.log"
   # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes, and
   # the recomputation without down's product against the full one, 7B LoRA 4x2048; with AB=1 only
   [ "${AB:-0}" = 1 ] && timeout 90 python3 -m baselines.recompute_ab 2>&1 | grep '^{' | tee "$OUT/recompute_ab.jsonl"

@@ -59,6 +59,10 @@ GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lo
             Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "lora", 4, 2048, True, offload=True),
             Row("qwen2.5-7b", "qlora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True, offload=True)]
 QUICK_GRID = GPU_GRID[:5]
+# where train.cuda_graphs=auto draws its line: a model just above 3B, and a 7B model at a small batch
+# (fewer tokens a step, so more of it waits on the host), each eager and replayed
+GRAPHS_GRID = [Row(shape, "lora", batch, seq, True, graphs=graphs)
+               for shape, batch, seq in (("qwen2.5-3b", 4, 2048), ("qwen2.5-7b", 1, 512)) for graphs in ("off", "on")]
 CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt"),
             Row("gemma-3-270m", "lora", 2, 128, False, "all", "bf16"),  # AMX / AVX512-BF16 CPUs
             Row("gemma-3-270m", "lora", 2, 128, False, "prompt", "bf16")]

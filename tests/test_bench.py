@@ -264,3 +264,14 @@ def test_host_time_script_times_both_engines_at_test_width(monkeypatch, capsys):
     assert [r["engine"] for r in rows] == ["studio"] and rows[0]["ms_per_layer"] > 0
     assert presets["host-qwen2.5-0.5b"]["config"]["num_hidden_layers"] == 24
     assert presets["host-qwen2.5-0.5b"]["config"]["hidden_size"] == 64
+
+
+def test_graphs_grid_pairs_eager_and_replayed_rows_and_needs_cuda(monkeypatch, capsys):
+    """bench --graphs-grid: the rows that place auto's 3B line, each eager and replayed (GPU only)."""
+    from studio.bench import GRAPHS_GRID
+    from studio.__main__ import main
+    assert [(r.shape, r.batch, r.seq, r.graphs) for r in GRAPHS_GRID] == [
+        ("qwen2.5-3b", 4, 2048, "off"), ("qwen2.5-3b", 4, 2048, "on"),
+        ("qwen2.5-7b", 1, 512, "off"), ("qwen2.5-7b", 1, 512, "on")]
+    assert main(["bench", "--graphs-grid", "--device", "cpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

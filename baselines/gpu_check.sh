@@ -7,7 +7,8 @@
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, the 7B rows, the quick
 # speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the
 # Triton kernels), train.cuda_graphs through the trainer (baselines/graphs_check.py), the Llama-3.2-1B row,
-# every capture-safe method captured for real (graphs_check --methods), with AB=1 the recompute skip
+# every capture-safe method captured for real (graphs_check --methods), bench --graphs-grid (3B and a
+# small-batch 7B, eager and replayed), with AB=1 the recompute skip
 # (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with MEMORY_S=N the memory
 # estimate against max_memory_allocated for N seconds; then a summary table.
 # About 9 minutes without AB (a device call: timeout_s 590; a cut-off keeps what the earlier stages wrote).

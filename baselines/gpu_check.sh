@@ -43,14 +43,17 @@ run)
     | tee -a "$OUT/bench.log"
   timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
-  # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree)
+  # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree);
+  # then LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (captured or not?)
   timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
+  for ck in "" --ckpt; do timeout 40 python3 -m baselines.graphs_check --models tiny-llama --keep-dropout $ck \
+    2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"; done
   # the Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
   timeout 120 python3 -m studio bench --only llama-3.2-1b --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
   # every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
   timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
-    dora,vera,loha,lokr,ia3,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full \
+    dora,vera,loha,lokr,ia3,adalora,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full \
     2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
   # where auto's 3B line should be: Qwen2.5-3B at 4x2048 and 7B at 1x512, eager and replayed
   timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 | grep -v Warning \

@@ -184,6 +184,7 @@ class RankAllocator:
 
 class AdaLoraMethod(Method):
     name = "adalora"
+    graph_safe = True  # its pruning runs between steps, in place on the captured buffers
     category = "reparameterised"
     summary = "SVD-form LoRA whose rank per layer is pruned by importance toward a total budget."
     config_cls = AdaLoraConfig

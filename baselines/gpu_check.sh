@@ -4,7 +4,8 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, the 7B rows, the quick
+# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, a checkpointed dropout
+# layer replayed from a graph (baselines/graph_rng_check.py), the 7B rows, the quick
 # speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the
 # Triton kernels), train.cuda_graphs through the trainer (baselines/graphs_check.py), the Llama-3.2-1B row,
 # every capture-safe method captured for real (graphs_check --methods), bench --graphs-grid (3B and a
@@ -36,6 +37,8 @@ run)
   # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
   timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
+  # does a replayed checkpoint redraw its dropout masks? (train.cuda_graphs keeps such runs eager until it does)
+  timeout 30 python3 -m baselines.graph_rng_check 2>&1 | grep '^{' | tee "$OUT/graph_rng.jsonl"
   # Priority order, each stage time-boxed; the call's own limit may cut the last ones (each writes as it goes):
   # the 7B rows (MFU, offloading, QLoRA in 24 GB), the quick grid (auto graphs, also eagerly), the trainer's
   # graphs, the Llama-3.2-1B row, every capture-safe method captured for real, the A/Bs, the estimator.

@@ -50,12 +50,16 @@ PACKING = "packed batches change their attention layout every step (turn data.pa
 FP16 = "fp16 needs a loss scaler that reads the gradients on the host (use bf16)"
 COMPILE = "train.compile already compiles the layers (pick one)"
 OFFLOAD = "train.offload_checkpoints moves tensors through host memory"
-SETTINGS_THAT_BLOCK = (PACKING, FP16, COMPILE, OFFLOAD)  # what a user may change to get graphs
+RECOMPUTED_DROPOUT = ("a checkpointed layer with dropout redraws its masks by resetting the random state on the "
+                      "host, which a replay is not known to repeat (dropout 0 or gradient checkpointing off)")
+SETTINGS_THAT_BLOCK = (PACKING, FP16, COMPILE, OFFLOAD, RECOMPUTED_DROPOUT)  # what a user may change for graphs
 
 
 def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, method_cfg: Any,
-                  mixed_precision: str, processes: int, compile: bool, offload: bool) -> str | None:
-    """Why train.cuda_graphs cannot apply to this run (one sentence), or None when it can."""
+                  mixed_precision: str, processes: int, compile: bool, offload: bool,
+                  recomputed_dropout: bool = False) -> str | None:
+    """Why train.cuda_graphs cannot apply to this run (one sentence), or None when it can.
+    recomputed_dropout: gradient checkpointing over layers that draw random numbers."""
     if device.type != "cuda":
         return CUDA_ONLY
     if task != "causal_lm":
@@ -72,6 +76,8 @@ def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any
         return COMPILE
     if offload:
         return OFFLOAD
+    if recomputed_dropout:
+        return RECOMPUTED_DROPOUT
     return None
 
 
@@ -101,10 +107,13 @@ def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
     micro-batches from graphs: what the memory estimate pads its batches for."""
     from .methods import get_method
     t = run_cfg.train
+    dropout = any("dropout" in name and isinstance(value, (int, float)) and value > 0
+                  for name, value in vars(run_cfg.method).items())
     blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task, packing=run_cfg.data.packing,
                             method=get_method(run_cfg.method.name), method_cfg=run_cfg.method,
                             mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
-                            processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing)
+                            processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing,
+                            recomputed_dropout=t.gradient_checkpointing and dropout)
     return graphs_decision(t.cuda_graphs, n_params, blocker)[0]
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .attention import packed_kwargs, use_varlen_attention
-from .checkpointing import compile_layers, setup_checkpointing
+from .checkpointing import compile_layers, has_dropout, setup_checkpointing
 from .config import RunConfig
 from .data import build_datasets, collate, fit_attention_mask
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
@@ -207,7 +207,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
                             method=info.method, method_cfg=cfg.method, mixed_precision=accelerator.mixed_precision,
                             processes=accelerator.num_processes, compile=t.compile,
-                            offload=t.offload_checkpoints and t.gradient_checkpointing)
+                            offload=t.offload_checkpoints and t.gradient_checkpointing,
+                            recomputed_dropout=t.gradient_checkpointing and has_dropout(model))
     use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker)
     if graphs_note:
         yield {"type": "status", "message": graphs_note}

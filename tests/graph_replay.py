@@ -78,5 +78,15 @@ def emulate_strict_graph_capture(monkeypatch) -> list[list[str]]:
         self.zero_grads()  # a real capture computes nothing: the recording's gradients are dropped
         return step
 
+    real_capture = GraphedMicroStep.capture
+
+    def capture(self: GraphedMicroStep, batch: dict) -> None:
+        # the warm-up and the recording draw random numbers an eager run does not: put the generator back,
+        # so that replays draw what the eager steps draw (a run with dropout can be compared with one)
+        state = torch.get_rng_state()
+        real_capture(self, batch)
+        torch.set_rng_state(state)
+
     monkeypatch.setattr(GraphedMicroStep, "record", record)
+    monkeypatch.setattr(GraphedMicroStep, "capture", capture)
     return captures

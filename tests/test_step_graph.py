@@ -48,6 +48,7 @@ def _blocker(**changes):
     ({"device": torch.device("cpu")}, "CUDA"), ({"task": "classification"}, "causal-LM"),
     ({"packing": True}, "data.packing"), ({"mixed_precision": "fp16"}, "bf16"), ({"processes": 2}, "one process"),
     ({"compile": True}, "train.compile"), ({"offload": True}, "offload_checkpoints"),
+    ({"recomputed_dropout": True}, "redraws its masks"),
     ({"method": registry()["dylora"]}, "not marked safe")])
 def test_graph_blocker_names_what_stops_capture(changes, reason):
     assert _blocker() is None
@@ -194,13 +195,14 @@ def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):
     assert fallback == pytest.approx(eager, rel=1e-4)  # the warm-up's gradients were dropped
 
 
-def _replay_cfg(name: str, overrides: dict, graphs: str, model: str = "tiny-llama", ckpt: bool = False) -> RunConfig:
+def _replay_cfg(name: str, overrides: dict, graphs: str, model: str = "tiny-llama", ckpt: bool = False,
+                keep_dropout: bool = False) -> RunConfig:
     """A short run of a method on a tiny model; its dropout-like settings at 0 (the capture's warm-up draws
     random numbers an eager run does not, so with them the two runs would part for a fair reason)."""
     from studio.methods import resolve
     method = {"name": name, **overrides}
     for f in dataclasses.fields(resolve(name)[0].config_cls):
-        if "dropout" in f.name or f.name == "drop_prob":
+        if ("dropout" in f.name or f.name == "drop_prob") and not keep_dropout:
             method[f.name] = 0.0
     return RunConfig.from_dict({
         "model": {"name": model, "device": "cpu"}, "method": method,
@@ -383,3 +385,37 @@ def test_recorded_step_replays_what_was_recorded_and_names_what_a_capture_refuse
     assert RecordedStep(lambda: x + torch.tensor([1.0, 2.0, 3.0])).would_not_capture == ["lift_fresh"]
     assert RecordedStep(lambda: torch.cat([torch.tensor([]), x])).would_not_capture == []  # an empty copy: nothing
     assert RecordedStep(lambda: x.sum().item()).would_not_capture == ["_local_scalar_dense"]
+
+
+def test_dropout_drawn_inside_the_replay_follows_the_eager_draws(monkeypatch):
+    """LoRA's dropout (0.1) in a replayed step draws what the eager step draws, given the same shapes
+    (one-token length buckets here: a padded batch draws more numbers) and the capture's own draws
+    given back (graph_replay does): the masks are made inside the replay, not frozen at capture."""
+    monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
+    eager, replayed, captures, notes = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "lora_dropout": 0.1},
+                                                           keep_dropout=True)
+    assert any("micro-batches replay" in n for n in notes) and all(found == [] for found in captures)
+    assert replayed == pytest.approx(eager, rel=1e-5)
+
+
+def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
+    """A checkpoint redraws a layer's dropout masks by resetting the random state on the host; replayed,
+    that reset is not part of the recording (graph_replay shows the recomputed masks differing), so such a
+    run steps eagerly and says why; the estimate does not pad for graphs there either."""
+    monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
+    replays = emulate_strict_graph_capture(monkeypatch)
+    cfg = _replay_cfg("lora", {"r": 4, "lora_dropout": 0.1}, "auto", ckpt=True, keep_dropout=True)
+    real = step_graph.graph_blocker
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **facts: real(**facts | {"device": torch.device("cuda")}))
+    monkeypatch.setattr("studio.trainer.GraphedTrainStep", None)  # must not be reached
+    _, notes = _run(cfg)
+    assert f"train.cuda_graphs (auto) stays off for this run: {step_graph.RECOMPUTED_DROPOUT}." in notes
+    assert replays == []
+    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)
+    cfg.method.lora_dropout = 0.0
+    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)
+    monkeypatch.undo()
+    monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
+    eager, replayed, _, _ = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "lora_dropout": 0.1},
+                                                ckpt=True, keep_dropout=True)  # what the block avoids
+    assert replayed != pytest.approx(eager, rel=1e-4)

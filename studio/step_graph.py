@@ -107,14 +107,19 @@ def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
     micro-batches from graphs: what the memory estimate pads its batches for."""
     from .methods import get_method
     t = run_cfg.train
-    dropout = any("dropout" in name and isinstance(value, (int, float)) and value > 0
-                  for name, value in vars(run_cfg.method).items())
     blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task, packing=run_cfg.data.packing,
                             method=get_method(run_cfg.method.name), method_cfg=run_cfg.method,
                             mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
                             processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing,
-                            recomputed_dropout=t.gradient_checkpointing and dropout)
+                            recomputed_dropout=t.gradient_checkpointing and method_dropout(run_cfg.method))
     return graphs_decision(t.cuda_graphs, n_params, blocker)[0]
+
+
+def method_dropout(method_cfg: Any) -> bool:
+    """Whether the method's config turns on a dropout of any kind (lora_dropout, rank_dropout, ...): some
+    draw in their own code rather than in an nn.Dropout module."""
+    return any("dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+               for name, value in vars(method_cfg).items())
 
 
 def captured_length(tokens: int, max_length: int) -> int:

@@ -419,3 +419,11 @@ def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     eager, replayed, _, _ = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "lora_dropout": 0.1},
                                                 ckpt=True, keep_dropout=True)  # what the block avoids
     assert replayed != pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.parametrize("name, field", [("lora", "lora_dropout"), ("loha", "rank_dropout"), ("lokr", "rank_dropout"),
+                                         ("adalora", "lora_dropout")])
+def test_any_dropout_setting_counts_for_checkpointed_capture(name, field):
+    """LoHa's and LoKr's rank dropout draws in their own code, not in an nn.Dropout the model could show."""
+    assert not step_graph.method_dropout(method_config({"name": name, field: 0.0}))
+    assert step_graph.method_dropout(method_config({"name": name, field: 0.1}))

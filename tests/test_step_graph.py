@@ -387,13 +387,15 @@ def test_recorded_step_replays_what_was_recorded_and_names_what_a_capture_refuse
     assert RecordedStep(lambda: x.sum().item()).would_not_capture == ["_local_scalar_dense"]
 
 
-def test_dropout_drawn_inside_the_replay_follows_the_eager_draws(monkeypatch):
-    """LoRA's dropout (0.1) in a replayed step draws what the eager step draws, given the same shapes
-    (one-token length buckets here: a padded batch draws more numbers) and the capture's own draws
-    given back (graph_replay does): the masks are made inside the replay, not frozen at capture."""
+@pytest.mark.parametrize("name, overrides", [("lora", {"r": 4, "lora_dropout": 0.1}),
+                                             ("loha", {"r": 4, "rank_dropout": 0.3}),
+                                             ("adalora", {"init_r": 4, "target_r": 2, "lora_dropout": 0.1})])
+def test_dropout_drawn_inside_the_replay_follows_the_eager_draws(monkeypatch, name, overrides):
+    """A dropout in a replayed step draws what the eager step draws, given the same shapes (one-token
+    length buckets here: a padded batch draws more numbers) and the capture's own draws given back
+    (graph_replay does): the masks are made inside the replay, not frozen at capture."""
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
-    eager, replayed, captures, notes = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "lora_dropout": 0.1},
-                                                           keep_dropout=True)
+    eager, replayed, captures, notes = _eager_and_replayed(monkeypatch, name, overrides, keep_dropout=True)
     assert any("micro-batches replay" in n for n in notes) and all(found == [] for found in captures)
     assert replayed == pytest.approx(eager, rel=1e-5)
 

@@ -197,9 +197,8 @@ def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):
 
 def _replay_cfg(name: str, overrides: dict, graphs: str, model: str = "tiny-llama", ckpt: bool = False,
                 keep_dropout: bool = False) -> RunConfig:
-    """A short run of a method on a tiny model; its dropout-like settings at 0 (the capture's warm-up draws
-    random numbers an eager run does not, so with them the two runs would part for a fair reason)."""
-    from studio.methods import resolve
+    """A short run of a method on a tiny model; its dropout-like settings at 0 unless keep_dropout (a padded
+    batch draws more random numbers than the eager one, so with them the two runs part for a fair reason)."""
     method = {"name": name, **overrides}
     for f in dataclasses.fields(resolve(name)[0].config_cls):
         if ("dropout" in f.name or f.name == "drop_prob") and not keep_dropout:

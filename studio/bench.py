@@ -206,10 +206,10 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
 def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) -> bool:
     """Whether our row replays CUDA graphs: "on" always (the bench may emulate capture on the CPU),
     "auto" where train.cuda_graphs=auto would in a run of the same settings."""
-    from .step_graph import CUDA_ONLY, graphs_decision
+    from .step_graph import COMPILE, CUDA_ONLY, OFFLOAD, graphs_decision
     if row.graphs != "auto":
         return row.graphs == "on"
-    blocker = CUDA_ONLY if device.type != "cuda" else "offload" if row.offload else "compile" if compile else None
+    blocker = CUDA_ONLY if device.type != "cuda" else OFFLOAD if row.offload else COMPILE if compile else None
     return graphs_decision("auto", n_params, blocker)[0]
 
 

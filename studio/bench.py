@@ -3,10 +3,10 @@
 Each row builds a random-init model of a real shape (presets/models.yaml, no download), applies
 the method, runs warm-up steps, then times steps of loss + backward + optimizer step. The peft
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
-same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method, batch,
-seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes,
-loss_first_last, and on our rows the ratios to the baseline and the Triton kernels in use; a row that ran out of memory or failed
-says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
+same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method,
+batch, seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, loss_first_last,
+warmup_s (the untimed first steps: set-up, a graph's capture, a compile), and on our rows the ratios to the
+baseline and the Triton kernels in use; a row that ran out of memory or failed says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
 whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tensor bytes of one more
 (untimed) step watched op by op (memory_bench.step_peak_bytes).
 """
@@ -226,7 +226,10 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
             warm_peak.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
 
+    start = time.perf_counter()
     seconds, out["loss_first_last"] = time_steps(step.run, warmup, steps, device, on_warm)
+    # the untimed first steps: the optimizer's set-up, kernel checks, and a graph's capture or a compile
+    out["warmup_s"] = round(time.perf_counter() - start - seconds * steps, 2)
     if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
         out["peak_bytes"] = step_peak_bytes(step.run, held_across_steps(step.model, step.opt, step.batch))
     if engine == "studio" and row.triton and kernels.verdicts():

@@ -20,6 +20,7 @@ def test_bench_rows_compare_engines_on_cpu():
     ours = rows[1]
     assert ours["tokens_per_s"] > 0 and ours["ms_per_step"] > 0 and ours["speedup_vs_peft"] > 0
     assert ours["estimated_bytes"] > 0 and ours["mfu"] is None  # no MFU claim on the CPU
+    assert ours["warmup_s"] > 0 and rows[0]["warmup_s"] > 0  # the untimed first step, set-up included
     assert len(ours["rounds_ms_per_step"]) == 2
     assert len(ours["time_ratio_rounds"]) == 2 and ours["time_ratio_median_of_rounds"] in ours["time_ratio_rounds"]
     assert ours["peak_bytes"] > 0 and rows[0]["peak_bytes"] > 0 and 0 < ours["memory_ratio_vs_peft"] < 1

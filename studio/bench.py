@@ -206,10 +206,13 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
 def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) -> bool:
     """Whether our row replays CUDA graphs: "on" always (the bench may emulate capture on the CPU),
     "auto" where train.cuda_graphs=auto would in a run of the same settings."""
-    from .step_graph import COMPILE, CUDA_ONLY, OFFLOAD, graphs_decision
+    from .methods import get_method, method_config
+    from .step_graph import graph_blocker, graphs_decision
     if row.graphs != "auto":
         return row.graphs == "on"
-    blocker = CUDA_ONLY if device.type != "cuda" else OFFLOAD if row.offload else COMPILE if compile else None
+    cfg = method_config(_method_cfg(row.method))
+    blocker = graph_blocker(device=device, task="causal_lm", packing=False, method=get_method(cfg.name), method_cfg=cfg,
+                            mixed_precision="bf16", processes=1, compile=compile, offload=row.offload)
     return graphs_decision("auto", n_params, blocker)[0]
 
 

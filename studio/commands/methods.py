@@ -27,10 +27,9 @@ def markdown(rows: list[dict]) -> str:
             base = "" if r["base"] == r["name"] else f" (preset of `{r['base']}`)"
             merge = "mergeable" if r["mergeable"] else "not mergeable"
             fmt = f"; peft type `{r['peft_type']}`" if r["peft_type"] else ""
-            graphs = r["cuda_graphs"]
-            if graphs is not False:
-                fmt += "; `train.cuda_graphs` applies" + (f" unless {' or '.join(f'`{f}`' for f in graphs)} > 0"
-                                                          if graphs else "")
+            if r["cuda_graphs"]:
+                unless = " or ".join(f"`{f}`" for f in r["cuda_graphs_unless"])
+                fmt += "; `train.cuda_graphs` applies" + (f" unless {unless} > 0" if unless else "")
             out += [f"### `{r['name']}`{base}", "", f"{r['summary']} ({merge}{fmt})", ""]
             if r["preset_fields"]:
                 out += ["Preset: " + ", ".join(f"`{k}={v}`" for k, v in r["preset_fields"].items()), ""]

@@ -110,7 +110,8 @@ def list_methods() -> list[dict]:
         docs = [d | {"default": getattr(cfg, d["name"])} for d in field_docs(method.config_cls) if d["name"] != "name"]
         rows.append({"name": name, "base": method.name, "category": method.category,
                      "mergeable": method.mergeable, "peft_type": method.peft_type,
-                     "cuda_graphs": method.graph_safe and [f for f in method.host_random if hasattr(cfg, f)],
+                     "cuda_graphs": method.graph_safe,
+                     "cuda_graphs_unless": [f for f in method.host_random if hasattr(cfg, f)],
                      "summary": preset["summary"] or method.summary, "preset_fields": fields,
                      "requires": preset.get("requires") or {}, "fields": docs})
     return rows

@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .losses import causal_lm_loss
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
 from .step_copies import StepCopies
+from .step_graph import parameter_count
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (the target's reference)
 
@@ -140,7 +141,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     if device.type == "cuda":  # after the build: a 4-bit model is quantised from a bf16 one here, not loaded
         torch.cuda.reset_peak_memory_stats()
     n_params = sum(p.numel() for p in model.parameters())
-    graphs = engine == "studio" and graphs_wanted(row, device, n_params, compile)
+    graphs = engine == "studio" and graphs_wanted(row, device, parameter_count(model), compile)  # as the trainer
     if engine == "studio":
         from .methods import apply_method, method_config
         apply_method(model, method_config(_method_cfg(row.method)))

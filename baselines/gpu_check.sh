@@ -56,7 +56,7 @@ run)
     | tee -a "$OUT/bench.log"
   # every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
   timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
-    dora,vera,loha,lokr,ia3,adalora,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full \
+    dora,vera,loha,lokr,ia3,adalora,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full,dylora,adamix,diff_pruning,adapter_fusion \
     2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
   # where auto's 3B line should be: Qwen2.5-3B at 4x2048 and 7B at 1x512, eager and replayed
   timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 | grep -v Warning \

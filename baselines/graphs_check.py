@@ -16,7 +16,8 @@ import argparse
 import json
 
 
-METHOD_SETS = {"lora": {"r": 8, "target_modules": "all-linear"}, "bitfit": {"missing_bias": "add_zero"}}
+METHOD_SETS = {"lora": {"r": 8, "target_modules": "all-linear"}, "bitfit": {"missing_bias": "add_zero"},
+               "adapter_fusion": {"adapters": "[random:1,random:2:4]"}}
 
 
 def run(model: str, method: str, device: str, steps: int, graphs: bool, keep_dropout: bool = False,

@@ -50,8 +50,9 @@ PACKING = "packed batches change their attention layout every step (turn data.pa
 FP16 = "fp16 needs a loss scaler that reads the gradients on the host (use bf16)"
 COMPILE = "train.compile already compiles the layers (pick one)"
 OFFLOAD = "train.offload_checkpoints moves tensors through host memory"
-RECOMPUTED_DROPOUT = ("a checkpointed layer with dropout redraws its masks by resetting the random state on the "
-                      "host, which a replay is not known to repeat (dropout 0 or gradient checkpointing off)")
+RECOMPUTED_DROPOUT = ("a checkpointed layer that draws random numbers (dropout, AdaMix's routing, diff pruning's "
+                      "gates) redraws them by resetting the random state on the host, which a replay is not known "
+                      "to repeat (dropout 0 or gradient checkpointing off)")
 SETTINGS_THAT_BLOCK = (PACKING, FP16, COMPILE, OFFLOAD, RECOMPUTED_DROPOUT)  # what a user may change for graphs
 
 
@@ -111,15 +112,15 @@ def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
                             method=get_method(run_cfg.method.name), method_cfg=run_cfg.method,
                             mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
                             processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing,
-                            recomputed_dropout=t.gradient_checkpointing and method_dropout(run_cfg.method))
+                            recomputed_dropout=t.gradient_checkpointing and method_draws(run_cfg.method))
     return graphs_decision(t.cuda_graphs, n_params, blocker)[0]
 
 
-def method_dropout(method_cfg: Any) -> bool:
-    """Whether the method's config turns on a dropout of any kind (lora_dropout, rank_dropout, ...): some
-    draw in their own code rather than in an nn.Dropout module."""
-    return any("dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-               for name, value in vars(method_cfg).items())
+def method_draws(method_cfg: Any) -> bool:
+    """Whether the configured method draws random numbers in a training forward (a dropout of any kind,
+    AdaMix's routing, diff pruning's gates): under checkpointing, its recomputation must draw them again."""
+    from .methods import get_method
+    return get_method(method_cfg.name or "lora").draws_in_forward(method_cfg)
 
 
 def captured_length(tokens: int, max_length: int) -> int:

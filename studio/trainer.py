@@ -31,7 +31,7 @@ from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, load_model
 from .step_copies import StepCopies
-from .step_graph import (CaptureFailed, GraphedTrainStep, graph_blocker, graphs_decision, method_dropout,
+from .step_graph import (CaptureFailed, GraphedTrainStep, graph_blocker, graphs_decision, method_draws,
                          parameter_count)
 from .train_state import load_train_state, save_train_state
 
@@ -210,7 +210,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                             processes=accelerator.num_processes, compile=t.compile,
                             offload=t.offload_checkpoints and t.gradient_checkpointing,
                             recomputed_dropout=t.gradient_checkpointing and (has_dropout(model)
-                                                                            or method_dropout(cfg.method)))
+                                                                            or method_draws(cfg.method)))
     use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker)
     if graphs_note:
         yield {"type": "status", "message": graphs_note}

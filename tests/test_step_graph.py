@@ -48,8 +48,9 @@ def _blocker(**changes):
     ({"device": torch.device("cpu")}, "CUDA"), ({"task": "classification"}, "causal-LM"),
     ({"packing": True}, "data.packing"), ({"mixed_precision": "fp16"}, "bf16"), ({"processes": 2}, "one process"),
     ({"compile": True}, "train.compile"), ({"offload": True}, "offload_checkpoints"),
-    ({"recomputed_dropout": True}, "redraws its masks"),
-    ({"method": registry()["dylora"]}, "not marked safe")])
+    ({"recomputed_dropout": True}, "redraws them"),
+    ({"method": registry()["adapter"], "method_cfg": method_config({"name": "adapter", "drop_prob": 0.2})},
+     "not marked safe")])
 def test_graph_blocker_names_what_stops_capture(changes, reason):
     assert _blocker() is None
     assert reason in _blocker(**changes)
@@ -248,11 +249,22 @@ def test_lora_replays_like_eager_on_each_architecture_with_and_without_checkpoin
 
 
 def test_the_replay_check_catches_a_step_decided_on_the_host(monkeypatch):
-    """DyLoRA draws its rank on the host each step; a replay repeats the captured rank, so its training
-    parts from the eager one: the check above can fail, and DyLoRA stays unmarked."""
-    assert not registry()["dylora"].graph_safe
-    eager, replayed, _, _ = _eager_and_replayed(monkeypatch, "dylora", {"r": 4})
+    """AdapterDrop draws on the host whether a layer's adapters run; a replay repeats the captured choice,
+    so its training parts from the eager one, and the capture meets the host read: the check above can
+    fail, and such settings keep a run eager."""
+    overrides = {"bottleneck": 8, "drop_prob": 0.5}
+    assert not registry()["adapter"].capturable(method_config({"name": "adapter", **overrides}))
+    eager, replayed, captures, _ = _eager_and_replayed(monkeypatch, "adapter", overrides, keep_dropout=True)
+    assert any("_local_scalar_dense" in found for found in captures)
     assert replayed != pytest.approx(eager, rel=1e-3)
+
+
+def test_dylora_trains_its_sampled_rank_through_a_mask_a_replay_reads(monkeypatch):
+    """DyLoRA draws its rank on the host between steps and writes it into a mask buffer, so the replayed
+    steps train at the ranks the eager run samples (with ranks 1..4 drawn over the run)."""
+    eager, replayed, captures, _ = _eager_and_replayed(monkeypatch, "dylora", {"r": 4, "min_rank": 1})
+    assert captures and all(found == [] for found in captures)
+    assert replayed == pytest.approx(eager, rel=1e-5)
 
 
 @pytest.mark.parametrize("name, overrides", [("adapter", {"drop_prob": 0.2}), ("parallel_adapter", {"drop_prob": 0.2}),
@@ -264,12 +276,12 @@ def test_settings_that_draw_on_the_host_keep_a_safe_method_eager(name, overrides
     assert "not marked safe" in _blocker(method=method, method_cfg=method_config({"name": name, **overrides}))
 
 
-def test_the_methods_left_eager_are_the_ones_that_decide_on_the_host():
-    """Marked: checked above (AdaLoRA too: it prunes between steps, in place). Left: AdaMix (routes on the
-    host), DyLoRA (rank on the host), diff pruning (random gates whose replay the CPU check cannot line
-    up with an eager run), adapter fusion (other runs' adapters) and the image-classification VPT."""
+def test_every_causal_lm_method_is_marked_safe_to_capture():
+    """Each is checked above (AdaLoRA prunes and DyLoRA sets its rank between steps, in place; AdaMix routes
+    and diff pruning draws its gates on the device). VPT trains image classifiers, which graphs do not cover."""
     left = {name for name, method in registry().items() if not method.graph_safe}
-    assert left == {"adamix", "dylora", "diff_pruning", "adapter_fusion", "vpt"}
+    assert left == {"vpt"}
+    assert registry()["vpt"].task_types == ("image_classification",)
 
 
 @pytest.mark.parametrize("dropout, graphs, preserved", [(0.0, True, False), (0.1, True, True), (0.0, False, True)])
@@ -426,5 +438,15 @@ def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
                                          ("adalora", "lora_dropout")])
 def test_any_dropout_setting_counts_for_checkpointed_capture(name, field):
     """LoHa's and LoKr's rank dropout draws in their own code, not in an nn.Dropout the model could show."""
-    assert not step_graph.method_dropout(method_config({"name": name, field: 0.0}))
-    assert step_graph.method_dropout(method_config({"name": name, field: 0.1}))
+    assert not step_graph.method_draws(method_config({"name": name, field: 0.0}))
+    assert step_graph.method_draws(method_config({"name": name, field: 0.1}))
+
+
+def test_random_routing_and_gates_count_as_drawing_in_the_forward():
+    assert step_graph.method_draws(method_config({"name": "adamix", "num_experts": 2}))
+    assert not step_graph.method_draws(method_config({"name": "adamix", "num_experts": 1}))
+    assert step_graph.method_draws(method_config({"name": "diff_pruning"}))
+    cfg = _replay_cfg("diff_pruning", {}, "auto", ckpt=True)
+    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)
+    cfg.train.gradient_checkpointing = False
+    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)

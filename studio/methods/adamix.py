@@ -22,13 +22,16 @@ class AdaMixConfig(AdapterConfig):
 
 class AdaMixMethod(AdapterMethod):
     name = "adamix"
-    graph_safe = False  # routing picks its adapter copies on the host each pass
+    graph_safe = True  # its routing is drawn on the device (adapter.Bottleneck), inside the captured step
     summary = "M adapter copies per site, random routing in training, weight-averaged for inference."
     config_cls = AdaMixConfig
     peft_type = "ADAMIX"
 
     def num_copies(self, cfg: AdaMixConfig) -> int:
         return cfg.num_experts
+
+    def draws_in_forward(self, cfg: AdaMixConfig) -> bool:
+        return cfg.num_experts > 1 or super().draws_in_forward(cfg)
 
 
 register(AdaMixMethod())

@@ -74,8 +74,11 @@ class Bottleneck(nn.Module):
         if self.copies == 1:
             return self.down_weight[0], self.down_bias[0], self.up_weight[0], self.up_bias[0]
         if self.training:  # AdaMix stochastic routing: independent random copies for down and up
-            i, j = torch.randint(self.copies, (2,)).tolist()
-            return self.down_weight[i], self.down_bias[i], self.up_weight[j], self.up_bias[j]
+            # drawn on the device, so a captured step draws a new routing at every replay
+            ij = torch.randint(self.copies, (2,), device=self.down_weight.device)
+            i, j = ij[:1], ij[1:]
+            return (self.down_weight.index_select(0, i)[0], self.down_bias.index_select(0, i)[0],
+                    self.up_weight.index_select(0, j)[0], self.up_bias.index_select(0, j)[0])
         return (self.down_weight.mean(0), self.down_bias.mean(0), self.up_weight.mean(0), self.up_bias.mean(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

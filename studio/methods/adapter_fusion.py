@@ -89,6 +89,7 @@ def _read_component(folder: str) -> tuple[dict, dict | None]:
 
 
 class AdapterFusionMethod(AdapterFamily):
+    graph_safe = True  # frozen components and the fusion's attention: the same device work every step
     name = "adapter_fusion"
     summary = "Attention over several finished adapters' outputs per layer; only the fusion Q, K, V train."
     config_cls = AdapterFusionConfig

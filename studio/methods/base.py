@@ -59,6 +59,13 @@ class Method:
         graph_safe, and no per-step choice on the host (a replay would repeat the captured one)."""
         return self.graph_safe and not any(getattr(cfg, name, 0) for name in self.host_random)
 
+    def draws_in_forward(self, cfg: MethodConfig) -> bool:
+        """Whether a training forward draws random numbers in the method's modules, which a checkpoint's
+        recomputation must draw again: any dropout field above 0 (lora_dropout, rank_dropout, ...; some draw
+        in the method's own code, not in an nn.Dropout the model shows); random routing or gates say so too."""
+        return any("dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                   for name, value in vars(cfg).items())
+
     # --- required -------------------------------------------------------------------------
     def apply(self, model: nn.Module, cfg: MethodConfig) -> None:
         """Inject modules / freeze / register hooks, in place; mark only the method's params trainable."""

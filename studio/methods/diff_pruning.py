@@ -107,6 +107,10 @@ class DiffPruningMethod(Method):
     config_cls = DiffPruningConfig
     mergeable = True
     peft_type = "STUDIO_DIFF_PRUNING"
+    graph_safe = True  # gates drawn on the device; the projection after the last step works in place
+
+    def draws_in_forward(self, cfg: DiffPruningConfig) -> bool:
+        return True  # hard-concrete gates: fresh uniform noise in every training forward
 
     def apply(self, model: nn.Module, cfg: DiffPruningConfig) -> None:
         if not 0 <= cfg.target_sparsity < 1:
@@ -132,8 +136,9 @@ class DiffPruningMethod(Method):
         if cfg.l0_weight <= 0 or not model.training:
             return None
         modules = list(self._modules(model).values())
-        sizes = torch.tensor([m.w.numel() for m in modules], dtype=torch.float32, device=modules[0].w.device)
-        density = (torch.stack([m.expected_density() for m in modules]) * sizes).sum() / sizes.sum()
+        total = sum(m.w.numel() for m in modules)
+        # weights as Python numbers: no host tensor copied to the device in a (captured) step
+        density = sum(m.expected_density() * (m.w.numel() / total) for m in modules)
         return cfg.l0_weight * F.relu(density - (1 - cfg.target_sparsity))
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:

@@ -49,22 +49,38 @@ class DyLoraLinear(DeltaLinear):
         self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         self.r, self.scaling = cfg.r, cfg.lora_alpha / cfg.r  # fixed scale: truncation keeps the step size
         self.eval_rank = cfg.eval_rank or cfg.r
+        # training truncates with a 0/1 mask over A's rows, not a slice: the sampled rank changes a buffer's
+        # values between steps, never the step's shapes, so a captured step (train.cuda_graphs) stays valid
+        self.register_buffer("rank_mask", torch.ones(cfg.r, device=dev), persistent=False)
         self.train_rank = cfg.r
 
     def adapter_dtype(self) -> torch.dtype:
         return self.lora_A.weight.dtype
 
     @property
-    def rank(self) -> int:
-        return self.train_rank if self.training and not self.merged else self.eval_rank
+    def train_rank(self) -> int:
+        return self._train_rank
+
+    @train_rank.setter
+    def train_rank(self, b: int) -> None:
+        self._train_rank = b
+        with torch.no_grad():
+            self.rank_mask[:b].fill_(1.0)
+            self.rank_mask[b:].fill_(0.0)
+
+    def _a_rows(self) -> torch.Tensor:
+        """A as the step uses it: rows past the sampled rank zeroed in training (so are their gradients,
+        and B's columns past it get none), the first eval_rank rows otherwise."""
+        a = self.lora_A.weight
+        return a * self.rank_mask[:, None] if self.training and not self.merged else a[:self.eval_rank]
 
     def delta_weight(self) -> torch.Tensor:
-        b = self.eval_rank if self.merged else self.rank
-        return self.lora_B.weight[:, :b] @ self.lora_A.weight[:b] * self.scaling
+        a = self._a_rows()
+        return self.lora_B.weight[:, :a.shape[0]] @ a * self.scaling
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.rank
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_A.weight[:b]), self.lora_B.weight[:, :b]) * self.scaling
+        a = self._a_rows()
+        return F.linear(F.linear(self.lora_dropout(x), a), self.lora_B.weight[:, :a.shape[0]]) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -88,6 +104,7 @@ class DyLoraLinear(DeltaLinear):
 class DyLoraMethod(DeltaMethod):
     name = "dylora"
     summary = "LoRA trained at a random rank each step; the adapter works at every rank up to r; mergeable."
+    graph_safe = True  # the rank drawn between steps only changes DyLoraLinear.rank_mask's values
     config_cls = DyLoraConfig
     peft_type = "DYLORA"
 

@@ -51,6 +51,8 @@ run)
   timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
   for ck in "" --ckpt; do timeout 40 python3 -m baselines.graphs_check --models tiny-llama --keep-dropout $ck \
     2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"; done
+  # packed batches: eager (flash varlen attention) against captured (sdpa with the block mask)
+  timeout 60 python3 -m baselines.graphs_check --packing 2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"
   # the Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
   timeout 120 python3 -m studio bench --only llama-3.2-1b --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"

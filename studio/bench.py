@@ -212,7 +212,7 @@ def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) 
     if row.graphs != "auto":
         return row.graphs == "on"
     cfg = method_config(_method_cfg(row.method))
-    blocker = graph_blocker(device=device, task="causal_lm", packing=False, method=get_method(cfg.name), method_cfg=cfg,
+    blocker = graph_blocker(device=device, task="causal_lm", method=get_method(cfg.name), method_cfg=cfg,
                             mixed_precision="bf16", processes=1, compile=compile, offload=row.offload)
     return graphs_decision("auto", n_params, blocker)[0]
 

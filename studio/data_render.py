@@ -140,7 +140,7 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     seg = torch.cumsum((position_ids == 0).long(), dim=1)  # B x T: example index of each token
     same = seg[:, :, None] == seg[:, None, :]
     T = position_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
     return (same & causal)[:, None]
 
 
@@ -174,7 +174,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def fit_attention_mask(batch: dict, model: Any) -> dict:
     """Adapt a packed batch's bool 4D mask to the model's attention kernel (no-op for plain batches).
 
-    sdpa (and studio_varlen, which falls back to it): kept as is. eager: converted to an additive float mask (0 / dtype min). Others (flash, flex)
+    sdpa (and studio_varlen, which falls back to it): kept as is, except under CUDA autocast, where sdpa gets
+    the additive mask in the autocast dtype, made once for all layers. eager: converted to an additive
+    float mask (0 / dtype min). Others (flash, flex)
     and sliding-window models whose window is shorter than the sequence: the mask is dropped, and
     transformers rebuilds the packed mask from position_ids itself.
     """
@@ -187,6 +189,14 @@ def fit_attention_mask(batch: dict, model: Any) -> dict:
     if impl not in ("sdpa", "eager", "studio_varlen") or (window and mask.shape[-1] > window):
         out["attention_mask"] = None
     elif impl == "eager":
-        dtype = next(model.parameters()).dtype
-        out["attention_mask"] = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        out["attention_mask"] = additive_mask(mask, next(model.parameters()).dtype)
+    elif impl == "sdpa" and mask.is_cuda and torch.is_autocast_enabled("cuda"):
+        # sdpa would turn a bool mask into a 16-bit bias in every layer, and each layer's backward keeps
+        # its own copy; made once here (in the dtype autocast gives the queries), the layers share one
+        out["attention_mask"] = additive_mask(mask, torch.get_autocast_dtype("cuda"))
     return out
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask (True = attend) as the additive one: 0 where True, dtype's minimum elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -345,7 +345,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         pad = padding
     tokens = seq
     graphs = device == "cuda" and config_captures(run_cfg, facts.total_params, pdtype)
-    if graphs:  # train.cuda_graphs: each micro-batch padded to its graph's length, without a mask
+    if graphs:  # train.cuda_graphs: each micro-batch padded to its graph's length (a mask only when packed)
         seq, pad = captured_length(seq, int(run_cfg.data.max_length)), False
     b = int(tc.batch_size)
     s = seq + rule["prompt_tokens"]
@@ -404,6 +404,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         mask_bool = kinds * b * s * (s + shape.kv_extra)                  # the bool masks of the forward
     if run_cfg.data.packing:
         mask_bool += b * seq * seq  # the packed batch's block-diagonal mask (varlen attention's fallback)
+        if graphs and dt.autocast:  # a captured step's attention reads it as one additive mask all layers share
+            mask_bool += b * seq * seq * act
     # 16-bit copies of the fp32 trainable weights: autocast's cache, or the fused LoRA op's step copies
     autocast_cache = facts.fp32_trainable * 2 if dt.autocast else 0
     activations = sum(per_layer) + fixed + mask_bool + autocast_cache + (rope if gc else 0)

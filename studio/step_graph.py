@@ -5,8 +5,8 @@ kernels in a 139 ms step; the rest was the host queueing ~5,800 kernels one by o
 micro-batch replays as one graph launch; train.cuda_graphs=auto (the default) does so on CUDA for
 models under 3B parameters. What capture needs, and how it is met here:
 - fixed shapes: `pad_batch` pads to batch_size rows and a length bucket (one graph per bucket);
-- no host sync inside: the loss runs in losses.static_shapes(), transformers is told the batch is not
-  packed (`capturing_unpacked`); lazy set-up (kernel first-use checks, Triton compiles, cuBLAS
+- no host sync inside: the loss runs in losses.static_shapes(), transformers is told whether the batch
+  is packed (`capturing`); lazy set-up (kernel first-use checks, Triton compiles, cuBLAS
   workspaces) happens in warm-up runs on a side stream before capture;
 - gradients accumulate into buffers that exist before capture (the warm-up's) and are never replaced,
   so the optimizer zeroes them in place (zero_grad(set_to_none=False));
@@ -20,23 +20,25 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .data_render import IGNORE
+from .data_render import IGNORE, block_causal_mask
 from .losses import static_shapes
 
 LENGTH_BUCKET = 128  # captured lengths are multiples of this: little padding, few graphs
 
 
 @contextlib.contextmanager
-def capturing_unpacked() -> Iterator[None]:
-    """The loss in static shapes, and transformers told that the positions are not packed.
+def capturing(packed: bool) -> Iterator[None]:
+    """The loss in static shapes, and transformers told whether the positions are packed.
 
-    While a stream captures, transformers cannot look (that is a host sync), so it assumes packing and
-    builds an explicit B x T x T mask, which keeps sdpa off its causal flash kernel. A captured batch is
-    never packed (graph_blocker) and its positions are 0..T-1, so the answer is known: no packing."""
+    transformers looks at position_ids to see whether a batch is packed, and the look is a host sync, so
+    while a stream captures it cannot look and assumes packing: it builds an explicit B x T x T mask, which
+    keeps sdpa off its causal flash kernel. Here the answer is known: an unpacked batch's positions are
+    0..T-1 (no packing), and a packed one carries its block mask (pad_batch); should a model rebuild that
+    mask (a sliding window shorter than the batch), its segments are computed on the device, unlooked-at."""
     from transformers import masking_utils
     found = getattr(masking_utils, "find_packed_sequence_indices", None)  # absent: nothing to tell
     if found is not None:
-        masking_utils.find_packed_sequence_indices = lambda position_ids: None
+        masking_utils.find_packed_sequence_indices = _packed_segments if packed else (lambda position_ids: None)
     try:
         with static_shapes():
             yield
@@ -45,18 +47,24 @@ def capturing_unpacked() -> Iterator[None]:
             masking_utils.find_packed_sequence_indices = found
 
 
+def _packed_segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' segment index of each position (a new example where positions do not step by 1),
+    without its host check for the unpacked case."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1)
+
+
 CUDA_ONLY = "it needs a CUDA device"
-PACKING = "packed batches change their attention layout every step (turn data.packing off)"
 FP16 = "fp16 needs a loss scaler that reads the gradients on the host (use bf16)"
 COMPILE = "train.compile already compiles the layers (pick one)"
 OFFLOAD = "train.offload_checkpoints moves tensors through host memory"
 RECOMPUTED_DROPOUT = ("a checkpointed layer that draws random numbers (dropout, AdaMix's routing, diff pruning's "
                       "gates) redraws them by resetting the random state on the host, which a replay is not known "
                       "to repeat (dropout 0 or gradient checkpointing off)")
-SETTINGS_THAT_BLOCK = (PACKING, FP16, COMPILE, OFFLOAD, RECOMPUTED_DROPOUT)  # what a user may change for graphs
+SETTINGS_THAT_BLOCK = (FP16, COMPILE, OFFLOAD, RECOMPUTED_DROPOUT)  # what a user may change for graphs
 
 
-def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any, method_cfg: Any,
+def graph_blocker(*, device: torch.device, task: str, method: Any, method_cfg: Any,
                   mixed_precision: str, processes: int, compile: bool, offload: bool,
                   recomputed_dropout: bool = False) -> str | None:
     """Why train.cuda_graphs cannot apply to this run (one sentence), or None when it can.
@@ -65,8 +73,6 @@ def graph_blocker(*, device: torch.device, task: str, packing: bool, method: Any
         return CUDA_ONLY
     if task != "causal_lm":
         return "it covers causal-LM training only"
-    if packing:
-        return PACKING
     if not method.capturable(method_cfg):
         return f"{method.name} with these settings is not marked safe to capture (its step changes on the host)"
     if mixed_precision == "fp16":
@@ -108,7 +114,7 @@ def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
     micro-batches from graphs: what the memory estimate pads its batches for."""
     from .methods import get_method
     t = run_cfg.train
-    blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task, packing=run_cfg.data.packing,
+    blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task,
                             method=get_method(run_cfg.method.name), method_cfg=run_cfg.method,
                             mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
                             processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing,
@@ -139,9 +145,13 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def pad_batch(batch: dict, rows: int, length: int, pad_id: int) -> dict:
     """A right-padded causal-LM batch {input_ids, labels[, attention_mask]} grown to rows x length (pad
-    tokens, labels -100: padding carries no loss and counts no tokens), without its attention mask.
-    Under a causal mask a right-side pad is never seen by a real token, and the pads' own outputs are
-    weighted 0 by the loss; without a mask, sdpa keeps its causal flash kernel during capture."""
+    tokens, labels -100: padding carries no loss and counts no tokens).
+
+    Unpacked, without its attention mask: under a causal mask a right-side pad is never seen by a real
+    token, and the pads' own outputs are weighted 0 by the loss; without a mask, sdpa keeps its causal
+    flash kernel during capture. Packed (position_ids restarting at 0 for each example), with its block
+    mask rebuilt at the new size: each run of padding is an example of its own (positions from 0), so no
+    real token sees it and every pad row attends to something."""
     b, t = batch["input_ids"].shape
     if b > rows or t > length:
         raise ValueError(f"a {b}x{t} batch does not fit the captured {rows}x{length} shape")
@@ -149,6 +159,12 @@ def pad_batch(batch: dict, rows: int, length: int, pad_id: int) -> dict:
     for key, fill in (("input_ids", pad_id), ("labels", IGNORE)):
         out[key] = batch[key].new_full((rows, length), fill)
         out[key][:b, :t] = batch[key]
+    if "position_ids" in batch:
+        pos = torch.arange(length).repeat(rows, 1)
+        pos[:b, :t] = batch["position_ids"]
+        pos[:b, t:] = torch.arange(length - t)
+        out["position_ids"] = pos
+        out["attention_mask"] = block_causal_mask(pos)
     return out
 
 
@@ -183,7 +199,8 @@ class GraphedMicroStep:
         """Capture fn on the static batch (nothing runs: replay() runs it); sets self.out."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the page's thread may touch CUDA (memory readings, chat) while the trainer captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), capturing_unpacked():
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), \
+                capturing(packed="position_ids" in self.static):
             self.out = self.fn(self.static)
         return graph
 

@@ -203,10 +203,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     if not task.train:
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
     info.method.prepare_for_training(model, task.train, cfg.method)
-    if cfg.data.packing and task.labels is None and use_varlen_attention(model):
-        yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
-    blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, packing=cfg.data.packing,
-                            method=info.method, method_cfg=cfg.method, mixed_precision=accelerator.mixed_precision,
+    blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, method=info.method, method_cfg=cfg.method, mixed_precision=accelerator.mixed_precision,
                             processes=accelerator.num_processes, compile=t.compile,
                             offload=t.offload_checkpoints and t.gradient_checkpointing,
                             recomputed_dropout=t.gradient_checkpointing and (has_dropout(model)
@@ -214,6 +211,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker)
     if graphs_note:
         yield {"type": "status", "message": graphs_note}
+    if cfg.data.packing and task.labels is None:
+        # captured steps take the batch's block mask (sdpa); varlen attention reads its segments on the host
+        if not use_graphs and use_varlen_attention(model):
+            yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
+        elif use_graphs:
+            yield {"type": "status", "message": "Packed examples attend only to themselves (a block mask in the "
+                                                "captured step)."}
     note = setup_checkpointing(model, t, cpu, graphs=use_graphs)
     if note:
         yield {"type": "status", "message": note}

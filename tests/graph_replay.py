@@ -67,11 +67,11 @@ class RecordedStep:
 def emulate_strict_graph_capture(monkeypatch) -> list[list[str]]:
     """GraphedMicroStep captures by recording and replays by re-issuing the recording (RecordedStep).
     Returns a list that gets, per capture, the host-bound operations a real capture would trip on."""
-    from studio.step_graph import GraphedMicroStep, capturing_unpacked
+    from studio.step_graph import GraphedMicroStep, capturing
     captures: list[list[str]] = []
 
     def record(self: GraphedMicroStep) -> RecordedStep:
-        with capturing_unpacked():
+        with capturing(packed="position_ids" in self.static):
             step = RecordedStep(self.fn, self.static)
         self.out = step.out
         captures.append(step.would_not_capture)

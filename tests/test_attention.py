@@ -134,3 +134,17 @@ def test_soft_prompt_methods_refuse_packing_with_a_clear_error(tmp_path, method)
     with pytest.raises(ConfigError, match="data.packing false"):
         execute(rd, cfg)
     assert rd.status()["state"] == "failed" and "packing" in rd.status()["error"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_additive_mask_attends_where_the_block_mask_does(dtype):
+    """What sdpa gets under CUDA autocast for a packed batch (one additive mask shared by the layers) gives
+    the bool block mask's attention."""
+    from studio.data_render import additive_mask, block_causal_mask
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]])
+    mask = block_causal_mask(pos)
+    q, k, v = (torch.randn(2, 3, 8, 16, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, dtype))
+    torch.testing.assert_close(got, want)
+    assert additive_mask(mask, dtype).dtype == dtype

@@ -246,12 +246,14 @@ def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
     assert full.activations < est.activations < none.activations
 
 
-def test_packing_counts_the_batch_block_mask():
+@pytest.mark.parametrize("graphs, mask_bytes", [("off", 1), ("auto", 1 + 2)])
+def test_packing_counts_the_batch_block_mask(graphs, mask_bytes):
+    """The bool block mask; replayed from graphs (sdpa, not varlen attention), also its additive bf16 copy."""
     def act(packing: bool) -> int:
         cfg = RunConfig.from_dict({"model": {"name": "qwen2.5-0.5b"}, "data": {"max_length": 1024, "packing": packing},
-                                   "train": {"batch_size": 4}})
+                                   "train": {"batch_size": 4, "cuda_graphs": graphs}})
         return estimate(cfg, "cuda", padding=False).activations
-    assert act(True) - act(False) == 4 * 1024 * 1024
+    assert act(True) - act(False) == 4 * 1024 * 1024 * mask_bytes
 
 
 PEAK_METHODS = [{"name": "lora"}, {"name": "lora", "target_modules": "all-linear", "lora_dropout": 0.0},
@@ -277,7 +279,7 @@ def test_whole_step_estimate_matches_the_measured_cpu_peak(tmp_path, method, gc)
 
 @pytest.mark.parametrize("model, sets, captured", [
     ("qwen2.5-0.5b", {}, True), ("qwen2.5-0.5b", {"train": {"cuda_graphs": "off"}}, False),
-    ("qwen2.5-0.5b", {"data": {"packing": True}}, False), ("qwen2.5-7b", {}, False),
+    ("qwen2.5-0.5b", {"data": {"packing": True}}, True), ("qwen2.5-7b", {}, False),
     ("qwen2.5-7b", {"train": {"cuda_graphs": "on"}}, True)])
 def test_cuda_estimate_pads_to_the_captured_length_where_graphs_replay(model, sets, captured):
     """train.cuda_graphs pads each micro-batch to a multiple of 128 tokens without a mask: a 300-token

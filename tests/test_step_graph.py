@@ -19,7 +19,7 @@ from studio.errors import ConfigError
 from studio.losses import causal_lm_loss, static_shapes
 from studio.methods import apply_method, method_config, registry, resolve
 from studio.models import build_random_model, model_presets
-from studio.step_graph import GraphedMicroStep, capturing_unpacked, graph_blocker, pad_batch
+from studio.step_graph import GraphedMicroStep, capturing, graph_blocker, pad_batch
 from studio.trainer import train
 from graph_replay import emulate_strict_graph_capture
 from method_matrix import CASES
@@ -37,8 +37,27 @@ def test_pad_batch_grows_to_the_captured_shape_without_a_mask():
         pad_batch(batch, rows=1, length=5, pad_id=0)
 
 
+def test_pad_batch_keeps_a_packed_batch_s_examples_apart():
+    """A packed batch keeps its positions and gets its block mask at the new size: each run of padding is an
+    example of its own, positions from 0 (so no real token sees a pad, and each pad row sees itself)."""
+    from studio.data_render import block_causal_mask, collate
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "position_ids": [0, 1, 2, 0, 1]},
+            {"input_ids": [3, 4], "labels": [-100, 4], "position_ids": [0, 1]}]
+    batch = collate(rows, pad_id=0)
+    out = pad_batch(batch, rows=3, length=8, pad_id=0)
+    assert set(out) == {"input_ids", "labels", "position_ids", "attention_mask"}
+    # row 2: collate's padding (0, 1, 2) and pad_batch's (0, 1, 2), each a block of its own
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 0, 1, 2, 0, 1, 2], list(range(8))]
+    mask = out["attention_mask"]
+    assert mask.shape == (3, 1, 8, 8) and torch.equal(mask, block_causal_mask(out["position_ids"]))
+    assert not mask[0, 0, 3, :3].any() and mask[0, 0, 4, 3:5].all()  # the second example sees only itself
+    assert not mask[:, 0, :5, 5:].any()  # no real token sees the padding
+    assert mask.diagonal(dim1=-2, dim2=-1).all()
+    torch.testing.assert_close(out["attention_mask"][:2, :, :5, :5], batch["attention_mask"][:, :, :5, :5])
+
+
 def _blocker(**changes):
-    facts = dict(device=torch.device("cuda"), task="causal_lm", packing=False, method=registry()["lora"],
+    facts = dict(device=torch.device("cuda"), task="causal_lm", method=registry()["lora"],
                  method_cfg=method_config({"name": "lora"}), mixed_precision="bf16", processes=1, compile=False,
                  offload=False) | changes
     return graph_blocker(**facts)
@@ -46,7 +65,7 @@ def _blocker(**changes):
 
 @pytest.mark.parametrize("changes, reason", [
     ({"device": torch.device("cpu")}, "CUDA"), ({"task": "classification"}, "causal-LM"),
-    ({"packing": True}, "data.packing"), ({"mixed_precision": "fp16"}, "bf16"), ({"processes": 2}, "one process"),
+    ({"mixed_precision": "fp16"}, "bf16"), ({"processes": 2}, "one process"),
     ({"compile": True}, "train.compile"), ({"offload": True}, "offload_checkpoints"),
     ({"recomputed_dropout": True}, "redraws them"),
     ({"method": registry()["adapter"], "method_cfg": method_config({"name": "adapter", "drop_prob": 0.2})},
@@ -97,6 +116,20 @@ def _run(cfg) -> tuple[list[float], list[str]]:
     return [e["loss"] for e in events if e["type"] == "step"], [e["message"] for e in events if e["type"] == "status"]
 
 
+@pytest.mark.parametrize("model, max_length", [("tiny-llama", 48), ("tiny-gemma3", 100)])  # Gemma's window: 64
+def test_a_packed_run_replays_like_its_eager_varlen_run(monkeypatch, model, max_length):
+    """With data.packing, an eager run attends per example (varlen attention, segments read on the host);
+    a captured one takes the padded batch's block mask through sdpa, or on a sliding-window model shorter
+    than the batch, the segments transformers rebuilds from the positions on the device: the same
+    losses, and nothing in the recording a real capture would refuse."""
+    sets = {"model": model, "packing": True, "max_length": max_length}
+    eager, replayed, captures, notes = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "target_modules": "all-linear"},
+                                                           **sets)
+    assert any("micro-batches replay" in n for n in notes)
+    assert captures and all(found == [] for found in captures)
+    assert replayed == pytest.approx(eager, rel=1e-5)
+
+
 def test_on_the_cpu_the_run_says_graphs_need_cuda_and_trains():
     losses, notes = _run(_cfg(**{"train.cuda_graphs": True}))
     assert len(losses) == 4
@@ -119,10 +152,10 @@ def test_auto_captures_a_small_model_run_that_can_take_it(monkeypatch):
 
 
 def test_auto_says_what_keeps_graphs_off_for_a_small_model(monkeypatch):
-    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: step_graph.PACKING)
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: step_graph.COMPILE)
     replays = emulate_graph_capture(monkeypatch)
     _, notes = _run(_cfg())
-    assert f"train.cuda_graphs (auto) stays off for this run: {step_graph.PACKING}." in notes
+    assert f"train.cuda_graphs (auto) stays off for this run: {step_graph.COMPILE}." in notes
     assert replays == []
 
 
@@ -197,7 +230,7 @@ def test_a_failed_capture_leaves_the_run_stepping_eagerly(monkeypatch):
 
 
 def _replay_cfg(name: str, overrides: dict, graphs: str, model: str = "tiny-llama", ckpt: bool = False,
-                keep_dropout: bool = False) -> RunConfig:
+                keep_dropout: bool = False, packing: bool = False, max_length: int = 48) -> RunConfig:
     """A short run of a method on a tiny model; its dropout-like settings at 0 unless keep_dropout (a padded
     batch draws more random numbers than the eager one, so with them the two runs part for a fair reason)."""
     method = {"name": name, **overrides}
@@ -206,7 +239,7 @@ def _replay_cfg(name: str, overrides: dict, graphs: str, model: str = "tiny-llam
             method[f.name] = 0.0
     return RunConfig.from_dict({
         "model": {"name": model, "device": "cpu"}, "method": method,
-        "data": {"path": "arith", "max_length": 48, "limit": 64},
+        "data": {"path": "arith", "max_length": max_length, "limit": 64, "packing": packing},
         "train": {"batch_size": 3, "grad_accum": 2, "max_steps": 4, "lr": 1e-2, "seed": 0, "cuda_graphs": graphs,
                   "gradient_checkpointing": ckpt}})
 
@@ -341,7 +374,7 @@ def test_the_captured_micro_batch_never_waits_on_the_device(monkeypatch, arch, m
                         lambda *a, **k: masks.append((k.get("attn_mask") is None, k.get("is_causal"))) or sdpa(*a, **k))
     monkeypatch.setattr("transformers.utils.import_utils.is_cuda_stream_capturing", lambda: True)
     watch = _HostSyncWatch()
-    with watch, capturing_unpacked():
+    with watch, capturing(packed=False):
         loss, _ = causal_lm_loss(model, padded, chunk=7)
         loss.backward()
     assert watch.seen == []

@@ -40,7 +40,7 @@ def emulate_graph_capture(monkeypatch) -> list[int]:
     """Stand a re-running replay in for torch.cuda.CUDAGraph (the CPU cannot capture): capture runs the
     step once and zeroes the gradients (a real capture runs nothing); replay() re-runs it on the static
     batch and writes the outputs in place. Returns a list that grows by one per replay."""
-    from studio.step_graph import GraphedMicroStep, capturing_unpacked
+    from studio.step_graph import GraphedMicroStep, capturing
     replays: list[int] = []
 
     class Rerun:
@@ -49,11 +49,11 @@ def emulate_graph_capture(monkeypatch) -> list[int]:
 
         def replay(self) -> None:
             replays.append(1)
-            with capturing_unpacked():
+            with capturing(packed="position_ids" in self.micro.static):
                 self.micro.out.copy_(self.micro.fn(self.micro.static))
 
     def record(self: GraphedMicroStep) -> Rerun:
-        with capturing_unpacked():
+        with capturing(packed="position_ids" in self.static):
             self.out = self.fn(self.static)
         self.zero_grads()
         return Rerun(self)

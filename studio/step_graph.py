@@ -61,14 +61,18 @@ OFFLOAD = "train.offload_checkpoints moves tensors through host memory"
 RECOMPUTED_DROPOUT = ("a checkpointed layer that draws random numbers (dropout, AdaMix's routing, diff pruning's "
                       "gates) redraws them by resetting the random state on the host, which a replay is not known "
                       "to repeat (dropout 0 or gradient checkpointing off)")
-SETTINGS_THAT_BLOCK = (FP16, COMPILE, OFFLOAD, RECOMPUTED_DROPOUT)  # what a user may change for graphs
+PACKED_MASK_MAX = 2048  # tokens: a longer packed row attends through varlen attention, not a T x T block mask
+PACKED_LONG = (f"a captured step reads packed rows through a T x T block mask, which past {PACKED_MASK_MAX} tokens "
+               f"costs more than varlen attention saves (data.max_length <= {PACKED_MASK_MAX}, or packing off)")
+SETTINGS_THAT_BLOCK = (PACKED_LONG, FP16, COMPILE, OFFLOAD, RECOMPUTED_DROPOUT)  # what a user may change for graphs
 
 
 def graph_blocker(*, device: torch.device, task: str, method: Any, method_cfg: Any,
                   mixed_precision: str, processes: int, compile: bool, offload: bool,
-                  recomputed_dropout: bool = False) -> str | None:
+                  recomputed_dropout: bool = False, packed_length: int = 0) -> str | None:
     """Why train.cuda_graphs cannot apply to this run (one sentence), or None when it can.
-    recomputed_dropout: gradient checkpointing over layers that draw random numbers."""
+    recomputed_dropout: gradient checkpointing over layers that draw random numbers; packed_length:
+    data.max_length of a packed run (0: not packed)."""
     if device.type != "cuda":
         return CUDA_ONLY
     if task != "causal_lm":
@@ -85,6 +89,8 @@ def graph_blocker(*, device: torch.device, task: str, method: Any, method_cfg: A
         return OFFLOAD
     if recomputed_dropout:
         return RECOMPUTED_DROPOUT
+    if packed_length > PACKED_MASK_MAX:
+        return PACKED_LONG
     return None
 
 
@@ -118,7 +124,8 @@ def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
                             method=get_method(run_cfg.method.name), method_cfg=run_cfg.method,
                             mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
                             processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing,
-                            recomputed_dropout=t.gradient_checkpointing and method_draws(run_cfg.method))
+                            recomputed_dropout=t.gradient_checkpointing and method_draws(run_cfg.method),
+                            packed_length=run_cfg.data.max_length if run_cfg.data.packing else 0)
     return graphs_decision(t.cuda_graphs, n_params, blocker)[0]
 
 

@@ -203,11 +203,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     if not task.train:
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
     info.method.prepare_for_training(model, task.train, cfg.method)
-    blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, method=info.method, method_cfg=cfg.method, mixed_precision=accelerator.mixed_precision,
-                            processes=accelerator.num_processes, compile=t.compile,
+    blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, method=info.method, method_cfg=cfg.method,
+                            mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes,
+                            compile=t.compile,
                             offload=t.offload_checkpoints and t.gradient_checkpointing,
                             recomputed_dropout=t.gradient_checkpointing and (has_dropout(model)
-                                                                            or method_draws(cfg.method)))
+                                                                            or method_draws(cfg.method)),
+                            packed_length=cfg.data.max_length if cfg.data.packing and task.labels is None else 0)
     use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker)
     if graphs_note:
         yield {"type": "status", "message": graphs_note}

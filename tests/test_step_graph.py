@@ -67,11 +67,11 @@ def _blocker(**changes):
     ({"device": torch.device("cpu")}, "CUDA"), ({"task": "classification"}, "causal-LM"),
     ({"mixed_precision": "fp16"}, "bf16"), ({"processes": 2}, "one process"),
     ({"compile": True}, "train.compile"), ({"offload": True}, "offload_checkpoints"),
-    ({"recomputed_dropout": True}, "redraws them"),
+    ({"recomputed_dropout": True}, "redraws them"), ({"packed_length": 4096}, "block mask"),
     ({"method": registry()["adapter"], "method_cfg": method_config({"name": "adapter", "drop_prob": 0.2})},
      "not marked safe")])
 def test_graph_blocker_names_what_stops_capture(changes, reason):
-    assert _blocker() is None
+    assert _blocker() is None and _blocker(packed_length=2048) is None
     assert reason in _blocker(**changes)
 
 

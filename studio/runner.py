@@ -7,6 +7,7 @@ foreground, the page through Runner in a thread.
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import BusyError, StudioError
-from .rundir import RunDir, list_runs
+from .rundir import RunDir, _atomic_write, list_runs
 
 
 def _write_estimate(run: RunDir, cfg: RunConfig, lengths: list[int] | None = None) -> None:
@@ -58,7 +59,8 @@ def execute(run: RunDir, cfg: RunConfig, stop: threading.Event | None = None, re
         resume_from = points[-1]
         step = int(resume_from.name.split("-")[1])
         kept = [m for m in run.metrics() if m.get("step", 0) <= step]
-        (run.path / "metrics.jsonl").write_text("".join(__import__("json").dumps(m) + "\n" for m in kept))
+        # replaced whole, never truncated in place: the page may be reading it right now
+        _atomic_write(run.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
     else:
         _write_estimate(run, cfg)
     run.write_status("running", error=None)

@@ -8,8 +8,8 @@
 # layer replayed from a graph (baselines/graph_rng_check.py), the 7B rows, the quick
 # speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the
 # Triton kernels), train.cuda_graphs through the trainer (baselines/graphs_check.py), the Llama-3.2-1B row,
-# every capture-safe method captured for real (graphs_check --methods), bench --graphs-grid (3B and a
-# small-batch 7B, eager and replayed), with AB=1 the recompute skip
+# every capture-safe method captured for real (graphs_check --methods), bench --graphs-grid (3B at 4x2048
+# and 7B at 1x512, both sides of auto's line, eager and replayed), with AB=1 the recompute skip
 # (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with MEMORY_S=N the memory
 # estimate against max_memory_allocated for N seconds; then a summary table.
 # About 9 minutes without AB (a device call: timeout_s 590; a cut-off keeps what the earlier stages wrote).
@@ -60,7 +60,7 @@ run)
   timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
     dora,vera,loha,lokr,ia3,adalora,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full,dylora,adamix,diff_pruning,adapter_fusion \
     2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
-  # where auto's 3B line should be: Qwen2.5-3B at 4x2048 and 7B at 1x512, eager and replayed
+  # both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above) and 7B at 1x512 (below)
   timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/graphs_grid.log"
   # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes, and

@@ -47,7 +47,7 @@ class Row:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: a bf16 base under autocast anywhere
     offload: bool = False  # ours only: checkpointed layer inputs in pinned CPU RAM (train.offload_checkpoints)
     triton: bool = True  # ours only: False runs the torch ops where the fused ops have Triton kernels (A/B)
-    graphs: str = "auto"  # ours only: train.cuda_graphs (auto: replayed from a captured graph on CUDA below 3B)
+    graphs: str = "auto"  # ours only: train.cuda_graphs (auto: replayed on CUDA where the step is host-bound)
 
     def baseline_key(self) -> tuple:
         """The settings the peft baseline sees (offloading, kernels, graphs are ours alone: variants share one)."""
@@ -60,8 +60,9 @@ GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lo
             Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "lora", 4, 2048, True, offload=True),
             Row("qwen2.5-7b", "qlora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True, offload=True)]
 QUICK_GRID = GPU_GRID[:5]
-# where train.cuda_graphs=auto draws its line: a model just above 3B, and a 7B model at a small batch
-# (fewer tokens a step, so more of it waits on the host), each eager and replayed
+# both sides of train.cuda_graphs=auto's line (parameters x tokens of a micro-batch): a 3B model at 4 x 2,048
+# just above it, and a 7B model at a small batch below it (fewer tokens a step, so more of it waits on the
+# host), each eager and replayed
 GRAPHS_GRID = [Row(shape, "lora", batch, seq, True, graphs=graphs)
                for shape, batch, seq in (("qwen2.5-3b", 4, 2048), ("qwen2.5-7b", 1, 512)) for graphs in ("off", "on")]
 CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt"),
@@ -214,7 +215,7 @@ def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) 
     cfg = method_config(_method_cfg(row.method))
     blocker = graph_blocker(device=device, task="causal_lm", method=get_method(cfg.name), method_cfg=cfg,
                             mixed_precision="bf16", processes=1, compile=compile, offload=row.offload)
-    return graphs_decision("auto", n_params, blocker)[0]
+    return graphs_decision("auto", n_params, blocker, row.batch * row.seq)[0]
 
 
 def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool) -> dict:

@@ -77,8 +77,8 @@ class TrainConfig:
                                            "in pinned CPU RAM, fetched back one layer ahead in backward")
     compile: bool = opt(False, "torch.compile each decoder layer (slow first step, faster after; mainly for CUDA)")
     cuda_graphs: str = opt("auto", "CUDA: replay each micro-batch as one captured graph (one per length, padded to "
-                                   "a multiple of 128 tokens); auto = for models under 3B parameters, whose steps "
-                                   "wait on kernel launches", ("auto", "on", "off"))
+                                   "a multiple of 128 tokens); auto = where a micro-batch's work (parameters x "
+                                   "tokens) is below a 3B model's at 4 x 2,048, so its step waits on kernel launches", ("auto", "on", "off"))
     seed: int = opt(42, "Seed for init, data order and dropout")
     eval_every: int = opt(0, "Evaluate every N steps (0 = only at the end if there is an eval split)")
     save_every: int = opt(0, "Save a checkpoint every N steps (0 = only at the end)")

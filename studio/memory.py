@@ -344,7 +344,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     if padding is not None:
         pad = padding
     tokens = seq
-    graphs = device == "cuda" and config_captures(run_cfg, facts.total_params, pdtype)
+    graphs = device == "cuda" and config_captures(run_cfg, facts.total_params, pdtype, int(tc.batch_size) * seq)
     if graphs:  # train.cuda_graphs: each micro-batch padded to its graph's length (a mask only when packed)
         seq, pad = captured_length(seq, int(run_cfg.data.max_length)), False
     b = int(tc.batch_size)

@@ -3,7 +3,7 @@
 A small model on a fast GPU is launch-bound: Qwen2.5-0.5B LoRA at 4x1024 on an H200 ran 53 ms of
 kernels in a 139 ms step; the rest was the host queueing ~5,800 kernels one by one. Captured once, a
 micro-batch replays as one graph launch; train.cuda_graphs=auto (the default) does so on CUDA for
-models under 3B parameters. What capture needs, and how it is met here:
+runs whose micro-batches are host-bound (GRAPHS_PAY_BELOW). What capture needs, and how it is met here:
 - fixed shapes: `pad_batch` pads to batch_size rows and a length bucket (one graph per bucket);
 - no host sync inside: the loss runs in losses.static_shapes(), transformers is told whether the batch
   is packed (`capturing`); lazy set-up (kernel first-use checks, Triton compiles, cuBLAS
@@ -94,30 +94,39 @@ def graph_blocker(*, device: torch.device, task: str, method: Any, method_cfg: A
     return None
 
 
-GRAPHS_PAY_BELOW = 3_000_000_000  # parameters: replay ran 0.5B rows 2.2-8.9x, 1.5B 1.8x, 7B 1.01x (H200)
+# parameters x tokens of a micro-batch (the GPU work of its step grows with both; the host's, with the
+# layer count): replayed on an H200, 0.5B x 4,096 ran 2.2-8.9x, 1.5B x 8,192 1.8x, 7.6B x 8,192 1.01x
+GRAPHS_PAY_BELOW = 3_000_000_000 * 8192
 
 
-def graphs_decision(setting: str, n_params: int, blocker: str | None) -> tuple[bool, str | None]:
+def micro_batch_tokens(rows: int, lengths: list[int] | None, max_length: int) -> int:
+    """Positions of the largest micro-batch: rows x the longest example (capped at max_length)."""
+    return rows * min(max_length, max(lengths, default=max_length))
+
+
+def graphs_decision(setting: str, n_params: int, blocker: str | None, tokens: int) -> tuple[bool, str | None]:
     """Whether train.cuda_graphs ("auto" | "on" | "off") captures this run, and a line for the user.
 
-    auto captures where it pays: a model under GRAPHS_PAY_BELOW parameters, whose steps wait on kernel
-    launches. A larger model's step is GPU-bound (7B: replay gained 1%), so there the padding to a
-    multiple of 128 tokens would cost more than replay saves. Where auto would have paid but a setting
-    of the run stops it, the line says which."""
+    auto captures where it pays: where a micro-batch's GPU work (n_params x tokens, its largest) is below
+    GRAPHS_PAY_BELOW, the step waits on the host launching kernels, and replay removes that wait (Qwen2.5
+    0.5B to 1.5B at 4 x 1,024-2,048 on an H200, or a 7B with short batches). Above it the step is GPU-bound
+    (7B at 4 x 2,048: replay gained 1%), so the padding to a multiple of 128 tokens would cost more than
+    replay saves. Where auto would have paid but a setting of the run stops it, the line says which."""
     if setting == "off":
         return False, None
-    if blocker is None and (setting == "on" or n_params < GRAPHS_PAY_BELOW):
+    pays = n_params * tokens < GRAPHS_PAY_BELOW
+    if blocker is None and (setting == "on" or pays):
         return True, None
     if setting == "on":
         return False, f"train.cuda_graphs is off for this run: {blocker}."
-    if blocker in SETTINGS_THAT_BLOCK and n_params < GRAPHS_PAY_BELOW:
+    if blocker in SETTINGS_THAT_BLOCK and pays:
         return False, f"train.cuda_graphs (auto) stays off for this run: {blocker}."
     return False, None
 
 
-def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
-    """Whether a one-process CUDA run of `run_cfg` (base computing in `dtype`) would replay its
-    micro-batches from graphs: what the memory estimate pads its batches for."""
+def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype, tokens: int) -> bool:
+    """Whether a one-process CUDA run of `run_cfg` (base computing in `dtype`, largest micro-batch of
+    `tokens` positions) would replay its micro-batches from graphs: what the memory estimate pads for."""
     from .methods import get_method
     t = run_cfg.train
     blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task,
@@ -126,7 +135,7 @@ def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype) -> bool:
                             processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing,
                             recomputed_dropout=t.gradient_checkpointing and method_draws(run_cfg.method),
                             packed_length=run_cfg.data.max_length if run_cfg.data.packing else 0)
-    return graphs_decision(t.cuda_graphs, n_params, blocker)[0]
+    return graphs_decision(t.cuda_graphs, n_params, blocker, tokens)[0]
 
 
 def method_draws(method_cfg: Any) -> bool:

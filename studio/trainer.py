@@ -32,7 +32,7 @@ from .methods import apply_method
 from .models import cpu_has_fast_bf16, load_model
 from .step_copies import StepCopies
 from .step_graph import (CaptureFailed, GraphedTrainStep, graph_blocker, graphs_decision, method_draws,
-                         parameter_count)
+                         micro_batch_tokens, parameter_count)
 from .train_state import load_train_state, save_train_state
 
 
@@ -210,7 +210,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                             recomputed_dropout=t.gradient_checkpointing and (has_dropout(model)
                                                                             or method_draws(cfg.method)),
                             packed_length=cfg.data.max_length if cfg.data.packing and task.labels is None else 0)
-    use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker)
+    use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker, micro_batch_tokens(
+        t.batch_size, [len(ex["input_ids"]) for ex in task.train], cfg.data.max_length))
     if graphs_note:
         yield {"type": "status", "message": graphs_note}
     if cfg.data.packing and task.labels is None:

@@ -186,6 +186,7 @@ def test_auto_rows_replay_graphs_where_the_trainer_would():
     row = Row("qwen2.5-0.5b", "lora", 4, 1024, False)
     assert graphs_wanted(row, cuda, 494_000_000, compile=False)
     assert not graphs_wanted(row, cuda, 7_600_000_000, compile=False)  # GPU-bound: as train.cuda_graphs=auto
+    assert graphs_wanted(Row("qwen2.5-7b", "lora", 1, 512, True), cuda, 7_600_000_000, compile=False)
     assert not graphs_wanted(row, cpu, 494_000_000, compile=False)
     assert not graphs_wanted(row, cuda, 494_000_000, compile=True)
     assert not graphs_wanted(dataclasses.replace(row, offload=True), cuda, 494_000_000, compile=False)
@@ -268,7 +269,7 @@ def test_host_time_script_times_both_engines_at_test_width(monkeypatch, capsys):
 
 
 def test_graphs_grid_pairs_eager_and_replayed_rows_and_needs_cuda(monkeypatch, capsys):
-    """bench --graphs-grid: the rows that place auto's 3B line, each eager and replayed (GPU only)."""
+    """bench --graphs-grid: rows on both sides of auto's line, each eager and replayed (GPU only)."""
     from studio.bench import GRAPHS_GRID
     from studio.__main__ import main
     assert [(r.shape, r.batch, r.seq, r.graphs) for r in GRAPHS_GRID] == [

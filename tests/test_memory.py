@@ -279,11 +279,13 @@ def test_whole_step_estimate_matches_the_measured_cpu_peak(tmp_path, method, gc)
 
 @pytest.mark.parametrize("model, sets, captured", [
     ("qwen2.5-0.5b", {}, True), ("qwen2.5-0.5b", {"train": {"cuda_graphs": "off"}}, False),
-    ("qwen2.5-0.5b", {"data": {"packing": True}}, True), ("qwen2.5-7b", {}, False),
-    ("qwen2.5-7b", {"train": {"cuda_graphs": "on"}}, True)])
+    ("qwen2.5-0.5b", {"data": {"packing": True}}, True), ("qwen2.5-7b", {}, True),
+    ("qwen2.5-7b", {"train": {"batch_size": 16}}, False),
+    ("qwen2.5-7b", {"train": {"batch_size": 16, "cuda_graphs": "on"}}, True)])
 def test_cuda_estimate_pads_to_the_captured_length_where_graphs_replay(model, sets, captured):
     """train.cuda_graphs pads each micro-batch to a multiple of 128 tokens without a mask: a 300-token
-    longest example runs at 384 positions (the labelled ones stay 300's); the CPU never captures."""
+    longest example runs at 384 positions (the labelled ones stay 300's); the CPU never captures. A 7B
+    replays 4 x 300-token micro-batches (host-bound), not 16 x 300 under auto."""
     raw = {"model": {"name": model}, "data": {"max_length": 2048} | sets.get("data", {}),
            "train": {"batch_size": 4} | sets.get("train", {})}
     cfg = RunConfig.from_dict(raw)
@@ -291,7 +293,7 @@ def test_cuda_estimate_pads_to_the_captured_length_where_graphs_replay(model, se
     assert est["cuda_graphs"] is captured
     if not sets.get("data"):
         assert (est["seq"], est["padding_mask"]) == ((384, False) if captured else (300, True))
-        assert est["labelled_positions"] == 4 * 299
+        assert est["labelled_positions"] == cfg.train.batch_size * 299
     assert estimate(cfg, "cpu", dataset_lengths=[300, 200, 100]).details["cuda_graphs"] is False
 
 

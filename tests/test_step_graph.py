@@ -159,20 +159,30 @@ def test_auto_says_what_keeps_graphs_off_for_a_small_model(monkeypatch):
     assert replays == []
 
 
-def test_graphs_decision_pays_below_3b_parameters_under_auto():
+def test_graphs_decision_pays_where_a_micro_batch_is_host_bound_under_auto():
+    """auto weighs parameters x tokens of the largest micro-batch: the measured H200 rows keep their
+    decisions (0.5B and 1.5B replay, 7B at 4 x 2,048 steps eagerly), and a 7B with short batches replays."""
     decide = step_graph.graphs_decision
-    assert decide("auto", 494_000_000, None) == (True, None)
-    assert decide("auto", 1_540_000_000, None) == (True, None)
-    assert decide("auto", 7_600_000_000, None) == (False, None)  # GPU-bound: replay gained 1% on 7B
-    assert decide("on", 7_600_000_000, None) == (True, None)  # asked for: done
-    assert decide("off", 494_000_000, None) == (False, None)
-    assert decide("auto", 494_000_000, step_graph.CUDA_ONLY) == (False, None)  # CPU runs: nothing to say
-    assert decide("auto", 7_600_000_000, step_graph.COMPILE) == (False, None)
-    assert decide("auto", 494_000_000, step_graph.COMPILE) == (
+    assert decide("auto", 494_000_000, None, 4 * 1024) == (True, None)
+    assert decide("auto", 1_540_000_000, None, 4 * 2048) == (True, None)
+    assert decide("auto", 7_600_000_000, None, 4 * 2048) == (False, None)  # GPU-bound: replay gained 1% on 7B
+    assert decide("auto", 7_600_000_000, None, 1 * 512) == (True, None)  # the host's ~28 layers outweigh its work
+    assert decide("auto", 494_000_000, None, 64 * 2048) == (False, None)
+    assert decide("on", 7_600_000_000, None, 4 * 2048) == (True, None)  # asked for: done
+    assert decide("off", 494_000_000, None, 512) == (False, None)
+    assert decide("auto", 494_000_000, step_graph.CUDA_ONLY, 512) == (False, None)  # CPU runs: nothing to say
+    assert decide("auto", 7_600_000_000, step_graph.COMPILE, 4 * 2048) == (False, None)
+    assert decide("auto", 494_000_000, step_graph.COMPILE, 512) == (
         False, f"train.cuda_graphs (auto) stays off for this run: {step_graph.COMPILE}.")
-    assert decide("auto", 494_000_000, "it runs on one process only") == (False, None)  # nothing to change
-    assert decide("on", 494_000_000, step_graph.CUDA_ONLY) == (
+    assert decide("auto", 494_000_000, "it runs on one process only", 512) == (False, None)  # nothing to change
+    assert decide("on", 494_000_000, step_graph.CUDA_ONLY, 512) == (
         False, "train.cuda_graphs is off for this run: it needs a CUDA device.")
+
+
+def test_micro_batch_tokens_takes_the_longest_example_up_to_max_length():
+    assert step_graph.micro_batch_tokens(4, [100, 300, 200], 2048) == 4 * 300
+    assert step_graph.micro_batch_tokens(4, [100, 3000], 2048) == 4 * 2048
+    assert step_graph.micro_batch_tokens(2, [], 512) == 2 * 512
 
 
 @pytest.mark.parametrize("value, setting", [(True, "on"), (False, "off"), ("auto", "auto"), ("true", "on")])
@@ -404,7 +414,7 @@ def test_graphs_check_script_compares_both_runs(monkeypatch, capsys):
 
 
 def test_parameter_count_counts_a_4bit_weight_as_its_config_does():
-    """What auto's 3B threshold compares: a 4-bit model's packed storage holds half its parameters."""
+    """What auto's line counts: a 4-bit model's packed storage holds half its parameters."""
     from studio.memory_bench import _quantize_nf4
     model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
     dense = sum(p.numel() for p in model.parameters())

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--eager-ab", action="store_true",
                    help="each of our rows that replays CUDA graphs (train.cuda_graphs=auto) also run eagerly")
     p.add_argument("--graphs-grid", action="store_true",
-                   help="the rows that place train.cuda_graphs=auto's line (3B at 4x2048, 7B at 1x512; eager and replayed)")
+                   help="both sides of train.cuda_graphs=auto's line (3B at 4x2048, 7B at 1x512; eager and replayed)")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b)")
     p.add_argument("--out", default=None, help="also append the rows to this file")
 

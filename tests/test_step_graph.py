@@ -467,9 +467,9 @@ def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     _, notes = _run(cfg)
     assert f"train.cuda_graphs (auto) stays off for this run: {step_graph.RECOMPUTED_DROPOUT}." in notes
     assert replays == []
-    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)
+    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)
     cfg.method.lora_dropout = 0.0
-    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)
+    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)
     monkeypatch.undo()
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
     eager, replayed, _, _ = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "lora_dropout": 0.1},
@@ -490,6 +490,6 @@ def test_random_routing_and_gates_count_as_drawing_in_the_forward():
     assert not step_graph.method_draws(method_config({"name": "adamix", "num_experts": 1}))
     assert step_graph.method_draws(method_config({"name": "diff_pruning"}))
     cfg = _replay_cfg("diff_pruning", {}, "auto", ckpt=True)
-    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)
+    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)
     cfg.train.gradient_checkpointing = False
-    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16)
+    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)

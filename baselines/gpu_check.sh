@@ -35,7 +35,7 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$OUT/facts.txt"
   # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
-  timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -15 \
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_seeded_dropout.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
   # does a replayed checkpoint redraw its dropout masks? (train.cuda_graphs keeps such runs eager until it does)
   timeout 30 python3 -m baselines.graph_rng_check 2>&1 | grep '^{' | tee "$OUT/graph_rng.jsonl"

@@ -32,10 +32,12 @@ def checkpointed_layers(n_layers: int, fraction: float) -> list[bool]:
 
 
 def has_dropout(model: nn.Module) -> bool:
-    """Whether a training forward draws random numbers (a dropout with p > 0, or attention dropout)."""
+    """Whether a training forward draws random numbers from torch's generator (a dropout with p > 0, or
+    attention dropout); a dropout studio/seeded_dropout.py armed draws from its seed instead."""
     if float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
         return True
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and not getattr(m, "seeded", False)
+               for m in model.modules())
 
 
 def recomputing_layer() -> nn.Module | None:

@@ -66,7 +66,7 @@ class GatedDownLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
-                p: float = 0.0, quant_state=None, copies: tuple | None = None, output: bool = True) -> torch.Tensor:
+                p=0.0, quant_state=None, copies: tuple | None = None, output: bool = True) -> torch.Tensor:
         h = gated(gate, up, kind)
         y, low, mask, a, b = lora_linear_forward(cast(h.reshape(-1, h.shape[-1]), cdt), h.shape[:-1], weight, bias,
                                                  lora_a, lora_b, scaling, p, quant_state, copies, output)

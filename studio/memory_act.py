@@ -54,6 +54,7 @@ class Site:
     base_trainable: bool = False
     lora_r: int = 0          # > 0: a LoRA-like adapter (lora_A / lora_B) wraps the base
     lora_dropout: float = 0.0
+    seeded_dropout: bool = False  # on CUDA its dropout draws from a seed (studio/seeded_dropout.py): no mask kept
     dora: bool = False
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
@@ -150,12 +151,13 @@ def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
 def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool) -> tuple[int, bool]:
     """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself)."""
     n = rows * site.din
+    seeded = site.seeded_dropout and dt.cuda
     if site.lora_fused:  # the input it was given (shared by the projections that read it), a bool keep-mask
-        return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 else 0), True
+        return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 and not seeded else 0), True
     if site.lora_dropout > 0:
-        # dropout keeps its mask only when its input needs grad (CUDA: bool mask; CPU: a noise
-        # tensor), and A keeps the dropout output (under autocast: 16-bit)
-        mask = (n * (1 if dt.cuda else 4)) if g_in else 0
+        # dropout keeps its mask only when its input needs grad (CUDA: bool mask, none when seeded; CPU: a
+        # noise tensor), and A keeps the dropout output (under autocast: 16-bit)
+        mask = (n * (1 if dt.cuda else 4)) if g_in and not seeded else 0
         return mask + n * (2 if dt.autocast else 4), False
     return (0 if shared_saved else n * dt.act), True             # the input itself, shared
 

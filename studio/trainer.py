@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import seeded_dropout
 from .attention import packed_kwargs, use_varlen_attention
 from .checkpointing import compile_layers, has_dropout, setup_checkpointing
 from .config import RunConfig
@@ -203,6 +204,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     if not task.train:
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
     info.method.prepare_for_training(model, task.train, cfg.method)
+    if not t.compile and seeded_dropout.arm(model, accelerator.device):
+        yield {"type": "status", "message": "LoRA dropout draws its masks from a seed on the GPU (a checkpointed "
+                                            "layer's recomputation draws the same ones; no mask is kept)."}
     blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, method=info.method, method_cfg=cfg.method,
                             mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes,
                             compile=t.compile,

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from studio.kernels import gated, rmsnorm, rope, softmax_block
+from studio.kernels import dropout, gated, rmsnorm, rope, softmax_block
 
 
 def cases():
@@ -35,6 +35,8 @@ def cases():
         if flag:  # no variant flag: once per dtype
             yield softmax_block._block, dict(L=p, M="*fp32", E=p, MN="*fp32", S="*fp32", n_cols="i32", stride_l="i32",
                                              stride_e="i32", BLOCK="constexpr"), dict(BLOCK=softmax_block.BLOCK)
+            yield dropout._drop, dict(X=p, Y=p, SEED="*i64", site="i32", n="i32", p="fp32", scale="fp32",
+                                      BLOCK="constexpr"), dict(BLOCK=dropout.BLOCK)
         for need_g, need_u in ((True, True), (True, False), (False, True)):
             yield gated._backward, dict(DH=p, G=p, U=p, DG=p, DU=p, n="i32", SILU="constexpr", NEED_G="constexpr",
                                         NEED_U="constexpr", BLOCK="constexpr"), \

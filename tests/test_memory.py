@@ -246,6 +246,16 @@ def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
     assert full.activations < est.activations < none.activations
 
 
+def test_lora_dropout_keeps_a_mask_on_the_cpu_and_none_on_cuda():
+    """A fused LoRA site keeps a one-byte keep-mask per input element on the CPU; on CUDA its dropout draws
+    from a seed (studio/seeded_dropout.py) and keeps none."""
+    def act(device: str, p: float) -> int:
+        return estimate(_cfg("qwen2.5-0.5b", {"name": "lora", "lora_dropout": p}, 2, 256), device,
+                        padding=False).activations
+    assert act("cuda", 0.1) == act("cuda", 0.0)
+    assert act("cpu", 0.1) > act("cpu", 0.0)
+
+
 @pytest.mark.parametrize("graphs, mask_bytes", [("off", 1), ("auto", 1 + 2)])
 def test_packing_counts_the_batch_block_mask(graphs, mask_bytes):
     """The bool block mask; replayed from graphs (sdpa, not varlen attention), also its additive bf16 copy."""

@@ -457,7 +457,9 @@ def test_dropout_drawn_inside_the_replay_follows_the_eager_draws(monkeypatch, na
 def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     """A checkpoint redraws a layer's dropout masks by resetting the random state on the host; replayed,
     that reset is not part of the recording (graph_replay shows the recomputed masks differing), so such a
-    run steps eagerly and says why; the estimate does not pad for graphs there either."""
+    run steps eagerly and says why (here LoRA's dropout, which only a CUDA run draws from a seed:
+    tests/test_seeded_dropout.py); the estimate, which assumes that CUDA run, pads for graphs with LoRA's
+    dropout but not with LoHa's rank dropout."""
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
     replays = emulate_strict_graph_capture(monkeypatch)
     cfg = _replay_cfg("lora", {"r": 4, "lora_dropout": 0.1}, "auto", ckpt=True, keep_dropout=True)
@@ -467,9 +469,11 @@ def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     _, notes = _run(cfg)
     assert f"train.cuda_graphs (auto) stays off for this run: {step_graph.RECOMPUTED_DROPOUT}." in notes
     assert replays == []
-    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)
-    cfg.method.lora_dropout = 0.0
     assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)
+    loha = _replay_cfg("loha", {"r": 4, "rank_dropout": 0.1}, "auto", ckpt=True, keep_dropout=True)
+    assert not step_graph.config_captures(loha, 500_000_000, torch.bfloat16, 3 * 48)
+    loha.method.rank_dropout = 0.0
+    assert step_graph.config_captures(loha, 500_000_000, torch.bfloat16, 3 * 48)
     monkeypatch.undo()
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
     eager, replayed, _, _ = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "lora_dropout": 0.1},
@@ -477,12 +481,30 @@ def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     assert replayed != pytest.approx(eager, rel=1e-4)
 
 
-@pytest.mark.parametrize("name, field", [("lora", "lora_dropout"), ("loha", "rank_dropout"), ("lokr", "rank_dropout"),
-                                         ("adalora", "lora_dropout")])
+@pytest.mark.parametrize("name, field", [("loha", "rank_dropout"), ("lokr", "rank_dropout"), ("adalora", "lora_dropout")])
 def test_any_dropout_setting_counts_for_checkpointed_capture(name, field):
-    """LoHa's and LoKr's rank dropout draws in their own code, not in an nn.Dropout the model could show."""
+    """LoHa's and LoKr's rank dropout draws in their own code, not in an nn.Dropout the model could show.
+    LoRA's does not count: a CUDA run draws it from a seed that a recomputation reads again."""
     assert not step_graph.method_draws(method_config({"name": name, field: 0.0}))
     assert step_graph.method_draws(method_config({"name": name, field: 0.1}))
+    assert not step_graph.method_draws(method_config({"name": "lora", "lora_dropout": 0.1}))
+
+
+def test_an_armed_lora_dropout_lets_a_checkpointed_run_capture(monkeypatch):
+    """Where the trainer arms seeded dropout (CUDA), LoRA's dropout under checkpointing no longer keeps the
+    run eager: the run says so and replays its micro-batches (re-run here: the CPU cannot capture)."""
+    import studio.seeded_dropout as sd
+    monkeypatch.setattr(sd, "ready", lambda device: True)
+    monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
+    real = step_graph.graph_blocker
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **facts: real(**facts | {"device": torch.device("cuda")}))
+    replays = emulate_graph_capture(monkeypatch)
+    cfg = _replay_cfg("lora", {"r": 4, "lora_dropout": 0.1}, "auto", ckpt=True, keep_dropout=True)
+    cfg.train.max_steps = 2  # the kernel runs in Triton's interpreter here: slow
+    losses, notes = _run(cfg)
+    assert any("draws its masks from a seed" in n for n in notes)
+    assert not any(step_graph.RECOMPUTED_DROPOUT in n for n in notes)
+    assert replays and len(losses) == 2 and all(0 < x < 20 for x in losses)
 
 
 def test_random_routing_and_gates_count_as_drawing_in_the_forward():

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import opt
 from ..errors import ConfigError
+from ..seeded_dropout import SeededDrop, SeededDropoutFn
 from ..step_copies import current_copies
 from . import register
 from .base import Method, MethodConfig, applied
@@ -53,6 +54,8 @@ def _dequantized_weight(base: nn.Module) -> torch.Tensor:
 
 class LoraLinear(WrappedLinear):
     """A Linear (or 4-/8-bit Linear) with a low-rank update; module names match peft's."""
+
+    seeds_its_dropout = True  # studio/seeded_dropout.py may arm it (a run on CUDA)
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool, dora: bool):
         super().__init__(base)
@@ -137,10 +140,16 @@ class LoraLinear(WrappedLinear):
             if not torch.is_grad_enabled() or getattr(base, "compute_dtype", None) not in (None, cdt):
                 return None
             state = base.weight.quant_state
-        drop = self.lora_dropout
-        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, p, state, \
+        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, self._drop(), state, \
             current_copies(self, cdt)
+
+    def _drop(self) -> float | SeededDrop:
+        """This training forward's dropout: its probability (0: none), or a seeded one when the run armed it."""
+        drop = self.lora_dropout
+        if not (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0):
+            return 0.0
+        seeded = getattr(self, "seeded_drop", None)
+        return SeededDrop(drop.p, *seeded) if seeded is not None else drop.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.fused_parts(x)
@@ -156,7 +165,9 @@ class LoraLinear(WrappedLinear):
             return result
         # under autocast A computes in the 16-bit dtype anyway: an fp32 copy of x would be cast back,
         # and each adapter would keep its own 16-bit copy instead of sharing x with its neighbours
-        xd = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
+        xd = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        drop = self._drop()
+        xd = SeededDropoutFn.apply(xd, drop) if isinstance(drop, SeededDrop) else self.lora_dropout(xd)
         if not self.use_dora:
             low = self.lora_A(xd)
             if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):
@@ -234,6 +245,12 @@ class ModulesToSave(nn.Module):
 class LoraMethod(Method):
     name = "lora"
     graph_safe = True
+
+    def draws_in_forward(self, cfg: LoraConfig) -> bool:
+        """False for lora_dropout: on CUDA it draws from a seed (studio/seeded_dropout.py), which a
+        checkpoint's recomputation reads again; where the run cannot arm that, the trainer still sees
+        the nn.Dropout (checkpointing.has_dropout)."""
+        return False
     category = "reparameterised"
     summary = "Low-rank update B·A added to chosen linear layers; merges into the base."
     config_cls = LoraConfig

@@ -9,7 +9,9 @@ epilogue, so the full-width output is never read back by a separate pass; d(x) =
 keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share), low (rank-sized) and, with dropout, a bool mask (one byte per
 element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x per
-adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it.
+adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it; or, in a
+run that armed studio/seeded_dropout.py (CUDA), from a seed on the device: then p is a SeededDrop, nothing
+is kept, and the backward regenerates the mask from the seed.
 The gradients of A and B are written in fp32 by their GEMMs on CUDA (no cast kernel after them).
 A 4-bit base (QLoRA) is dequantized into the compute dtype for the forward's GEMM and again for the
 backward's, as bitsandbytes' training path does; only the packed weight is kept in between.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..seeded_dropout import SeededDrop
+
 
 class FusedLoraLinear(torch.autograd.Function):
     """(x, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state, A and B in dtype) -> y; W and bias
@@ -26,7 +30,7 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float = 0.0,
+                lora_b: torch.Tensor, scaling: float, cdt: torch.dtype, p: float | SeededDrop = 0.0,
                 quant_state=None, copies: tuple | None = None) -> torch.Tensor:
         x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
         y, low, mask, a, b = lora_linear_forward(x2, x.shape[:-1], weight, bias, lora_a, lora_b, scaling, p,
@@ -62,17 +66,22 @@ def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.T
     return bnbf.dequantize_4bit(weight, quant_state).to(cdt)
 
 
-def dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask of dropout with probability p (True = kept), one byte per element."""
+def dropout_mask(x2: torch.Tensor, p) -> torch.Tensor | None:
+    """Keep-mask of dropout with probability p (True = kept), one byte per element; None for a seeded
+    dropout (studio/seeded_dropout.py), whose mask the seed regenerates."""
+    if isinstance(p, SeededDrop):
+        return None
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
 
 
-def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p) -> torch.Tensor:
+    if isinstance(p, SeededDrop):
+        return p.apply(x2)
     return x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
 
 
 def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
-                        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float = 0.0,
+                        lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float | SeededDrop = 0.0,
                         quant_state=None, copies: tuple | None = None, output: bool = True) -> tuple:
     """y (shape lead + out) = x2 Wᵀ (+ b) + low Bᵀ, low = s · drop(x2) Aᵀ, all in x2's dtype; x2 is
     rows x in; W is 4-bit when quant_state is given; copies: A and B already in x2's dtype (the step's,
@@ -85,7 +94,7 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, b.shape[0])
     y2 = y.view(-1, b.shape[0])
-    mask = dropout_mask(x2, p) if p > 0 else None
+    mask = dropout_mask(x2, p) if p else None
     low = _scaled_mm(_dropped(x2, mask, p), a.t(), scaling)  # the scale rides in the GEMM, and low keeps it
     if not output:
         return y, low, mask, a, b
@@ -102,7 +111,7 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
 
 def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
                          lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, need_x: bool, need_a: bool,
-                         need_b: bool, mask: torch.Tensor | None = None, p: float = 0.0,
+                         need_b: bool, mask: torch.Tensor | None = None, p: float | SeededDrop = 0.0,
                          ab_dtypes: tuple[torch.dtype, torch.dtype] | None = None, quant_state=None,
                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed. dA and dB come

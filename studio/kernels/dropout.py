@@ -1,0 +1,38 @@
+"""Dropout whose keep-mask is a function of a seed on the device, a site number and the element's index.
+
+keep(i) = philox(seed + site · SITE_STRIDE, i) >= p, so the same (seed, site) gives the same mask for
+any tensor of the same layout: the backward applies it to the gradient without a stored mask, and a
+checkpoint's recomputation draws exactly the forward's mask without resetting any generator (which a
+replayed CUDA graph would not repeat). The seed is read from device memory, so a captured step reads
+whatever seed is there at each replay.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+SITE_STRIDE = tl.constexpr(1_000_003)  # globals a kernel reads must be constexpr
+
+
+@triton.jit
+def _drop(X, Y, SEED, site, n, p, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    seed = tl.load(SEED) + site * SITE_STRIDE
+    keep = tl.rand(seed, offs) >= p
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(keep, x * scale, 0.0)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def apply(t: torch.Tensor, seed: torch.Tensor, site: int, p: float) -> torch.Tensor:
+    """t with the (seed, site) mask applied: kept elements times 1 / (1 - p), dropped ones 0."""
+    x = t if t.is_contiguous() else t.contiguous()
+    n = x.numel()
+    if n >= 2 ** 31:
+        raise ValueError("seeded dropout indexes elements with 32-bit offsets")
+    y = torch.empty_like(x)
+    _drop[(triton.cdiv(n, BLOCK),)](x, y, seed, site, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK, num_warps=4)
+    return y

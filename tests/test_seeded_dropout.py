@@ -35,15 +35,16 @@ def forced():
         yield
 
 
-def test_the_mask_is_a_function_of_seed_site_and_position(forced):
-    x = torch.randn(37, 300).to(DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mask_is_a_function_of_seed_site_and_position(forced, dtype):
+    x = torch.randn(37, 300).to(DEVICE, dtype)
     seed = torch.tensor(2024, device=DEVICE)
     a = dropout.apply(x, seed, 5, 0.3)
     assert torch.equal(a, dropout.apply(x, seed, 5, 0.3))  # drawn again: the same
     kept = a != 0
     assert abs(kept.float().mean().item() - 0.7) < 0.02
-    torch.testing.assert_close(a[kept], x[kept] / 0.7)
-    g = torch.randn(37, 300).to(DEVICE)  # another tensor of the layout (the gradient): the same mask
+    torch.testing.assert_close(a[kept], (x[kept].float() / 0.7).to(dtype))
+    g = torch.randn(37, 300).to(DEVICE, dtype)  # another tensor of the layout (the gradient): the same mask
     assert torch.equal(dropout.apply(g, seed, 5, 0.3) != 0, kept & (g != 0))
     assert not torch.equal(dropout.apply(x, seed, 6, 0.3) != 0, kept)  # another site
     assert not torch.equal(dropout.apply(x, torch.tensor(2025, device=DEVICE), 5, 0.3) != 0, kept)  # another seed

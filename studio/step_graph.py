@@ -62,8 +62,8 @@ RECOMPUTED_DROPOUT = ("a checkpointed layer that draws random numbers (dropout, 
                       "gates) redraws them by resetting the random state on the host, which a replay is not known "
                       "to repeat (dropout 0 or gradient checkpointing off)")
 PACKED_MASK_MAX = 2048  # tokens: a longer packed row attends through varlen attention, not a T x T block mask
-PACKED_LONG = (f"a captured step reads packed rows through a T x T block mask, which past {PACKED_MASK_MAX} tokens "
-               f"costs more than varlen attention saves (data.max_length <= {PACKED_MASK_MAX}, or packing off)")
+PACKED_LONG = (f"packed rows longer than {PACKED_MASK_MAX} tokens keep varlen attention, where a captured step would "
+               f"read them through a T x T block mask (data.max_length <= {PACKED_MASK_MAX}, or packing off)")
 SETTINGS_THAT_BLOCK = (PACKED_LONG, FP16, COMPILE, OFFLOAD, RECOMPUTED_DROPOUT)  # what a user may change for graphs
 
 

@@ -85,6 +85,12 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
 
+    def keep_metrics_through(self, step: int) -> None:
+        """Drop the metric rows after `step` (a resume from that step's checkpoint). The file is replaced
+        whole, never truncated in place: the page may be reading it right now."""
+        kept = [m for m in self.metrics() if m.get("step", 0) <= step]
+        _atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(m, default=float) + "\n" for m in kept))
+
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
         if not path.is_file():

@@ -7,7 +7,6 @@ foreground, the page through Runner in a thread.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .errors import BusyError, StudioError
-from .rundir import RunDir, _atomic_write, list_runs
+from .rundir import RunDir, list_runs
 
 
 def _write_estimate(run: RunDir, cfg: RunConfig, lengths: list[int] | None = None) -> None:
@@ -58,9 +57,7 @@ def execute(run: RunDir, cfg: RunConfig, stop: threading.Event | None = None, re
             raise StudioError(f"Run {run.name} has no checkpoint to resume from; start it again instead.")
         resume_from = points[-1]
         step = int(resume_from.name.split("-")[1])
-        kept = [m for m in run.metrics() if m.get("step", 0) <= step]
-        # replaced whole, never truncated in place: the page may be reading it right now
-        _atomic_write(run.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        run.keep_metrics_through(step)
     else:
         _write_estimate(run, cfg)
     run.write_status("running", error=None)

@@ -140,8 +140,8 @@ class LoraLinear(WrappedLinear):
             if not torch.is_grad_enabled() or getattr(base, "compute_dtype", None) not in (None, cdt):
                 return None
             state = base.weight.quant_state
-        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, self._drop(), state, \
-            current_copies(self, cdt)
+        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, self._drop(), \
+            state, current_copies(self, cdt)
 
     def _drop(self) -> float | SeededDrop:
         """This training forward's dropout: its probability (0: none), or a seeded one when the run armed it."""
@@ -245,17 +245,17 @@ class ModulesToSave(nn.Module):
 class LoraMethod(Method):
     name = "lora"
     graph_safe = True
+    category = "reparameterised"
+    summary = "Low-rank update B·A added to chosen linear layers; merges into the base."
+    config_cls = LoraConfig
+    mergeable = True
+    peft_type = "LORA"
 
     def draws_in_forward(self, cfg: LoraConfig) -> bool:
         """False for lora_dropout: on CUDA it draws from a seed (studio/seeded_dropout.py), which a
         checkpoint's recomputation reads again; where the run cannot arm that, the trainer still sees
         the nn.Dropout (checkpointing.has_dropout)."""
         return False
-    category = "reparameterised"
-    summary = "Low-rank update B·A added to chosen linear layers; merges into the base."
-    config_cls = LoraConfig
-    mergeable = True
-    peft_type = "LORA"
 
     def apply(self, model: nn.Module, cfg: LoraConfig) -> None:
         freeze_all(model)

@@ -66,7 +66,7 @@ def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.T
     return bnbf.dequantize_4bit(weight, quant_state).to(cdt)
 
 
-def dropout_mask(x2: torch.Tensor, p) -> torch.Tensor | None:
+def dropout_mask(x2: torch.Tensor, p: float | SeededDrop) -> torch.Tensor | None:
     """Keep-mask of dropout with probability p (True = kept), one byte per element; None for a seeded
     dropout (studio/seeded_dropout.py), whose mask the seed regenerates."""
     if isinstance(p, SeededDrop):
@@ -74,7 +74,7 @@ def dropout_mask(x2: torch.Tensor, p) -> torch.Tensor | None:
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
 
 
-def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p) -> torch.Tensor:
+def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float | SeededDrop) -> torch.Tensor:
     if isinstance(p, SeededDrop):
         return p.apply(x2)
     return x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))

@@ -4,17 +4,20 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests, a checkpointed dropout
-# layer replayed from a graph (baselines/graph_rng_check.py), the 7B rows, the quick
-# speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the
-# Triton kernels), train.cuda_graphs through the trainer (baselines/graphs_check.py), the Llama-3.2-1B row,
-# every capture-safe method captured for real (graphs_check --methods), bench --graphs-grid (3B at 4x2048
-# and 7B at 1x512, both sides of auto's line, eager and replayed), with AB=1 the recompute skip
-# (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with MEMORY_S=N the memory
-# estimate against max_memory_allocated for N seconds; then a summary table.
-# About 9 minutes without AB (a device call: timeout_s 590; a cut-off keeps what the earlier stages wrote).
+# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests (and the seeded
+# dropout's), a checkpointed dropout layer replayed from a graph (baselines/graph_rng_check.py), the 7B rows,
+# train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout with checkpointing, and
+# packed batches), the quick speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly,
+# and with AB=1 without the Triton kernels), every capture-safe method captured for real (graphs_check
+# --methods), bench --packed-grid, the Llama-3.2-1B row, bench --graphs-grid (3B at 4x2048 and 7B at 1x512,
+# both sides of auto's line, eager and replayed), with AB=1 the recompute skip (baselines/recompute_ab.py)
+# and LoRA's GEMM order (baselines/lora_order_ab.py), with MEMORY_S=N the memory estimate against
+# max_memory_allocated for N seconds; then a summary table.
+# Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about the quick grid and keeps
+# what the earlier stages wrote; a second call takes the rest (SKIP=kernels,rng,7b,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
 WHEELS=(transformers==5.24.0 bitsandbytes==0.50.2 peft==0.21.2)
 
 case "${1:-run}" in
@@ -34,35 +37,41 @@ run)
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$OUT/facts.txt"
-  # The Triton kernels against the torch ops, compiled for this card (the bench rows use them).
-  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_seeded_dropout.py 2>&1 | tail -15 \
-    | tee "$OUT/kernels.log"
-  # does a replayed checkpoint redraw its dropout masks? (train.cuda_graphs keeps such runs eager until it does)
-  timeout 30 python3 -m baselines.graph_rng_check 2>&1 | grep '^{' | tee "$OUT/graph_rng.jsonl"
-  # Priority order, each stage time-boxed; the call's own limit may cut the last ones (each writes as it goes):
-  # the 7B rows (MFU, offloading, QLoRA in 24 GB), the quick grid (auto graphs, also eagerly), the trainer's
-  # graphs, the Llama-3.2-1B row, every capture-safe method captured for real, the A/Bs, the estimator.
-  timeout 150 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+  # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=kernels,rng,7b,graphs,quick).
+  # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card
+  want kernels && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    tests/test_seeded_dropout.py 2>&1 | tail -15 | tee "$OUT/kernels.log"
+  # rng: does a replayed checkpoint redraw torch's dropout masks? (graphs keep such runs eager until it does)
+  want rng && timeout 30 python3 -m baselines.graph_rng_check 2>&1 | grep '^{' | tee "$OUT/graph_rng.jsonl"
+  # 7b: the 7B rows (MFU, offloading, QLoRA in 24 GB)
+  want 7b && timeout 150 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
-  timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
-    | tee -a "$OUT/bench.log"
-  # train.cuda_graphs through the real trainer: eager and graphed loss curves on tiny models (must agree);
-  # then LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (captured or not?)
-  timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
-  for ck in "" --ckpt; do timeout 40 python3 -m baselines.graphs_check --models tiny-llama --keep-dropout $ck \
-    2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"; done
-  # packed batches: eager (flash varlen attention) against captured (sdpa with the block mask)
-  timeout 60 python3 -m baselines.graphs_check --packing 2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"
-  # the issue's Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
-  timeout 120 python3 -m studio bench --only llama-3.2-1b --eager-ab --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
-    | tee -a "$OUT/bench.log"
-  # every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
-  timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
+  # graphs: train.cuda_graphs through the real trainer, eager and graphed loss curves on tiny models (must
+  # agree); LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (seeded:
+  # captured with it too); packed batches, eager (flash varlen attention) against captured (block mask)
+  if want graphs; then
+    timeout 60 python3 -m baselines.graphs_check 2>&1 | grep -v Warning | tee "$OUT/graphs_check.jsonl"
+    for ck in "" --ckpt; do timeout 40 python3 -m baselines.graphs_check --models tiny-llama --keep-dropout $ck \
+      2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"; done
+    timeout 60 python3 -m baselines.graphs_check --packing 2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"
+  fi
+  # quick: the quick grid (auto graphs, also eagerly; with AB=1 also without the Triton kernels)
+  want quick && timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab \
+    --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+  # methods: every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
+  want methods && timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
     dora,vera,loha,lokr,ia3,adalora,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full,dylora,adamix,diff_pruning,adapter_fusion \
     2>&1 | grep -v Warning | tee "$OUT/graphs_methods.jsonl"
-  # both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above) and 7B at 1x512 (below)
-  timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 | grep -v Warning \
-    | tee "$OUT/graphs_grid.log"
+  # packed: packed rows on real shapes (0.5B 4x1024, 1.5B 4x2048 with checkpointing): eager, replayed, peft
+  want packed && timeout 150 python3 -m studio bench --packed-grid --out "$OUT/bench_packed.jsonl" 2>&1 \
+    | grep -v Warning | tee "$OUT/bench_packed.log"
+  # llama: the issue's Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
+  want llama && timeout 120 python3 -m studio bench --only llama-3.2-1b --eager-ab --out "$OUT/bench.jsonl" 2>&1 \
+    | grep -v Warning | tee -a "$OUT/bench.log"
+  # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below)
+  want grid && timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
+    | grep -v Warning | tee "$OUT/graphs_grid.log"
   # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes, and
   # the recomputation without down's product against the full one, 7B LoRA 4x2048; with AB=1 only
   [ "${AB:-0}" = 1 ] && timeout 90 python3 -m baselines.recompute_ab 2>&1 | grep '^{' | tee "$OUT/recompute_ab.jsonl"

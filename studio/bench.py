@@ -4,7 +4,7 @@ Each row builds a random-init model of a real shape (presets/models.yaml, no dow
 the method, runs warm-up steps, then times steps of loss + backward + optimizer step. The peft
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method,
-batch, seq, grad_ckpt, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, loss_first_last,
+batch, seq, grad_ckpt, packed, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, loss_first_last,
 warmup_s (the untimed first steps: set-up, a graph's capture, a compile), and on our rows the ratios to the
 baseline and the Triton kernels in use; a row that ran out of memory or failed says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
 whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tensor bytes of one more
@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import kernels
+from .attention import packed_kwargs, use_varlen_attention
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
+from .data_render import fit_attention_mask
 from .errors import ConfigError
 from .losses import causal_lm_loss
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
@@ -48,10 +50,11 @@ class Row:
     offload: bool = False  # ours only: checkpointed layer inputs in pinned CPU RAM (train.offload_checkpoints)
     triton: bool = True  # ours only: False runs the torch ops where the fused ops have Triton kernels (A/B)
     graphs: str = "auto"  # ours only: train.cuda_graphs (auto: replayed on CUDA where the step is host-bound)
+    packed: bool = False  # each row packs examples of 64-512 tokens (data.packing): both engines get the same
 
     def baseline_key(self) -> tuple:
         """The settings the peft baseline sees (offloading, kernels, graphs are ours alone: variants share one)."""
-        return self.shape, self.method, self.batch, self.seq, self.grad_ckpt, self.labels, self.precision
+        return self.shape, self.method, self.batch, self.seq, self.grad_ckpt, self.labels, self.precision, self.packed
 
 
 GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lora", 4, 1024, True),
@@ -65,6 +68,10 @@ QUICK_GRID = GPU_GRID[:5]
 # host), each eager and replayed
 GRAPHS_GRID = [Row(shape, "lora", batch, seq, True, graphs=graphs)
                for shape, batch, seq in (("qwen2.5-3b", 4, 2048), ("qwen2.5-7b", 1, 512)) for graphs in ("off", "on")]
+# packed rows: ours eager (flash varlen attention) and replayed (sdpa with the block mask), and peft (sdpa, the mask)
+PACKED_GRID = [Row(shape, "lora", 4, seq, ckpt, graphs=graphs, packed=True)
+               for shape, seq, ckpt in (("qwen2.5-0.5b", 1024, False), ("qwen2.5-1.5b", 2048, True))
+               for graphs in ("off", "on")]
 CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt"),
             Row("gemma-3-270m", "lora", 2, 128, False, "all", "bf16"),  # AMX / AVX512-BF16 CPUs
             Row("gemma-3-270m", "lora", 2, 128, False, "prompt", "bf16")]
@@ -104,7 +111,8 @@ def time_steps(step, warmup: int, steps: int, device: torch.device,
 def _row_facts(row: Row, engine: str) -> dict[str, Any]:
     return {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq, "grad_ckpt": row.grad_ckpt,
             "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio",
-            "triton": row.triton and engine == "studio", "cuda_graphs": row.graphs if engine == "studio" else "off"}
+            "triton": row.triton and engine == "studio", "cuda_graphs": row.graphs if engine == "studio" else "off",
+            "packed": row.packed}
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
@@ -155,7 +163,8 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         copies = None if compile else StepCopies.for_model(model, dtype)  # as the trainer (fp32: none)
 
         def loss_fn(batch):
-            return causal_lm_loss(model, batch)[0]
+            batch = fit_attention_mask(batch, model)  # as the trainer's LossModule
+            return causal_lm_loss(model, batch | packed_kwargs(batch, model))[0]
     else:
         copies = None
         baseline = importlib.import_module("baselines.peft_baseline")  # outside the engine; needs peft
@@ -171,6 +180,10 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     batch = random_batch(model.config.vocab_size, row.batch, row.seq, device)
     if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
         batch["labels"][:, : row.seq // 2] = -100
+    if row.packed:
+        batch = packed_batch(batch)
+        if engine == "studio" and not graphs:  # as the trainer: eager packed steps attend per example
+            use_varlen_attention(model)
 
     routing = kernels.disabled if not row.triton else contextlib.nullcontext
 
@@ -205,6 +218,24 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     return Step(run, model, params, opt, batch, n_params, dtype, micro is not None)
 
 
+def packed_batch(batch: dict, seed: int = 0) -> dict:
+    """The batch's rows cut into examples of 64-512 tokens (the last one what is left), packed as data.packing
+    packs: positions restarting at each example, its first label -100, the block-diagonal causal mask."""
+    from .data_render import block_causal_mask
+    ids = batch["input_ids"]
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.empty(ids.shape, dtype=torch.long)
+    for r in range(ids.shape[0]):
+        start = 0
+        while start < ids.shape[1]:
+            n = min(int(torch.randint(64, 513, (1,), generator=g)), ids.shape[1] - start)
+            pos[r, start:start + n] = torch.arange(n)
+            start += n
+    pos = pos.to(ids.device)
+    labels = batch["labels"].masked_fill(pos == 0, -100)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": block_causal_mask(pos)}
+
+
 def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) -> bool:
     """Whether our row replays CUDA graphs: "on" always (the bench may emulate capture on the CPU),
     "auto" where train.cuda_graphs=auto would in a run of the same settings."""
@@ -214,7 +245,8 @@ def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) 
         return row.graphs == "on"
     cfg = method_config(_method_cfg(row.method))
     blocker = graph_blocker(device=device, task="causal_lm", method=get_method(cfg.name), method_cfg=cfg,
-                            mixed_precision="bf16", processes=1, compile=compile, offload=row.offload)
+                            mixed_precision="bf16", processes=1, compile=compile, offload=row.offload,
+                            packed_length=row.seq if row.packed else 0)
     return graphs_decision("auto", n_params, blocker, row.batch * row.seq)[0]
 
 

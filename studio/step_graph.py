@@ -176,9 +176,9 @@ def pad_batch(batch: dict, rows: int, length: int, pad_id: int) -> dict:
         out[key] = batch[key].new_full((rows, length), fill)
         out[key][:b, :t] = batch[key]
     if "position_ids" in batch:
-        pos = torch.arange(length).repeat(rows, 1)
+        pos = torch.arange(length, device=batch["position_ids"].device).repeat(rows, 1)
         pos[:b, :t] = batch["position_ids"]
-        pos[:b, t:] = torch.arange(length - t)
+        pos[:b, t:] = pos[0, :length - t]
         out["position_ids"] = pos
         out["attention_mask"] = block_causal_mask(pos)
     return out

@@ -277,3 +277,26 @@ def test_graphs_grid_pairs_eager_and_replayed_rows_and_needs_cuda(monkeypatch, c
         ("qwen2.5-7b", 1, 512, "off"), ("qwen2.5-7b", 1, 512, "on")]
     assert main(["bench", "--graphs-grid", "--device", "cpu"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_packed_row_trains_the_same_examples_in_both_engines():
+    """bench --packed-grid's rows on the CPU: ours attends per example (varlen attention) and peft through the
+    block mask; same first loss. The batch packs examples of 64-512 tokens, each first label masked."""
+    from studio.bench import packed_batch
+    from studio.memory_bench import random_batch
+    batch = packed_batch(random_batch(500, 2, 700))
+    pos = batch["position_ids"]
+    starts = (pos == 0).nonzero().tolist()
+    assert len(starts) >= 4 and all(batch["labels"][r, c] == -100 for r, c in starts)
+    assert batch["attention_mask"].shape == (2, 1, 700, 700)
+    rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1,
+                      grid=[Row("tiny-llama", "lora", 2, 256, False, packed=True)]))
+    ours, peft = (next(r for r in rows if r["engine"] == e) for e in ("studio", "peft"))
+    assert ours["packed"] and peft["packed"]
+    assert ours["loss_first_last"][0] == pytest.approx(peft["loss_first_last"][0], rel=1e-3)
+
+
+def test_packed_grid_needs_cuda(capsys):
+    from studio.__main__ import main
+    assert main(["bench", "--packed-grid", "--device", "cpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

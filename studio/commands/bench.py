@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
                    help="each of our rows that replays CUDA graphs (train.cuda_graphs=auto) also run eagerly")
     p.add_argument("--graphs-grid", action="store_true",
                    help="both sides of train.cuda_graphs=auto's line (3B at 4x2048, 7B at 1x512; eager and replayed)")
+    p.add_argument("--packed-grid", action="store_true",
+                   help="packed rows (examples of 64-512 tokens): ours eager (varlen attention) and replayed (block mask)")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b)")
     p.add_argument("--out", default=None, help="also append the rows to this file")
 
@@ -33,15 +35,16 @@ def run(args) -> int:
             from ..memory_bench import memory_grid
             rows = memory_grid(args.quick)
         else:
-            from ..bench import GRAPHS_GRID, bench
+            from ..bench import GRAPHS_GRID, PACKED_GRID, bench
             from ..models import resolve_device
-            if args.graphs_grid and resolve_device(args.device).type != "cuda":
-                print("bench --graphs-grid measures CUDA graphs: it needs a CUDA device.", file=sys.stderr)
+            if (args.graphs_grid or args.packed_grid) and resolve_device(args.device).type != "cuda":
+                flag = "--graphs-grid" if args.graphs_grid else "--packed-grid"
+                print(f"bench {flag} measures CUDA graphs: it needs a CUDA device.", file=sys.stderr)
                 return 2
             rows = bench(args.quick, args.device, not args.no_peft, args.warmup, args.steps, rounds=args.rounds,
                          compile=args.compile, only=args.only.split(",") if args.only else None,
                          triton_ab=args.triton_ab, eager_ab=args.eager_ab,
-                         grid=GRAPHS_GRID if args.graphs_grid else None)
+                         grid=GRAPHS_GRID if args.graphs_grid else PACKED_GRID if args.packed_grid else None)
         for row in rows:
             line = json.dumps(row)
             print(line, flush=True)

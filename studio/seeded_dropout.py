@@ -1,4 +1,4 @@
-"""LoRA's dropout drawn from a per-forward seed on the device (CUDA), armed by the trainer.
+"""LoRA's (and AdaLoRA's) dropout drawn from a per-forward seed on the device (CUDA), armed by the trainer.
 
 torch's dropout draws from the generator's running state. Under gradient checkpointing the recomputation
 must draw the forward's masks again, which torch does by saving the generator state and setting it back
@@ -49,6 +49,22 @@ def _check(device: torch.device) -> bool:
     return bool(torch.equal(a, b) and not torch.equal(kept, other != 0)
                 and abs(1 - kept.float().mean().item() - 0.25) < 0.02
                 and torch.equal(a[kept], torch.full_like(a[kept], 1 / 0.75)))
+
+
+def module_drop(module: nn.Module) -> float | SeededDrop:
+    """A LoRA-like module's dropout for this forward: 0.0 (none, or not training), its p (torch's dropout),
+    or a SeededDrop when the run armed it (module.seeded_drop)."""
+    drop = getattr(module, "lora_dropout", None)
+    if not (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0):
+        return 0.0
+    seeded = getattr(module, "seeded_drop", None)
+    return SeededDrop(drop.p, *seeded) if seeded is not None else drop.p
+
+
+def dropped(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x through the module's lora_dropout: from the run's seed when armed, else torch's dropout."""
+    drop = module_drop(module)
+    return SeededDropoutFn.apply(x, drop) if isinstance(drop, SeededDrop) else module.lora_dropout(x)
 
 
 class SeededDropoutFn(torch.autograd.Function):

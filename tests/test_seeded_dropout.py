@@ -148,9 +148,31 @@ def test_arming_marks_the_lora_dropouts_seeded_and_draws_a_seed_per_training_for
         model.train()
         model(input_ids=ids)  # generation and evaluation draw nothing
     assert int(seed) == second
-    assert isinstance(loras[0]._drop(), SeededDrop)
+    assert isinstance(seeded_dropout.module_drop(loras[0]), SeededDrop)
     model.eval()
-    assert loras[0]._drop() == 0.0
+    assert seeded_dropout.module_drop(loras[0]) == 0.0
+
+
+def test_adalora_takes_the_seeded_dropout_too():
+    """AdaLoRA's SVD layers arm as LoRA's do; checkpointed without the generator reset they train as without
+    checkpointing."""
+    def losses(ckpt: bool) -> list[float]:
+        model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0).to(DEVICE).train()
+        apply_method(model, method_config({"name": "adalora", "init_r": 4, "target_r": 2, "lora_dropout": 0.2}))
+        with _routed():
+            assert seeded_dropout.arm(model, DEVICE)
+        assert not has_dropout(model)
+        if ckpt:
+            enable_gradient_checkpointing(model, 1.0, preserve_rng=False)
+        ids = torch.randint(5, 200, (2, 24), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        torch.manual_seed(7)
+        out = []
+        for _ in range(2):
+            loss, _ = causal_lm_loss(model, {"input_ids": ids, "labels": ids.clone()}, chunk=16)
+            loss.backward()
+            out.append(loss.item())
+        return out
+    assert losses(True) == pytest.approx(losses(False), rel=1e-5)
 
 
 def test_nothing_to_arm_without_lora_dropout(forced):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import opt
 from ..errors import ConfigError
-from ..seeded_dropout import SeededDrop, SeededDropoutFn
+from ..seeded_dropout import dropped, module_drop
 from ..step_copies import current_copies
 from . import register
 from .base import Method, MethodConfig, applied
@@ -140,16 +140,8 @@ class LoraLinear(WrappedLinear):
             if not torch.is_grad_enabled() or getattr(base, "compute_dtype", None) not in (None, cdt):
                 return None
             state = base.weight.quant_state
-        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, self._drop(), \
+        return base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, cdt, module_drop(self), \
             state, current_copies(self, cdt)
-
-    def _drop(self) -> float | SeededDrop:
-        """This training forward's dropout: its probability (0: none), or a seeded one when the run armed it."""
-        drop = self.lora_dropout
-        if not (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0):
-            return 0.0
-        seeded = getattr(self, "seeded_drop", None)
-        return SeededDrop(drop.p, *seeded) if seeded is not None else drop.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = self.fused_parts(x)
@@ -165,9 +157,7 @@ class LoraLinear(WrappedLinear):
             return result
         # under autocast A computes in the 16-bit dtype anyway: an fp32 copy of x would be cast back,
         # and each adapter would keep its own 16-bit copy instead of sharing x with its neighbours
-        xd = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
-        drop = self._drop()
-        xd = SeededDropoutFn.apply(xd, drop) if isinstance(drop, SeededDrop) else self.lora_dropout(xd)
+        xd = dropped(self, x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
         if not self.use_dora:
             low = self.lora_A(xd)
             if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data_render import fit_attention_mask
+
 NAME = "studio_varlen"
 _flash_ok = True  # cleared after the first failure of the flash varlen kernel (then per-segment sdpa)
 
@@ -116,6 +118,13 @@ def use_varlen_attention(model: nn.Module) -> bool:
     register()
     model.set_attn_implementation(NAME)
     return True
+
+
+def model_batch(batch: dict, model: nn.Module) -> dict:
+    """A causal-LM batch as the model takes it: a packed batch's mask fitted to its attention kernel
+    (data_render.fit_attention_mask) and, on a `studio_varlen` model, its segments."""
+    batch = fit_attention_mask(batch, model)
+    return batch | packed_kwargs(batch, model)
 
 
 def packed_kwargs(batch: dict, model: nn.Module) -> dict:

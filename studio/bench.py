@@ -26,9 +26,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import kernels
-from .attention import packed_kwargs, use_varlen_attention
+from .attention import model_batch, use_varlen_attention
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
-from .data_render import fit_attention_mask
 from .errors import ConfigError
 from .losses import causal_lm_loss
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
@@ -163,8 +162,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         copies = None if compile else StepCopies.for_model(model, dtype)  # as the trainer (fp32: none)
 
         def loss_fn(batch):
-            batch = fit_attention_mask(batch, model)  # as the trainer's LossModule
-            return causal_lm_loss(model, batch | packed_kwargs(batch, model))[0]
+            return causal_lm_loss(model, model_batch(batch, model))[0]  # as the trainer's LossModule
     else:
         copies = None
         baseline = importlib.import_module("baselines.peft_baseline")  # outside the engine; needs peft

@@ -22,10 +22,10 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import seeded_dropout
-from .attention import packed_kwargs, use_varlen_attention
+from .attention import model_batch, use_varlen_attention
 from .checkpointing import compile_layers, has_dropout, setup_checkpointing
 from .config import RunConfig
-from .data import build_datasets, collate, fit_attention_mask
+from .data import build_datasets, collate
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
 from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
@@ -50,8 +50,7 @@ class LossModule(nn.Module):
         if self.task == "classification":
             from .tasks import classification_loss
             return classification_loss(self.model, batch)
-        batch = fit_attention_mask(batch, self.model)
-        return causal_lm_loss(self.model, batch | packed_kwargs(batch, self.model), self.chunk)
+        return causal_lm_loss(self.model, model_batch(batch, self.model), self.chunk)
 
 
 @dataclass
@@ -214,17 +213,18 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                             recomputed_dropout=t.gradient_checkpointing and (has_dropout(model)
                                                                             or method_draws(cfg.method)),
                             packed_length=cfg.data.max_length if cfg.data.packing and task.labels is None else 0)
-    use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker, micro_batch_tokens(
-        t.batch_size, [len(ex["input_ids"]) for ex in task.train], cfg.data.max_length))
+    lengths = [len(ex["input_ids"]) for ex in task.train]
+    use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker,
+                                              micro_batch_tokens(t.batch_size, lengths, cfg.data.max_length))
     if graphs_note:
         yield {"type": "status", "message": graphs_note}
     if cfg.data.packing and task.labels is None:
         # captured steps take the batch's block mask (sdpa); varlen attention reads its segments on the host
-        if not use_graphs and use_varlen_attention(model):
-            yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
-        elif use_graphs:
+        if use_graphs:
             yield {"type": "status", "message": "Packed examples attend only to themselves (a block mask in the "
                                                 "captured step)."}
+        elif use_varlen_attention(model):
+            yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
     note = setup_checkpointing(model, t, cpu, graphs=use_graphs)
     if note:
         yield {"type": "status", "message": note}
@@ -272,7 +272,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     run_dir = Path(run_dir) if run_dir is not None else None
     yield {"type": "start", "total_steps": steps, "start_step": start_step, "train_examples": len(task.train),
            "eval_examples": len(task.eval), "data_stats": task.stats,
-           "lengths": [len(ex["input_ids"]) for ex in task.train]}
+           "lengths": lengths}
 
     def save(step: int) -> Path | None:
         if run_dir is None or not is_main:

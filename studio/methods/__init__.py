@@ -112,17 +112,10 @@ def list_methods() -> list[dict]:
                      "mergeable": method.mergeable, "peft_type": method.peft_type,
                      "cuda_graphs": method.graph_safe,
                      "cuda_graphs_unless": [f for f in method.host_random if hasattr(cfg, f)],
-                     "cuda_graphs_checkpointed": not method.draws_in_forward(_without_dropout(cfg)),
+                     "cuda_graphs_checkpointed": not method.own_draws(cfg),
                      "summary": preset["summary"] or method.summary, "preset_fields": fields,
                      "requires": preset.get("requires") or {}, "fields": docs})
     return rows
-
-
-def _without_dropout(cfg: MethodConfig) -> MethodConfig:
-    """The config with its dropout fields at 0: what is left random is the method's own (routing, gates)."""
-    from dataclasses import replace
-    return replace(cfg, **{k: 0.0 for k, v in vars(cfg).items()
-                           if "dropout" in k and isinstance(v, float)})
 
 
 def methods_without_preset() -> list[str]:

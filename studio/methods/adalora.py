@@ -193,9 +193,7 @@ class AdaLoraMethod(Method):
     config_cls = AdaLoraConfig
     mergeable = True
     peft_type = "ADALORA"
-
-    def draws_in_forward(self, cfg: AdaLoraConfig) -> bool:
-        return False  # lora_dropout: drawn from a seed on CUDA, as LoRA's (studio/seeded_dropout.py)
+    seeded_dropout = True  # SVDLinear.seeds_its_dropout
 
     def apply(self, model: nn.Module, cfg: AdaLoraConfig) -> None:
         freeze_all(model)

@@ -30,8 +30,8 @@ class AdaMixMethod(AdapterMethod):
     def num_copies(self, cfg: AdaMixConfig) -> int:
         return cfg.num_experts
 
-    def draws_in_forward(self, cfg: AdaMixConfig) -> bool:
-        return cfg.num_experts > 1 or super().draws_in_forward(cfg)
+    def own_draws(self, cfg: AdaMixConfig) -> bool:
+        return cfg.num_experts > 1  # the routing
 
 
 register(AdaMixMethod())

@@ -109,7 +109,7 @@ class DiffPruningMethod(Method):
     peft_type = "STUDIO_DIFF_PRUNING"
     graph_safe = True  # gates drawn on the device; the projection after the last step works in place
 
-    def draws_in_forward(self, cfg: DiffPruningConfig) -> bool:
+    def own_draws(self, cfg: DiffPruningConfig) -> bool:
         return True  # hard-concrete gates: fresh uniform noise in every training forward
 
     def apply(self, model: nn.Module, cfg: DiffPruningConfig) -> None:

@@ -240,12 +240,7 @@ class LoraMethod(Method):
     config_cls = LoraConfig
     mergeable = True
     peft_type = "LORA"
-
-    def draws_in_forward(self, cfg: LoraConfig) -> bool:
-        """False for lora_dropout: on CUDA it draws from a seed (studio/seeded_dropout.py), which a
-        checkpoint's recomputation reads again; where the run cannot arm that, the trainer still sees
-        the nn.Dropout (checkpointing.has_dropout)."""
-        return False
+    seeded_dropout = True  # LoraLinear.seeds_its_dropout
 
     def apply(self, model: nn.Module, cfg: LoraConfig) -> None:
         freeze_all(model)

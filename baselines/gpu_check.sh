@@ -6,8 +6,8 @@
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests (and the seeded
 # dropout's), a checkpointed dropout layer replayed from a graph (baselines/graph_rng_check.py), the 7B rows,
-# train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout with checkpointing, and
-# packed batches), the quick speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly,
+# train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout with checkpointing, AdaMix
+# and diff pruning with checkpointing, and packed batches), the quick speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly,
 # and with AB=1 without the Triton kernels), every capture-safe method captured for real (graphs_check
 # --methods), bench --packed-grid, the Llama-3.2-1B row, bench --graphs-grid (3B at 4x2048 and 7B at 1x512,
 # both sides of auto's line, eager and replayed), with AB=1 the recompute skip (baselines/recompute_ab.py)
@@ -55,6 +55,9 @@ run)
     for ck in "" --ckpt; do timeout 40 python3 -m baselines.graphs_check --models tiny-llama --keep-dropout $ck \
       2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"; done
     timeout 60 python3 -m baselines.graphs_check --packing 2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"
+    # the methods' own draws (AdaMix's routing, diff pruning's gates) seeded: captured with checkpointing too
+    timeout 60 python3 -m baselines.graphs_check --models tiny-llama --keep-dropout --ckpt --methods adamix,diff_pruning \
+      2>&1 | grep -v Warning | tee -a "$OUT/graphs_check.jsonl"
   fi
   # quick: the quick grid (auto graphs, also eagerly; with AB=1 also without the Triton kernels)
   want quick && timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab \

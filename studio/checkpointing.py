@@ -31,13 +31,20 @@ def checkpointed_layers(n_layers: int, fraction: float) -> list[bool]:
     return [int((k + 1) * fraction + 1e-9) > int(k * fraction + 1e-9) for k in range(n_layers)]
 
 
-def has_dropout(model: nn.Module) -> bool:
-    """Whether a training forward draws random numbers from torch's generator (a dropout with p > 0, or
-    attention dropout); a dropout studio/seeded_dropout.py armed draws from its seed instead."""
+def draws_at_random(model: nn.Module) -> bool:
+    """Whether a training forward draws random numbers from torch's generator (a dropout with p > 0,
+    attention dropout, a method's own draws: AdaMix's routing, diff pruning's gates, rank dropout), which
+    a checkpoint's recomputation can only repeat by resetting it; draws that studio/seeded_dropout.py armed
+    come from its seed instead."""
     if float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
         return True
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and not getattr(m, "seeded", False)
-               for m in model.modules())
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and getattr(m, "seeded_drop", None) is None:
+            return True
+        own = getattr(type(m), "seedable_draws", None)
+        if callable(own) and m.seedable_draws() and getattr(m, "seeded_rng", None) is None:
+            return True
+    return False
 
 
 def recomputing_layer() -> nn.Module | None:
@@ -144,7 +151,7 @@ def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool, graphs: boo
         offloader = CheckpointOffloader()
     # a captured step has no RNG state to restore unless something in it is random
     enable_gradient_checkpointing(model, t.checkpoint_fraction, offloader,
-                                  preserve_rng=not graphs or has_dropout(model), mark=not t.compile)
+                                  preserve_rng=not graphs or draws_at_random(model), mark=not t.compile)
     if t.offload_checkpoints and cpu:
         return "train.offload_checkpoints has no effect on the CPU: the layer inputs are in RAM already."
     if offloader is not None:

@@ -250,7 +250,6 @@ def _site(name: str, mod: nn.Module) -> Site:
             site.lora_r = int(getattr(mod, "r", 8) or 8)
         drop = getattr(mod, "lora_dropout", None)
         site.lora_dropout = float(getattr(drop, "p", 0.0) or 0.0)
-        site.seeded_dropout = bool(getattr(type(mod), "seeds_its_dropout", False))
         site.dora = bool(getattr(mod, "use_dora", False))
         site.lora_fused = bool(getattr(mod, "uses_fused_op", lambda: False)())  # 4-bit bases fuse too
         return site

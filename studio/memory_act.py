@@ -10,9 +10,10 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
 - Linear: its input when its weight trains (shared inputs such as q/k/v counted once); nothing when
   frozen (the input grad needs only the weight). 4-bit bases save nothing either.
 - LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
-  base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus a bool
-  keep-mask when dropout > 0. Else (4-bit bases, DoRA) the dropout output + its mask when
+  base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus (CPU) a bool
+  keep-mask when dropout > 0. Else (DoRA, 8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when
   dropout > 0, or the shared input; DoRA adds the base output and the LoRA output (rows x out each).
+  On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
   materialised on a grouped-query model), the output and the fp32 logsumexp; a materialised mask
@@ -54,7 +55,6 @@ class Site:
     base_trainable: bool = False
     lora_r: int = 0          # > 0: a LoRA-like adapter (lora_A / lora_B) wraps the base
     lora_dropout: float = 0.0
-    seeded_dropout: bool = False  # on CUDA its dropout draws from a seed (studio/seeded_dropout.py): no mask kept
     dora: bool = False
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
@@ -124,7 +124,7 @@ class Shape:
 class Dtypes:
     act: int            # bytes of an activation (2 bf16/fp16, 4 fp32)
     autocast: bool      # 16-bit autocast: fp32 adapters get 16-bit input copies
-    cuda: bool = True   # CUDA dropout keeps a bool mask; the CPU's keeps a float noise tensor
+    cuda: bool = True   # CUDA dropout keeps no mask (seeded); the CPU's keeps a bool mask or a float noise tensor
 
 
 def norm_saved(rows: int, width: int, g_in: bool, w_trainable: bool, gemma: bool, dt: Dtypes,
@@ -151,13 +151,13 @@ def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
 def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool) -> tuple[int, bool]:
     """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself)."""
     n = rows * site.din
-    seeded = site.seeded_dropout and dt.cuda
+    # on CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask
     if site.lora_fused:  # the input it was given (shared by the projections that read it), a bool keep-mask
-        return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 and not seeded else 0), True
+        return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 and not dt.cuda else 0), True
     if site.lora_dropout > 0:
-        # dropout keeps its mask only when its input needs grad (CUDA: bool mask, none when seeded; CPU: a
-        # noise tensor), and A keeps the dropout output (under autocast: 16-bit)
-        mask = (n * (1 if dt.cuda else 4)) if g_in and not seeded else 0
+        # the CPU's dropout keeps its noise tensor when its input needs grad; A keeps the dropout output
+        # (under autocast: 16-bit)
+        mask = 4 * n if g_in and not dt.cuda else 0
         return mask + n * (2 if dt.autocast else 4), False
     return (0 if shared_saved else n * dt.act), True             # the input itself, shared
 

@@ -214,6 +214,17 @@ def build_random_model(facts: dict, seed: int = 0, dtype: torch.dtype = torch.fl
     return auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
+def keep_4bit_layout(model: torch.nn.Module) -> None:
+    """For a model that trains: keep its 4-bit weights in the layout the training ops read. On a CPU with
+    AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at the first eval-mode
+    no-grad forward (an evaluation pass); that kernel has no backward, so the steps after it would lose
+    the input gradient through the frozen base (bitsandbytes warns of silently incorrect gradients) and
+    leave the fused LoRA op. Generation outside training keeps the repack."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _quantization_config(mcfg: ModelConfig, device: torch.device, compute: torch.dtype) -> Any:
     if mcfg.quantization == "none":
         return None

@@ -1,14 +1,17 @@
-"""LoRA's (and AdaLoRA's) dropout drawn from a per-forward seed on the device (CUDA), armed by the trainer.
+"""Every random draw of a training forward taken from one per-forward seed on the device (CUDA), armed by the trainer.
 
 torch's dropout draws from the generator's running state. Under gradient checkpointing the recomputation
-must draw the forward's masks again, which torch does by saving the generator state and setting it back
+must draw the forward's numbers again, which torch does by saving the generator state and setting it back
 on the host; whether a replayed CUDA graph repeats that is unknown, so such runs used to step eagerly.
 Armed, each training forward of the model first writes a fresh random seed into one device buffer (an
-op inside the forward, so a captured step draws a new one at every replay), and each LoRA module masks
-with (that seed, its site number) through kernels/dropout.py: the recomputation reads the same seed and
-draws the same masks, the backward regenerates them (no one-byte mask per element kept), and nothing
-resets a generator. Off the CUDA path (the CPU, no Triton, a kernel that fails its first-use check) the
-modules keep torch's dropout.
+op inside the forward, so a captured step draws a new one at every replay), and every draw site numbers
+itself from (that seed, its site) through kernels/dropout.py:
+- each nn.Dropout with p > 0 becomes a SeededDropout (LoRA's fused op reads the same (seed, site) from its
+  lora_dropout): the backward regenerates the mask, so no one-byte mask per element is kept;
+- each module with draws of its own (`seedable_draws()`: AdaMix's routing, diff pruning's gates, LoHa and
+  LoKr's rank dropout) takes its uniform numbers from `uniform(module, shape)`.
+The recomputation reads the same seed and draws the same numbers, and nothing resets a generator. Off the
+CUDA path (the CPU, no Triton, a kernel that fails its first-use check) everything keeps torch's generator.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from . import kernels
 
 @dataclass(frozen=True)
 class SeededDrop:
-    """A LoRA module's dropout for one forward: probability p, the seed buffer and the module's site."""
+    """A dropout for one forward: probability p, the seed buffer and the dropout's site number."""
     p: float
     seed: torch.Tensor
     site: int
@@ -40,36 +43,43 @@ def ready(device: torch.device) -> bool:
 
 
 def _check(device: torch.device) -> bool:
-    """Same seed and site: the same mask; another site: another; about p dropped; kept ones scaled exactly."""
+    """Same seed and site: the same mask; another site: another; about p dropped; kept ones scaled exactly.
+    Uniform draws: the same for the same (seed, site), in [0, 1), mean about 1/2."""
     from .kernels import dropout
     x = torch.ones(64, 1024, device=device)
     seed = torch.tensor(12345, dtype=torch.int64, device=device)
     a, b, other = dropout.apply(x, seed, 3, 0.25), dropout.apply(x, seed, 3, 0.25), dropout.apply(x, seed, 4, 0.25)
     kept = a != 0
+    u = dropout.uniform((64, 1024), seed, 5)
     return bool(torch.equal(a, b) and not torch.equal(kept, other != 0)
                 and abs(1 - kept.float().mean().item() - 0.25) < 0.02
-                and torch.equal(a[kept], torch.full_like(a[kept], 1 / 0.75)))
+                and torch.equal(a[kept], torch.full_like(a[kept], 1 / 0.75))
+                and torch.equal(u, dropout.uniform((64, 1024), seed, 5))
+                and 0 <= u.min().item() and u.max().item() < 1 and abs(u.mean().item() - 0.5) < 0.01)
 
 
 def module_drop(module: nn.Module) -> float | SeededDrop:
     """A LoRA-like module's dropout for this forward: 0.0 (none, or not training), its p (torch's dropout),
-    or a SeededDrop when the run armed it (module.seeded_drop)."""
+    or a SeededDrop when the run armed it."""
     drop = getattr(module, "lora_dropout", None)
     if not (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0):
         return 0.0
-    seeded = getattr(module, "seeded_drop", None)
+    seeded = getattr(drop, "seeded_drop", None)
     return SeededDrop(drop.p, *seeded) if seeded is not None else drop.p
 
 
-def dropped(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x through the module's lora_dropout: from the run's seed when armed, else torch's dropout."""
-    drop = module_drop(module)
-    return SeededDropoutFn.apply(x, drop) if isinstance(drop, SeededDrop) else module.lora_dropout(x)
+def uniform(module: nn.Module, shape: tuple[int, ...] | torch.Size, device: torch.device) -> torch.Tensor:
+    """fp32 numbers in [0, 1) for one of the module's own draws in a training forward: from its (seed, site)
+    when the run armed it, else from torch's generator."""
+    rng = getattr(module, "seeded_rng", None)
+    if rng is None:
+        return torch.rand(shape, device=device)
+    from .kernels import dropout
+    return dropout.uniform(shape, *rng)
 
 
 class SeededDropoutFn(torch.autograd.Function):
-    """x -> x · keep / (1 - p) with the (seed, site) mask, regenerated for the gradient (the LoRA modules
-    that do not run as one fused op)."""
+    """x -> x · keep / (1 - p) with the (seed, site) mask, regenerated for the gradient (SeededDropout)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, drop: SeededDrop) -> torch.Tensor:
@@ -81,19 +91,30 @@ class SeededDropoutFn(torch.autograd.Function):
         return ctx.drop.apply(dy), None
 
 
+class SeededDropout(nn.Dropout):
+    """An nn.Dropout that arm() gave a (seed, site) as .seeded_drop: its training mask comes from them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0:
+            return SeededDropoutFn.apply(x, SeededDrop(self.p, *self.seeded_drop))
+        return super().forward(x)
+
+
 def arm(model: nn.Module, device: torch.device) -> bool:
-    """Number the model's modules that can seed their dropout (class attribute seeds_its_dropout; LoRA
-    layers) and have one, give each (seed buffer, site) as .seeded_drop, mark their nn.Dropout seeded
-    (checkpointing.has_dropout skips it), and make each training forward of `model` draw a new seed
-    first. False, with nothing changed, where there is none or the kernel cannot serve."""
-    modules = [m for m in model.modules() if getattr(type(m), "seeds_its_dropout", False)
-               and isinstance(getattr(m, "lora_dropout", None), nn.Dropout) and m.lora_dropout.p > 0]
-    if not modules or not ready(device):
+    """Give every draw site of the model a (seed buffer, site number): each nn.Dropout with p > 0 becomes a
+    SeededDropout (.seeded_drop), each module whose seedable_draws() is true gets .seeded_rng; then make
+    each training forward of `model` draw a new seed first. False, with nothing changed, where there is no
+    draw or the kernel cannot serve. (p = 1 keeps torch's dropout: nothing is kept to scale.)"""
+    drops = [m for m in model.modules() if type(m) is nn.Dropout and 0 < m.p < 1]
+    drawers = [m for m in model.modules() if callable(getattr(type(m), "seedable_draws", None)) and m.seedable_draws()]
+    if not (drops or drawers) or not ready(device):
         return False
     seed = torch.zeros((), dtype=torch.int64, device=device)
-    for site, module in enumerate(modules):
+    for site, module in enumerate(drops):
+        module.__class__ = SeededDropout
         module.seeded_drop = (seed, site)
-        module.lora_dropout.seeded = True
+    for site, module in enumerate(drawers, start=len(drops)):
+        module.seeded_rng = (seed, site)
 
     def draw(_module, _args):
         if model.training and torch.is_grad_enabled():

@@ -58,9 +58,10 @@ CUDA_ONLY = "it needs a CUDA device"
 FP16 = "fp16 needs a loss scaler that reads the gradients on the host (use bf16)"
 COMPILE = "train.compile already compiles the layers (pick one)"
 OFFLOAD = "train.offload_checkpoints moves tensors through host memory"
-RECOMPUTED_DROPOUT = ("a checkpointed layer that draws random numbers (dropout, AdaMix's routing, diff pruning's "
-                      "gates) redraws them by resetting the random state on the host, which a replay is not known "
-                      "to repeat (dropout 0 or gradient checkpointing off)")
+RECOMPUTED_DROPOUT = ("a checkpointed layer draws random numbers (dropout, AdaMix's routing, diff pruning's gates) that "
+                      "the GPU seed could not take here (attention dropout, or no working Triton kernel), so its "
+                      "recomputation redraws them by resetting the random state on the host, which a replay is not "
+                      "known to repeat (dropout 0 or gradient checkpointing off)")
 PACKED_MASK_MAX = 2048  # tokens: a longer packed row attends through varlen attention, not a T x T block mask
 PACKED_LONG = (f"packed rows longer than {PACKED_MASK_MAX} tokens keep varlen attention, where a captured step would "
                f"read them through a T x T block mask (data.max_length <= {PACKED_MASK_MAX}, or packing off)")
@@ -126,23 +127,17 @@ def graphs_decision(setting: str, n_params: int, blocker: str | None, tokens: in
 
 def config_captures(run_cfg: Any, n_params: int, dtype: torch.dtype, tokens: int) -> bool:
     """Whether a one-process CUDA run of `run_cfg` (base computing in `dtype`, largest micro-batch of
-    `tokens` positions) would replay its micro-batches from graphs: what the memory estimate pads for."""
+    `tokens` positions) would replay its micro-batches from graphs: what the memory estimate pads for.
+    Random draws under checkpointing do not stop it there: that run takes them from the GPU seed
+    (studio/seeded_dropout.py)."""
     from .methods import get_method
     t = run_cfg.train
     blocker = graph_blocker(device=torch.device("cuda"), task=run_cfg.model.task,
                             method=get_method(run_cfg.method.name), method_cfg=run_cfg.method,
                             mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
                             processes=1, compile=t.compile, offload=t.offload_checkpoints and t.gradient_checkpointing,
-                            recomputed_dropout=t.gradient_checkpointing and method_draws(run_cfg.method),
                             packed_length=run_cfg.data.max_length if run_cfg.data.packing else 0)
     return graphs_decision(t.cuda_graphs, n_params, blocker, tokens)[0]
-
-
-def method_draws(method_cfg: Any) -> bool:
-    """Whether the configured method draws random numbers in a training forward (a dropout of any kind,
-    AdaMix's routing, diff pruning's gates): under checkpointing, its recomputation must draw them again."""
-    from .methods import get_method
-    return get_method(method_cfg.name or "lora").draws_in_forward(method_cfg)
 
 
 def captured_length(tokens: int, max_length: int) -> int:

@@ -23,16 +23,16 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import seeded_dropout
 from .attention import model_batch, use_varlen_attention
-from .checkpointing import compile_layers, has_dropout, setup_checkpointing
+from .checkpointing import compile_layers, draws_at_random, setup_checkpointing
 from .config import RunConfig
 from .data import build_datasets, collate
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
 from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
 from .methods import apply_method
-from .models import cpu_has_fast_bf16, load_model
+from .models import cpu_has_fast_bf16, keep_4bit_layout, load_model
 from .step_copies import StepCopies
-from .step_graph import (CaptureFailed, GraphedTrainStep, graph_blocker, graphs_decision, method_draws,
+from .step_graph import (CaptureFailed, GraphedTrainStep, graph_blocker, graphs_decision,
                          micro_batch_tokens, parameter_count)
 from .train_state import load_train_state, save_train_state
 
@@ -192,6 +192,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     set_seed(t.seed)
     is_main = accelerator.is_main_process
     info = apply_method(model, cfg.method)
+    keep_4bit_layout(model)
     if task.labels is not None:
         from .tasks import prepare_head
         prepare_head(model)  # the new classification head trains alongside the method
@@ -204,14 +205,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")
     info.method.prepare_for_training(model, task.train, cfg.method)
     if not t.compile and seeded_dropout.arm(model, accelerator.device):
-        yield {"type": "status", "message": "LoRA dropout draws its masks from a seed on the GPU (a checkpointed "
-                                            "layer's recomputation draws the same ones; no mask is kept)."}
+        yield {"type": "status", "message": "Dropout masks and the method's random draws come from a seed on the "
+                                            "GPU (a checkpointed layer's recomputation draws the same ones; no "
+                                            "dropout mask is kept)."}
     blocker = graph_blocker(device=accelerator.device, task=cfg.model.task, method=info.method, method_cfg=cfg.method,
                             mixed_precision=accelerator.mixed_precision, processes=accelerator.num_processes,
                             compile=t.compile,
                             offload=t.offload_checkpoints and t.gradient_checkpointing,
-                            recomputed_dropout=t.gradient_checkpointing and (has_dropout(model)
-                                                                            or method_draws(cfg.method)),
+                            recomputed_dropout=t.gradient_checkpointing and draws_at_random(model),
                             packed_length=cfg.data.max_length if cfg.data.packing and task.labels is None else 0)
     lengths = [len(ex["input_ids"]) for ex in task.train]
     use_graphs, graphs_note = graphs_decision(t.cuda_graphs, parameter_count(model), blocker,

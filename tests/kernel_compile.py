@@ -37,6 +37,9 @@ def cases():
                                              stride_e="i32", BLOCK="constexpr"), dict(BLOCK=softmax_block.BLOCK)
             yield dropout._drop, dict(X=p, Y=p, SEED="*i64", site="i32", n="i32", p="fp32", scale="fp32",
                                       BLOCK="constexpr"), dict(BLOCK=dropout.BLOCK)
+        if dt == "fp32" and flag:  # dtype-free: once
+            yield dropout._uniform, dict(Y="*fp32", SEED="*i64", site="i32", n="i32", BLOCK="constexpr"), \
+                dict(BLOCK=dropout.BLOCK)
         for need_g, need_u in ((True, True), (True, False), (False, True)):
             yield gated._backward, dict(DH=p, G=p, U=p, DG=p, DU=p, n="i32", SILU="constexpr", NEED_G="constexpr",
                                         NEED_U="constexpr", BLOCK="constexpr"), \

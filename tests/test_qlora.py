@@ -93,6 +93,7 @@ def test_a_4bit_model_step_on_the_fused_ops_equals_the_module_path(tiny_folder, 
         if not fused:
             monkeypatch.setattr(LoraLinear, "uses_fused_op", lambda self: False)
         model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+        model.train()  # as training runs it: in eval mode bitsandbytes repacks for its CPU inference kernel
         torch.manual_seed(0)  # A's initialisation
         apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
         for name, p in model.named_parameters():
@@ -119,3 +120,24 @@ def _grad_fns(t: torch.Tensor) -> list:
         seen.append(fn)
         todo += [nxt for nxt, _ in fn.next_functions]
     return seen
+
+
+def test_an_evaluation_pass_leaves_the_4bit_training_steps_as_they_were(tiny_folder):
+    """On a CPU with AVX512-BF16 bitsandbytes repacks 4-bit weights for its inference kernel at an eval-mode
+    no-grad forward, and that kernel has no backward: a run that evaluates between steps would then train on
+    wrong gradients (seen: the step after the first evaluation 2e-5 off). A training model keeps its layout."""
+    import warnings
+
+    from studio.trainer import train
+
+    def losses(eval_every: int) -> list[float]:
+        sets = {"model.name": str(tiny_folder), "model.quantization": "nf4", "model.device": "cpu", "data.path": "arith",
+                "data.max_length": 48, "data.limit": 96, "data.eval_fraction": 0.2, "train.eval_every": eval_every,
+                "train.batch_size": 4, "train.max_steps": 5, "train.lr": 1e-2, "method.name": "qlora",
+                "method.lora_dropout": 0.0}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
+            events = list(train(load_config(None, [f"{k}={v}" for k, v in sets.items()])))
+        return [e["loss"] for e in events if e["type"] == "step"]
+
+    assert losses(eval_every=1) == pytest.approx(losses(eval_every=100), rel=1e-6)

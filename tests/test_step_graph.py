@@ -331,11 +331,11 @@ def test_every_causal_lm_method_is_marked_safe_to_capture():
 def test_checkpointing_skips_the_rng_state_only_for_a_captured_step_without_dropout(dropout, graphs, preserved):
     """Restoring the RNG around a recomputed layer matters only when the forward draws random numbers;
     capture skips it (not every torch can read that state while capturing)."""
-    from studio.checkpointing import has_dropout, setup_checkpointing
+    from studio.checkpointing import draws_at_random, setup_checkpointing
     from studio.config import TrainConfig
     model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
     apply_method(model, method_config({"name": "lora", "lora_dropout": dropout}))
-    assert has_dropout(model) == (dropout > 0)
+    assert draws_at_random(model) == (dropout > 0)
     setup_checkpointing(model, TrainConfig(gradient_checkpointing=True), cpu=False, graphs=graphs)
     func = model.model.layers[0]._gradient_checkpointing_func
     assert func.keywords.get("preserve_rng_state", True) == preserved
@@ -456,10 +456,10 @@ def test_dropout_drawn_inside_the_replay_follows_the_eager_draws(monkeypatch, na
 
 def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     """A checkpoint redraws a layer's dropout masks by resetting the random state on the host; replayed,
-    that reset is not part of the recording (graph_replay shows the recomputed masks differing), so such a
-    run steps eagerly and says why (here LoRA's dropout, which only a CUDA run draws from a seed:
-    tests/test_seeded_dropout.py); the estimate, which assumes that CUDA run, pads for graphs with LoRA's
-    dropout but not with LoHa's rank dropout."""
+    that reset is not part of the recording (graph_replay shows the recomputed masks differing), so a run
+    whose draws are not seeded (here: not armed, as where the kernel cannot serve) steps eagerly and says
+    why. The estimate assumes the CUDA run that seeds every draw (tests/test_seeded_dropout.py), so it pads
+    for graphs with LoRA's dropout, LoHa's rank dropout, AdaMix's routing and diff pruning's gates alike."""
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
     replays = emulate_strict_graph_capture(monkeypatch)
     cfg = _replay_cfg("lora", {"r": 4, "lora_dropout": 0.1}, "auto", ckpt=True, keep_dropout=True)
@@ -469,11 +469,10 @@ def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     _, notes = _run(cfg)
     assert f"train.cuda_graphs (auto) stays off for this run: {step_graph.RECOMPUTED_DROPOUT}." in notes
     assert replays == []
-    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)
-    loha = _replay_cfg("loha", {"r": 4, "rank_dropout": 0.1}, "auto", ckpt=True, keep_dropout=True)
-    assert not step_graph.config_captures(loha, 500_000_000, torch.bfloat16, 3 * 48)
-    loha.method.rank_dropout = 0.0
-    assert step_graph.config_captures(loha, 500_000_000, torch.bfloat16, 3 * 48)
+    for name, fields in [("lora", {"r": 4, "lora_dropout": 0.1}), ("loha", {"r": 4, "rank_dropout": 0.1}),
+                         ("adamix", {"num_experts": 2}), ("diff_pruning", {})]:
+        assert step_graph.config_captures(_replay_cfg(name, fields, "auto", ckpt=True, keep_dropout=True),
+                                          500_000_000, torch.bfloat16, 3 * 48), name
     monkeypatch.undo()
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
     eager, replayed, _, _ = _eager_and_replayed(monkeypatch, "lora", {"r": 4, "lora_dropout": 0.1},
@@ -481,38 +480,38 @@ def test_checkpointing_over_dropout_keeps_graphs_off(monkeypatch):
     assert replayed != pytest.approx(eager, rel=1e-4)
 
 
-@pytest.mark.parametrize("name, field", [("loha", "rank_dropout"), ("lokr", "rank_dropout")])
-def test_any_dropout_setting_counts_for_checkpointed_capture(name, field):
-    """LoHa's and LoKr's rank dropout draws in their own code, not in an nn.Dropout the model could show.
-    LoRA's and AdaLoRA's do not count: a CUDA run draws them from a seed that a recomputation reads again."""
-    assert not step_graph.method_draws(method_config({"name": name, field: 0.0}))
-    assert step_graph.method_draws(method_config({"name": name, field: 0.1}))
-    assert not step_graph.method_draws(method_config({"name": "lora", "lora_dropout": 0.1}))
-    assert not step_graph.method_draws(method_config({"name": "adalora", "lora_dropout": 0.1}))
+@pytest.mark.parametrize("name, fields", [("loha", {"r": 4, "rank_dropout": 0.1}), ("lokr", {"r": 4, "rank_dropout": 0.1}),
+                                          ("adamix", {"num_experts": 2}), ("diff_pruning", {})])
+def test_the_methods_own_draws_count_as_drawing_at_random(name, fields):
+    """Rank dropout, routing and gates draw in the methods' own code, not in an nn.Dropout: each module says
+    so (seedable_draws), so an unarmed run keeps the generator reset for them; with the setting at 0 (or
+    one AdaMix copy) nothing draws."""
+    from studio.checkpointing import draws_at_random
+    model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
+    apply_method(model, method_config({"name": name, **fields}))
+    assert draws_at_random(model)
+    off = {k: (1 if k == "num_experts" else 0.0) for k in fields if k != "r"}
+    if off:
+        model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
+        apply_method(model, method_config({"name": name, **fields, **off}))
+        assert not draws_at_random(model)
 
 
-def test_an_armed_lora_dropout_lets_a_checkpointed_run_capture(monkeypatch):
-    """Where the trainer arms seeded dropout (CUDA), LoRA's dropout under checkpointing no longer keeps the
-    run eager: the run says so and replays its micro-batches (re-run here: the CPU cannot capture)."""
+@pytest.mark.parametrize("name, fields", [("lora", {"r": 4, "lora_dropout": 0.1}), ("adamix", {"num_experts": 2})])
+def test_armed_draws_let_a_checkpointed_run_capture(monkeypatch, name, fields):
+    """Where the trainer arms seeded draws (CUDA), dropout or AdaMix's routing under checkpointing no longer
+    keeps the run eager: the run says so and replays its micro-batches (re-run here: the CPU cannot capture)."""
     import studio.seeded_dropout as sd
     monkeypatch.setattr(sd, "ready", lambda device: True)
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)
     real = step_graph.graph_blocker
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **facts: real(**facts | {"device": torch.device("cuda")}))
     replays = emulate_graph_capture(monkeypatch)
-    cfg = _replay_cfg("lora", {"r": 4, "lora_dropout": 0.1}, "auto", ckpt=True, keep_dropout=True)
+    cfg = _replay_cfg(name, fields, "auto", ckpt=True, keep_dropout=True)
     cfg.train.max_steps = 2  # the kernel runs in Triton's interpreter here: slow
     losses, notes = _run(cfg)
-    assert any("draws its masks from a seed" in n for n in notes)
+    assert any("random draws come from a seed" in n for n in notes)
     assert not any(step_graph.RECOMPUTED_DROPOUT in n for n in notes)
     assert replays and len(losses) == 2 and all(0 < x < 20 for x in losses)
 
 
-def test_random_routing_and_gates_count_as_drawing_in_the_forward():
-    assert step_graph.method_draws(method_config({"name": "adamix", "num_experts": 2}))
-    assert not step_graph.method_draws(method_config({"name": "adamix", "num_experts": 1}))
-    assert step_graph.method_draws(method_config({"name": "diff_pruning"}))
-    cfg = _replay_cfg("diff_pruning", {}, "auto", ckpt=True)
-    assert not step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)
-    cfg.train.gradient_checkpointing = False
-    assert step_graph.config_captures(cfg, 500_000_000, torch.bfloat16, 3 * 48)

@@ -29,8 +29,7 @@ def markdown(rows: list[dict]) -> str:
             fmt = f"; peft type `{r['peft_type']}`" if r["peft_type"] else ""
             if r["cuda_graphs"]:
                 unless = " or ".join(f"`{f}`" for f in r["cuda_graphs_unless"])
-                fmt += "; `train.cuda_graphs` applies" + ("" if r["cuda_graphs_checkpointed"] else
-                                                          " without gradient checkpointing")
+                fmt += "; `train.cuda_graphs` applies"
                 fmt += f" unless {unless} > 0" if unless else ""
             out += [f"### `{r['name']}`{base}", "", f"{r['summary']} ({merge}{fmt})", ""]
             if r["preset_fields"]:

@@ -1,4 +1,6 @@
-"""Dropout whose keep-mask is a function of a seed on the device, a site number and the element's index.
+"""Dropout whose keep-mask is a function of a seed on the device, a site number and the element's index;
+uniform draws made the same way (a method's own random choices: AdaMix's routing, diff pruning's gates,
+LoHa/LoKr's rank dropout).
 
 keep(i) = philox(seed + site · SITE_STRIDE, i) >= p, so the same (seed, site) gives the same mask for
 any tensor of the same layout: the backward applies it to the gradient without a stored mask, and a
@@ -27,12 +29,32 @@ def _drop(X, Y, SEED, site, n, p, scale, BLOCK: tl.constexpr):
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _uniform(Y, SEED, site, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    seed = tl.load(SEED) + site * SITE_STRIDE
+    tl.store(Y + offs, tl.rand(seed, offs), mask=offs < n)
+
+
+def _check_size(n: int) -> None:
+    if n >= 2 ** 31:
+        raise ValueError("seeded draws index elements with 32-bit offsets")
+
+
 def apply(t: torch.Tensor, seed: torch.Tensor, site: int, p: float) -> torch.Tensor:
     """t with the (seed, site) mask applied: kept elements times 1 / (1 - p), dropped ones 0."""
     x = t if t.is_contiguous() else t.contiguous()
     n = x.numel()
-    if n >= 2 ** 31:
-        raise ValueError("seeded dropout indexes elements with 32-bit offsets")
+    _check_size(n)
     y = torch.empty_like(x)
     _drop[(triton.cdiv(n, BLOCK),)](x, y, seed, site, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK, num_warps=4)
+    return y
+
+
+def uniform(shape: tuple[int, ...] | torch.Size, seed: torch.Tensor, site: int) -> torch.Tensor:
+    """fp32 numbers in [0, 1) on the seed's device, a function of (seed, site, index) as the masks are."""
+    y = torch.empty(shape, dtype=torch.float32, device=seed.device)
+    n = y.numel()
+    _check_size(n)
+    _uniform[(triton.cdiv(n, BLOCK),)](y, seed, site, n, BLOCK=BLOCK, num_warps=4)
     return y

@@ -112,7 +112,6 @@ def list_methods() -> list[dict]:
                      "mergeable": method.mergeable, "peft_type": method.peft_type,
                      "cuda_graphs": method.graph_safe,
                      "cuda_graphs_unless": [f for f in method.host_random if hasattr(cfg, f)],
-                     "cuda_graphs_checkpointed": not method.own_draws(cfg),
                      "summary": preset["summary"] or method.summary, "preset_fields": fields,
                      "requires": preset.get("requires") or {}, "fields": docs})
     return rows

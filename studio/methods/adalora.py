@@ -25,7 +25,6 @@ from torch import nn
 
 from ..config import opt
 from ..errors import ConfigError
-from ..seeded_dropout import dropped
 from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
@@ -50,8 +49,6 @@ class AdaLoraConfig(MethodConfig):
 class SVDLinear(WrappedLinear):
     """y = W x + s · B (E ⊙ A) x with s = alpha / init_r; names match peft's AdaLoRA layer."""
 
-    seeds_its_dropout = True  # studio/seeded_dropout.py may arm it (a run on CUDA)
-
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__(base)
         if r < 1:
@@ -72,7 +69,7 @@ class SVDLinear(WrappedLinear):
         result = self.base_layer(x)
         if self.merged or not self.adapter_enabled:
             return result
-        xd = dropped(self, x.to(self.lora_A.dtype))
+        xd = self.lora_dropout(x.to(self.lora_A.dtype))
         delta = (xd @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling
         return result + delta.to(result.dtype)
 
@@ -193,7 +190,6 @@ class AdaLoraMethod(Method):
     config_cls = AdaLoraConfig
     mergeable = True
     peft_type = "ADALORA"
-    seeded_dropout = True  # SVDLinear.seeds_its_dropout
 
     def apply(self, model: nn.Module, cfg: AdaLoraConfig) -> None:
         freeze_all(model)

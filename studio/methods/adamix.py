@@ -30,8 +30,5 @@ class AdaMixMethod(AdapterMethod):
     def num_copies(self, cfg: AdaMixConfig) -> int:
         return cfg.num_experts
 
-    def own_draws(self, cfg: AdaMixConfig) -> bool:
-        return cfg.num_experts > 1  # the routing
-
 
 register(AdaMixMethod())

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import seeded_dropout
 from ..config import opt
 from ..errors import ConfigError
 from . import register
@@ -70,12 +71,17 @@ class Bottleneck(nn.Module):
     def copies(self) -> int:
         return self.down_weight.shape[0]
 
+    def seedable_draws(self) -> bool:
+        """Whether a training forward draws its routing (studio/seeded_dropout.py may seed it)."""
+        return self.copies > 1
+
     def weights(self) -> tuple[torch.Tensor, ...]:
         if self.copies == 1:
             return self.down_weight[0], self.down_bias[0], self.up_weight[0], self.up_bias[0]
         if self.training:  # AdaMix stochastic routing: independent random copies for down and up
             # drawn on the device, so a captured step draws a new routing at every replay
-            ij = torch.randint(self.copies, (2,), device=self.down_weight.device)
+            u = seeded_dropout.uniform(self, (2,), self.down_weight.device)
+            ij = (u * self.copies).long().clamp_(max=self.copies - 1)
             i, j = ij[:1], ij[1:]
             return (self.down_weight.index_select(0, i)[0], self.down_bias.index_select(0, i)[0],
                     self.up_weight.index_select(0, j)[0], self.up_bias.index_select(0, j)[0])

@@ -53,27 +53,11 @@ class Method:
     task_types: tuple = ("causal_lm",)
     graph_safe: bool = False  # its training step is the same GPU work every time (train.cuda_graphs may capture it)
     host_random: tuple = ()  # config fields that, when non-zero, make a random choice on the host each step
-    seeded_dropout: bool = False  # its dropout draws from studio/seeded_dropout.py's seed on CUDA
 
     def capturable(self, cfg: MethodConfig | None) -> bool:
         """Whether a training step with this config may be captured once and replayed (train.cuda_graphs):
         graph_safe, and no per-step choice on the host (a replay would repeat the captured one)."""
         return self.graph_safe and not any(getattr(cfg, name, 0) for name in self.host_random)
-
-    def own_draws(self, cfg: MethodConfig) -> bool:
-        """Whether a training forward draws random numbers besides dropout (AdaMix's routing, diff pruning's
-        gates)."""
-        return False
-
-    def draws_in_forward(self, cfg: MethodConfig) -> bool:
-        """Whether a training forward draws from torch's generator in the method's modules, which a
-        checkpoint's recomputation must draw again: its own draws, or any dropout field above 0
-        (lora_dropout, rank_dropout, ...; some draw in the method's own code, not in an nn.Dropout the
-        model shows) unless that dropout is seeded (on CUDA; where a run cannot arm it, the trainer still
-        sees the nn.Dropout: checkpointing.has_dropout)."""
-        return self.own_draws(cfg) or not self.seeded_dropout and any(
-            "dropout" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-            for name, value in vars(cfg).items())
 
     # --- required -------------------------------------------------------------------------
     def apply(self, model: nn.Module, cfg: MethodConfig) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import seeded_dropout
 from ..errors import ConfigError
 from .base import Method, MethodConfig
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
@@ -49,9 +50,13 @@ class DeltaLinear(WrappedLinear):
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.delta_weight())
 
+    def seedable_draws(self) -> bool:
+        """Whether a training forward draws rank dropout's rows (studio/seeded_dropout.py may seed it)."""
+        return self.rank_dropout > 0
+
     def drop_rows(self, w: torch.Tensor) -> torch.Tensor:
         if self.training and self.rank_dropout and not self.merged:
-            keep = (torch.rand(w.shape[0], device=w.device) > self.rank_dropout).to(w.dtype)
+            keep = (seeded_dropout.uniform(self, (w.shape[0],), w.device) > self.rank_dropout).to(w.dtype)
             w = w * keep.unsqueeze(1)
         return w
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import seeded_dropout
 from ..config import opt
 from ..errors import ConfigError
 from . import register
@@ -49,9 +50,13 @@ class GatedDiffLinear(WrappedLinear):
         self.log_alpha = nn.Parameter(torch.full_like(base.weight, cfg.gate_init, dtype=torch.float32))
         self.beta, self.gamma, self.zeta = cfg.beta, cfg.gamma, cfg.zeta
 
+    def seedable_draws(self) -> bool:
+        """A training forward draws the gates' noise (studio/seeded_dropout.py may seed it)."""
+        return True
+
     def gates(self) -> torch.Tensor:
         if self.training:
-            u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
+            u = seeded_dropout.uniform(self, self.log_alpha.shape, self.log_alpha.device).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / self.beta)
         else:
             s = torch.sigmoid(self.log_alpha)
@@ -108,9 +113,6 @@ class DiffPruningMethod(Method):
     mergeable = True
     peft_type = "STUDIO_DIFF_PRUNING"
     graph_safe = True  # gates drawn on the device; the projection after the last step works in place
-
-    def own_draws(self, cfg: DiffPruningConfig) -> bool:
-        return True  # hard-concrete gates: fresh uniform noise in every training forward
 
     def apply(self, model: nn.Module, cfg: DiffPruningConfig) -> None:
         if not 0 <= cfg.target_sparsity < 1:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import opt
 from ..errors import ConfigError
-from ..seeded_dropout import dropped, module_drop
+from ..seeded_dropout import SeededDropout, module_drop
 from ..step_copies import current_copies
 from . import register
 from .base import Method, MethodConfig, applied
@@ -54,8 +54,6 @@ def _dequantized_weight(base: nn.Module) -> torch.Tensor:
 
 class LoraLinear(WrappedLinear):
     """A Linear (or 4-/8-bit Linear) with a low-rank update; module names match peft's."""
-
-    seeds_its_dropout = True  # studio/seeded_dropout.py may arm it (a run on CUDA)
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool, dora: bool):
         super().__init__(base)
@@ -120,7 +118,7 @@ class LoraLinear(WrappedLinear):
         """Whether forward runs as one autograd op (lora_fused.py): this class's forward (a subclass with
         its own keeps it), no DoRA, plain dropout or none, a frozen 16/32-bit or 4-bit base."""
         return type(self).forward is LoraLinear.forward and self.adapter_enabled and not self.merged \
-            and not self.use_dora and type(self.lora_dropout) in (nn.Identity, nn.Dropout) \
+            and not self.use_dora and type(self.lora_dropout) in (nn.Identity, nn.Dropout, SeededDropout) \
             and fusable(self.base_layer)
 
     def fused_parts(self, x: torch.Tensor) -> tuple | None:
@@ -157,7 +155,7 @@ class LoraLinear(WrappedLinear):
             return result
         # under autocast A computes in the 16-bit dtype anyway: an fp32 copy of x would be cast back,
         # and each adapter would keep its own 16-bit copy instead of sharing x with its neighbours
-        xd = dropped(self, x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
+        xd = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
         if not self.use_dora:
             low = self.lora_A(xd)
             if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):
@@ -240,7 +238,6 @@ class LoraMethod(Method):
     config_cls = LoraConfig
     mergeable = True
     peft_type = "LORA"
-    seeded_dropout = True  # LoraLinear.seeds_its_dropout
 
     def apply(self, model: nn.Module, cfg: LoraConfig) -> None:
         freeze_all(model)

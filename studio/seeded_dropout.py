@@ -6,7 +6,7 @@ on the host; whether a replayed CUDA graph repeats that is unknown, so such runs
 Armed, each training forward of the model first writes a fresh random seed into one device buffer (an
 op inside the forward, so a captured step draws a new one at every replay), and every draw site numbers
 itself from (that seed, its site) through kernels/dropout.py:
-- each nn.Dropout with p > 0 becomes a SeededDropout (LoRA's fused op reads the same (seed, site) from its
+- each nn.Dropout of the method's modules becomes a SeededDropout (LoRA's fused op reads the same (seed, site) from its
   lora_dropout): the backward regenerates the mask, so no one-byte mask per element is kept;
 - each module with draws of its own (`seedable_draws()`: AdaMix's routing, diff pruning's gates, LoHa and
   LoKr's rank dropout) takes its uniform numbers from `uniform(module, shape)`.
@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 from . import kernels
+
+
+METHOD_MODULES = "studio.methods."  # the modules arm() may seed the dropouts of: ours, whose forward calls them
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,14 @@ class SeededDropout(nn.Dropout):
 
 
 def arm(model: nn.Module, device: torch.device) -> bool:
-    """Give every draw site of the model a (seed buffer, site number): each nn.Dropout with p > 0 becomes a
-    SeededDropout (.seeded_drop), each module whose seedable_draws() is true gets .seeded_rng; then make
-    each training forward of `model` draw a new seed first. False, with nothing changed, where there is no
-    draw or the kernel cannot serve. (p = 1 keeps torch's dropout: nothing is kept to scale.)"""
-    drops = [m for m in model.modules() if type(m) is nn.Dropout and 0 < m.p < 1]
+    """Give every draw site of the method a (seed buffer, site number): each nn.Dropout of the method's own
+    modules with 0 < p < 1 becomes a SeededDropout (.seeded_drop), each module whose seedable_draws() is
+    true gets .seeded_rng; then make each training forward of `model` draw a new seed first. False, with
+    nothing changed, where there is no draw or the kernel cannot serve. The model's own dropouts stay
+    torch's: its attention code may read a Dropout's p and draw inside a fused kernel instead of calling it
+    (checkpointing.draws_at_random still sees them)."""
+    drops = [child for m in model.modules() if type(m).__module__.startswith(METHOD_MODULES)
+             for child in m.children() if type(child) is nn.Dropout and 0 < child.p < 1]
     drawers = [m for m in model.modules() if callable(getattr(type(m), "seedable_draws", None)) and m.seedable_draws()]
     if not (drops or drawers) or not ready(device):
         return False

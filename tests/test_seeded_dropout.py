@@ -168,17 +168,27 @@ def test_a_recomputed_layer_draws_the_forward_numbers_without_the_generator_rese
     assert (redrawn - plain).norm() > 0.01 * plain.norm()
 
 
+def test_the_models_own_dropouts_stay_torchs():
+    """A model's attention code may read a Dropout's p and draw inside sdpa instead of calling the module
+    (GPT-2's attn_dropout): only the method's own dropouts are seeded, and the model's still count."""
+    model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0).to(DEVICE).train()
+    apply_method(model, method_config({"name": "lora", "r": 4, "lora_dropout": 0.1}))
+    model.model.layers[0].self_attn.attn_dropout = own = nn.Dropout(0.1)
+    with _routed():
+        assert seeded_dropout.arm(model, DEVICE)
+    assert type(own) is nn.Dropout and draws_at_random(model)
+
+
 def test_arming_seeds_every_draw_site_and_draws_a_seed_per_training_forward():
     model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0).to(DEVICE).train()
     apply_method(model, method_config({"name": "lora", "r": 4, "lora_dropout": 0.1}))
-    model.model.layers[0].mlp.extra = nn.Dropout(0.3)  # any nn.Dropout of the model's is a site too
     assert draws_at_random(model)
     with _routed():
         assert seeded_dropout.arm(model, DEVICE)
     assert not draws_at_random(model)
     loras = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert all(type(d) is SeededDropout for d in drops) and len(drops) == len(loras) + 1
+    drops = [m.lora_dropout for m in loras]
+    assert all(type(d) is SeededDropout for d in drops)
     seed = drops[0].seeded_drop[0]
     assert sorted(d.seeded_drop[1] for d in drops) == list(range(len(drops)))
     assert all(d.seeded_drop[0] is seed for d in drops)

@@ -4,17 +4,17 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then: GPU facts, the Triton kernel tests (and the seeded
-# dropout's), a checkpointed dropout layer replayed from a graph (baselines/graph_rng_check.py), the 7B rows,
-# train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout with checkpointing, AdaMix
-# and diff pruning with checkpointing, and packed batches), the quick speed grid (ours vs peft; ours as train.cuda_graphs=auto runs it, also eagerly,
-# and with AB=1 without the Triton kernels), every capture-safe method captured for real (graphs_check
-# --methods), bench --packed-grid, the Llama-3.2-1B row, bench --graphs-grid (3B at 4x2048 and 7B at 1x512,
-# both sides of auto's line, eager and replayed), with AB=1 the recompute skip (baselines/recompute_ab.py)
-# and LoRA's GEMM order (baselines/lora_order_ab.py), with MEMORY_S=N the memory estimate against
-# max_memory_allocated for N seconds; then a summary table.
+# baseline) beside the machine's own torch, then: GPU facts, the 7B rows, the Triton kernel tests (the
+# seeded dropout's too), train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout,
+# AdaMix and diff pruning with checkpointing, and packed batches), the quick speed grid (ours vs peft; ours
+# as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), every
+# capture-safe method captured for real (graphs_check --methods), bench --packed-grid, the Llama-3.2-1B
+# row, bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, eager and replayed),
+# a checkpointed torch dropout replayed from a graph (baselines/graph_rng_check.py), with AB=1 the
+# recompute skip (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with
+# MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table.
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about the quick grid and keeps
-# what the earlier stages wrote; a second call takes the rest (SKIP=kernels,rng,7b,graphs,quick).
+# what the earlier stages wrote; a second call takes the rest (SKIP=7b,kernels,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
@@ -38,15 +38,14 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$OUT/facts.txt"
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
-  # goes). SKIP=name,name leaves stages out (a second call: SKIP=kernels,rng,7b,graphs,quick).
-  # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card
-  want kernels && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-    tests/test_seeded_dropout.py 2>&1 | tail -15 | tee "$OUT/kernels.log"
-  # rng: does a replayed checkpoint redraw torch's dropout masks? (graphs keep such runs eager until it does)
-  want rng && timeout 30 python3 -m baselines.graph_rng_check 2>&1 | grep '^{' | tee "$OUT/graph_rng.jsonl"
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,kernels,graphs,quick). The 7B rows
+  # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, offloading, QLoRA in 24 GB)
   want 7b && timeout 150 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
+  # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card
+  want kernels && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    tests/test_seeded_dropout.py 2>&1 | tail -15 | tee "$OUT/kernels.log"
   # graphs: train.cuda_graphs through the real trainer, eager and graphed loss curves on tiny models (must
   # agree); LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (seeded:
   # captured with it too); packed batches, eager (flash varlen attention) against captured (block mask)
@@ -75,6 +74,8 @@ run)
   # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below)
   want grid && timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
     | grep -v Warning | tee "$OUT/graphs_grid.log"
+  # rng: does a replayed checkpoint redraw torch's dropout masks? (graphs keep such runs eager until it does)
+  want rng && timeout 30 python3 -m baselines.graph_rng_check 2>&1 | grep '^{' | tee "$OUT/graph_rng.jsonl"
   # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes, and
   # the recomputation without down's product against the full one, 7B LoRA 4x2048; with AB=1 only
   [ "${AB:-0}" = 1 ] && timeout 90 python3 -m baselines.recompute_ab 2>&1 | grep '^{' | tee "$OUT/recompute_ab.jsonl"

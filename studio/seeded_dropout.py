@@ -6,8 +6,8 @@ on the host; whether a replayed CUDA graph repeats that is unknown, so such runs
 Armed, each training forward of the model first writes a fresh random seed into one device buffer (an
 op inside the forward, so a captured step draws a new one at every replay), and every draw site numbers
 itself from (that seed, its site) through kernels/dropout.py:
-- each nn.Dropout of the method's modules becomes a SeededDropout (LoRA's fused op reads the same (seed, site) from its
-  lora_dropout): the backward regenerates the mask, so no one-byte mask per element is kept;
+- each nn.Dropout of the method's modules becomes a SeededDropout (LoRA's fused op reads the same (seed,
+  site) from its lora_dropout): the backward regenerates the mask, so no one-byte mask per element is kept;
 - each module with draws of its own (`seedable_draws()`: AdaMix's routing, diff pruning's gates, LoHa and
   LoKr's rank dropout) takes its uniform numbers from `uniform(module, shape)`.
 The recomputation reads the same seed and draws the same numbers, and nothing resets a generator. Off the
@@ -110,8 +110,8 @@ def arm(model: nn.Module, device: torch.device) -> bool:
     nothing changed, where there is no draw or the kernel cannot serve. The model's own dropouts stay
     torch's: its attention code may read a Dropout's p and draw inside a fused kernel instead of calling it
     (checkpointing.draws_at_random still sees them)."""
-    drops = [child for m in model.modules() if type(m).__module__.startswith(METHOD_MODULES)
-             for child in m.children() if type(child) is nn.Dropout and 0 < child.p < 1]
+    drops = list(dict.fromkeys(child for m in model.modules() if type(m).__module__.startswith(METHOD_MODULES)
+                               for child in m.children() if type(child) is nn.Dropout and 0 < child.p < 1))
     drawers = [m for m in model.modules() if callable(getattr(type(m), "seedable_draws", None)) and m.seedable_draws()]
     if not (drops or drawers) or not ready(device):
         return False

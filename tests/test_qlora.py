@@ -141,3 +141,21 @@ def test_an_evaluation_pass_leaves_the_4bit_training_steps_as_they_were(tiny_fol
         return [e["loss"] for e in events if e["type"] == "step"]
 
     assert losses(eval_every=1) == pytest.approx(losses(eval_every=100), rel=1e-6)
+
+
+def test_qdora_generates_as_it_trains(tiny_folder):
+    """DoRA reads its 4-bit base weight for the row norms; bitsandbytes' CPU inference repack (AVX512-BF16)
+    must not change that layout under it: before, a chat on such a CPU scaled by garbage norms (logits
+    0.07 off the training forward's, against 0.002 for plain LoRA)."""
+    model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+    apply_method(model, method_config({"name": "lora", "r": 4, "use_dora": True, "lora_dropout": 0.0}))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(5, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model.train()(input_ids=ids).logits
+        chat = model.eval()(input_ids=ids).logits
+    q = model.model.layers[0].self_attn.q_proj.base_layer
+    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
+    assert (trained - chat).abs().max() < 0.01

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import opt
 from ..errors import ConfigError
+from ..models import keep_4bit_layout
 from ..seeded_dropout import SeededDropout, module_drop
 from ..step_copies import current_copies
 from . import register
@@ -45,6 +46,9 @@ def _dequantized_weight(base: nn.Module) -> torch.Tensor:
     w = base.weight
     if w.__class__.__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("a 4-bit weight repacked for bitsandbytes' CPU inference kernel cannot be read back; "
+                               "models.keep_4bit_layout must run before its first forward")
         return bnbf.dequantize_4bit(w.data, w.quant_state).float()
     if w.__class__.__name__ == "Int8Params":
         scb = getattr(w, "SCB", None) or getattr(base.state, "SCB", None)
@@ -70,6 +74,9 @@ class LoraLinear(WrappedLinear):
         self.use_dora = dora
         if dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(out_f, device=dev, dtype=torch.float32))
+            # DoRA reads the base weight itself (its row norms) in the layout it was quantized in, which
+            # bitsandbytes' CPU inference repack (AVX512-BF16) would change under it
+            keep_4bit_layout(base)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling

@@ -497,10 +497,12 @@ def test_the_methods_own_draws_count_as_drawing_at_random(name, fields):
         assert not draws_at_random(model)
 
 
-@pytest.mark.parametrize("name, fields", [("lora", {"r": 4, "lora_dropout": 0.1}), ("adamix", {"num_experts": 2})])
+@pytest.mark.parametrize("name, fields", [("lora", {"r": 4, "lora_dropout": 0.1}), ("adamix", {"num_experts": 2}),
+                                          ("diff_pruning", {}), ("loha", {"r": 4, "rank_dropout": 0.1})])
 def test_armed_draws_let_a_checkpointed_run_capture(monkeypatch, name, fields):
-    """Where the trainer arms seeded draws (CUDA), dropout or AdaMix's routing under checkpointing no longer
-    keeps the run eager: the run says so and replays its micro-batches (re-run here: the CPU cannot capture)."""
+    """Where the trainer arms seeded draws (CUDA), dropout, AdaMix's routing, diff pruning's gates or rank
+    dropout under checkpointing no longer keep the run eager: the run says so and replays its micro-batches
+    (re-run here: the CPU cannot capture)."""
     import studio.seeded_dropout as sd
     monkeypatch.setattr(sd, "ready", lambda device: True)
     monkeypatch.setattr(step_graph, "LENGTH_BUCKET", 1)

@@ -15,6 +15,12 @@ def _gb(n: float | None) -> str:
     return f"{n / GB:.2f}" if n else ""
 
 
+def _machine(r: dict) -> str:
+    """One line naming where a row ran (rows from before bench recorded it have no device_name)."""
+    cpu = f", {r['threads']} threads, bf16 hardware: {'yes' if r['bf16_hardware'] else 'no'}" if "threads" in r else ""
+    return f"Device: {r['device_name']}{cpu}; torch {r['torch']}, transformers {r['transformers']}, peft {r['peft']}"
+
+
 def speed_table(rows: list[dict]) -> list[str]:
     out = ["| shape | method | batch x seq | ckpt | offload | engine | ms/step | tokens/s | MFU | peak GB "
            "| steady GB | est. GB | speed vs peft | memory vs peft | loss first/last |",
@@ -58,6 +64,9 @@ def main(paths: list[str]) -> int:
         speed = [r for r in rows if "engine" in r]
         memory = [r for r in rows if "engine" not in r]
         print(f"\n{path}\n")
+        machines = sorted({_machine(r) for r in rows if "device_name" in r})
+        if machines:
+            print("\n".join(machines) + "\n")
         print("\n".join((speed_table(speed) if speed else []) + (memory_table(memory) if memory else [])))
     return 0
 

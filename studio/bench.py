@@ -5,7 +5,8 @@ the method, runs warm-up steps, then times steps of loss + backward + optimizer 
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method,
 batch, seq, grad_ckpt, packed, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, loss_first_last,
-warmup_s (the untimed first steps: set-up, a graph's capture, a compile), and on our rows the ratios to the
+warmup_s (the untimed first steps: set-up, a graph's capture, a compile), the machine (device_name; on the
+CPU threads and bf16_hardware) and the torch / transformers / peft versions, and on our rows the ratios to the
 baseline and the Triton kernels in use; a row that ran out of memory or failed says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
 whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tensor bytes of one more
 (untimed) step watched op by op (memory_bench.step_peak_bytes).
@@ -30,6 +31,7 @@ from .attention import model_batch, use_varlen_attention
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
 from .errors import ConfigError
 from .losses import causal_lm_loss
+from .machine_facts import machine_facts
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
 from .step_copies import StepCopies
 from .step_graph import parameter_count
@@ -118,12 +120,12 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
     """One engine's row; out of memory, or any other failure, becomes a row that says so (the grid goes on)."""
     out = _row_facts(row, engine)
     try:
-        return _measure_row(row, engine, device, warmup, steps, compile)
+        return _measure_row(row, engine, device, warmup, steps, compile) | machine_facts(device)
     except torch.OutOfMemoryError:
-        return out | {"oom": True}
+        return out | {"oom": True} | machine_facts(device)
     except Exception as exc:  # noqa: BLE001 - a broken row is reported, not fatal to a long GPU run
         traceback.print_exc()
-        return out | {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        return out | {"error": f"{type(exc).__name__}: {exc}"[:500]} | machine_facts(device)
     finally:
         gc.collect()
         if device.type == "cuda":

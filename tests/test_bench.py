@@ -26,6 +26,10 @@ def test_bench_rows_compare_engines_on_cpu():
     assert ours["peak_bytes"] > 0 and rows[0]["peak_bytes"] > 0 and 0 < ours["memory_ratio_vs_peft"] < 1
     for theirs, mine in (rows[0], rows[1]), (rows[2], rows[3]):  # same weights and batch: the same first loss
         assert mine["loss_first_last"][0] == pytest.approx(theirs["loss_first_last"][0], abs=1e-3)
+    for row in rows:  # a saved line names its machine and software
+        assert row["device_name"] and row["threads"] == torch.get_num_threads()
+        assert isinstance(row["bf16_hardware"], bool) and row["torch"] == torch.__version__
+        assert row["transformers"] and row["peft"]
 
 
 def test_bench_bf16_rows_autocast_both_engines_on_cpu():
@@ -131,6 +135,7 @@ def test_bench_table_prints_speed_memory_and_failed_rows(tmp_path, capsys):
     assert f"{rows[1]['speedup_vs_peft']:.2f}x" in ours
     assert any("error: RuntimeError: no kernel" in line for line in lines)
     assert "| s | lora | 1x8 | on |  | 2.00 | 2.50 | 0.800 |  |  |" in lines
+    assert sum(line.startswith(f"Device: {rows[0]['device_name']}, ") for line in lines) == 1
 
 
 def test_triton_ab_runs_each_of_our_rows_with_and_without_the_kernels(monkeypatch):

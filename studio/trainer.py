@@ -186,13 +186,13 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     process_state(cfg)
     task = load_task(cfg)
     model, tok = task.model, task.tokenizer
+    keep_4bit_layout(model)  # before any forward (a method's set-up may run one)
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state()  # a process-wide singleton: the previous run's precision must not stick
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision(model, cpu))
     set_seed(t.seed)
     is_main = accelerator.is_main_process
     info = apply_method(model, cfg.method)
-    keep_4bit_layout(model)
     if task.labels is not None:
         from .tasks import prepare_head
         prepare_head(model)  # the new classification head trains alongside the method

@@ -118,14 +118,14 @@ def _row_facts(row: Row, engine: str) -> dict[str, Any]:
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
     """One engine's row; out of memory, or any other failure, becomes a row that says so (the grid goes on)."""
-    out = _row_facts(row, engine)
+    facts = machine_facts(device)
     try:
-        return _measure_row(row, engine, device, warmup, steps, compile) | machine_facts(device)
+        return _measure_row(row, engine, device, warmup, steps, compile) | facts
     except torch.OutOfMemoryError:
-        return out | {"oom": True} | machine_facts(device)
+        return _row_facts(row, engine) | {"oom": True} | facts
     except Exception as exc:  # noqa: BLE001 - a broken row is reported, not fatal to a long GPU run
         traceback.print_exc()
-        return out | {"error": f"{type(exc).__name__}: {exc}"[:500]} | machine_facts(device)
+        return _row_facts(row, engine) | {"error": f"{type(exc).__name__}: {exc}"[:500]} | facts
     finally:
         gc.collect()
         if device.type == "cuda":

@@ -22,6 +22,8 @@ from typing import Any, Callable
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .seeded_dropout import draws_unseeded
+
 _state = threading.local()  # the backward (and so the recompute) of one graph runs on one thread
 
 
@@ -38,13 +40,7 @@ def draws_at_random(model: nn.Module) -> bool:
     come from its seed instead."""
     if float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
         return True
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and getattr(m, "seeded_drop", None) is None:
-            return True
-        own = getattr(type(m), "seedable_draws", None)
-        if callable(own) and m.seedable_draws() and getattr(m, "seeded_rng", None) is None:
-            return True
-    return False
+    return any(draws_unseeded(m) for m in model.modules())
 
 
 def recomputing_layer() -> nn.Module | None:

@@ -94,6 +94,19 @@ class SeededDropoutFn(torch.autograd.Function):
         return ctx.drop.apply(dy), None
 
 
+def _draws_on_its_own(module: nn.Module) -> bool:
+    """Whether a training forward of the module makes draws of its own (its seedable_draws())."""
+    return callable(getattr(type(module), "seedable_draws", None)) and module.seedable_draws()
+
+
+def draws_unseeded(module: nn.Module) -> bool:
+    """Whether a training forward of the module draws from torch's generator: a dropout with p > 0, or
+    draws of its own, that arm() did not give a seed."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0 and getattr(module, "seeded_drop", None) is None
+    return _draws_on_its_own(module) and getattr(module, "seeded_rng", None) is None
+
+
 class SeededDropout(nn.Dropout):
     """An nn.Dropout that arm() gave a (seed, site) as .seeded_drop: its training mask comes from them."""
 
@@ -112,7 +125,7 @@ def arm(model: nn.Module, device: torch.device) -> bool:
     (checkpointing.draws_at_random still sees them)."""
     drops = list(dict.fromkeys(child for m in model.modules() if type(m).__module__.startswith(METHOD_MODULES)
                                for child in m.children() if type(child) is nn.Dropout and 0 < child.p < 1))
-    drawers = [m for m in model.modules() if callable(getattr(type(m), "seedable_draws", None)) and m.seedable_draws()]
+    drawers = [m for m in model.modules() if _draws_on_its_own(m)]
     if not (drops or drawers) or not ready(device):
         return False
     seed = torch.zeros((), dtype=torch.int64, device=device)

@@ -37,7 +37,11 @@ def speed_table(rows: list[dict]) -> list[str]:
                       _gb(r.get("steady_peak_bytes")), _gb(r.get("estimated_bytes")), speed, mem, loss]
         engine = r["engine"] + (" (torch ops)" if r["engine"] == "studio" and r.get("triton") is False else "") \
             + (" (graphs)" if r.get("graphs") else "")
-        cells = [r["shape"], r["method"], f"{r['batch']}x{r['seq']}", "on" if r["grad_ckpt"] else "off",
+        ckpt = "on" if r["grad_ckpt"] else "off"
+        if r.get("fit"):  # the fewest recomputed layers that fit that card
+            k, n = r.get("checkpointed_layers") or ("?", "?")
+            ckpt = f"{k} of {n} layers (fit {r['fit']})"
+        cells = [r["shape"], r["method"], f"{r['batch']}x{r['seq']}", ckpt,
                  "on" if r.get("offload") else "", engine, *result]
         out.append("| " + " | ".join(cells) + " |")
     return out

@@ -40,8 +40,8 @@ run)
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
   # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,kernels,graphs,quick). The 7B rows
   # come first: they decide the open targets, and a session's device time may allow one call.
-  # 7b: the 7B rows (MFU, offloading, QLoRA in 24 GB)
-  want 7b && timeout 150 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
+  # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last)
+  want 7b && timeout 210 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
   # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card
   want kernels && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \

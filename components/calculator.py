@@ -51,6 +51,7 @@ def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
         except StudioError as e:
             answers.append(f"<div class='tile'><div class='t-label'>Largest {label}</div>"
                            f"<div class='t-value'>–</div><div class='t-sub'>{html.escape(str(e))}</div></div>")
+    answers.append(checkpointing_tile(cfg, gpu))
     try:
         inf = estimate_inference(cfg.model.name, cfg.data.max_length, 1,
                                  dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
@@ -67,6 +68,23 @@ def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
     head, _, _ = params_panel(cfg)
     return [fig, verdict, fit_figure(fit_rows), rows, "<div class='tiles'>" + "".join(answers) + "</div>",
             switches, head]
+
+
+def checkpointing_tile(cfg: Any, gpu: str) -> str:
+    """The fastest gradient checkpointing that fits: how many layers must be recomputed on `gpu`."""
+    from studio.memory import fewest_recomputed, gpu_memory
+    label = "<div class='tile'><div class='t-label'>Fastest checkpointing that fits</div>"
+    try:
+        fit = fewest_recomputed(cfg, gpu)
+    except StudioError as e:
+        return label + f"<div class='t-value'>–</div><div class='t-sub'>{html.escape(str(e))}</div></div>"
+    if fit is None:
+        return label + "<div class='t-value'>none</div><div class='t-sub'>even recomputing every layer does not fit</div></div>"
+    k, n = fit
+    if k == 0:
+        return label + "<div class='t-value'>not needed</div><div class='t-sub'>fits without recomputing</div></div>"
+    return label + (f"<div class='t-value'>{k} of {n} layers</div><div class='t-sub'>recomputed: "
+                    f"train.checkpoint_budget_gb={gpu_memory(gpu) / 2**30:.1f}</div></div>")
 
 
 def create_calculator() -> dict[str, Any]:

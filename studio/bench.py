@@ -5,7 +5,8 @@ the method, runs warm-up steps, then times steps of loss + backward + optimizer 
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method,
 batch, seq, grad_ckpt, packed, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, loss_first_last,
-warmup_s (the untimed first steps: set-up, a graph's capture, a compile), the machine (device_name; on the
+warmup_s (the untimed first steps: set-up, a graph's capture, a compile), fit and checkpointed_layers (rows
+that recompute only the layers a GPU's memory needs, as train.checkpoint_budget_gb), the machine (device_name; on the
 CPU threads and bf16_hardware) and the torch / transformers / peft versions, and on our rows the ratios to the
 baseline and the Triton kernels in use; a row that ran out of memory or failed says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
 whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tensor bytes of one more
@@ -52,6 +53,7 @@ class Row:
     triton: bool = True  # ours only: False runs the torch ops where the fused ops have Triton kernels (A/B)
     graphs: str = "auto"  # ours only: train.cuda_graphs (auto: replayed on CUDA where the step is host-bound)
     packed: bool = False  # each row packs examples of 64-512 tokens (data.packing): both engines get the same
+    fit: str = ""  # ours only, with grad_ckpt: recompute the fewest layers that fit this GPU (train.checkpoint_budget_gb)
 
     def baseline_key(self) -> tuple:
         """The settings the peft baseline sees (offloading, kernels, graphs are ours alone: variants share one)."""
@@ -61,8 +63,11 @@ class Row:
 GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lora", 4, 1024, True),
             Row("qwen2.5-0.5b", "full", 4, 1024, False), Row("qwen2.5-0.5b", "qlora", 4, 1024, True),
             Row("qwen2.5-1.5b", "lora", 4, 2048, True), Row("llama-3.2-1b", "lora", 8, 2048, True),
-            Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "lora", 4, 2048, True, offload=True),
-            Row("qwen2.5-7b", "qlora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True, offload=True)]
+            # fit: as a 24 GB card's user runs it, recomputing only the layers its memory needs
+            Row("qwen2.5-7b", "lora", 4, 2048, True), Row("qwen2.5-7b", "lora", 4, 2048, True, fit="RTX 4090"),
+            Row("qwen2.5-7b", "qlora", 4, 2048, True), Row("qwen2.5-7b", "qlora", 4, 2048, True, fit="RTX 4090"),
+            Row("qwen2.5-7b", "lora", 4, 2048, True, offload=True),
+            Row("qwen2.5-7b", "qlora", 4, 2048, True, offload=True)]
 QUICK_GRID = GPU_GRID[:5]
 # both sides of train.cuda_graphs=auto's line (parameters x tokens of a micro-batch): a 3B model at 4 x 2,048
 # just above it, and a 7B model at a small batch below it (fewer tokens a step, so more of it waits on the
@@ -113,7 +118,7 @@ def _row_facts(row: Row, engine: str) -> dict[str, Any]:
     return {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq, "grad_ckpt": row.grad_ckpt,
             "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio",
             "triton": row.triton and engine == "studio", "cuda_graphs": row.graphs if engine == "studio" else "off",
-            "packed": row.packed}
+            "packed": row.packed} | ({"fit": row.fit} if row.fit and engine == "studio" else {})
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
@@ -157,7 +162,8 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         apply_method(model, method_config(_method_cfg(row.method)))
         if row.grad_ckpt:
             from .offload import CheckpointOffloader
-            enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if row.offload else None,
+            enable_gradient_checkpointing(model, recomputed_share(row, device),
+                                          CheckpointOffloader() if row.offload else None,
                                           preserve_rng=not graphs, mark=not compile)  # no dropout in its rows
         if compile:
             compile_layers(model)
@@ -284,20 +290,37 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
     return out  # the model, optimizer and batch are freed with this frame
 
 
-def estimated_bytes(row: Row, device: torch.device) -> int | None:
+def row_config(row: Row) -> Any:
+    """The run config a trainer would take for our side of the row."""
     from .config import RunConfig
-    from .memory import estimate
+    from .memory import gpu_memory
     model = {"name": row.shape, "quantization": "nf4" if row.method == "qlora" else "none"}
     if row.precision == "bf16":
         model["dtype"] = "bfloat16"
-    cfg = RunConfig.from_dict({"model": model,
-                               "data": {"max_length": row.seq}, "method": _method_cfg(row.method),
-                               "train": {"batch_size": row.batch, "gradient_checkpointing": row.grad_ckpt,
-                                         "offload_checkpoints": row.offload}})
+    train = {"batch_size": row.batch, "gradient_checkpointing": row.grad_ckpt, "offload_checkpoints": row.offload}
+    if row.fit:
+        train["checkpoint_budget_gb"] = gpu_memory(row.fit) / 2**30
+    return RunConfig.from_dict({"model": model, "data": {"max_length": row.seq}, "method": _method_cfg(row.method),
+                                "train": train})
+
+
+def recomputed_share(row: Row, device: torch.device) -> float:
+    """Share of layers our row recomputes: all, or with row.fit as many as the trainer's budget leaves."""
+    if not row.fit:
+        return 1.0
+    from .memory import budget_fraction
+    return budget_fraction(row_config(row), device.type)[0]
+
+
+def estimated(row: Row, device: torch.device) -> dict:
+    """estimated_bytes of our row (and, fitted to a GPU, checkpointed_layers: how many it recomputes)."""
+    from .memory import estimate
     try:
-        return estimate(cfg, device.type, padding=False).total
+        est = estimate(row_config(row), device.type, padding=False)
     except Exception:  # noqa: BLE001 - an estimate gap must not stop the speed benchmark
-        return None
+        return {"estimated_bytes": None}
+    fitted = {"checkpointed_layers": [est.details["checkpointed_layers"], est.details["layers"]]} if row.fit else {}
+    return {"estimated_bytes": est.total} | fitted
 
 
 def baseline_available() -> bool:
@@ -383,7 +406,7 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
         ours = _median_row(mine)
         if row.graphs == "auto":
             replayed[(row.baseline_key(), row.offload)] = bool(ours.get("graphs"))
-        ours["estimated_bytes"] = estimated_bytes(row, dev)
+        ours.update(estimated(row, dev))
         if baseline and "ms_per_step" in baseline and "ms_per_step" in ours:
             ours["speedup_vs_peft"] = round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)
             ours["time_ratio_vs_peft"] = round(ours["ms_per_step"] / baseline["ms_per_step"], 3)

@@ -1,8 +1,9 @@
 """Gradient checkpointing, whole or selective: recompute a chosen share of the decoder layers.
 
-`train.checkpoint_fraction` = 1.0 recomputes every layer (least memory); 0.5 every other layer
-(about half the recompute time for half the saving). The layers are spread evenly, and the memory
-estimator reads the same choice from `checkpointed_layers`. `train.offload_checkpoints` keeps the
+`train.checkpoint_fraction` = 1.0 recomputes every layer (least memory); 0.5 the bottom half
+(about half the recompute time for half the saving). The recomputed layers are the bottom ones, and
+the memory estimator reads the same choice from `checkpointed_layers`. `train.checkpoint_budget_gb` picks the
+fraction instead: the fewest recomputed layers whose estimate fits (memory.budget_fraction). `train.offload_checkpoints` keeps the
 checkpointed layers' inputs in pinned CPU RAM on CUDA (studio/offload.py).
 
 A checkpointed layer's recomputation runs with the layer marked (`recomputing_layer`): the recompute
@@ -28,9 +29,13 @@ _state = threading.local()  # the backward (and so the recompute) of one graph r
 
 
 def checkpointed_layers(n_layers: int, fraction: float) -> list[bool]:
-    """Which of n layers are recomputed in backward: round(n · fraction) of them, evenly spread."""
+    """Which of n layers are recomputed in backward: the first round(n · fraction). Backward reaches the
+    bottom layers last, after the kept layers above have freed what they held, so a recomputation there
+    never adds to the peak (a recomputed top layer would: its rebuilt activations on top of all the kept
+    ones)."""
     fraction = min(max(fraction, 0.0), 1.0)
-    return [int((k + 1) * fraction + 1e-9) > int(k * fraction + 1e-9) for k in range(n_layers)]
+    k = int(n_layers * fraction + 0.5)
+    return [i < k for i in range(n_layers)]
 
 
 def draws_at_random(model: nn.Module) -> bool:
@@ -133,9 +138,11 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     return count
 
 
-def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool, graphs: bool = False) -> str | None:
-    """Apply train.gradient_checkpointing, checkpoint_fraction and offload_checkpoints to a model (graphs:
-    its steps will be captured); returns a line for the user when a setting has no effect here."""
+def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool, graphs: bool = False,
+                        fraction: float | None = None) -> str | None:
+    """Apply train.gradient_checkpointing, checkpoint_fraction (or the given share of layers: the one
+    train.checkpoint_budget_gb fitted) and offload_checkpoints to a model (graphs: its steps will be
+    captured); returns a line for the user when a setting has no effect here."""
     t = train_cfg
     if not t.gradient_checkpointing:
         if t.offload_checkpoints:
@@ -146,7 +153,7 @@ def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool, graphs: boo
         from .offload import CheckpointOffloader
         offloader = CheckpointOffloader()
     # a captured step has no RNG state to restore unless something in it is random
-    enable_gradient_checkpointing(model, t.checkpoint_fraction, offloader,
+    enable_gradient_checkpointing(model, t.checkpoint_fraction if fraction is None else fraction, offloader,
                                   preserve_rng=not graphs or draws_at_random(model), mark=not t.compile)
     if t.offload_checkpoints and cpu:
         return "train.offload_checkpoints has no effect on the CPU: the layer inputs are in RAM already."

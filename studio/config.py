@@ -71,8 +71,11 @@ class TrainConfig:
     optimizer: str = opt("adamw", "Optimizer (8-bit and paged ones need bitsandbytes)",
                          ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
-    checkpoint_fraction: float = opt(1.0, "Share of layers recomputed when checkpointing (0.5 = every other: "
+    checkpoint_fraction: float = opt(1.0, "Share of layers recomputed when checkpointing (0.5 = the bottom half: "
                                           "faster, more memory)")
+    checkpoint_budget_gb: float = opt(0.0, "With gradient checkpointing: recompute only as many layers as keep the "
+                                           "memory estimate within this many GB (e.g. your card's; the fastest "
+                                           "checkpointing that fits; 0 = checkpoint_fraction decides)")
     offload_checkpoints: bool = opt(False, "With gradient checkpointing on CUDA: keep the checkpointed layers' inputs "
                                            "in pinned CPU RAM, fetched back one layer ahead in backward")
     compile: bool = opt(False, "torch.compile each decoder layer (slow first step, faster after; mainly for CUDA)")

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import yaml
@@ -329,6 +329,10 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         raise ConfigError(f"estimate device must be cuda or cpu, got {device!r}.")
     if gpu is not None:
         gpu_memory(gpu)  # validates the name
+    if run_cfg.train.gradient_checkpointing and run_cfg.train.checkpoint_budget_gb > 0:
+        return fitted_checkpointing(run_cfg, lambda cfg: estimate(
+            cfg, device, gpu, dataset_lengths, padding=padding, context_bytes=context_bytes,
+            labelled_fraction=labelled_fraction))
     mc, tc = run_cfg.model, run_cfg.train
     nf4 = mc.quantization == "nf4"
     if mc.quantization == "int8":
@@ -468,7 +472,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     est.details = {
         "model": mc.name, "method": run_cfg.method.name, "rule": rule["rule"], "batch": b, "seq": s,
         "text_seq": seq, "cuda_graphs": graphs, "labelled_positions": labelled, "loss_chunk": c, "padding_mask": pad,
-        "gradient_checkpointing": gc, "checkpointed_layers": sum(gc_layers),
+        "gradient_checkpointing": gc, "checkpointed_layers": sum(gc_layers), "layers": len(gc_layers),
         "param_dtype": str(pdtype).replace("torch.", ""), "activation_bytes": act,
         "quantization": mc.quantization, "optimizer": tc.optimizer,
         "weights_by_dtype": facts.weights_by_dtype, "optimizer_host": opt_host,
@@ -482,6 +486,46 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         "fits": (total <= gpu_memory(gpu)) if gpu else None,
     }
     return est
+
+
+def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -> Estimate:
+    """The estimate of run_cfg with the fewest recomputed layers (the bottom ones) whose total stays within
+    train.checkpoint_budget_gb (GiB); when none fits, the count with the least total. Recomputing the top
+    layer too can cost more than keeping it (its rebuilt activations come on top of every layer's input),
+    so every count is tried (an estimate takes well under a millisecond once the model's facts are cached).
+    details: checkpoint_budget (bytes), checkpoint_fits, checkpointed_layers (what the trainer then
+    recomputes) and layers."""
+    budget = int(run_cfg.train.checkpoint_budget_gb * 2**30)
+    layers = len(estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0})).details["activations_per_layer"])
+    best = None
+    for k in range(layers + 1):
+        trial = estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
+                                               "train.checkpoint_fraction": k / max(layers, 1)}))
+        if trial.total <= budget:
+            best = trial
+            break
+        if best is None or trial.total < best.total:
+            best = trial
+    best.details.update(checkpoint_budget=budget, checkpoint_fits=best.total <= budget)
+    return best
+
+
+def budget_fraction(run_cfg: Any, device: str, dataset_lengths: Iterable[int] | None = None) -> tuple[float, str]:
+    """train.checkpoint_budget_gb as the share of layers a run recomputes, and a line for the user saying so."""
+    try:
+        est = estimate(run_cfg, device, dataset_lengths=dataset_lengths)
+    except Exception as e:  # noqa: BLE001 - no estimate: the run goes on with its fraction
+        return float(run_cfg.train.checkpoint_fraction), (
+            f"No memory estimate for this configuration ({e}), so train.checkpoint_budget_gb cannot pick the "
+            "layers to recompute; train.checkpoint_fraction decides.")
+    d = est.details
+    k, n, budget = d["checkpointed_layers"], d["layers"], human(d["checkpoint_budget"])
+    share = k / n if n else 1.0
+    if not d["checkpoint_fits"]:
+        return share, (f"The run does not fit train.checkpoint_budget_gb ({budget}) with any checkpointing: it "
+                       f"recomputes {k} of {n} layers, the least memory (about {human(est.total)}). Lower "
+                       "train.batch_size or data.max_length, or use model.quantization=nf4, to fit.")
+    return share, f"Checkpointing fitted to {budget}: {k} of {n} layers recomputed (estimated peak {human(est.total)})."
 
 
 def _optimizer_bytes(name: str, tensors: list[tuple[int, int]], device: str) -> tuple[int, int, int]:
@@ -625,6 +669,15 @@ def largest_fitting(run_cfg: Any, gpu: str, what: str = "batch_size", limit: int
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def fewest_recomputed(run_cfg: Any, gpu: str) -> tuple[int, int] | None:
+    """(recomputed layers, layers) of the fastest gradient checkpointing that fits `gpu` (0 recomputed: none
+    needed), as train.checkpoint_budget_gb set to its memory would run; None when even recomputing every
+    layer does not fit."""
+    budget = {"train.gradient_checkpointing": True, "train.checkpoint_budget_gb": gpu_memory(gpu) / 2**30}
+    d = estimate(_with(run_cfg, **budget), _device_for(gpu)).details
+    return (d["checkpointed_layers"], d["layers"]) if d["checkpoint_fits"] else None
 
 
 def switches(run_cfg: Any) -> list[tuple[str, dict]]:

@@ -29,6 +29,7 @@ from .data import build_datasets, collate
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
 from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
+from .memory import budget_fraction
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, keep_4bit_layout, load_model
 from .step_copies import StepCopies
@@ -226,7 +227,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                                                 "captured step)."}
         elif use_varlen_attention(model):
             yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
-    note = setup_checkpointing(model, t, cpu, graphs=use_graphs)
+    fraction = None
+    if t.gradient_checkpointing and t.checkpoint_budget_gb > 0:
+        fraction, fitted = budget_fraction(cfg, "cpu" if cpu else "cuda", lengths)
+        yield {"type": "status", "message": fitted}
+    note = setup_checkpointing(model, t, cpu, graphs=use_graphs, fraction=fraction)
     if note:
         yield {"type": "status", "message": note}
     if t.compile:

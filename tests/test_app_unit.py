@@ -265,6 +265,8 @@ def test_calculator_answers(ws):
     fig, verdict, fit_fig, rows, answers, switches, params = calculate(form, "T4", *raw)
     assert "T4" in verdict and any(r[0] == "H100 80GB" for r in rows)
     assert "Largest batch size" in answers and "trainable" in params and switches
+    # 7B's 16-bit weights alone (15.2 GB) are more than a T4 holds: no checkpointing fits
+    assert "Fastest checkpointing that fits</div><div class='t-value'>none" in answers
 
 
 def test_stop_then_resume(run_form, ws, trained):

@@ -214,7 +214,7 @@ def test_eager_and_triton_ab_grid_on_a_gpu(monkeypatch):
 
     monkeypatch.setattr(models, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(bench_mod, "run_row", fake_run_row)
-    monkeypatch.setattr(bench_mod, "estimated_bytes", lambda row, device: None)
+    monkeypatch.setattr(bench_mod, "estimated", lambda row, device: {"estimated_bytes": None})
     monkeypatch.setattr(bench_mod, "baseline_available", lambda: True)
     rows = list(bench(device="cuda", rounds=1, triton_ab=True, eager_ab=True,
                       grid=[Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-7b", "lora", 4, 2048, True)]))

@@ -205,6 +205,7 @@ def test_calculator(page):
         expect(page.locator("#calc-verdict")).to_contain_text("Try")
         expect(page.locator("#calc-fit-table")).to_contain_text("H100 80GB", timeout=30000)
         expect(page.locator("#calc-answers")).to_contain_text("Largest batch size")
+        expect(page.locator("#calc-answers")).to_contain_text("Fastest checkpointing that fits")
     finally:
         shot(page, "05_calculator")
 

@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..config import load_config
-    from ..memory import (best_switch, fit_table, format_estimate, human, largest_fitting)
+    from ..memory import (best_switch, fewest_recomputed, fit_table, format_estimate, human, largest_fitting)
     from ..memory import estimate as make_estimate
     cfg = load_config(args.config, args.set)
     device = args.device or ("cpu" if args.gpu and args.gpu.lower() in ("cpu", "cpu ram", "ram") else "cuda")
@@ -31,6 +31,8 @@ def run(args) -> int:
             if what == "r" and not hasattr(cfg.method, "r"):
                 continue
             largest[what] = largest_fitting(cfg, args.gpu, what)
+        fit = fewest_recomputed(cfg, args.gpu)
+        largest["recomputed_layers"] = list(fit) if fit else None  # the fastest checkpointing that fits
         switches = best_switch(cfg, args.gpu)
     if args.json:
         out = est.to_dict()
@@ -46,7 +48,10 @@ def run(args) -> int:
         print(f"  {row['gpu']:<12}{human(row['memory_bytes']):>12}  {'yes' if row['fits'] else 'no':<4}"
               f"(needs {human(row['total'])})")
     if args.gpu:
+        fit = largest.pop("recomputed_layers")
         print(f"\non {args.gpu}: " + ", ".join(f"largest {k} {v}" for k, v in largest.items()))
+        print("fastest checkpointing that fits: " + ("none does" if fit is None else "none needed" if fit[0] == 0
+              else f"recompute {fit[0]} of {fit[1]} layers (train.checkpoint_budget_gb)"))
         if switches:
             print("switches (bytes saved):")
             for s, b in switches:

@@ -1,0 +1,117 @@
+"""train.checkpoint_budget_gb: the fewest recomputed layers whose memory estimate fits a budget, in the
+estimate, the trainer, the calculator page's answer, the CLI and the bench's fitted rows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from studio.config import RunConfig, load_config
+from studio.memory import _with, budget_fraction, estimate, fewest_recomputed
+from studio.models import hf_config_from_dict, model_presets
+from studio.rundir import RunDir
+from studio.runner import execute
+
+
+def _four_layers(tmp_path) -> RunConfig:
+    facts = dict(model_presets()["tiny-llama"]["config"])
+    facts.update(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+    hf_config_from_dict(facts).save_pretrained(tmp_path / "m")
+    return RunConfig.from_dict({"model": {"name": str(tmp_path / "m")}, "data": {"max_length": 256},
+                                "method": {"name": "lora"},
+                                "train": {"batch_size": 4, "gradient_checkpointing": True, "loss_chunk": 64}})
+
+
+def _total(cfg: RunConfig, share: float) -> int:
+    return estimate(_with(cfg, **{"train.checkpoint_fraction": share}), "cpu", padding=False).total
+
+
+def _budgeted(cfg: RunConfig, budget_bytes: float) -> RunConfig:
+    return _with(cfg, **{"train.checkpoint_budget_gb": budget_bytes / 2**30})
+
+
+def test_the_budget_picks_the_fewest_recomputed_layers_that_fit(tmp_path):
+    cfg = _four_layers(tmp_path)
+    totals = [_total(cfg, k / 4) for k in range(5)]  # the bottom k of 4 layers recomputed
+    # fewer recomputed layers keep more; recomputing the top one too costs its input (kept while it is rebuilt)
+    assert totals[:4] == sorted(totals[:4], reverse=True) and totals[4] > totals[3]
+    budget = (totals[1] + totals[2]) / 2  # 2 recomputed fit, 1 does not
+    est = estimate(_budgeted(cfg, budget), "cpu", padding=False)
+    d = est.details
+    assert (d["checkpointed_layers"], d["layers"], d["checkpoint_fits"]) == (2, 4, True)
+    assert est.total == totals[2] <= d["checkpoint_budget"] == int(budget / 2**30 * 2**30)
+    roomy = estimate(_budgeted(cfg, totals[0] + 1), "cpu", padding=False)
+    assert roomy.details["checkpointed_layers"] == 0 and roomy.total == totals[0]
+    tight = estimate(_budgeted(cfg, totals[3] - 1), "cpu", padding=False)  # the least total, not all 4 layers
+    assert tight.details["checkpointed_layers"] == 3 and tight.details["checkpoint_fits"] is False
+    assert estimate(_budgeted(cfg, totals[3]), "cpu", padding=False).details["checkpoint_fits"] is True
+    share, line = budget_fraction(_budgeted(cfg, budget), "cpu")
+    assert share == 0.5 and "2 of 4 layers recomputed" in line
+    share, line = budget_fraction(_budgeted(cfg, totals[3] - 1), "cpu")
+    assert share == 0.75 and "does not fit" in line and "3 of 4 layers" in line
+
+
+def test_without_checkpointing_the_budget_changes_nothing(tmp_path):
+    cfg = _with(_four_layers(tmp_path), **{"train.gradient_checkpointing": False})
+    assert estimate(_budgeted(cfg, 1), "cpu").total == estimate(cfg, "cpu").total
+
+
+def test_the_calculator_and_the_cli_answer_the_fastest_checkpointing_that_fits(tmp_path, monkeypatch, capsys):
+    """fewest_recomputed answers for any config (checkpointing on or off) on a GPU preset."""
+    import studio.memory as memory
+    from components.calculator import checkpointing_tile
+    from studio.__main__ import main
+    cfg = _with(_four_layers(tmp_path), **{"train.gradient_checkpointing": False})
+    on = _with(cfg, **{"train.gradient_checkpointing": True})
+    totals = [estimate(_with(on, **{"train.checkpoint_fraction": k / 4}), "cuda").total for k in range(5)]
+    cards = {"roomy": totals[0] + 1, "middle": (totals[2] + totals[3]) // 2, "tight": min(totals) - 1}
+    monkeypatch.setattr(memory, "gpu_memory", lambda name: cards.get(name) or 80 * 2**30)
+    assert fewest_recomputed(cfg, "middle") == (3, 4)
+    assert fewest_recomputed(cfg, "roomy") == (0, 4) and fewest_recomputed(cfg, "tight") is None
+    assert "3 of 4 layers" in checkpointing_tile(cfg, "middle")
+    assert "not needed" in checkpointing_tile(cfg, "roomy") and "does not fit" in checkpointing_tile(cfg, "tight")
+    assert main(["estimate", "--set", f"model.name={tmp_path / 'm'}", "--set", "data.max_length=256",
+                 "--set", "train.batch_size=4", "--set", "train.loss_chunk=64", "--gpu", "middle", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["largest"]["recomputed_layers"] == [3, 4]
+
+
+def test_the_trainer_recomputes_the_layers_the_budget_leaves(tmp_path, monkeypatch):
+    """Packed batches of max_length tokens: the trainer's estimate is the one computed here."""
+    import studio.trainer as trainer
+    sets = {"model.name": "tiny-llama", "model.device": "cpu", "data.path": "arith", "data.max_length": 64,
+            "data.limit": 200, "train.batch_size": 4, "train.max_steps": 3, "data.packing": True,
+            "train.gradient_checkpointing": True}
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    totals = [estimate(_with(cfg, **{"train.checkpoint_fraction": k / 2}), "cpu").total for k in range(3)]
+    assert totals[0] > totals[1] > totals[2]
+    seen = []
+
+    def spy(model, train_cfg, cpu, graphs=False, fraction=None):
+        note = setup(model, train_cfg, cpu, graphs, fraction)
+        seen.append([layer.gradient_checkpointing for layer in model.model.layers])
+        return note
+
+    setup = trainer.setup_checkpointing
+    monkeypatch.setattr(trainer, "setup_checkpointing", spy)
+    for budget, recomputed in (((totals[0] + totals[1]) / 2, 1), (totals[0] + 1, 0), (totals[2] - 1, 2)):
+        run_cfg = _budgeted(cfg, budget)
+        rd = RunDir.create(tmp_path / "runs", run_cfg)
+        execute(rd, run_cfg)
+        assert rd.status()["state"] == "done" and sum(seen[-1]) == recomputed, (budget, seen)
+        log = (rd.path / "events.log").read_text()
+        assert f"{recomputed} of 2 layers" in log
+        assert json.loads((rd.path / "estimate.json").read_text())["details"]["checkpointed_layers"] == recomputed
+
+
+def test_a_bench_row_fitted_to_a_card_recomputes_what_the_trainer_would(monkeypatch):
+    import studio.memory as memory
+    from studio.bench import Row, bench, row_config
+    row = Row("tiny-llama", "lora", 2, 32, True)
+    totals = [estimate(_with(row_config(row), **{"train.checkpoint_fraction": k / 2}), "cpu",
+                       padding=False).total for k in range(3)]
+    monkeypatch.setattr(memory, "gpu_memory", lambda name: (totals[0] + totals[1]) // 2)
+    rows = list(bench(device="cpu", warmup=1, steps=1, rounds=1, grid=[row, Row("tiny-llama", "lora", 2, 32, True,
+                                                                                 fit="card")]))
+    assert [r["engine"] for r in rows] == ["peft", "studio", "studio"]  # the fitted row shares peft's run
+    assert "fit" not in rows[1] and rows[2]["fit"] == "card" and rows[2]["checkpointed_layers"] == [1, 2]
+    assert rows[2]["estimated_bytes"] == totals[1] and rows[2]["speedup_vs_peft"] > 0

@@ -82,6 +82,9 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
     if d.get("not_concurrent"):
         notes.append(f"the items add up to {fmt_bytes(d['total'] + d['not_concurrent'])}; "
                      f"{fmt_bytes(d['not_concurrent'])} of it is freed before the peak")
+    if details.get("checkpointed_layers") and not details.get("gradient_checkpointing"):  # some layers only
+        notes.append(f"{details['checkpointed_layers']} of {details['layers']} layers recomputed"
+                     + (f" (fitted to {fmt_bytes(details['checkpoint_budget'])})" if "checkpoint_budget" in details else ""))
     if details.get("optimizer_host"):
         notes.append(f"+{fmt_bytes(details['optimizer_host'])} optimizer states in host memory")
     notes += details.get("notes", [])  # what the method or the run adds (prefix, offloading, CUDA graphs)

@@ -326,3 +326,8 @@ def test_memory_panel_lists_what_the_estimate_adds():
     assert "CUDA graphs: batches padded to 300 tokens" in html
     cfg.train.cuda_graphs = "off"
     assert "CUDA graphs" not in memory_panel(cfg, gpu="RTX 4090")[1]
+    # checkpointing fitted to a budget: how many layers it recomputes
+    cfg = RunConfig.from_dict({"model": {"name": "qwen2.5-7b", "quantization": "nf4"}, "data": {"max_length": 2048},
+                               "train": {"batch_size": 4, "gradient_checkpointing": True, "checkpoint_budget_gb": 20}})
+    html = memory_panel(cfg, gpu="RTX 4090")[1]
+    assert "of 28 layers recomputed (fitted to 20.00 GB)" in html

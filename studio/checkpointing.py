@@ -1,10 +1,11 @@
 """Gradient checkpointing, whole or selective: recompute a chosen share of the decoder layers.
 
-`train.checkpoint_fraction` = 1.0 recomputes every layer (least memory); 0.5 the bottom half
-(about half the recompute time for half the saving). The recomputed layers are the bottom ones, and
-the memory estimator reads the same choice from `checkpointed_layers`. `train.checkpoint_budget_gb` picks the
-fraction instead: the fewest recomputed layers whose estimate fits (memory.budget_fraction). `train.offload_checkpoints` keeps the
-checkpointed layers' inputs in pinned CPU RAM on CUDA (studio/offload.py).
+`train.checkpoint_fraction` = 1.0 recomputes every layer (least memory, or nearly: see
+memory.fitted_checkpointing); 0.5 the bottom half (about half the recompute time for half the saving).
+The memory estimator reads the same choice from `checkpointed_layers`. `train.checkpoint_budget_gb` picks
+the fraction instead: the fewest recomputed layers whose estimate fits (memory.budget_fraction).
+`train.offload_checkpoints` keeps the checkpointed layers' inputs in pinned CPU RAM on CUDA
+(studio/offload.py).
 
 A checkpointed layer's recomputation runs with the layer marked (`recomputing_layer`): the recompute
 only has to rebuild what the layer's ops save for backward, and an op whose output nothing saves

@@ -196,10 +196,11 @@ def test_cuda_graphs_refuses_other_words():
         _cfg(**{"train.cuda_graphs": "always"})
 
 
-@pytest.mark.parametrize("ckpt,dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
+@pytest.mark.parametrize("ckpt,dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16"), (0.5, "float32")])
 def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch, ckpt, dtype):
-    """bf16: under autocast, the LoRA ops read the step's 16-bit weight copies (refreshed in place)."""
-    sets = {"train.gradient_checkpointing": ckpt, "model.dtype": dtype}
+    """bf16: under autocast, the LoRA ops read the step's 16-bit weight copies (refreshed in place). 0.5: only
+    the bottom layer recomputed (train.checkpoint_fraction, as a checkpoint_budget_gb run may pick)."""
+    sets = {"train.gradient_checkpointing": bool(ckpt), "model.dtype": dtype, "train.checkpoint_fraction": float(ckpt or 1)}
     eager, _ = _run(_cfg(**sets))
     monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
     replays = emulate_graph_capture(monkeypatch)

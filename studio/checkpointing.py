@@ -1,7 +1,7 @@
 """Gradient checkpointing, whole or selective: recompute a chosen share of the decoder layers.
 
-`train.checkpoint_fraction` = 1.0 recomputes every layer (least memory, or nearly: see
-memory.fitted_checkpointing); 0.5 the bottom half (about half the recompute time for half the saving).
+`train.checkpoint_fraction` = 1.0 recomputes every layer; 0.5 the bottom half (about half the
+recompute time for half the saving).
 The memory estimator reads the same choice from `checkpointed_layers`. `train.checkpoint_budget_gb` picks
 the fraction instead: the fewest recomputed layers whose estimate fits (memory.budget_fraction).
 `train.offload_checkpoints` keeps the checkpointed layers' inputs in pinned CPU RAM on CUDA

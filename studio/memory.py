@@ -496,7 +496,7 @@ def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -
     details: checkpoint_budget (bytes), checkpoint_fits, checkpointed_layers (what the trainer then
     recomputes) and layers."""
     budget = int(run_cfg.train.checkpoint_budget_gb * 2**30)
-    layers = len(estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0})).details["activations_per_layer"])
+    layers = estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0})).details["layers"]
     best = None
     for k in range(layers + 1):
         trial = estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
@@ -673,8 +673,8 @@ def largest_fitting(run_cfg: Any, gpu: str, what: str = "batch_size", limit: int
 
 def fewest_recomputed(run_cfg: Any, gpu: str) -> tuple[int, int] | None:
     """(recomputed layers, layers) of the fastest gradient checkpointing that fits `gpu` (0 recomputed: none
-    needed), as train.checkpoint_budget_gb set to its memory would run; None when even recomputing every
-    layer does not fit."""
+    needed), as train.checkpoint_budget_gb set to its memory would run; None when no count of recomputed
+    layers fits."""
     budget = {"train.gradient_checkpointing": True, "train.checkpoint_budget_gb": gpu_memory(gpu) / 2**30}
     d = estimate(_with(run_cfg, **budget), _device_for(gpu)).details
     return (d["checkpointed_layers"], d["layers"]) if d["checkpoint_fits"] else None

@@ -272,7 +272,7 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
     start = time.perf_counter()
     seconds, out["loss_first_last"] = time_steps(step.run, warmup, steps, device, on_warm)
     # the untimed first steps: the optimizer's set-up, kernel checks, and a graph's capture or a compile
-    out["warmup_s"] = round(time.perf_counter() - start - seconds * steps, 2)
+    out["warmup_s"] = round(time.perf_counter() - start - seconds * steps, 3)
     if device.type == "cpu":  # one more, untimed step, watched op by op (the CPU has no allocator peak)
         out["peak_bytes"] = step_peak_bytes(step.run, held_across_steps(step.model, step.opt, step.batch))
     if engine == "studio" and row.triton and kernels.verdicts():

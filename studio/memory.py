@@ -705,17 +705,30 @@ def switches(run_cfg: Any) -> list[tuple[str, dict]]:
 
 
 def best_switch(run_cfg: Any, gpu: str) -> list[tuple[str, int]]:
-    """(switch, saved bytes), switches that make the run fit first, then by bytes saved."""
+    """(switch, saved bytes), switches that make the run fit first, then by bytes saved; except that
+    checkpointing fitted to the card, when it makes the run fit, comes first: it recomputes only the
+    layers that must be, the fastest way to fit that checkpointing has."""
     mem, device = gpu_memory(gpu), _device_for(gpu)
     base = estimate(run_cfg, device).total
+    options = switches(run_cfg)
+    tc = run_cfg.train
+    fitted = not (tc.gradient_checkpointing and tc.checkpoint_budget_gb > 0)
+    if fitted:
+        options.insert(0, (f"gradient checkpointing fitted to {gpu}",
+                           {"train.gradient_checkpointing": True, "train.checkpoint_budget_gb": mem / 2**30}))
     rows = []
-    for label, changes in switches(run_cfg):
+    for k, (label, changes) in enumerate(options):
         try:
-            new = estimate(_with(run_cfg, **changes), device).total
+            est = estimate(_with(run_cfg, **changes), device)
         except StudioError:
             continue
-        rows.append((label, base - new, new <= mem))
-    rows.sort(key=lambda r: (not r[2], -r[1]))
+        fits, first = est.total <= mem, fitted and k == 0
+        if first:
+            if not fits:
+                continue  # then the plain checkpointing switches below say what it can do
+            label += f" (recomputes {est.details['checkpointed_layers']} of {est.details['layers']} layers)"
+        rows.append((label, base - est.total, (not fits, not first, est.total - base)))
+    rows.sort(key=lambda r: r[2])
     return [(label, saved) for label, saved, _ in rows]
 
 

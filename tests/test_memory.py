@@ -187,8 +187,11 @@ def test_calculator():
     assert estimate(_cfg("qwen2.5-1.5b", {"name": "lora"}, bs + 1, 1024), "cuda").total > 15360 * 2**20
     assert largest_fitting(cfg, "H200", "r") > largest_fitting(cfg, "T4", "r") >= 0
     big = _cfg("qwen2.5-7b", {"name": "lora"}, 8, 2048)
-    sw = best_switch(big, "RTX 4090")
-    assert sw and sw[0][0].startswith("gradient checkpointing")
+    sw = best_switch(big, "RTX 4090")  # fitted to the card first: it recomputes only what it must
+    assert sw and sw[0][0].startswith("gradient checkpointing fitted to RTX 4090 (recomputes ")
+    assert sw[1][0].startswith("gradient checkpointing") and sw[1][1] > sw[0][1]
+    tiny_card = best_switch(big, "T4")  # 7B's 16-bit weights alone do not fit: no fitted switch to offer
+    assert tiny_card and not any("fitted" in label for label, _ in tiny_card)
     m = measured_vs_estimate(estimate(cfg, "cuda"), 10 * 2**30)
     assert set(m) >= {"ratio", "error_percent"}
 

@@ -89,7 +89,23 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
         notes.append(f"+{fmt_bytes(details['optimizer_host'])} optimizer states in host memory")
     notes += details.get("notes", [])  # what the method or the run adds (prefix, offloading, CUDA graphs)
     html = text + "<div class='muted'>" + " · ".join(notes) + "</div>"
+    if est.total <= capacity and details.get("gradient_checkpointing") and preset and device == "cuda":
+        html += checkpointing_tip(cfg, preset)
     return fig, html + (cpu_speed_hint(cfg) if gpu is None and device == "cpu" else "")
+
+
+def checkpointing_tip(cfg: Any, gpu: str) -> str:
+    """A tip when a run that recomputes every layer would still fit `gpu` recomputing fewer (faster)."""
+    from studio.memory import fewest_recomputed, gpu_memory
+    try:
+        fit = fewest_recomputed(cfg, gpu)
+    except StudioError:
+        return ""
+    if fit is None or fit[0] >= fit[1]:
+        return ""
+    k, n = fit
+    return (f"<div class='muted'>Tip: recomputing only {k} of {n} layers still fits {gpu} and saves "
+            f"{n - k} layers' recomputation: <b>checkpoint_budget_gb {gpu_memory(gpu) / 2**30:.1f}</b>.</div>")
 
 
 def cpu_speed_hint(cfg: Any) -> str:

@@ -309,7 +309,7 @@ def recomputed_share(row: Row, device: torch.device) -> float:
     if not row.fit:
         return 1.0
     from .memory import budget_fraction
-    return budget_fraction(row_config(row), device.type)[0]
+    return budget_fraction(row_config(row), device.type, padding=False)[0]  # as estimated(): no padding
 
 
 def estimated(row: Row, device: torch.device) -> dict:

@@ -510,10 +510,12 @@ def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -
     return best
 
 
-def budget_fraction(run_cfg: Any, device: str, dataset_lengths: Iterable[int] | None = None) -> tuple[float, str]:
-    """train.checkpoint_budget_gb as the share of layers a run recomputes, and a line for the user saying so."""
+def budget_fraction(run_cfg: Any, device: str, dataset_lengths: Iterable[int] | None = None,
+                    padding: bool | None = None) -> tuple[float, str]:
+    """train.checkpoint_budget_gb as the share of layers a run recomputes, and a line for the user saying so
+    (dataset_lengths and padding as for estimate)."""
     try:
-        est = estimate(run_cfg, device, dataset_lengths=dataset_lengths)
+        est = estimate(run_cfg, device, dataset_lengths=dataset_lengths, padding=padding)
     except Exception as e:  # noqa: BLE001 - no estimate: the run goes on with its fraction
         return float(run_cfg.train.checkpoint_fraction), (
             f"No memory estimate for this configuration ({e}), so train.checkpoint_budget_gb cannot pick the "

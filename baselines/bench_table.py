@@ -1,4 +1,4 @@
-"""Markdown tables of `python -m studio bench` JSON lines (speed rows, and --memory rows), for issue notes.
+"""Markdown tables of `python -m studio bench` JSON lines (speed rows, --chat rows and --memory rows), for issue notes.
 
     python baselines/bench_table.py bench.jsonl [memory.jsonl ...]
 """
@@ -47,6 +47,19 @@ def speed_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def chat_table(rows: list[dict]) -> list[str]:
+    out = ["| shape | dtype | generating from | ms/token | tokens/s | same tokens |", "|---|---|---|---|---|---|"]
+    names = {"base": "base", "unmerged": "adapter, unmerged", "merged": "adapter, merged",
+             "base_swapped": "base (merged model, weights swapped back)"}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['shape']} | | {names[r['variant']]} | {r['error']} | | |")
+            continue
+        out.append(f"| {r['shape']} | {r['dtype']} | {names[r['variant']]} | {r['ms_per_token']:.2f} "
+                   f"| {r['tokens_per_s']:,.1f} | {'yes' if r['same_tokens'] else 'no'} |")
+    return out
+
+
 def memory_table(rows: list[dict]) -> list[str]:
     out = ["| shape | method | batch x seq | ckpt | offload | estimated GB | measured GB | estimate/measured "
            "| on card GB | estimate/on card |",
@@ -66,12 +79,14 @@ def main(paths: list[str]) -> int:
             continue
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.startswith("{")]
         speed = [r for r in rows if "engine" in r]
-        memory = [r for r in rows if "engine" not in r]
+        chat = [r for r in rows if r.get("what") == "chat"]
+        memory = [r for r in rows if "engine" not in r and r.get("what") != "chat"]
         print(f"\n{path}\n")
         machines = sorted({_machine(r) for r in rows if "device_name" in r})
         if machines:
             print("\n".join(machines) + "\n")
-        print("\n".join((speed_table(speed) if speed else []) + (memory_table(memory) if memory else [])))
+        print("\n".join((speed_table(speed) if speed else []) + (chat_table(chat) if chat else [])
+                        + (memory_table(memory) if memory else [])))
     return 0
 
 

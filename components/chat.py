@@ -110,7 +110,9 @@ def respond(form: SectionForm, prompt: str, run_name: str | None, ckpt: str | No
         gr.Warning(str(e))
         yield [gr.skip()] * 6 + [f"<div class='verdict bad'>✗ {html.escape(str(e))}</div>"]
         return
-    status = f"<div class='muted'>{html.escape(model.label)} · seed {settings.seed} · one model, adapter switched off/on</div>"
+    how = ("one model, tuned weights merged (base speed), base weights swapped back in" if model.merged is not None
+           else "one model, adapter switched off/on")
+    status = f"<div class='muted'>{html.escape(model.label)} · seed {settings.seed} · {how}</div>"
     if mode == "Blind A/B" and "tuned_side" not in blind:
         blind = {"tuned_side": random.choice("AB")}
     blind.pop("voted", None)

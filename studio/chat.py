@@ -1,7 +1,9 @@
 """Generation: settings, streaming, and base vs tuned on ONE loaded base (adapter switched off/on).
 
 A ChatModel holds one base model with the run's adapter applied. `reply(..., use_adapter=False)`
-runs the same weights with the adapter disabled, so side-by-side answers cost no second copy.
+runs the same weights with the adapter disabled, so side-by-side answers cost no second model. Where it
+is exact and fits, the adapter is merged into its own copy of the adapted weights (studio/merged_weights.py),
+so tuned answers generate at the base model's speed.
 """
 from __future__ import annotations
 
@@ -44,11 +46,14 @@ class ChatModel:
         self.tokenizer = tokenizer
         self.label = label
         self.lock = threading.Lock()  # one generation at a time on the shared weights
+        self.merged = None  # studio/merged_weights.py: the adapter merged into a copy of the weights
+        self.merge_note = ""
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
-                 device: str | None = None) -> "ChatModel":
-        """Load the run's base model and its final adapter (or a checkpoints/step-N folder)."""
+                 device: str | None = None, merge: bool = True) -> "ChatModel":
+        """Load the run's base model and its final adapter (or a checkpoints/step-N folder); merge: into a
+        copy of the weights where that is exact and fits (ChatModel.merge)."""
         from .checkpoint import load_adapter
         from .models import load_model
         from .rundir import RunDir
@@ -67,7 +72,10 @@ class ChatModel:
             mcfg = ModelConfig(**{**asdict(mcfg), "device": device})
         model, tok = load_model(mcfg, seed=cfg.train.seed)
         load_adapter(model, folder)
-        return cls(model, tok, label=f"{run.name}:{Path(folder).name}")
+        chat = cls(model, tok, label=f"{run.name}:{Path(folder).name}")
+        if merge:
+            chat.merge()
+        return chat
 
     @classmethod
     def from_model(cls, mcfg: ModelConfig) -> "ChatModel":
@@ -79,9 +87,18 @@ class ChatModel:
     def has_adapter(self) -> bool:
         return getattr(self.model, "studio_adapter", None) is not None
 
+    def merge(self) -> None:
+        """Generate tuned answers from merged weights where that is exact and fits (merge_note says which)."""
+        from .merged_weights import merge_for_chat
+        if self.has_adapter:
+            with self.lock:
+                self.merged, self.merge_note = merge_for_chat(self.model)
+
     def adapter_off(self):
         if not self.has_adapter:
             return contextlib.nullcontext()
+        if self.merged is not None:
+            return self.merged.base_weights()
         info = self.model.studio_adapter
         return info.method.disable_adapter(self.model)
 

@@ -42,6 +42,7 @@ def test_chat_json_tuned_and_base(trained_run):
     tuned = json.loads(cli(*args).stdout)
     base = json.loads(cli(*args, "--base").stdout)
     assert tuned["adapter"] is True and base["adapter"] is False
+    assert tuned["merged"] is True and base["merged"] is False  # one answer from the base: nothing to merge for
     assert isinstance(tuned["reply"], str) and isinstance(base["reply"], str)
     raw = json.loads(cli(*args, "--raw").stdout)
     assert isinstance(raw["reply"], str)

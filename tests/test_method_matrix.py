@@ -113,3 +113,23 @@ def test_loss_goes_down(case, arch):
     model, tok, batch, _, _ = tuned(case, arch)
     losses, _ = fit(model, batch, 8, case.lr, lambda m, b: causal_lm_loss(m, b, chunk=5), protocol=True)
     assert losses[-1] < losses[0] - 0.1, losses  # tiny random models start near ln(vocab)
+
+
+@pytest.mark.parametrize("case,arch", PARAMS)
+def test_chat_merges_exactly_or_leaves_the_adapter_unmerged(case, arch):
+    """Chat (studio/merged_weights.py): tuned answers as the unmerged adapter gives them and base answers
+    bitwise the same however often the two alternate; merged for every mergeable method whose disabled
+    adapter is the plain base (PiSSA and OLoRA rebuild theirs from a residual and the initial part)."""
+    from studio.chat import ChatModel
+    model, tok, batch, _, _ = tuned(case, arch)
+    perturb(model)
+    chat = ChatModel(model, tok)
+    want = logits(model, batch)
+    with chat.adapter_off():
+        want_base = logits(model, batch)
+    chat.merge()
+    assert (chat.merged is not None) == (case.mergeable and case.name not in ("pissa", "olora")), chat.merge_note
+    for _ in range(3):
+        torch.testing.assert_close(logits(model, batch), want, atol=1e-4, rtol=1e-4)
+        with chat.adapter_off():
+            assert torch.equal(logits(model, batch), want_base)

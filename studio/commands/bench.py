@@ -24,6 +24,8 @@ def add_arguments(p) -> None:
                    help="both sides of train.cuda_graphs=auto's line (3B at 4x2048, 7B at 1x512; eager and replayed)")
     p.add_argument("--packed-grid", action="store_true",
                    help="packed rows (examples of 64-512 tokens): ours eager (varlen attention) and replayed (block mask)")
+    p.add_argument("--chat", action="store_true",
+                   help="chat speed: greedy generation from the base, the adapter unmerged, and merged (tokens/s)")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b)")
     p.add_argument("--out", default=None, help="also append the rows to this file")
 
@@ -34,6 +36,11 @@ def run(args) -> int:
         if args.memory:
             from ..memory_bench import memory_grid
             rows = memory_grid(args.quick)
+        elif args.chat:
+            from ..bench_chat import chat_rows
+            from ..models import resolve_device
+            rows = chat_rows(resolve_device(args.device), args.only.split(",") if args.only else None,
+                             rounds=args.rounds or 3)
         else:
             from ..bench import GRAPHS_GRID, PACKED_GRID, bench
             from ..models import resolve_device

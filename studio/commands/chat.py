@@ -27,7 +27,7 @@ def run(args) -> int:
     from ..chat import ChatModel, GenerationSettings
     from ..config import ModelConfig
     if args.run:
-        chat = ChatModel.from_run(args.run, args.checkpoint, device=args.device)
+        chat = ChatModel.from_run(args.run, args.checkpoint, device=args.device, merge=not args.base)
     else:
         chat = ChatModel.from_model(ModelConfig(name=args.model, device=args.device or "auto"))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -36,7 +36,8 @@ def run(args) -> int:
         [{"role": "user", "content": args.prompt}]
     if args.json:
         reply = chat.reply(messages, settings, use_adapter=not args.base, raw=args.raw)
-        print(json.dumps({"reply": reply, "model": chat.label, "adapter": chat.has_adapter and not args.base}))
+        print(json.dumps({"reply": reply, "model": chat.label, "adapter": chat.has_adapter and not args.base,
+                          "merged": chat.merged is not None}))
         return 0
     for piece in chat.stream(messages, settings, use_adapter=not args.base, raw=args.raw):
         print(piece, end="", flush=True)

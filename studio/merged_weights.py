@@ -42,6 +42,7 @@ class MergedWeights:
     def base_weights(self) -> Iterator[None]:
         """Run the base model: the original parameters swapped in, every other adapter part switched off."""
         info = self.model.studio_adapter
+        previous = info.enabled
         _put(self.originals)
         info.enabled = False
         set_adapter_enabled(self.model, False)
@@ -49,8 +50,8 @@ class MergedWeights:
             yield
         finally:
             _put(self.merged)
-            info.enabled = True
-            set_adapter_enabled(self.model, True)
+            info.enabled = previous
+            set_adapter_enabled(self.model, previous)
 
 
 def merge_for_chat(model: nn.Module) -> tuple[MergedWeights | None, str]:

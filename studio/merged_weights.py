@@ -116,9 +116,11 @@ def _unmerge(model: nn.Module, wrappers: list[nn.Module], originals: Params) -> 
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free for new tensors on the device (host RAM available for the CPU)."""
+    """Memory free for new tensors on the device (host RAM available for the CPU); on CUDA what the driver
+    has free plus what torch's allocator holds unused (a model dropped before this one left it there)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + unused)
     try:
         import psutil
         return int(psutil.virtual_memory().available)

@@ -4,6 +4,7 @@ tiny architecture: tests/test_method_matrix.py.)"""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from studio.chat import ChatModel, GenerationSettings
 from studio.config import load_config
@@ -74,3 +75,11 @@ def test_bench_chat_times_base_unmerged_and_merged_generation(capsys, tmp_path):
     table = subprocess.run([sys.executable, "baselines/bench_table.py", str(out)], capture_output=True, text=True,
                            check=True).stdout
     assert "| tiny-llama | float32 | adapter, merged |" in table
+
+
+def test_free_memory_on_cuda_counts_what_torch_holds_unused(monkeypatch):
+    from studio.merged_weights import free_bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 * 2**30)
+    assert free_bytes(torch.device("cuda")) == 7 * 2**30

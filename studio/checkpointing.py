@@ -146,8 +146,9 @@ def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool, graphs: boo
     captured); returns a line for the user when a setting has no effect here."""
     t = train_cfg
     if not t.gradient_checkpointing:
-        if t.offload_checkpoints:
-            return "train.offload_checkpoints only applies with train.gradient_checkpointing on; it is ignored."
+        unused = [f"train.{name}" for name in ("offload_checkpoints", "checkpoint_budget_gb") if getattr(t, name)]
+        if unused:
+            return f"{' and '.join(unused)}: these apply only with train.gradient_checkpointing on; ignored."
         return None
     offloader = None
     if t.offload_checkpoints and not cpu:

@@ -150,6 +150,8 @@ def test_small_tensors_and_other_devices_stay_where_they_are():
 def test_setup_checkpointing_says_when_offloading_does_nothing(tiny_model):
     model = tiny_model()
     assert "ignored" in setup_checkpointing(model, TrainConfig(offload_checkpoints=True), cpu=True)
+    note = setup_checkpointing(model, TrainConfig(offload_checkpoints=True, checkpoint_budget_gb=20), cpu=True)
+    assert "train.offload_checkpoints and train.checkpoint_budget_gb" in note and "ignored" in note
     note = setup_checkpointing(model, TrainConfig(gradient_checkpointing=True, offload_checkpoints=True), cpu=True)
     assert "no effect on the CPU" in note
     assert setup_checkpointing(model, TrainConfig(gradient_checkpointing=True), cpu=False) is None

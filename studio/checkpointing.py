@@ -148,7 +148,7 @@ def setup_checkpointing(model: nn.Module, train_cfg: Any, cpu: bool, graphs: boo
     if not t.gradient_checkpointing:
         unused = [f"train.{name}" for name in ("offload_checkpoints", "checkpoint_budget_gb") if getattr(t, name)]
         if unused:
-            return f"{' and '.join(unused)}: these apply only with train.gradient_checkpointing on; ignored."
+            return f"{' and '.join(unused)}: used only with train.gradient_checkpointing on, so ignored here."
         return None
     offloader = None
     if t.offload_checkpoints and not cpu:

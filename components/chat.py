@@ -105,7 +105,7 @@ def respond(form: SectionForm, prompt: str, run_name: str | None, ckpt: str | No
     try:
         settings = settings_from(form, list(gen_values))
         run = state.ws().run(run_name or "")
-        model = state.chat_model(run, None if ckpt in (None, "", FINAL) else ckpt)
+        model = state.chat_model(run, None if ckpt in (None, "", FINAL) else ckpt, settings.precision)
     except StudioError as e:
         gr.Warning(str(e))
         yield [gr.skip()] * 6 + [f"<div class='verdict bad'>✗ {html.escape(str(e))}</div>"]

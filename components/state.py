@@ -79,15 +79,15 @@ def current_run() -> RunDir | None:
     return runs[0] if runs else None
 
 
-def chat_model(run: RunDir, checkpoint: str | None = None):
-    """The ChatModel for (run, checkpoint), loaded once; loading another frees the previous one."""
+def chat_model(run: RunDir, checkpoint: str | None = None, dtype: str = "auto"):
+    """The ChatModel for (run, checkpoint, weights' dtype), loaded once; loading another frees the previous one."""
     from studio.chat import ChatModel
-    key = f"{run.path}|{checkpoint or ''}"
+    key = f"{run.path}|{checkpoint or ''}|{dtype}"
     with _chat_lock:
         if _chat["key"] != key:
             _chat.update(key=None, model=None)  # drop the old model before loading the next
             folder = run.path / "checkpoints" / checkpoint if checkpoint else None
-            _chat.update(key=key, model=ChatModel.from_run(run.path, folder))
+            _chat.update(key=key, model=ChatModel.from_run(run.path, folder, dtype=dtype))
         return _chat["model"]
 
 

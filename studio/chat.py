@@ -29,6 +29,9 @@ class GenerationSettings:
     num_beams: int = opt(1, "Beam search width (1 = off; no streaming with beams)")
     do_sample: bool = opt(True, "Sample (true) or pick the most likely token (false)")
     seed: int = opt(0, "Seed, so base and tuned see the same randomness")
+    precision: str = opt("auto", "Weights while chatting (auto = as the run trained; bfloat16 reads half the bytes "
+                                 "a token: on a CPU with bf16 hardware about 1.8x the tokens/s of float32)",
+                         ("auto", "bfloat16", "float16", "float32"))
 
     def generate_kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
@@ -51,9 +54,10 @@ class ChatModel:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None,
-                 device: str | None = None, merge: bool = True) -> "ChatModel":
-        """Load the run's base model and its final adapter (or a checkpoints/step-N folder); merge: into a
-        copy of the weights where that is exact and fits (ChatModel.merge)."""
+                 device: str | None = None, merge: bool = True, dtype: str = "auto") -> "ChatModel":
+        """Load the run's base model and its final adapter (or a checkpoints/step-N folder); device and
+        dtype (of a 16/32-bit base) override the run's; merge: into a copy of the weights where that is exact
+        and fits (ChatModel.merge)."""
         from .checkpoint import load_adapter
         from .models import load_model
         from .rundir import RunDir
@@ -70,6 +74,8 @@ class ChatModel:
         mcfg = cfg.model
         if device:
             mcfg = ModelConfig(**{**asdict(mcfg), "device": device})
+        if dtype != "auto" and mcfg.quantization == "none":
+            mcfg = ModelConfig(**{**asdict(mcfg), "dtype": dtype})
         model, tok = load_model(mcfg, seed=cfg.train.seed)
         load_adapter(model, folder)
         chat = cls(model, tok, label=f"{run.name}:{Path(folder).name}")

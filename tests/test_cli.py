@@ -46,6 +46,8 @@ def test_chat_json_tuned_and_base(trained_run):
     assert isinstance(tuned["reply"], str) and isinstance(base["reply"], str)
     raw = json.loads(cli(*args, "--raw").stdout)
     assert isinstance(raw["reply"], str)
+    half = json.loads(cli(*args, "--dtype", "bfloat16").stdout)  # weights in bf16 while chatting
+    assert isinstance(half["reply"], str) and half["merged"] is True
 
 
 def test_export_merged_loads_in_plain_transformers(trained_run, tmp_path):

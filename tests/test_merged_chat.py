@@ -83,3 +83,13 @@ def test_free_memory_on_cuda_counts_what_torch_holds_unused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 * 2**30)
     assert free_bytes(torch.device("cuda")) == 7 * 2**30
+
+
+def test_a_run_can_chat_in_bfloat16_merged_too(run_dir):
+    """GenerationSettings.precision / `chat --dtype`: a fp32 run's base loaded in bf16 (faster decoding on a
+    CPU with bf16 hardware); the adapter merges within bf16's rounding, answers as the unmerged bf16 model."""
+    chat = ChatModel.from_run(run_dir, device="cpu", dtype="bfloat16")
+    assert chat.model.dtype == torch.bfloat16 and chat.merged is not None, chat.merge_note
+    plain = ChatModel.from_run(run_dir, device="cpu", dtype="bfloat16", merge=False)
+    assert chat.reply("Say hello.", GREEDY, use_adapter=False) == plain.reply("Say hello.", GREEDY, use_adapter=False)
+    assert isinstance(chat.reply("What is 2 + 3?", GREEDY), str)

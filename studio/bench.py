@@ -83,7 +83,8 @@ CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lor
             Row("gemma-3-270m", "lora", 2, 128, False, "prompt", "bf16")]
 
 
-def _method_cfg(method: str) -> dict:
+def bench_method_cfg(method: str) -> dict:
+    """The method config of a bench row: full fine-tuning, or LoRA r16 on every linear layer (QLoRA too)."""
     if method == "full":
         return {"name": "full", "keep_base_copy": False}
     return {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -159,7 +160,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     graphs = engine == "studio" and graphs_wanted(row, device, parameter_count(model), compile)  # as the trainer
     if engine == "studio":
         from .methods import apply_method, method_config
-        apply_method(model, method_config(_method_cfg(row.method)))
+        apply_method(model, method_config(bench_method_cfg(row.method)))
         if row.grad_ckpt:
             from .offload import CheckpointOffloader
             enable_gradient_checkpointing(model, recomputed_share(row, device),
@@ -174,7 +175,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     else:
         copies = None
         baseline = importlib.import_module("baselines.peft_baseline")  # outside the engine; needs peft
-        cfg = _method_cfg(row.method)
+        cfg = bench_method_cfg(row.method)
         if row.grad_ckpt:  # as a transformers user turns it on
             transformers_checkpointing(model)
         model = baseline.prepare(model, row.method, cfg.get("r", 0), cfg.get("lora_alpha", 0))
@@ -249,7 +250,7 @@ def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) 
     from .step_graph import graph_blocker, graphs_decision
     if row.graphs != "auto":
         return row.graphs == "on"
-    cfg = method_config(_method_cfg(row.method))
+    cfg = method_config(bench_method_cfg(row.method))
     blocker = graph_blocker(device=device, task="causal_lm", method=get_method(cfg.name), method_cfg=cfg,
                             mixed_precision="bf16", processes=1, compile=compile, offload=row.offload,
                             packed_length=row.seq if row.packed else 0)
@@ -300,8 +301,8 @@ def row_config(row: Row) -> Any:
     train = {"batch_size": row.batch, "gradient_checkpointing": row.grad_ckpt, "offload_checkpoints": row.offload}
     if row.fit:
         train["checkpoint_budget_gb"] = gpu_memory(row.fit) / 2**30
-    return RunConfig.from_dict({"model": model, "data": {"max_length": row.seq}, "method": _method_cfg(row.method),
-                                "train": train})
+    return RunConfig.from_dict({"model": model, "data": {"max_length": row.seq},
+                                "method": bench_method_cfg(row.method), "train": train})
 
 
 def recomputed_share(row: Row, device: torch.device) -> float:

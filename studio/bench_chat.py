@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from .bench import bench_method_cfg
 from .machine_facts import machine_facts
 from .memory_bench import random_base_model
 
@@ -33,8 +34,7 @@ def chat_rows(device: torch.device, shapes: list[str] | None = None, prompt_toke
     for shape in shapes or CHAT_SHAPES["cuda" if device.type == "cuda" else "cpu"]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = random_base_model(shape, device, dtype)
-        apply_method(model, method_config({"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-                                           "target_modules": "all-linear"}))
+        apply_method(model, method_config(bench_method_cfg("lora")))  # the speed bench's LoRA
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for name, p in model.named_parameters():

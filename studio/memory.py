@@ -496,11 +496,12 @@ def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -
     details: checkpoint_budget (bytes), checkpoint_fits, checkpointed_layers (what the trainer then
     recomputes) and layers."""
     budget = int(run_cfg.train.checkpoint_budget_gb * 2**30)
-    layers = estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0})).details["layers"]
+    every = estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0, "train.checkpoint_fraction": 1.0}))
+    layers = every.details["layers"]
     best = None
     for k in range(layers + 1):
-        trial = estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
-                                               "train.checkpoint_fraction": k / max(layers, 1)}))
+        trial = every if k == layers else estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
+                                                                        "train.checkpoint_fraction": k / layers}))
         if trial.total <= budget:
             best = trial
             break
@@ -714,8 +715,8 @@ def best_switch(run_cfg: Any, gpu: str) -> list[tuple[str, int]]:
     base = estimate(run_cfg, device).total
     options = switches(run_cfg)
     tc = run_cfg.train
-    fitted = not (tc.gradient_checkpointing and tc.checkpoint_budget_gb > 0)
-    if fitted:
+    offer_fitted = not (tc.gradient_checkpointing and tc.checkpoint_budget_gb > 0)
+    if offer_fitted:
         options.insert(0, (f"gradient checkpointing fitted to {gpu}",
                            {"train.gradient_checkpointing": True, "train.checkpoint_budget_gb": mem / 2**30}))
     rows = []
@@ -724,7 +725,7 @@ def best_switch(run_cfg: Any, gpu: str) -> list[tuple[str, int]]:
             est = estimate(_with(run_cfg, **changes), device)
         except StudioError:
             continue
-        fits, first = est.total <= mem, fitted and k == 0
+        fits, first = est.total <= mem, offer_fitted and k == 0
         if first:
             if not fits:
                 continue  # then the plain checkpointing switches below say what it can do

@@ -62,7 +62,7 @@ def merge_for_chat(model: nn.Module) -> tuple[MergedWeights | None, str]:
         return None, "The adapter runs unmerged (this method does not merge into the base weights)."
     wrappers = [m for m in model.modules() if isinstance(m, WrappedLinear) and hasattr(m, "merge")]
     layers = [m.base_layer for m in wrappers]
-    if any(type(layer).__module__.startswith("bitsandbytes") for layer in layers):
+    if any(type(layer) is not nn.Linear for layer in layers):  # the rule the methods' own merges follow
         return None, ("The adapter runs unmerged: its base is 4-/8-bit, and merging needs 16-bit weights "
                       "(export --merge writes a merged 16-bit model).")
     extra = sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters(recurse=False))
@@ -70,7 +70,7 @@ def merge_for_chat(model: nn.Module) -> tuple[MergedWeights | None, str]:
     if not layers or extra > HEADROOM * free_bytes(device):
         return None, (f"The adapter runs unmerged: a merged copy of the adapted weights ({extra / 2**30:.2f} GiB) "
                       "does not fit beside the model.")
-    probe = _probe_ids(model)
+    probe = _probe_ids(model, device)
     want_tuned = _logits(model, probe)
     with info.method.disable_adapter(model):
         want_base = _logits(model, probe)
@@ -128,9 +128,8 @@ def free_bytes(device: torch.device) -> int:
         return 0
 
 
-def _probe_ids(model: nn.Module) -> torch.Tensor:
+def _probe_ids(model: nn.Module, device: torch.device) -> torch.Tensor:
     vocab = int(model.config.get_text_config().vocab_size)
-    device = next(model.parameters()).device
     return (torch.arange(1, 17, device=device) * 7919 % vocab).unsqueeze(0)  # 16 tokens spread over the vocabulary
 
 

@@ -27,7 +27,7 @@ def speed_table(rows: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or r.get("oom"):
-            result = [f"error: {r['error'][:80]}" if "error" in r else "out of memory"] + [""] * 8
+            result = [f"error: {' '.join(r['error'][:80].split())}" if "error" in r else "out of memory"] + [""] * 8
         else:
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
             speed = f"{r['speedup_vs_peft']:.2f}x" if "speedup_vs_peft" in r else ""
@@ -41,7 +41,8 @@ def speed_table(rows: list[dict]) -> list[str]:
         if r.get("fit"):  # the fewest recomputed layers that fit that card
             k, n = r.get("checkpointed_layers") or ("?", "?")
             ckpt = f"{k} of {n} layers (fit {r['fit']})"
-        cells = [r["shape"], r["method"], f"{r['batch']}x{r['seq']}", ckpt,
+        method = r["method"] + (" (preset)" if r.get("preset") else "")  # bench --methods: the preset's settings
+        cells = [r["shape"], method, f"{r['batch']}x{r['seq']}", ckpt,
                  "on" if r.get("offload") else "", engine, *result]
         out.append("| " + " | ".join(cells) + " |")
     return out

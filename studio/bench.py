@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -43,7 +44,7 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM (the target's refere
 @dataclass
 class Row:
     shape: str
-    method: str  # lora | qlora | full
+    method: str  # lora | qlora | full (the reference settings), or with preset=True any method or preset name
     batch: int
     seq: int
     grad_ckpt: bool
@@ -54,10 +55,12 @@ class Row:
     graphs: str = "auto"  # ours only: train.cuda_graphs (auto: replayed on CUDA where the step is host-bound)
     packed: bool = False  # each row packs examples of 64-512 tokens (data.packing): both engines get the same
     fit: str = ""  # ours only, with grad_ckpt: recompute the fewest layers that fit this GPU (train.checkpoint_budget_gb)
+    preset: bool = False  # the method at its preset's own settings (the methods grid), not LoRA r16 on all linear layers
 
     def baseline_key(self) -> tuple:
         """The settings the peft baseline sees (offloading, kernels, graphs are ours alone: variants share one)."""
-        return self.shape, self.method, self.batch, self.seq, self.grad_ckpt, self.labels, self.precision, self.packed
+        return (self.shape, self.method, self.batch, self.seq, self.grad_ckpt, self.labels, self.precision,
+                self.packed, self.preset)
 
 
 GPU_GRID = [Row("qwen2.5-0.5b", "lora", 4, 1024, False), Row("qwen2.5-0.5b", "lora", 4, 1024, True),
@@ -83,11 +86,31 @@ CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lor
             Row("gemma-3-270m", "lora", 2, 128, False, "prompt", "bf16")]
 
 
-def bench_method_cfg(method: str) -> dict:
-    """The method config of a bench row: full fine-tuning, or LoRA r16 on every linear layer (QLoRA too)."""
+# peft types peft itself trains: the methods grid's rows (each preset of ours whose adapter files peft loads)
+PEFT_TRAINS = ("LORA", "LOHA", "LOKR", "IA3", "ADALORA", "VERA", "GLORA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+# a preset's settings the bench changes: a text-initialised prompt needs a tokenizer, a random-init model has none
+PRESET_OVERRIDES = {"prompt_tuning": {"prompt_tuning_init": "RANDOM"}}
+BENCH_LR = 1e-5
+BENCH_TOTAL_STEPS = 100  # the schedule length step hooks see (AdaLoRA's rank budget), both engines
+
+
+def bench_method_cfg(method: str, preset: bool = False) -> dict:
+    """The method config of a bench row: full fine-tuning, or LoRA r16 on every linear layer (QLoRA too);
+    preset: the named method or preset at its own settings."""
+    if preset:
+        return {"name": method} | PRESET_OVERRIDES.get(method, {})
     if method == "full":
         return {"name": "full", "keep_base_copy": False}
     return {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def methods_grid(device: torch.device) -> list[Row]:
+    """One row per preset peft can train too, at the preset's settings (no 4-bit presets): the default model
+    at 2 x 128 on the CPU, Qwen2.5-0.5B at 4 x 1,024 on a GPU."""
+    from .methods import presets, resolve
+    shape, batch, seq = ("gemma-3-270m", 2, 128) if device.type == "cpu" else ("qwen2.5-0.5b", 4, 1024)
+    return [Row(shape, name, batch, seq, False, preset=True) for name, p in presets().items()
+            if resolve(name)[0].peft_type in PEFT_TRAINS and not p["requires"]]
 
 
 def flops_per_token(n_params: int, trainable: int, method: str, layers: int, seq: int, hidden: int) -> float:
@@ -119,7 +142,8 @@ def _row_facts(row: Row, engine: str) -> dict[str, Any]:
     return {"shape": row.shape, "method": row.method, "batch": row.batch, "seq": row.seq, "grad_ckpt": row.grad_ckpt,
             "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio",
             "triton": row.triton and engine == "studio", "cuda_graphs": row.graphs if engine == "studio" else "off",
-            "packed": row.packed} | ({"fit": row.fit} if row.fit and engine == "studio" else {})
+            "packed": row.packed} | ({"fit": row.fit} if row.fit and engine == "studio" else {}) | \
+        ({"preset": True} if row.preset else {})
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
@@ -158,9 +182,12 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         torch.cuda.reset_peak_memory_stats()
     n_params = sum(p.numel() for p in model.parameters())
     graphs = engine == "studio" and graphs_wanted(row, device, parameter_count(model), compile)  # as the trainer
+    from .methods import apply_method, method_config
+    fields = bench_method_cfg(row.method, row.preset)
+    fused = device.type in ("cuda", "cpu") or None
     if engine == "studio":
-        from .methods import apply_method, method_config
-        apply_method(model, method_config(bench_method_cfg(row.method)))
+        from .trainer import build_optimizer
+        info = apply_method(model, method_config(fields))
         if row.grad_ckpt:
             from .offload import CheckpointOffloader
             enable_gradient_checkpointing(model, recomputed_share(row, device),
@@ -169,21 +196,38 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         if compile:
             compile_layers(model)
         copies = None if compile else StepCopies.for_model(model, dtype)  # as the trainer (fp32: none)
+        opt = build_optimizer("adamw", info.method.optimizer_groups(model, BENCH_LR, 0.0), BENCH_LR, device)
 
-        def loss_fn(batch):
-            return causal_lm_loss(model, model_batch(batch, model))[0]  # as the trainer's LossModule
+        def loss_fn(batch):  # as the trainer's LossModule, plus the method's regulariser (AdaLoRA, Diff-Pruning)
+            loss = causal_lm_loss(model, model_batch(batch, model))[0]
+            extra = info.method.extra_loss(model)
+            return loss if extra is None else loss + extra
+
+        def before_opt(i: int) -> None:
+            info.method.on_step(model, i, BENCH_TOTAL_STEPS)
+
+        def after_opt(i: int) -> None:
+            info.method.after_optimizer_step(model, i, BENCH_TOTAL_STEPS)
     else:
         copies = None
         baseline = importlib.import_module("baselines.peft_baseline")  # outside the engine; needs peft
-        cfg = bench_method_cfg(row.method)
         if row.grad_ckpt:  # as a transformers user turns it on
             transformers_checkpointing(model)
-        model = baseline.prepare(model, row.method, cfg.get("r", 0), cfg.get("lora_alpha", 0))
+        if not row.preset:
+            model = baseline.prepare(model, row.method, fields.get("r", 0), fields.get("lora_alpha", 0))
+        else:
+            model = _peft_like_ours(row, model, fields, device, dtype, baseline)
+        opt = baseline.optimizer(model, dataclasses.asdict(method_config(fields)), BENCH_LR, fused)
 
         def loss_fn(batch):
             return baseline.loss(model, batch)
+
+        def before_opt(i: int) -> None:
+            pass
+
+        def after_opt(i: int) -> None:
+            baseline.after_optimizer_step(model, i)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type in ("cuda", "cpu") or None)  # as our trainer
     batch = random_batch(model.config.vocab_size, row.batch, row.seq, device)
     if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
         batch["labels"][:, : row.seq // 2] = -100
@@ -202,6 +246,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         return loss.detach()
 
     micro = None
+    counter = [0]
     if graphs:
         from .step_graph import GraphedMicroStep, pad_batch  # as the trainer: padded batch, no mask, replayed
         micro = GraphedMicroStep(forward_backward, params)
@@ -216,13 +261,35 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
             if micro.graph is None:
                 micro.capture(batch)
             loss = micro(batch).clone()  # the graph's output is overwritten by the next replay
+        before_opt(counter[0])
         if copies is not None:
             copies.stale()
         opt.step()
+        after_opt(counter[0])
+        counter[0] += 1
         opt.zero_grad(set_to_none=micro is None)  # a graph adds into its own buffers
         return loss
 
     return Step(run, model, params, opt, batch, n_params, dtype, micro is not None)
+
+
+def _peft_like_ours(row: Row, model: Any, fields: dict, device: torch.device, dtype: torch.dtype,
+                    baseline: Any) -> Any:
+    """peft's counterpart of our preset: LoRA-family presets from the same settings (peft runs its own init);
+    other methods from our adapter's files written by a twin of the row's model (same config and weights)."""
+    import tempfile
+
+    from .checkpoint import save_adapter
+    from .methods import apply_method, get_method, method_config
+    cfg = method_config(fields)
+    if get_method(cfg.name).name == "lora":
+        return baseline.prepare_lora_like(model, dataclasses.asdict(cfg))
+    twin = random_base_model(row.shape, device, dtype)
+    apply_method(twin, cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(twin, Path(folder) / "adapter")
+        del twin
+        return baseline.prepare_from_adapter(model, Path(folder) / "adapter", BENCH_TOTAL_STEPS)
 
 
 def packed_batch(batch: dict, seed: int = 0) -> dict:
@@ -250,7 +317,7 @@ def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) 
     from .step_graph import graph_blocker, graphs_decision
     if row.graphs != "auto":
         return row.graphs == "on"
-    cfg = method_config(bench_method_cfg(row.method))
+    cfg = method_config(bench_method_cfg(row.method, row.preset))
     blocker = graph_blocker(device=device, task="causal_lm", method=get_method(cfg.name), method_cfg=cfg,
                             mixed_precision="bf16", processes=1, compile=compile, offload=row.offload,
                             packed_length=row.seq if row.packed else 0)
@@ -302,7 +369,7 @@ def row_config(row: Row) -> Any:
     if row.fit:
         train["checkpoint_budget_gb"] = gpu_memory(row.fit) / 2**30
     return RunConfig.from_dict({"model": model, "data": {"max_length": row.seq},
-                                "method": bench_method_cfg(row.method), "train": train})
+                                "method": bench_method_cfg(row.method, row.preset), "train": train})
 
 
 def recomputed_share(row: Row, device: torch.device) -> float:

@@ -305,3 +305,43 @@ def test_packed_grid_needs_cuda(capsys):
     from studio.__main__ import main
     assert main(["bench", "--packed-grid", "--device", "cpu"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_methods_grid_holds_every_preset_peft_trains_too():
+    """bench --methods: one row per preset whose adapter peft trains (at the preset's settings), 4-bit ones aside."""
+    from studio.bench import PEFT_TRAINS, methods_grid
+    from studio.methods import presets, resolve
+    cpu = methods_grid(torch.device("cpu"))
+    names = {r.method for r in cpu}
+    assert {"lora", "dora", "rslora", "pissa", "olora", "loraplus", "adalora", "ia3", "loha", "lokr", "vera",
+            "glora", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"} == names
+    assert all(resolve(n)[0].peft_type in PEFT_TRAINS for n in names) and "qlora" in presets()
+    assert all((r.shape, r.batch, r.seq, r.preset, r.grad_ckpt) == ("gemma-3-270m", 2, 128, True, False) for r in cpu)
+    assert {r.shape for r in methods_grid(torch.device("cuda"))} == {"qwen2.5-0.5b"}
+
+
+@pytest.mark.parametrize("method", ["loha", "adalora", "loraplus", "p_tuning_v2", "pissa", "p_tuning"])
+def test_a_preset_row_trains_the_same_adapter_in_both_engines(method):
+    """peft gets our preset's settings: the same adapter files (same initial weights), or for the LoRA family the
+    same LoraConfig fields (PiSSA: peft's own SVD init, equal to ours); LoRA+ through peft's optimizer helper and
+    AdaLoRA's budget step each side's own way. Where weights are shared, the losses of every step match."""
+    rows = list(bench(device="cpu", warmup=1, steps=1, rounds=1, grid=[Row("tiny-llama", method, 2, 16, False,
+                                                                           preset=True)]))
+    theirs, ours = rows
+    assert (theirs["engine"], ours["engine"]) == ("peft", "studio") and ours["preset"] and theirs["preset"]
+    assert "error" not in theirs and "error" not in ours and ours["speedup_vs_peft"] > 0
+    if method == "p_tuning":  # peft trains its prompt encoder from its own init (our files hold its output)
+        return
+    assert ours["loss_first_last"] == pytest.approx(theirs["loss_first_last"], abs=2e-4)
+
+
+def test_bench_methods_cli_runs_the_methods_grid(monkeypatch, capsys):
+    import studio.bench as bench_mod
+    seen = {}
+
+    def fake_bench(*args, grid=None, **kwargs):
+        seen["grid"] = grid
+        return iter([])
+    monkeypatch.setattr(bench_mod, "bench", fake_bench)
+    assert main(["bench", "--methods", "--device", "cpu"]) == 0
+    assert seen["grid"] == bench_mod.methods_grid(torch.device("cpu"))

@@ -24,6 +24,8 @@ def add_arguments(p) -> None:
                    help="both sides of train.cuda_graphs=auto's line (3B at 4x2048, 7B at 1x512; eager and replayed)")
     p.add_argument("--packed-grid", action="store_true",
                    help="packed rows (examples of 64-512 tokens): ours eager (varlen attention) and replayed (block mask)")
+    p.add_argument("--methods", action="store_true",
+                   help="every preset peft trains too, at the preset's settings (default model on the CPU, 0.5B on a GPU)")
     p.add_argument("--chat", action="store_true",
                    help="chat speed: greedy generation from the base, the adapter unmerged, and merged (tokens/s)")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b)")
@@ -42,7 +44,7 @@ def run(args) -> int:
             rows = chat_rows(resolve_device(args.device), args.only.split(",") if args.only else None,
                              rounds=args.rounds or 3)
         else:
-            from ..bench import GRAPHS_GRID, PACKED_GRID, bench
+            from ..bench import GRAPHS_GRID, PACKED_GRID, bench, methods_grid
             from ..models import resolve_device
             if (args.graphs_grid or args.packed_grid) and resolve_device(args.device).type != "cuda":
                 flag = "--graphs-grid" if args.graphs_grid else "--packed-grid"
@@ -51,7 +53,8 @@ def run(args) -> int:
             rows = bench(args.quick, args.device, not args.no_peft, args.warmup, args.steps, rounds=args.rounds,
                          compile=args.compile, only=args.only.split(",") if args.only else None,
                          triton_ab=args.triton_ab, eager_ab=args.eager_ab,
-                         grid=GRAPHS_GRID if args.graphs_grid else PACKED_GRID if args.packed_grid else None)
+                         grid=GRAPHS_GRID if args.graphs_grid else PACKED_GRID if args.packed_grid else
+                         methods_grid(resolve_device(args.device)) if args.methods else None)
         for row in rows:
             line = json.dumps(row)
             print(line, flush=True)

@@ -28,7 +28,7 @@ def build_calc_form(methods: list[dict] | None = None) -> RunForm:
 
 def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
     """[memory figure, verdict, fit figure, fit rows, answers html, switch rows, params html]."""
-    from studio.memory import best_switch, estimate_inference, fit_table, largest_fitting
+    from studio.memory import best_switch, fit_table, largest_fitting
     try:
         cfg = form.to_config(values)
         fig, verdict = memory_panel(cfg, gpu=gpu)
@@ -52,15 +52,7 @@ def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
             answers.append(f"<div class='tile'><div class='t-label'>Largest {label}</div>"
                            f"<div class='t-value'>–</div><div class='t-sub'>{html.escape(str(e))}</div></div>")
     answers.append(checkpointing_tile(cfg, gpu))
-    try:
-        inf = estimate_inference(cfg.model.name, cfg.data.max_length, 1,
-                                 dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
-                                 quantization=cfg.model.quantization)
-        answers.append(f"<div class='tile'><div class='t-label'>Chat (inference)</div>"
-                       f"<div class='t-value'>{fmt_bytes(inf['total'])}</div>"
-                       f"<div class='t-sub'>{cfg.data.max_length} tokens context, KV {fmt_bytes(inf['kv_cache'])}</div></div>")
-    except (StudioError, Exception):  # noqa: BLE001 - an extra answer, never a failure of the tab
-        pass
+    answers.append(chat_tile(cfg))
     try:
         switches = [[label, fmt_bytes(saved)] for label, saved in best_switch(cfg, gpu)]
     except StudioError:
@@ -68,6 +60,20 @@ def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
     head, _, _ = params_panel(cfg)
     return [fig, verdict, fit_figure(fit_rows), rows, "<div class='tiles'>" + "".join(answers) + "</div>",
             switches, head]
+
+
+def chat_tile(cfg: Any) -> str:
+    """Chatting with the run on a GPU: base weights + adapter + KV cache, and the merged copy the chat adds."""
+    from studio.memory import estimate_chat
+    try:
+        inf = estimate_chat(cfg, cfg.data.max_length, cfg.model.dtype)
+    except Exception:  # noqa: BLE001 - an extra answer, never a failure of the tab
+        return ""
+    merged = (f"; +{fmt_bytes(inf['merged_copy'])} for a merged copy (base-speed answers, made where it fits)"
+              if inf["merged_copy"] else "")
+    return (f"<div class='tile'><div class='t-label'>Chat (inference)</div><div class='t-value'>{fmt_bytes(inf['total'])}"
+            f"</div><div class='t-sub'>{cfg.data.max_length} tokens context, KV {fmt_bytes(inf['kv_cache'])}"
+            f"{merged}</div></div>")
 
 
 def checkpointing_tile(cfg: Any, gpu: str) -> str:

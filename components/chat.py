@@ -56,23 +56,23 @@ def memory_note(run_name: str | None) -> str:
     """What chatting with this run needs in memory (weights + KV cache), from its config alone."""
     if not run_name:
         return "<div class='muted'>Pick a run; its base model and adapter load on the first message.</div>"
-    from studio.memory import estimate_inference
+    from studio.memory import estimate_chat
     from studio.trainer import use_cpu
 
     from .charts import fmt_bytes
     try:
         cfg = state.ws().run(run_name).config()
         cpu = use_cpu(cfg)
-        dtype = "float32" if cfg.model.dtype == "auto" and cpu else \
-            ("bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)
         context = cfg.data.max_length + GenerationSettings().max_new_tokens
-        inf = estimate_inference(cfg.model.name, context, 1, dtype=dtype, quantization=cfg.model.quantization,
-                                 device="cpu" if cpu else "cuda")
+        inf = estimate_chat(cfg, context, cfg.model.dtype, "cpu" if cpu else "cuda")
     except Exception as e:  # noqa: BLE001 - an estimate is a hint; chatting still works without it
         return f"<div class='muted'>{html.escape(run_name)}: loads on the first message ({html.escape(str(e)[:120])}).</div>"
+    merged = (f" Merging the adapter for base-speed answers adds a copy of the adapted weights "
+              f"({fmt_bytes(inf['merged_copy'])}), made only where it fits." if inf["merged_copy"] else "")
     return (f"<div class='muted'>{html.escape(run_name)}: loads on the first message; chatting needs about "
-            f"<b>{fmt_bytes(inf['total'])}</b> ({fmt_bytes(inf['weights'])} weights + {fmt_bytes(inf['kv_cache'])} "
-            f"KV cache for {context} tokens) on {'CPU' if cpu else 'the GPU'}, one copy for base and tuned.</div>")
+            f"<b>{fmt_bytes(inf['total'])}</b> ({fmt_bytes(inf['weights'])} weights + {fmt_bytes(inf['adapter'])} "
+            f"adapter + {fmt_bytes(inf['kv_cache'])} KV cache for {context} tokens) on {'CPU' if cpu else 'the GPU'}, "
+            f"one model for base and tuned.{merged}</div>")
 
 
 def labels(mode: str, revealed: dict | None = None, **extra: Any) -> list[Any]:

@@ -592,6 +592,26 @@ def estimate_inference(model_ref_or_config: Any, context_len: int, batch: int = 
             "total": context + weights + kv + prefill, "context_len": context_len, "batch": batch}
 
 
+def estimate_chat(run_cfg: Any, context_len: int, dtype: str = "auto", device: str = "cuda") -> dict[str, int]:
+    """What the chat tab holds for a run: estimate_inference of its base, plus the adapter's own weights
+    ("adapter") and the merged copy of the adapted layers ("merged_copy", 0 where the chat cannot merge);
+    "total" counts the adapter, "total_merged" the copy too (made only where it fits: merged_weights)."""
+    from .merged_weights import copy_bytes, merge_plan
+    from .params import meta_model
+    pdtype = _dtype(dtype, device)
+    out = dict(estimate_inference(run_cfg.model.name, context_len, 1, str(pdtype).removeprefix("torch."),
+                                  run_cfg.model.quantization, device))
+    base: set[int] = set()
+    model = meta_model(run_cfg, dtype=pdtype, before_apply=lambda m: base.update(id(p) for p in m.parameters()))
+    out["adapter"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                         if id(p) not in base)
+    wrappers, why_not = merge_plan(model)
+    out["merged_copy"] = 0 if why_not or run_cfg.model.quantization != "none" else copy_bytes(wrappers)
+    out["total"] += out["adapter"]
+    out["total_merged"] = out["total"] + out["merged_copy"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ calculator
 @lru_cache(maxsize=1)
 def gpu_presets() -> dict[str, dict]:

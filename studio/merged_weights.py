@@ -57,15 +57,12 @@ class MergedWeights:
 def merge_for_chat(model: nn.Module) -> tuple[MergedWeights | None, str]:
     """Merge the model's adapter for generation if it can be done exactly and fits: (merged weights or None,
     a line saying which and why)."""
-    info = getattr(model, "studio_adapter", None)
-    if info is None or not info.method.mergeable:
-        return None, "The adapter runs unmerged (this method does not merge into the base weights)."
-    wrappers = [m for m in model.modules() if isinstance(m, WrappedLinear) and hasattr(m, "merge")]
+    wrappers, why_not = merge_plan(model)
+    if why_not:
+        return None, why_not
+    info = model.studio_adapter
     layers = [m.base_layer for m in wrappers]
-    if any(type(layer) is not nn.Linear for layer in layers):  # the rule the methods' own merges follow
-        return None, ("The adapter runs unmerged: its base is 4-/8-bit, and merging needs 16-bit weights "
-                      "(export --merge writes a merged 16-bit model).")
-    extra = sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters(recurse=False))
+    extra = copy_bytes(wrappers)
     device = next(model.parameters()).device
     if not layers or extra > HEADROOM * free_bytes(device):
         return None, (f"The adapter runs unmerged: a merged copy of the adapted weights ({extra / 2**30:.2f} GiB) "
@@ -90,6 +87,23 @@ def merge_for_chat(model: nn.Module) -> tuple[MergedWeights | None, str]:
         _unmerge(model, wrappers, originals)
         return None, "The adapter runs unmerged (merged, it did not give the unmerged model's answers)."
     return merged, "The adapter is merged into a copy of the weights: tuned answers generate at the base's speed."
+
+
+def merge_plan(model: nn.Module) -> tuple[list[nn.Module], str | None]:
+    """The adapted layers a chat merge would copy, or (none, the line saying why the adapter stays unmerged)."""
+    info = getattr(model, "studio_adapter", None)
+    if info is None or not info.method.mergeable:
+        return [], "The adapter runs unmerged (this method does not merge into the base weights)."
+    wrappers = [m for m in model.modules() if isinstance(m, WrappedLinear) and hasattr(m, "merge")]
+    if any(type(m.base_layer) is not nn.Linear for m in wrappers):  # the rule the methods' own merges follow
+        return [], ("The adapter runs unmerged: its base is 4-/8-bit, and merging needs 16-bit weights "
+                    "(export --merge writes a merged 16-bit model).")
+    return wrappers, None
+
+
+def copy_bytes(wrappers: list[nn.Module]) -> int:
+    """Bytes of the merged copy: every parameter of the adapted base layers (on the meta device too)."""
+    return sum(p.numel() * p.element_size() for m in wrappers for p in m.base_layer.parameters(recurse=False))
 
 
 def _entries(like: Params) -> Params:

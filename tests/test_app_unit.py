@@ -219,6 +219,7 @@ def test_chat_tab_says_what_chatting_needs_in_memory(trained, ws):
     from components.chat import memory_note
     note = memory_note("unit-run")
     assert "chatting needs about" in note and "KV cache" in note and "CPU" in note
+    assert "adapter +" in note and "adds a copy of the adapted weights" in note  # LoRA merges where it fits
     assert "Pick a run" in memory_note(None)
 
 
@@ -267,6 +268,7 @@ def test_calculator_answers(ws):
     assert "Largest batch size" in answers and "trainable" in params and switches
     # 7B's 16-bit weights alone (15.2 GB) are more than a T4 holds: no checkpointing fits
     assert "Fastest checkpointing that fits</div><div class='t-value'>none" in answers
+    assert "Chat (inference)" in answers and "for a merged copy" in answers
 
 
 def test_stop_then_resume(run_form, ws, trained):

@@ -204,6 +204,23 @@ def test_inference_estimate():
     assert q["weights"] < a["weights"] / 2.5
 
 
+def test_chat_estimate_counts_the_adapter_and_the_merged_copy():
+    """The chat holds the base, the adapter and, for a merge at base speed, a copy of the adapted layers."""
+    from studio.memory import estimate_chat
+    lora = RunConfig.from_dict({"model": {"name": "llama-3.1-8b"}, "method": {"name": "lora", "r": 8,
+                                "target_modules": ["q_proj", "v_proj"]}})
+    e = estimate_chat(lora, 8192)
+    base = estimate_inference("llama-3.1-8b", 8192, 1, "bfloat16")
+    q, v = 4096 * 4096, 1024 * 4096  # per layer, bf16
+    assert e["merged_copy"] == 32 * (q + v) * 2
+    assert e["adapter"] == 32 * 8 * (4096 + 4096 + 4096 + 1024) * 4  # fp32 A and B
+    assert e["total"] == base["total"] + e["adapter"] and e["total_merged"] == e["total"] + e["merged_copy"]
+    qlora = RunConfig.from_dict({"model": {"name": "llama-3.1-8b", "quantization": "nf4"}, "method": {"name": "qlora"}})
+    assert estimate_chat(qlora, 8192)["merged_copy"] == 0  # a 4-bit base chats unmerged
+    soft = RunConfig.from_dict({"model": {"name": "llama-3.1-8b"}, "method": {"name": "prompt_tuning"}})
+    assert estimate_chat(soft, 8192)["merged_copy"] == 0 and estimate_chat(soft, 8192)["adapter"] > 0
+
+
 def test_cli_json(capsys):
     from studio.__main__ import main
     assert main(["estimate", "--set", "model.name=qwen2.5-0.5b", "--set", "data.max_length=256",

@@ -10,7 +10,7 @@
 # as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), chat speed
 # (bench --chat: base, adapter unmerged, merged), every
 # capture-safe method captured for real (graphs_check --methods), bench --packed-grid, the Llama-3.2-1B
-# row, bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, eager and replayed),
+# row, bench --methods (every preset peft trains too, ours vs peft), bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, eager and replayed),
 # a checkpointed torch dropout replayed from a graph (baselines/graph_rng_check.py), with AB=1 the
 # recompute skip (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with
 # MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table.
@@ -75,6 +75,9 @@ run)
   # llama: the Llama-3.2-1B row (8x2048), not in the quick grid; with and without graphs
   want llama && timeout 120 python3 -m studio bench --only llama-3.2-1b --eager-ab --out "$OUT/bench.jsonl" 2>&1 \
     | grep -v Warning | tee -a "$OUT/bench.log"
+  # presets: every preset peft trains too, at its own settings, ours vs peft given the same adapter (0.5B 4x1024)
+  want presets && timeout 240 python3 -m studio bench --methods --steps 3 --out "$OUT/bench_methods.jsonl" 2>&1 \
+    | grep -v Warning | tee "$OUT/bench_methods.log"
   # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below)
   want grid && timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
     | grep -v Warning | tee "$OUT/graphs_grid.log"
@@ -86,7 +89,7 @@ run)
   [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
-  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/chat.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"
+  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"
   ;;
 *) echo "usage: bash baselines/gpu_check.sh fetch|run" >&2; exit 2 ;;
 esac

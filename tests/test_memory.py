@@ -227,6 +227,7 @@ def test_cli_json(capsys):
                  "--gpu", "T4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is True and out["total"] > out["weights"] > 0 and out["largest"]["batch_size"] >= 4
+    assert out["chat"]["total_merged"] > out["chat"]["total"] > out["chat"]["weights"] > 0  # LoRA: merged copy
 
 
 def test_memory_grid_runs_on_cpu():

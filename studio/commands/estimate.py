@@ -17,13 +17,20 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..config import load_config
-    from ..memory import (best_switch, fewest_recomputed, fit_table, format_estimate, human, largest_fitting)
+    from ..memory import (best_switch, estimate_chat, fewest_recomputed, fit_table, format_estimate, human,
+                          largest_fitting)
     from ..memory import estimate as make_estimate
     cfg = load_config(args.config, args.set)
     device = args.device or ("cpu" if args.gpu and args.gpu.lower() in ("cpu", "cpu ram", "ram") else "cuda")
     gpu = args.gpu if args.gpu and device == "cuda" else None
     est = make_estimate(cfg, device, gpu=gpu)
     table = fit_table(cfg)
+    chat = None
+    if cfg.model.task == "causal_lm":  # what the chat tab holds for the run
+        try:
+            chat = estimate_chat(cfg, cfg.data.max_length, cfg.model.dtype, device)
+        except Exception:  # noqa: BLE001 - an extra line; the training estimate above stands without it
+            chat = None
     largest: dict = {}
     switches: list = []
     if args.gpu:
@@ -40,9 +47,14 @@ def run(args) -> int:
         out["fit_table"] = table
         out["largest"] = largest
         out["switches"] = [{"switch": s, "saved_bytes": b} for s, b in switches]
+        out["chat"] = chat
         print(json.dumps(out, default=str))
         return 0
     print(format_estimate(est))
+    if chat:
+        merged = f"; a merged copy for base-speed answers adds {human(chat['merged_copy'])}" if chat["merged_copy"] else ""
+        print(f"\nchatting with it: {human(chat['total'])} ({human(chat['weights'])} weights + {human(chat['adapter'])} "
+              f"adapter + {human(chat['kv_cache'])} KV cache for {cfg.data.max_length} tokens){merged}")
     print("\nfits on:")
     for row in table:
         print(f"  {row['gpu']:<12}{human(row['memory_bytes']):>12}  {'yes' if row['fits'] else 'no':<4}"

@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probe = copy.deepcopy(model_presets()["gemma-3-270m"])
@@ -34,12 +36,15 @@ def main() -> None:
     config.update(num_hidden_layers=a.layers, vocab_size=a.vocab)
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"][: a.layers]
-    model_presets()["probe"] = probe  # the preset table is cached: the bench builds the probe from it
     names = a.methods.split(",") if a.methods else [r.method for r in methods_grid(device)]
-    grid = [r for r in methods_grid(device) if r.method in names]
-    for row in bench(device=device.type, rounds=a.rounds,
-                     grid=[dataclasses.replace(r, shape="probe", batch=a.batch, seq=a.seq) for r in grid]):
-        print(json.dumps(row), flush=True)
+    grid = [dataclasses.replace(r, shape="probe", batch=a.batch, seq=a.seq)
+            for r in methods_grid(device) if r.method in names]
+    model_presets()["probe"] = probe  # the preset table is cached: the bench builds the probe from it
+    try:
+        for row in bench(device=device.type, rounds=a.rounds, grid=grid, steps=a.steps, warmup=a.warmup):
+            print(json.dumps(row), flush=True)
+    finally:
+        del model_presets()["probe"]
 
 
 if __name__ == "__main__":

@@ -345,3 +345,18 @@ def test_bench_methods_cli_runs_the_methods_grid(monkeypatch, capsys):
     monkeypatch.setattr(bench_mod, "bench", fake_bench)
     assert main(["bench", "--methods", "--device", "cpu"]) == 0
     assert seen["grid"] == bench_mod.methods_grid(torch.device("cpu"))
+
+
+def test_methods_probe_runs_presets_on_a_small_vocabulary_shape(monkeypatch, capsys):
+    """baselines/methods_probe.py: the methods bench on a shape whose head is small (the layers' share)."""
+    import sys
+
+    from baselines import methods_probe
+    from studio.models import model_presets
+    monkeypatch.setattr(sys, "argv", ["methods_probe", "--methods", "loha", "--layers", "1", "--batch", "1",
+                                      "--seq", "16", "--rounds", "1", "--steps", "1", "--warmup", "1"])
+    methods_probe.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["shape"], r["method"], r["engine"]) for r in rows] == [("probe", "loha", "peft"), ("probe", "loha", "studio")]
+    assert rows[1]["loss_first_last"] == pytest.approx(rows[0]["loss_first_last"], abs=2e-4)
+    assert "probe" not in model_presets()  # the cached preset table is left as it was

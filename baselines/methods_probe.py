@@ -36,9 +36,8 @@ def main() -> None:
     config.update(num_hidden_layers=a.layers, vocab_size=a.vocab)
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"][: a.layers]
-    names = a.methods.split(",") if a.methods else [r.method for r in methods_grid(device)]
     grid = [dataclasses.replace(r, shape="probe", batch=a.batch, seq=a.seq)
-            for r in methods_grid(device) if r.method in names]
+            for r in methods_grid(device, a.methods or "all")]
     model_presets()["probe"] = probe  # the preset table is cached: the bench builds the probe from it
     try:
         for row in bench(device=device.type, rounds=a.rounds, grid=grid, steps=a.steps, warmup=a.warmup):

@@ -104,13 +104,18 @@ def bench_method_cfg(method: str, preset: bool = False) -> dict:
     return {"name": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
-def methods_grid(device: torch.device) -> list[Row]:
-    """One row per preset peft can train too, at the preset's settings (no 4-bit presets): the default model
-    at 2 x 128 on the CPU, Qwen2.5-0.5B at 4 x 1,024 on a GPU."""
+def methods_grid(device: torch.device, names: str = "all") -> list[Row]:
+    """One row per preset peft can train too (or those of `names`, comma-separated), at the preset's settings
+    (no 4-bit presets): the default model at 2 x 128 on the CPU, Qwen2.5-0.5B at 4 x 1,024 on a GPU."""
     from .methods import presets, resolve
     shape, batch, seq = ("gemma-3-270m", 2, 128) if device.type == "cpu" else ("qwen2.5-0.5b", 4, 1024)
-    return [Row(shape, name, batch, seq, False, preset=True) for name, p in presets().items()
-            if resolve(name)[0].peft_type in PEFT_TRAINS and not p["requires"]]
+    known = [name for name, p in presets().items() if resolve(name)[0].peft_type in PEFT_TRAINS and not p["requires"]]
+    wanted = known if names == "all" else names.split(",")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise ConfigError(f"bench --methods: peft does not train {', '.join(unknown)} here; choose from "
+                          f"{', '.join(known)}.")
+    return [Row(shape, name, batch, seq, False, preset=True) for name in known if name in wanted]
 
 
 def flops_per_token(n_params: int, trainable: int, method: str, layers: int, seq: int, hidden: int) -> float:

@@ -345,6 +345,10 @@ def test_bench_methods_cli_runs_the_methods_grid(monkeypatch, capsys):
     monkeypatch.setattr(bench_mod, "bench", fake_bench)
     assert main(["bench", "--methods", "--device", "cpu"]) == 0
     assert seen["grid"] == bench_mod.methods_grid(torch.device("cpu"))
+    assert main(["bench", "--methods", "dora,vera", "--device", "cpu"]) == 0
+    assert [r.method for r in seen["grid"]] == ["dora", "vera"]
+    with pytest.raises(ConfigError, match="peft does not train adapter"):
+        bench_mod.methods_grid(torch.device("cpu"), "dora,adapter")
 
 
 def test_methods_probe_runs_presets_on_a_small_vocabulary_shape(monkeypatch, capsys):

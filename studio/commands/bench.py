@@ -24,8 +24,9 @@ def add_arguments(p) -> None:
                    help="both sides of train.cuda_graphs=auto's line (3B at 4x2048, 7B at 1x512; eager and replayed)")
     p.add_argument("--packed-grid", action="store_true",
                    help="packed rows (examples of 64-512 tokens): ours eager (varlen attention) and replayed (block mask)")
-    p.add_argument("--methods", action="store_true",
-                   help="every preset peft trains too, at the preset's settings (default model on the CPU, 0.5B on a GPU)")
+    p.add_argument("--methods", nargs="?", const="all", default=None, metavar="PRESETS",
+                   help="every preset peft trains too (or these, comma-separated), at the preset's settings, ours vs "
+                        "peft given the same adapter (default model on the CPU, 0.5B on a GPU)")
     p.add_argument("--chat", action="store_true",
                    help="chat speed: greedy generation from the base, the adapter unmerged, and merged (tokens/s)")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b)")
@@ -54,7 +55,7 @@ def run(args) -> int:
                          compile=args.compile, only=args.only.split(",") if args.only else None,
                          triton_ab=args.triton_ab, eager_ab=args.eager_ab,
                          grid=GRAPHS_GRID if args.graphs_grid else PACKED_GRID if args.packed_grid else
-                         methods_grid(resolve_device(args.device)) if args.methods else None)
+                         methods_grid(resolve_device(args.device), args.methods) if args.methods else None)
         for row in rows:
             line = json.dumps(row)
             print(line, flush=True)

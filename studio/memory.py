@@ -606,7 +606,10 @@ def estimate_chat(run_cfg: Any, context_len: int, dtype: str = "auto", device: s
     out["adapter"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
                          if id(p) not in base)
     wrappers, why_not = merge_plan(model)
-    out["merged_copy"] = 0 if why_not or run_cfg.model.quantization != "none" else copy_bytes(wrappers)
+    # PiSSA/OLoRA move part of the weight into the adapter: their base answers are not the original weights,
+    # so the chat's probe leaves them unmerged (merged_weights)
+    residual = str(getattr(run_cfg.method, "init_lora_weights", "")).lower() in ("pissa", "olora")
+    out["merged_copy"] = 0 if why_not or residual or run_cfg.model.quantization != "none" else copy_bytes(wrappers)
     out["total"] += out["adapter"]
     out["total_merged"] = out["total"] + out["merged_copy"]
     return out

@@ -217,6 +217,8 @@ def test_chat_estimate_counts_the_adapter_and_the_merged_copy():
     assert e["total"] == base["total"] + e["adapter"] and e["total_merged"] == e["total"] + e["merged_copy"]
     qlora = RunConfig.from_dict({"model": {"name": "llama-3.1-8b", "quantization": "nf4"}, "method": {"name": "qlora"}})
     assert estimate_chat(qlora, 8192)["merged_copy"] == 0  # a 4-bit base chats unmerged
+    pissa = RunConfig.from_dict({"model": {"name": "llama-3.1-8b"}, "method": {"name": "pissa"}})
+    assert estimate_chat(pissa, 8192)["merged_copy"] == 0  # its probe keeps it unmerged (merged_weights)
     soft = RunConfig.from_dict({"model": {"name": "llama-3.1-8b"}, "method": {"name": "prompt_tuning"}})
     assert estimate_chat(soft, 8192)["merged_copy"] == 0 and estimate_chat(soft, 8192)["adapter"] > 0
 

@@ -1,6 +1,7 @@
 """Kernel launches a training step issues, counted on the CPU: the launch-bound GPU rows' currency.
 
     python -m baselines.op_count [--shape tiny-qwen2] [--method lora] [--ckpt] [--engines studio,peft]
+    python -m baselines.op_count --presets [dora,vera,...]   (bench --methods' presets at their own settings)
 
 Runs a bench row's step (bf16 base under bf16 autocast, as on CUDA) and counts the aten operations
 that would each launch at least one GPU kernel (views and other metadata-only ops left out), plus the
@@ -69,11 +70,11 @@ def counting_triton(counter: collections.Counter) -> Iterator[None]:
             setattr(module, name, real)
 
 
-def count(shape: str, method: str, batch: int, seq: int, ckpt: bool, engine: str) -> dict:
+def count(shape: str, method: str, batch: int, seq: int, ckpt: bool, engine: str, preset: bool = False) -> dict:
     """One engine's second step (the first does the kernels' checks and the optimizer's set-up), counted."""
     from studio import kernels
     from studio.bench import Row, build_step
-    step = build_step(Row(shape, method, batch, seq, ckpt, precision="bf16"), engine, torch.device("cpu"))
+    step = build_step(Row(shape, method, batch, seq, ckpt, precision="bf16", preset=preset), engine, torch.device("cpu"))
     ops, launches = OpCounter(), collections.Counter()
     with kernels.forced():
         step.run()
@@ -81,7 +82,7 @@ def count(shape: str, method: str, batch: int, seq: int, ckpt: bool, engine: str
             step.run()
     layers = step.model.config.num_hidden_layers
     total = sum(ops.ops.values()) + sum(launches.values())
-    return {"shape": shape, "method": method, "batch": batch, "seq": seq, "grad_ckpt": ckpt, "engine": engine,
+    return {"shape": shape, "method": method, "preset": preset, "batch": batch, "seq": seq, "grad_ckpt": ckpt, "engine": engine,
             "ops_per_step": total, "layers": layers, "ops_per_layer": round(total / layers, 1),
             "top": dict(ops.ops.most_common(25)) | dict(launches)}
 
@@ -94,9 +95,18 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--ckpt", action="store_true")
     p.add_argument("--engines", default="studio,peft")
+    p.add_argument("--presets", nargs="?", const="all", default=None,
+                   help="each preset bench --methods runs (or these, comma-separated), at its own settings")
     a = p.parse_args()
-    for engine in a.engines.split(","):
-        print(json.dumps(count(a.shape, a.method, a.batch, a.seq, a.ckpt, engine)), flush=True)
+    if a.presets:
+        from studio.bench import methods_grid
+        methods = [row.method for row in methods_grid(torch.device("cpu"), a.presets)]
+    else:
+        methods = [a.method]
+    for method in methods:
+        for engine in a.engines.split(","):
+            print(json.dumps(count(a.shape, method, a.batch, a.seq, a.ckpt, engine, a.presets is not None)), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import WrappedLinear, freeze_all, match_targets, replace_module
+from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
 
 
 @dataclass
@@ -69,7 +69,7 @@ class SVDLinear(WrappedLinear):
         result = self.base_layer(x)
         if self.merged or not self.adapter_enabled:
             return result
-        xd = self.lora_dropout(x.to(self.lora_A.dtype))
+        xd = self.lora_dropout(adapter_input(x, self.lora_A.dtype))
         delta = (xd @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling
         return result + delta.to(result.dtype)
 
@@ -138,19 +138,33 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
+        """EMA sensitivity |p·grad| and its uncertainty, for every adapter tensor at once (a few multi-tensor
+        ops a step, not ten small ones per tensor: this runs eagerly between steps, graphs or not)."""
         b1, b2 = self.cfg.beta1, self.cfg.beta2
+        keys, params, grads = [], [], []
         for name, layer in self.layers.items():
             for pname in ("lora_A", "lora_B", "lora_E"):
                 p = getattr(layer, pname)
-                if p.grad is None:
-                    continue
-                key = f"{name}.{pname}"
-                ipt = (p * p.grad).abs()
-                if key not in self.exp_ipt:
-                    self.exp_ipt[key] = torch.zeros_like(p)
-                    self.exp_unc[key] = torch.zeros_like(p)
-                self.exp_ipt[key].mul_(b1).add_((1 - b1) * ipt)
-                self.exp_unc[key].mul_(b2).add_((1 - b2) * (ipt - self.exp_ipt[key]).abs())
+                if p.grad is not None:
+                    keys.append(f"{name}.{pname}")
+                    params.append(p)
+                    grads.append(p.grad)
+        if not keys:
+            return
+        for key, p in zip(keys, params):
+            if key not in self.exp_ipt:
+                self.exp_ipt[key] = torch.zeros_like(p)
+                self.exp_unc[key] = torch.zeros_like(p)
+        exp_ipt, exp_unc = [self.exp_ipt[k] for k in keys], [self.exp_unc[k] for k in keys]
+        ipt = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(ipt)
+        torch._foreach_mul_(exp_ipt, b1)
+        torch._foreach_add_(exp_ipt, torch._foreach_mul(ipt, 1 - b1))
+        spread = torch._foreach_sub(ipt, exp_ipt)
+        torch._foreach_abs_(spread)
+        torch._foreach_mul_(spread, 1 - b2)
+        torch._foreach_mul_(exp_unc, b2)
+        torch._foreach_add_(exp_unc, spread)
 
     def _score(self, key: str, like: torch.Tensor) -> torch.Tensor:
         if key not in self.exp_ipt:

@@ -37,6 +37,13 @@ class WrappedLinear(nn.Module):
 HEAD_NAMES = ("lm_head", "score", "classifier", "cls", "pooler")
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as an adapter's products take it: under autocast as it is (they compute in the 16-bit dtype anyway: an
+    fp32 copy would be cast back, and each adapter would keep its own 16-bit copy instead of sharing x with its
+    neighbours), else in the adapter's dtype."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
 def linear_types() -> tuple[type, ...]:
     """nn.Linear plus the bitsandbytes 4-/8-bit linears when bitsandbytes is already loaded.
 

@@ -16,7 +16,7 @@ from torch import nn
 from .. import seeded_dropout
 from ..errors import ConfigError
 from .base import Method, MethodConfig
-from .common import WrappedLinear, freeze_all, match_targets, replace_module
+from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
 
 
 class DeltaLinear(WrappedLinear):
@@ -66,7 +66,7 @@ class DeltaLinear(WrappedLinear):
             return result
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return result
-        return result + self.delta_forward(x.to(self.adapter_dtype())).to(result.dtype)
+        return result + self.delta_forward(adapter_input(x, self.adapter_dtype())).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -20,7 +20,7 @@ from ..seeded_dropout import SeededDropout, module_drop
 from ..step_copies import current_copies
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import WrappedLinear, freeze_all, match_targets, replace_module
+from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
 from .lora_fused import FusedLoraLinear, compute_dtype, fusable, is_4bit
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -160,9 +160,7 @@ class LoraLinear(WrappedLinear):
                 init = F.linear(F.linear(x.to(self.lora_A_init.dtype), self.lora_A_init), self.lora_B_init)
                 return result + (init * self.scaling).to(result.dtype)
             return result
-        # under autocast A computes in the 16-bit dtype anyway: an fp32 copy of x would be cast back,
-        # and each adapter would keep its own 16-bit copy instead of sharing x with its neighbours
-        xd = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype))
+        xd = self.lora_dropout(adapter_input(x, self.lora_A.weight.dtype))
         if not self.use_dora:
             low = self.lora_A(xd)
             if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):

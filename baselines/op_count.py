@@ -100,7 +100,9 @@ def main() -> None:
     a = p.parse_args()
     if a.presets:
         from studio.bench import methods_grid
-        methods = [row.method for row in methods_grid(torch.device("cpu"), a.presets)]
+        # all: those peft trains too; named ones may be any preset (with --engines studio if peft lacks it)
+        methods = [row.method for row in methods_grid(torch.device("cpu"))] if a.presets == "all" else \
+            a.presets.split(",")
     else:
         methods = [a.method]
     for method in methods:

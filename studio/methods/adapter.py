@@ -25,7 +25,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig
-from .common import decoder_layers, freeze_all, replace_module
+from .common import adapter_input, decoder_layers, freeze_all, replace_module
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 # Where the sites are, relative to one transformer block (first match wins).
@@ -89,8 +89,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wd, bd, wu, bu = self.weights()
-        h = x.to(wd.dtype)
-        return F.linear(self.act(F.linear(h, wd, bd)), wu, bu)
+        return F.linear(self.act(F.linear(adapter_input(x, wd.dtype), wd, bd)), wu, bu)
 
 
 class AdapterSite(nn.Module):

@@ -18,7 +18,7 @@ from ..config import opt
 from . import register
 from .adapter import ACTIVATIONS, AdapterFamily, Bottleneck, add_sites, adapter_sites, hidden_size
 from .base import MethodConfig
-from .common import match_targets, replace_module
+from .common import adapter_input, match_targets, replace_module
 from .lora import LoraLinear
 from .mam_adapter import _copy_exact, prefix_cfg, split_prefix
 from .prefix_tuning import PrefixTuningMethod
@@ -51,7 +51,7 @@ class GatedLoraLinear(LoraLinear):
         result = self.base_layer(x)
         if not self.adapter_enabled:
             return result
-        xf = x.to(self.lora_A.weight.dtype)
+        xf = adapter_input(x, self.lora_A.weight.dtype)
         gate = torch.sigmoid(self.lora_gate(xf))
         return result + (gate * self.lora_B(self.lora_A(xf)) * self.scaling).to(result.dtype)
 
@@ -65,7 +65,7 @@ class GatedBottleneck(nn.Module):
         nn.init.zeros_(self.gate.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h.to(self.gate.weight.dtype)
+        h = adapter_input(h, self.gate.weight.dtype)
         return torch.sigmoid(self.gate(h)) * self.bottleneck(h)
 
 

@@ -35,7 +35,8 @@ def tiny_twin(shape: str) -> str:
 
 
 def main() -> None:
-    from studio.bench import Row, build_step
+    from studio.bench import build_step
+    from studio.bench_grid import Row
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="qwen2.5-0.5b")
     p.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])

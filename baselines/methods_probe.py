@@ -17,7 +17,8 @@ import torch
 
 
 def main() -> None:
-    from studio.bench import bench, methods_grid
+    from studio.bench import bench
+    from studio.bench_grid import methods_grid
     from studio.models import model_presets
 
     p = argparse.ArgumentParser()

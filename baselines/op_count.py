@@ -73,7 +73,8 @@ def counting_triton(counter: collections.Counter) -> Iterator[None]:
 def count(shape: str, method: str, batch: int, seq: int, ckpt: bool, engine: str, preset: bool = False) -> dict:
     """One engine's second step (the first does the kernels' checks and the optimizer's set-up), counted."""
     from studio import kernels
-    from studio.bench import Row, build_step
+    from studio.bench import build_step
+    from studio.bench_grid import Row
     step = build_step(Row(shape, method, batch, seq, ckpt, precision="bf16", preset=preset), engine, torch.device("cpu"))
     ops, launches = OpCounter(), collections.Counter()
     with kernels.forced():
@@ -99,7 +100,7 @@ def main() -> None:
                    help="each preset bench --methods runs (or these, comma-separated), at its own settings")
     a = p.parse_args()
     if a.presets:
-        from studio.bench import methods_grid
+        from studio.bench_grid import methods_grid
         # all: those peft trains too; named ones may be any preset (with --engines studio if peft lacks it)
         methods = [row.method for row in methods_grid(torch.device("cpu"))] if a.presets == "all" else \
             a.presets.split(",")

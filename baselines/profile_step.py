@@ -13,7 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def main() -> None:
-    from studio.bench import Row, time_steps, build_step
+    from studio.bench import build_step, time_steps
+    from studio.bench_grid import Row
     p = argparse.ArgumentParser()
     p.add_argument("shape")
     p.add_argument("method")

@@ -28,7 +28,7 @@ def build_calc_form(methods: list[dict] | None = None) -> RunForm:
 
 def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
     """[memory figure, verdict, fit figure, fit rows, answers html, switch rows, params html]."""
-    from studio.memory import best_switch, fit_table, largest_fitting
+    from studio.memory_search import best_switch, fit_table, largest_fitting
     try:
         cfg = form.to_config(values)
         fig, verdict = memory_panel(cfg, gpu=gpu)
@@ -64,7 +64,7 @@ def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
 
 def chat_tile(cfg: Any) -> str:
     """Chatting with the run on a GPU: base weights + adapter + KV cache, and the merged copy the chat adds."""
-    from studio.memory import estimate_chat
+    from studio.memory_inference import estimate_chat
     try:
         inf = estimate_chat(cfg, cfg.data.max_length, cfg.model.dtype)
     except Exception:  # noqa: BLE001 - an extra answer, never a failure of the tab
@@ -78,7 +78,8 @@ def chat_tile(cfg: Any) -> str:
 
 def checkpointing_tile(cfg: Any, gpu: str) -> str:
     """The fastest gradient checkpointing that fits: how many layers must be recomputed on `gpu`."""
-    from studio.memory import fewest_recomputed, gpu_memory
+    from studio.gpus import gpu_memory
+    from studio.memory_search import fewest_recomputed
     label = "<div class='tile'><div class='t-label'>Fastest checkpointing that fits</div>"
     try:
         fit = fewest_recomputed(cfg, gpu)

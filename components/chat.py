@@ -56,7 +56,7 @@ def memory_note(run_name: str | None) -> str:
     """What chatting with this run needs in memory (weights + KV cache), from its config alone."""
     if not run_name:
         return "<div class='muted'>Pick a run; its base model and adapter load on the first message.</div>"
-    from studio.memory import estimate_chat
+    from studio.memory_inference import estimate_chat
     from studio.trainer import use_cpu
 
     from .charts import fmt_bytes

@@ -16,7 +16,7 @@ from .charts import empty_figure, fmt_bytes, fmt_count, layer_figure, memory_fig
 @lru_cache(maxsize=1)
 def detected_device() -> dict:
     """This machine's training device: {device, label, capacity, gpu (a presets/gpus.yaml name or 'CPU')}."""
-    from studio.memory import cpu_ram, gpu_presets
+    from studio.gpus import cpu_ram, gpu_presets
     from studio.models import resolve_device
     dev = resolve_device("auto").type
     if dev == "cuda":
@@ -29,7 +29,7 @@ def detected_device() -> dict:
 
 
 def gpu_choices() -> list[tuple[str, str]]:
-    from studio.memory import gpu_presets
+    from studio.gpus import gpu_presets
     return [(f"{k} — {v.get('summary', '')}", k) for k, v in gpu_presets().items()] + [("CPU RAM (this machine)", "CPU")]
 
 
@@ -52,7 +52,9 @@ def verdict(total: int, capacity: int, where: str, switch: tuple[str, int] | Non
 
 def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None) -> tuple[Any, str]:
     """(stacked bar figure, verdict html) of `cfg` on `gpu` (a preset name / 'CPU'; None = detected device)."""
-    from studio.memory import best_switch, estimate, gpu_memory
+    from studio.gpus import gpu_memory
+    from studio.memory import estimate
+    from studio.memory_search import best_switch
     det = detected_device()
     if gpu is None:
         device, capacity, where, preset = det["device"], det["capacity"], det["label"], det["gpu"]
@@ -96,7 +98,8 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
 
 def checkpointing_tip(cfg: Any, gpu: str) -> str:
     """A tip when a run that recomputes every layer would still fit `gpu` recomputing fewer (faster)."""
-    from studio.memory import fewest_recomputed, gpu_memory
+    from studio.gpus import gpu_memory
+    from studio.memory_search import fewest_recomputed
     try:
         fit = fewest_recomputed(cfg, gpu)
     except StudioError:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .bench import bench_method_cfg
+from .bench_grid import bench_method_cfg
 from .machine_facts import machine_facts
 from .memory_bench import random_base_model
 

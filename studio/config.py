@@ -6,6 +6,7 @@ with a message that names the bad key or value and what would work instead.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -234,6 +235,15 @@ def merge_dicts(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "columns" else v
     return out
+
+
+def with_changes(run_cfg: RunConfig, **changes: Any) -> RunConfig:
+    """A copy of run_cfg with section.key changes, e.g. with_changes(cfg, **{"train.batch_size": 8})."""
+    new = copy.deepcopy(run_cfg)
+    for key, value in changes.items():
+        section, name = key.split(".", 1)
+        setattr(getattr(new, section), name, value)
+    return new
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

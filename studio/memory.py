@@ -26,23 +26,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import yaml
 from torch import nn
 
+from . import gpus
 from .checkpointing import checkpointed_layers
-from .errors import ConfigError, StudioError
+from .config import with_changes
+from .errors import ConfigError
 from .losses import WEIGHT_GRAD_LOGITS, vocab_block
 from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          norm_saved, rope_saved)
+from .memory_report import human
 from .step_graph import captured_length, config_captures
 
-ROOT = Path(__file__).resolve().parents[1]
-GPUS_FILE = ROOT / "presets" / "gpus.yaml"
 CUDA_CONTEXT_BYTES = 500 * 2**20   # CUDA context + cuBLAS/cuDNN workspaces (version dependent; configurable)
 NF4_BLOCK = 64                     # NF4 block size (one absmax per 64 weights)
 DQ_BLOCK = 256                     # double quantization: the absmax values in blocks of 256
@@ -104,7 +102,7 @@ class Facts:
     head_trainable: bool = False               # ... whose weight trains (whole-vocabulary chunks + fp32 grad)
 
 
-def _dtype(name: str, device: str) -> torch.dtype:
+def model_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -328,7 +326,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"estimate device must be cuda or cpu, got {device!r}.")
     if gpu is not None:
-        gpu_memory(gpu)  # validates the name
+        gpus.gpu_memory(gpu)  # validates the name
     if run_cfg.train.gradient_checkpointing and run_cfg.train.checkpoint_budget_gb > 0:
         return fitted_checkpointing(run_cfg, lambda cfg: estimate(
             cfg, device, gpu, dataset_lengths, padding=padding, context_bytes=context_bytes,
@@ -337,7 +335,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     nf4 = mc.quantization == "nf4"
     if mc.quantization == "int8":
         raise ConfigError("The estimator models 16/32-bit and NF4 bases; int8 is not modelled yet.")
-    pdtype = _dtype(mc.compute_dtype if nf4 else mc.dtype, device)
+    pdtype = model_dtype(mc.compute_dtype if nf4 else mc.dtype, device)
     facts = model_facts(run_cfg, pdtype, nf4)
     arch = facts.arch
     rule = method_rule(run_cfg)
@@ -482,8 +480,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         "saved_for_backward": saved, "logits_saved": logits_saved, "logits_chunk": chunk,
         "fixed_activations": fixed, "attention_masks": mask_bool, "autocast_copies": autocast_cache,
         "phases": phases, "peak_phase": peak_phase, "notes": notes,
-        "gpu": gpu, "gpu_memory": gpu_memory(gpu) if gpu else None,
-        "fits": (total <= gpu_memory(gpu)) if gpu else None,
+        "gpu": gpu, "gpu_memory": gpus.gpu_memory(gpu) if gpu else None,
+        "fits": (total <= gpus.gpu_memory(gpu)) if gpu else None,
     }
     return est
 
@@ -496,12 +494,13 @@ def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -
     details: checkpoint_budget (bytes), checkpoint_fits, checkpointed_layers (what the trainer then
     recomputes) and layers."""
     budget = int(run_cfg.train.checkpoint_budget_gb * 2**30)
-    every = estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0, "train.checkpoint_fraction": 1.0}))
+    every = estimate_of(with_changes(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
+                                                 "train.checkpoint_fraction": 1.0}))
     layers = every.details["layers"]
     best = None
     for k in range(layers + 1):
-        trial = every if k == layers else estimate_of(_with(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
-                                                                        "train.checkpoint_fraction": k / layers}))
+        share = {"train.checkpoint_budget_gb": 0.0, "train.checkpoint_fraction": k / layers}
+        trial = every if k == layers else estimate_of(with_changes(run_cfg, **share))
         if trial.total <= budget:
             best = trial
             break
@@ -553,211 +552,6 @@ def _optimizer_bytes(name: str, tensors: list[tuple[int, int]], device: str) -> 
     return states, 0, transient
 
 
-# ------------------------------------------------------------------------------------------ inference
-def estimate_inference(model_ref_or_config: Any, context_len: int, batch: int = 1, dtype: str = "bfloat16",
-                       quantization: str = "none", device: str = "cuda") -> dict[str, int]:
-    """Weights + KV cache (+ context and the prefill peak) of generation, for the chat tab."""
-    from transformers import AutoModelForCausalLM
-
-    from .methods.common import decoder_layers
-    from .models import hf_config_from_dict, resolve_model_config
-    if isinstance(model_ref_or_config, str):
-        config = resolve_model_config(model_ref_or_config)
-    elif isinstance(model_ref_or_config, dict):
-        config = hf_config_from_dict(model_ref_or_config)
-    else:
-        config = model_ref_or_config
-    pdtype = _dtype(dtype, device)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=pdtype)
-    base = {id(m.weight) for lay in decoder_layers(model) for m in lay.modules() if type(m) is nn.Linear}
-    weights = 0
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        weights += nf4_bytes(p.numel()) if quantization == "nf4" and id(p) in base else p.numel() * p.element_size()
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    arch = Arch.from_config(model.config)
-    elt = torch.finfo(pdtype).bits // 8
-    kv = 0
-    for k in range(arch.layers):
-        sliding = k < len(arch.layer_types) and arch.layer_types[k] == "sliding_attention" and arch.sliding_window
-        length = min(context_len, arch.sliding_window) if sliding else context_len
-        kv += 2 * batch * length * arch.kv_heads * arch.head_dim * elt
-    prefill = batch * context_len * (3 * arch.inter + 4 * arch.hidden) * elt + batch * arch.vocab * 4
-    context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
-    return {"context": context, "weights": weights, "kv_cache": kv, "prefill": prefill,
-            "total": context + weights + kv + prefill, "context_len": context_len, "batch": batch}
-
-
-def estimate_chat(run_cfg: Any, context_len: int, dtype: str = "auto", device: str = "cuda") -> dict[str, int]:
-    """What the chat tab holds for a run: estimate_inference of its base, plus the adapter's own weights
-    ("adapter") and the merged copy of the adapted layers ("merged_copy", 0 where the chat cannot merge);
-    "total" counts the adapter, "total_merged" the copy too (made only where it fits: merged_weights)."""
-    from .merged_weights import copy_bytes, merge_plan
-    from .params import meta_model
-    pdtype = _dtype(dtype, device)
-    out = dict(estimate_inference(run_cfg.model.name, context_len, 1, str(pdtype).removeprefix("torch."),
-                                  run_cfg.model.quantization, device))
-    base: set[int] = set()
-    model = meta_model(run_cfg, dtype=pdtype, before_apply=lambda m: base.update(id(p) for p in m.parameters()))
-    out["adapter"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
-                         if id(p) not in base)
-    wrappers, why_not = merge_plan(model)
-    # PiSSA/OLoRA move part of the weight into the adapter: their base answers are not the original weights,
-    # so the chat's probe leaves them unmerged (merged_weights)
-    residual = str(getattr(run_cfg.method, "init_lora_weights", "")).lower() in ("pissa", "olora")
-    out["merged_copy"] = 0 if why_not or residual or run_cfg.model.quantization != "none" else copy_bytes(wrappers)
-    out["total"] += out["adapter"]
-    out["total_merged"] = out["total"] + out["merged_copy"]
-    return out
-
-
-# ------------------------------------------------------------------------------------------ calculator
-@lru_cache(maxsize=1)
-def gpu_presets() -> dict[str, dict]:
-    return yaml.safe_load(GPUS_FILE.read_text()) or {}
-
-
-def gpu_memory(name: str) -> int:
-    """Total bytes of a GPU preset (case-insensitive name), or of this machine's RAM for "CPU"."""
-    if name.lower() in ("cpu", "cpu ram", "ram"):
-        return cpu_ram()
-    for key, val in gpu_presets().items():
-        if key.lower() == name.lower() or key.lower().replace(" ", "") == name.lower().replace(" ", ""):
-            return int(val["memory_mib"]) * 2**20
-    raise ConfigError(f"Unknown GPU {name!r}; choose one of: {', '.join(gpu_presets())}, CPU.")
-
-
-def cpu_ram() -> int:
-    try:
-        import psutil
-        return int(psutil.virtual_memory().total)
-    except ImportError:  # pragma: no cover - psutil is normally present
-        import os
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def fit_table(run_cfg: Any, dataset_lengths: Iterable[int] | None = None) -> list[dict]:
-    """One row per GPU preset and one for this machine's RAM: {gpu, memory_bytes, total, fits}."""
-    rows = []
-    cuda = estimate(run_cfg, "cuda", dataset_lengths=dataset_lengths)
-    for name in gpu_presets():
-        mem = gpu_memory(name)
-        rows.append({"gpu": name, "memory_bytes": mem, "total": cuda.total, "fits": cuda.total <= mem})
-    cpu = estimate(run_cfg, "cpu", dataset_lengths=dataset_lengths)
-    mem = cpu_ram()
-    rows.append({"gpu": "CPU RAM", "memory_bytes": mem, "total": cpu.total, "fits": cpu.total <= mem})
-    return rows
-
-
-def _with(run_cfg: Any, **changes: Any) -> Any:
-    """A copy of run_cfg with section.key changes, e.g. _with(cfg, **{"train.batch_size": 8})."""
-    import copy
-    new = copy.deepcopy(run_cfg)
-    for key, value in changes.items():
-        section, name = key.split(".", 1)
-        setattr(getattr(new, section), name, value)
-    return new
-
-
-def _device_for(gpu: str) -> str:
-    return "cpu" if gpu.lower() in ("cpu", "cpu ram", "ram") else "cuda"
-
-
-def largest_fitting(run_cfg: Any, gpu: str, what: str = "batch_size", limit: int | None = None) -> int:
-    """The largest batch_size, max_length or LoRA rank r that fits on `gpu` (0 if even 1 does not)."""
-    keys = {"batch_size": "train.batch_size", "max_length": "data.max_length", "r": "method.r"}
-    if what not in keys:
-        raise ConfigError(f"largest_fitting answers batch_size, max_length or r, not {what!r}.")
-    if what == "r" and not hasattr(run_cfg.method, "r"):
-        raise ConfigError(f"Method {run_cfg.method.name} has no rank r.")
-    mem, device = gpu_memory(gpu), _device_for(gpu)
-    if limit is None:
-        limit = {"batch_size": 4096, "max_length": 131072, "r": 4096}[what]
-        if what == "max_length":
-            from .models import resolve_model_config
-            c = resolve_model_config(run_cfg.model.name, run_cfg.model.trust_remote_code)
-            limit = int(getattr(getattr(c, "text_config", None) or c, "max_position_embeddings", limit) or limit)
-
-    def fits(v: int) -> bool:
-        return estimate(_with(run_cfg, **{keys[what]: v}), device).total <= mem
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-def fewest_recomputed(run_cfg: Any, gpu: str) -> tuple[int, int] | None:
-    """(recomputed layers, layers) of the fastest gradient checkpointing that fits `gpu` (0 recomputed: none
-    needed), as train.checkpoint_budget_gb set to its memory would run; None when no count of recomputed
-    layers fits."""
-    budget = {"train.gradient_checkpointing": True, "train.checkpoint_budget_gb": gpu_memory(gpu) / 2**30}
-    d = estimate(_with(run_cfg, **budget), _device_for(gpu)).details
-    return (d["checkpointed_layers"], d["layers"]) if d["checkpoint_fits"] else None
-
-
-def switches(run_cfg: Any) -> list[tuple[str, dict]]:
-    """The memory switches that apply to this config: (label, changes)."""
-    out = []
-    tc, mc = run_cfg.train, run_cfg.model
-    if not tc.gradient_checkpointing:
-        out.append(("gradient checkpointing on", {"train.gradient_checkpointing": True}))
-    if not (tc.gradient_checkpointing and tc.offload_checkpoints):
-        out.append(("gradient checkpointing, layer inputs in CPU RAM",
-                    {"train.gradient_checkpointing": True, "train.offload_checkpoints": True}))
-    if mc.quantization == "none" and run_cfg.method.name != "full":
-        out.append(("4-bit NF4 base (QLoRA)", {"model.quantization": "nf4"}))
-    if tc.optimizer in ("adamw", "paged_adamw"):
-        out.append(("8-bit AdamW", {"train.optimizer": tc.optimizer.replace("adamw", "adamw_8bit")}))
-    if not tc.optimizer.startswith("paged") and tc.optimizer != "sgd":
-        out.append(("paged optimizer (states in host memory)", {"train.optimizer": "paged_" + tc.optimizer}))
-    if run_cfg.data.max_length > 64:
-        half = run_cfg.data.max_length // 2
-        out.append((f"shorter sequences (max_length {half})", {"data.max_length": half}))
-    if tc.batch_size > 1:
-        out.append((f"batch_size {max(1, tc.batch_size // 2)} (grad_accum x2)",
-                    {"train.batch_size": max(1, tc.batch_size // 2), "train.grad_accum": tc.grad_accum * 2}))
-    return out
-
-
-def best_switch(run_cfg: Any, gpu: str) -> list[tuple[str, int]]:
-    """(switch, saved bytes), switches that make the run fit first, then by bytes saved; except that
-    checkpointing fitted to the card, when it makes the run fit, comes first: it recomputes only the
-    layers that must be, the fastest way to fit that checkpointing has."""
-    mem, device = gpu_memory(gpu), _device_for(gpu)
-    base = estimate(run_cfg, device).total
-    options = switches(run_cfg)
-    tc = run_cfg.train
-    offer_fitted = not (tc.gradient_checkpointing and tc.checkpoint_budget_gb > 0)
-    if offer_fitted:
-        options.insert(0, (f"gradient checkpointing fitted to {gpu}",
-                           {"train.gradient_checkpointing": True, "train.checkpoint_budget_gb": mem / 2**30}))
-    rows = []
-    for k, (label, changes) in enumerate(options):
-        try:
-            est = estimate(_with(run_cfg, **changes), device)
-        except StudioError:
-            continue
-        fits, first = est.total <= mem, offer_fitted and k == 0
-        if first:
-            if not fits:
-                continue  # then the plain checkpointing switches below say what it can do
-            label += f" (recomputes {est.details['checkpointed_layers']} of {est.details['layers']} layers)"
-        rows.append((label, base - est.total, (not fits, not first, est.total - base)))
-    rows.sort(key=lambda r: r[2])
-    return [(label, saved) for label, saved, _ in rows]
-
-
 def measured_vs_estimate(est: Estimate | dict, measured_peak_bytes: int) -> dict[str, Any]:
     """Compare an estimate with a measured peak.
 
@@ -773,29 +567,3 @@ def measured_vs_estimate(est: Estimate | dict, measured_peak_bytes: int) -> dict
     return {"estimated_bytes": total, "measured_bytes": measured, "ratio": ratio,
             "error_percent": 100.0 * (total - measured) / measured if measured else float("inf"),
             "within_5_percent": abs(total - measured) <= 0.05 * measured if measured else False}
-
-
-def human(n: float) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def format_estimate(est: Estimate) -> str:
-    d = est.details
-    lines = [f"{d['model']} + {d['method']} on {est.device}: batch {d['batch']} x {d['seq']} tokens, "
-             f"{d['param_dtype']} params ({d['quantization']}), optimizer {d['optimizer']}, "
-             f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}",
-             f"trainable {est.trainable_params:,} of {est.total_params:,} parameters"]
-    for k in ITEMS:
-        lines.append(f"  {k:<13}{human(getattr(est, k)):>12}")
-    nc = sum(est.items.values()) - est.total
-    if nc:
-        lines.append(f"  {'not at peak':<13}{'-' + human(nc):>12}   (freed before the peak: {d['peak_phase']})")
-    lines.append(f"  {'total':<13}{human(est.total):>12}   peak during {d['peak_phase']}")
-    if d.get("optimizer_host"):
-        lines.append(f"  (+ {human(d['optimizer_host'])} optimizer states in paged host memory)")
-    if d.get("host_only"):
-        lines.append(f"  (+ {human(d['host_only'])} CPU copy of the base weights)")
-    return "\n".join(lines)

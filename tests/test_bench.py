@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from studio.__main__ import main
-from studio.bench import Row, bench
+from studio.bench import bench
+from studio.bench_grid import Row
 from studio.errors import ConfigError
 
 
@@ -229,13 +230,13 @@ def test_eager_and_triton_ab_grid_on_a_gpu(monkeypatch):
 def test_default_cpu_grid_leaves_out_bf16_rows_without_bf16_hardware(monkeypatch):
     import torch
 
-    from studio import bench as bench_mod, models
+    from studio import bench_grid, models
     cpu = torch.device("cpu")
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
-    assert [r.precision for r in bench_mod.default_grid(cpu, False)] == ["auto", "auto"]
+    assert [r.precision for r in bench_grid.default_grid(cpu, False)] == ["auto", "auto"]
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
-    assert bench_mod.default_grid(cpu, False) == bench_mod.CPU_GRID
-    assert bench_mod.default_grid(torch.device("cuda"), True) == bench_mod.QUICK_GRID
+    assert bench_grid.default_grid(cpu, False) == bench_grid.CPU_GRID
+    assert bench_grid.default_grid(torch.device("cuda"), True) == bench_grid.QUICK_GRID
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
@@ -275,7 +276,7 @@ def test_host_time_script_times_both_engines_at_test_width(monkeypatch, capsys):
 
 def test_graphs_grid_pairs_eager_and_replayed_rows_and_needs_cuda(monkeypatch, capsys):
     """bench --graphs-grid: rows on both sides of auto's line, each eager and replayed (GPU only)."""
-    from studio.bench import GRAPHS_GRID
+    from studio.bench_grid import GRAPHS_GRID
     from studio.__main__ import main
     assert [(r.shape, r.batch, r.seq, r.graphs) for r in GRAPHS_GRID] == [
         ("qwen2.5-3b", 4, 2048, "off"), ("qwen2.5-3b", 4, 2048, "on"),
@@ -309,7 +310,7 @@ def test_packed_grid_needs_cuda(capsys):
 
 def test_methods_grid_holds_every_preset_peft_trains_too():
     """bench --methods: one row per preset whose adapter peft trains (at the preset's settings), 4-bit ones aside."""
-    from studio.bench import PEFT_TRAINS, methods_grid
+    from studio.bench_grid import PEFT_TRAINS, methods_grid
     from studio.methods import presets, resolve
     cpu = methods_grid(torch.device("cpu"))
     names = {r.method for r in cpu}
@@ -337,6 +338,7 @@ def test_a_preset_row_trains_the_same_adapter_in_both_engines(method):
 
 def test_bench_methods_cli_runs_the_methods_grid(monkeypatch, capsys):
     import studio.bench as bench_mod
+    from studio.bench_grid import methods_grid
     seen = {}
 
     def fake_bench(*args, grid=None, **kwargs):
@@ -344,11 +346,11 @@ def test_bench_methods_cli_runs_the_methods_grid(monkeypatch, capsys):
         return iter([])
     monkeypatch.setattr(bench_mod, "bench", fake_bench)
     assert main(["bench", "--methods", "--device", "cpu"]) == 0
-    assert seen["grid"] == bench_mod.methods_grid(torch.device("cpu"))
+    assert seen["grid"] == methods_grid(torch.device("cpu"))
     assert main(["bench", "--methods", "dora,vera", "--device", "cpu"]) == 0
     assert [r.method for r in seen["grid"]] == ["dora", "vera"]
     with pytest.raises(ConfigError, match="peft does not train adapter"):
-        bench_mod.methods_grid(torch.device("cpu"), "dora,adapter")
+        methods_grid(torch.device("cpu"), "dora,adapter")
 
 
 def test_methods_probe_runs_presets_on_a_small_vocabulary_shape(monkeypatch, capsys):

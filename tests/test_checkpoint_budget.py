@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from studio.config import RunConfig, load_config
-from studio.memory import _with, budget_fraction, estimate, fewest_recomputed
+from studio.config import RunConfig, load_config, with_changes
+from studio.memory import budget_fraction, estimate
+from studio.memory_search import fewest_recomputed
 from studio.models import hf_config_from_dict, model_presets
 from studio.rundir import RunDir
 from studio.runner import execute
@@ -23,11 +22,11 @@ def _four_layers(tmp_path) -> RunConfig:
 
 
 def _total(cfg: RunConfig, share: float) -> int:
-    return estimate(_with(cfg, **{"train.checkpoint_fraction": share}), "cpu", padding=False).total
+    return estimate(with_changes(cfg, **{"train.checkpoint_fraction": share}), "cpu", padding=False).total
 
 
 def _budgeted(cfg: RunConfig, budget_bytes: float) -> RunConfig:
-    return _with(cfg, **{"train.checkpoint_budget_gb": budget_bytes / 2**30})
+    return with_changes(cfg, **{"train.checkpoint_budget_gb": budget_bytes / 2**30})
 
 
 def test_the_budget_picks_the_fewest_recomputed_layers_that_fit(tmp_path):
@@ -52,20 +51,20 @@ def test_the_budget_picks_the_fewest_recomputed_layers_that_fit(tmp_path):
 
 
 def test_without_checkpointing_the_budget_changes_nothing(tmp_path):
-    cfg = _with(_four_layers(tmp_path), **{"train.gradient_checkpointing": False})
+    cfg = with_changes(_four_layers(tmp_path), **{"train.gradient_checkpointing": False})
     assert estimate(_budgeted(cfg, 1), "cpu").total == estimate(cfg, "cpu").total
 
 
 def test_the_calculator_and_the_cli_answer_the_fastest_checkpointing_that_fits(tmp_path, monkeypatch, capsys):
     """fewest_recomputed answers for any config (checkpointing on or off) on a GPU preset."""
-    import studio.memory as memory
+    import studio.gpus as gpus
     from components.calculator import checkpointing_tile
     from studio.__main__ import main
-    cfg = _with(_four_layers(tmp_path), **{"train.gradient_checkpointing": False})
-    on = _with(cfg, **{"train.gradient_checkpointing": True})
-    totals = [estimate(_with(on, **{"train.checkpoint_fraction": k / 4}), "cuda").total for k in range(5)]
+    cfg = with_changes(_four_layers(tmp_path), **{"train.gradient_checkpointing": False})
+    on = with_changes(cfg, **{"train.gradient_checkpointing": True})
+    totals = [estimate(with_changes(on, **{"train.checkpoint_fraction": k / 4}), "cuda").total for k in range(5)]
     cards = {"roomy": totals[0] + 1, "middle": (totals[2] + totals[3]) // 2, "tight": min(totals) - 1}
-    monkeypatch.setattr(memory, "gpu_memory", lambda name: cards.get(name) or 80 * 2**30)
+    monkeypatch.setattr(gpus, "gpu_memory", lambda name: cards.get(name) or 80 * 2**30)
     assert fewest_recomputed(cfg, "middle") == (3, 4)
     assert fewest_recomputed(cfg, "roomy") == (0, 4) and fewest_recomputed(cfg, "tight") is None
     assert "3 of 4 layers" in checkpointing_tile(cfg, "middle")
@@ -82,7 +81,7 @@ def test_the_trainer_recomputes_the_layers_the_budget_leaves(tmp_path, monkeypat
             "data.limit": 200, "train.batch_size": 4, "train.max_steps": 3, "data.packing": True,
             "train.gradient_checkpointing": True}
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
-    totals = [estimate(_with(cfg, **{"train.checkpoint_fraction": k / 2}), "cpu").total for k in range(3)]
+    totals = [estimate(with_changes(cfg, **{"train.checkpoint_fraction": k / 2}), "cpu").total for k in range(3)]
     assert totals[0] > totals[1] > totals[2]
     seen = []
 
@@ -104,12 +103,13 @@ def test_the_trainer_recomputes_the_layers_the_budget_leaves(tmp_path, monkeypat
 
 
 def test_a_bench_row_fitted_to_a_card_recomputes_what_the_trainer_would(monkeypatch):
-    import studio.memory as memory
-    from studio.bench import Row, bench, row_config
+    import studio.gpus as gpus
+    from studio.bench import bench, row_config
+    from studio.bench_grid import Row
     row = Row("tiny-llama", "lora", 2, 32, True)
-    totals = [estimate(_with(row_config(row), **{"train.checkpoint_fraction": k / 2}), "cpu",
+    totals = [estimate(with_changes(row_config(row), **{"train.checkpoint_fraction": k / 2}), "cpu",
                        padding=False).total for k in range(3)]
-    monkeypatch.setattr(memory, "gpu_memory", lambda name: (totals[0] + totals[1]) // 2)
+    monkeypatch.setattr(gpus, "gpu_memory", lambda name: (totals[0] + totals[1]) // 2)
     rows = list(bench(device="cpu", warmup=1, steps=1, rounds=1, grid=[row, Row("tiny-llama", "lora", 2, 32, True,
                                                                                  fit="card")]))
     assert [r["engine"] for r in rows] == ["peft", "studio", "studio"]  # the fitted row shares peft's run

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from studio.config import RunConfig
-from studio.memory import (best_switch, estimate, estimate_inference, fit_table, gpu_presets, largest_fitting,
-                           measured_vs_estimate, nf4_bytes)
+from studio.gpus import gpu_presets
+from studio.memory import estimate, measured_vs_estimate, nf4_bytes
 from studio.memory_bench import _apply, memory_grid, random_batch, saved_tensor_bytes
+from studio.memory_inference import estimate_inference
+from studio.memory_search import best_switch, fit_table, largest_fitting
 from studio.methods import registry
 from studio.models import build_random_model, hf_config_from_dict, model_presets
 
@@ -206,7 +208,7 @@ def test_inference_estimate():
 
 def test_chat_estimate_counts_the_adapter_and_the_merged_copy():
     """The chat holds the base, the adapter and, for a merge at base speed, a copy of the adapted layers."""
-    from studio.memory import estimate_chat
+    from studio.memory_inference import estimate_chat
     lora = RunConfig.from_dict({"model": {"name": "llama-3.1-8b"}, "method": {"name": "lora", "r": 8,
                                 "target_modules": ["q_proj", "v_proj"]}})
     e = estimate_chat(lora, 8192)

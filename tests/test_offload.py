@@ -13,7 +13,8 @@ from method_matrix import CASES
 from studio.checkpointing import enable_gradient_checkpointing, setup_checkpointing
 from studio.config import ModelConfig, RunConfig, TrainConfig
 from studio.losses import causal_lm_loss
-from studio.memory import estimate, switches
+from studio.memory import estimate
+from studio.memory_search import switches
 from studio.memory_bench import random_batch, saved_tensor_bytes
 from studio.methods import apply_method, method_config
 from studio.models import load_model

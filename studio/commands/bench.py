@@ -45,7 +45,8 @@ def run(args) -> int:
             rows = chat_rows(resolve_device(args.device), args.only.split(",") if args.only else None,
                              rounds=args.rounds or 3)
         else:
-            from ..bench import GRAPHS_GRID, PACKED_GRID, bench, methods_grid
+            from ..bench import bench
+            from ..bench_grid import GRAPHS_GRID, PACKED_GRID, methods_grid
             from ..models import resolve_device
             if (args.graphs_grid or args.packed_grid) and resolve_device(args.device).type != "cuda":
                 flag = "--graphs-grid" if args.graphs_grid else "--packed-grid"

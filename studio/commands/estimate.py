@@ -17,11 +17,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..config import load_config
-    from ..memory import (best_switch, estimate_chat, fewest_recomputed, fit_table, format_estimate, human,
-                          largest_fitting)
+    from ..gpus import device_for
     from ..memory import estimate as make_estimate
+    from ..memory_inference import estimate_chat
+    from ..memory_report import format_estimate, human
+    from ..memory_search import best_switch, fewest_recomputed, fit_table, largest_fitting
     cfg = load_config(args.config, args.set)
-    device = args.device or ("cpu" if args.gpu and args.gpu.lower() in ("cpu", "cpu ram", "ram") else "cuda")
+    device = args.device or (device_for(args.gpu) if args.gpu else "cuda")
     gpu = args.gpu if args.gpu and device == "cuda" else None
     est = make_estimate(cfg, device, gpu=gpu)
     table = fit_table(cfg)

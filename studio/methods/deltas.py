@@ -1,7 +1,12 @@
 """Shared machinery of the weight-delta methods (VeRA, LoKr, LoHa, DyLoRA, GLoRA, Compacter, SSF).
 
 Each of them wraps a target Linear as `DeltaLinear`: y = W x + ΔW x, where the subclass defines
-ΔW (`delta_weight`, fp32, out x in) and may compute ΔW x more cheaply (`delta_forward`). Merge adds
+ΔW (`delta_weight`, fp32, out x in) and may compute ΔW x more cheaply (`delta_forward`). The base GEMM
+adds ΔW x onto its own product in its epilogue (addmm): one rounding of the sum in a 16-bit compute dtype,
+where adding the small update to an output already rounded to bf16 would lose most of it early in training
+(peft's way: its bf16 loss curve then falls behind its fp32 one), and no separate pass over the output. In
+fp32 a full-size ΔW (LoHa, LoKr, Compacter, GLoRA) joins W instead: y = x (W + ΔW)ᵀ, one GEMM forward and
+one for x's gradient instead of two each. Merge adds
 ΔW into the base weight (W' = W + ΔW) and unmerge subtracts it again, so every such method is
 mergeable. Adapter parameters sit directly on the wrapper under peft's names (`lokr_w1`,
 `hada_w1_a`, `vera_lambda_b`, ...), so model parameter paths equal peft's file keys once peft's
@@ -17,6 +22,7 @@ from .. import seeded_dropout
 from ..errors import ConfigError
 from .base import Method, MethodConfig
 from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
+from .lora_fused import cast
 
 
 class DeltaLinear(WrappedLinear):
@@ -47,8 +53,16 @@ class DeltaLinear(WrappedLinear):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """The update of the base bias (GLoRA's); None: the bias stays as it is."""
+        return None
+
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.delta_weight())
+        return F.linear(x, self.delta_weight(), self.delta_bias())
+
+    def full_width(self) -> bool:
+        """Whether the update runs as the full ΔW (the subclass has no cheaper delta_forward of its own)."""
+        return type(self).delta_forward is DeltaLinear.delta_forward
 
     def seedable_draws(self) -> bool:
         """Whether a training forward draws rank dropout's rows (studio/seeded_dropout.py may seed it)."""
@@ -61,12 +75,16 @@ class DeltaLinear(WrappedLinear):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged or not self.adapter_enabled:
-            return result
+            return self.base_layer(x)
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            return result
-        return result + self.delta_forward(adapter_input(x, self.adapter_dtype())).to(result.dtype)
+            return self.base_layer(x)
+        if self.full_width() and all_fp32(x, self.base_layer.weight, self.adapter_dtype()):
+            bias, delta_bias = self.base_layer.bias, self.delta_bias()
+            if delta_bias is not None:
+                bias = delta_bias if bias is None else bias + delta_bias
+            return F.linear(x, self.base_layer.weight + self.delta_weight(), bias)
+        return plus_base_product(self.base_layer, x, self.delta_forward(adapter_input(x, self.adapter_dtype())))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -83,6 +101,22 @@ class DeltaLinear(WrappedLinear):
         w = self.base_layer.weight
         w.data = (w.float() - self.delta_weight().float()).to(w.dtype)
         self.merged = False
+
+
+def all_fp32(x: torch.Tensor, weight: torch.Tensor, adapter_dtype: torch.dtype) -> bool:
+    """Whether the layer computes in fp32 throughout (no autocast), where W + ΔW keeps every bit of ΔW."""
+    return not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == adapter_dtype == torch.float32
+
+
+def plus_base_product(base: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """base(x) + delta, with delta added by the base GEMM in its epilogue (addmm, beta 1), then the bias."""
+    x2 = x.reshape(-1, x.shape[-1])
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    y = torch.addmm(cast(delta.reshape(-1, delta.shape[-1]), dtype), x2, base.weight.t())
+    if base.bias is not None:  # after the sum: added first, the bias would round the small delta away
+        y = y.add_(cast(base.bias, y.dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class DeltaMethod(Method):

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import opt
@@ -88,9 +87,6 @@ class GloraLinear(DeltaLinear):
 
     def adapter_dtype(self) -> torch.dtype:
         return torch.float32
-
-    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.delta_weight(), self.delta_bias())
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -5,8 +5,10 @@ needs no pass of its own in the backward either). Unfused, autograd runs the bas
 dropout, A, the scale on B and an addmm as separate nodes: each allocates its output, and the two
 gradients that reach x (base path and adapter path) are summed into a third tensor. Here the output
 is one buffer: the rank-r term is written into it and the base GEMM adds its product onto it in its
-epilogue, so the full-width output is never read back by a separate pass; d(x) = d(low) A (· mask /
-keep) + dy W is built the same way. Saved for backward: x (which A needs
+epilogue, so the full-width output is never read back by a separate pass, and in bf16 the sum is rounded
+once (a small update added to an output already rounded is mostly lost, as at the start of training when
+B has just left zero: peft's bf16 loss curve lags its fp32 one for that reason, ours follows it);
+d(x) = d(low) A (· mask / keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share), low (rank-sized) and, with dropout, a bool mask (one byte per
 element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x per
 adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it; or, in a
@@ -100,7 +102,8 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
         return y, low, mask, a, b
     w = dense_weight(weight, quant_state, cdt)
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
-    # adding it after would read and write the whole output once more
+    # adding it after would read and write the whole output once more, and in bf16 would round most of the
+    # small term away against an output already rounded
     if bias is not None:
         torch.addmm(cast(bias, cdt), low, b.t(), out=y2)
     else:

@@ -1,0 +1,116 @@
+"""An adapter's update and the base product are summed before rounding: under bf16 autocast a small update
+(the start of training, B just off zero) survives on average instead of being rounded away against an output
+already rounded to bf16 (LoRA's fused op, the delta methods); in fp32 a full-size ΔW joins W in one GEMM, with
+the outputs and gradients of the two-product form."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from studio.methods import method_config
+from studio.methods.dylora import DyLoraLinear
+from studio.methods.glora import GloraLinear
+from studio.methods.loha import LoHaLinear
+from studio.methods.lokr import LoKrLinear
+from studio.methods.lora import LoraLinear
+
+
+def _base(bias: bool = False, dtype: torch.dtype = torch.float32, features: int = 256) -> nn.Linear:
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(features, features, bias=bias)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=gen) * 0.05)
+        if bias:
+            base.bias.copy_(torch.randn(features, generator=gen) * 0.5)
+    return base.to(dtype).requires_grad_(False)
+
+
+def _perturb(module: nn.Module, scale: float = 0.1) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+# each module with the parameter its update is linear in (scaled to make the update small)
+MODULES = {
+    "lora": (lambda base: LoraLinear(base, 8, 16, 0.0, False, False), "lora_B.weight"),
+    "loha": (lambda base: LoHaLinear(base, method_config({"name": "loha", "r": 8})), "hada_w1_a"),
+    "lokr": (lambda base: LoKrLinear(base, method_config({"name": "lokr", "r": 8})), "lokr_w1"),
+    "dylora": (lambda base: DyLoraLinear(base, method_config({"name": "dylora", "r": 8})), "lora_B.weight"),
+}
+
+
+def _kept_share(y: torch.Tensor, base_exact: torch.Tensor, update: torch.Tensor) -> float:
+    """How much of the update the rounded output holds, as the slope of (y - exact base product) on it."""
+    got = y.float() - base_exact
+    return float((got * update).sum() / (update * update).sum())
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_a_small_update_survives_bf16_rounding(name):
+    make, linear_in = MODULES[name]
+    module = make(_base(dtype=torch.bfloat16)).train()
+    _perturb(module)
+    x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    w = module.base_layer.weight.float()
+    base_exact = x.float() @ w.t()  # the products of the bf16 operands, unrounded
+    with torch.no_grad():
+        update = module.delta_weight() if name != "lora" else \
+            module.lora_B.weight.float() @ module.lora_A.weight.float() * module.scaling
+        u = x.float() @ update.float().t()
+        # the update about 1/1000 of the output: mostly under half a bf16 step of the values it is added to
+        shrink = 1e-3 * base_exact.std() / u.std()
+        module.get_parameter(linear_in).mul_(shrink)
+        u = u * shrink
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+    assert y.dtype == torch.bfloat16
+    assert _kept_share(y, base_exact, u) == pytest.approx(1.0, abs=0.1)
+    # the way peft adds it (the base output rounded first) keeps much less: the check can tell them apart
+    twice = (base_exact.to(torch.bfloat16) + u.to(torch.bfloat16)).float()
+    assert _kept_share(twice, base_exact, u) < 0.7
+
+
+FULL_WIDTH = {
+    "loha": lambda base: LoHaLinear(base, method_config({"name": "loha", "r": 8})),
+    "lokr": lambda base: LoKrLinear(base, method_config({"name": "lokr", "r": 8})),
+    "glora": lambda base: GloraLinear(base, method_config({"name": "glora", "r": 4})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_WIDTH))
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_full_delta_joins_the_weight_with_the_same_outputs_and_gradients(name, bias):
+    module = FULL_WIDTH[name](_base(bias=bias)).train()
+    _perturb(module)
+    assert module.full_width()
+    x = torch.randn(3, 16, 256, generator=torch.Generator().manual_seed(3), requires_grad=True)
+
+    def two_products():
+        return module.base_layer(x) + module.delta_forward(x)
+
+    runs = []
+    for forward in (lambda: module(x), two_products):
+        y = forward()
+        grads = torch.autograd.grad((y * y).sum(), [x, *[p for p in module.parameters() if p.requires_grad]])
+        runs.append((y, grads))
+    (y, grads), (want_y, want_grads) = runs
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_low_rank_updates_and_16_bit_layers_keep_two_products():
+    """A cheaper delta_forward (DyLoRA, VeRA) or a 16-bit layer is not merged into the weight."""
+    dylora = DyLoraLinear(_base(), method_config({"name": "dylora", "r": 8}))
+    assert not dylora.full_width()
+    loha = LoHaLinear(_base(dtype=torch.bfloat16), method_config({"name": "loha", "r": 8}))
+    _perturb(loha)
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = loha(x)
+        want = loha.base_layer(x).float() + loha.delta_forward(x.float()).float()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -1,5 +1,5 @@
 """How far a bf16-autocast loss curve strays from the fp32 one, ours and peft's: a method on every linear layer
-of a 2-layer random model of a preset's shape, the same batch each step, AdamW at lr 1e-4 (a small first update,
+of a 2-layer random model of a preset's shape (on CUDA when there is one), the same batch each step, AdamW at lr 1e-4 (a small first update,
 as B or a factor leaves zero). Where an engine adds the adapter's small update to a base output already rounded
 to bf16, most of it is lost and the curve falls behind.
 
@@ -19,7 +19,8 @@ FIELDS = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}, "loha": {"r"
           "lokr": {"r": 8, "alpha": 8}}
 
 
-def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, steps: int) -> list[float]:
+def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, steps: int,
+          device: torch.device) -> list[float]:
     """The losses of `steps` training steps of one engine on the shape's 2-layer model in dtype."""
     from studio.attention import model_batch
     from studio.losses import causal_lm_loss
@@ -29,9 +30,10 @@ def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, step
     from studio.step_copies import StepCopies
     from studio.trainer import build_optimizer
 
-    model = build_random_model(shape_config, seed=0, dtype=dtype)
+    with torch.device(device):
+        model = build_random_model(shape_config, seed=0, dtype=dtype)
     model.requires_grad_(False).train()
-    batch = random_batch(shape_config["vocab_size"], 2, 128, torch.device("cpu"))
+    batch = random_batch(shape_config["vocab_size"], 2, 128, device)
     copies = None
     if engine == "peft":
         import peft
@@ -43,7 +45,7 @@ def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, step
             return model(**b).loss
     else:
         info = apply_method(model, method_config({"name": method, "target_modules": "all-linear", **FIELDS[method]}))
-        opt = build_optimizer("adamw", info.method.optimizer_groups(model, LR, 0.0), LR, torch.device("cpu"))
+        opt = build_optimizer("adamw", info.method.optimizer_groups(model, LR, 0.0), LR, device)
         copies = StepCopies.for_model(model, dtype)  # as the trainer
 
         def loss_of(b):
@@ -52,7 +54,7 @@ def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, step
     for _ in range(steps):
         if copies is not None:
             copies.refresh()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = loss_of(batch)
         loss.backward()
         if copies is not None:
@@ -71,16 +73,18 @@ def main() -> None:
     p.add_argument("--methods", default="lora,loha,lokr")
     p.add_argument("--steps", type=int, default=6)
     a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = dict(model_presets()[a.shape]["config"])
     config["num_hidden_layers"] = 2
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"][:2]
     for method in a.methods.split(","):
-        fp32 = curve(config, method, "studio", torch.float32, a.steps)
+        fp32 = curve(config, method, "studio", torch.float32, a.steps, device)
         for engine in ("peft", "studio"):
-            bf16 = curve(config, method, engine, torch.bfloat16, a.steps)
+            bf16 = curve(config, method, engine, torch.bfloat16, a.steps, device)
             gap = max(abs(x - y) for x, y in zip(bf16, fp32))
-            print(json.dumps({"shape": a.shape, "method": method, "engine": engine, "lr": LR, "bf16_losses": bf16,
+            print(json.dumps({"shape": a.shape, "method": method, "engine": engine, "device": device.type,
+                              "lr": LR, "bf16_losses": bf16,
                               "fp32_losses_ours": fp32, "max_gap_to_fp32": round(gap, 4)}), flush=True)
 
 

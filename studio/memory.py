@@ -259,10 +259,15 @@ def _site(name: str, mod: nn.Module) -> Site:
     base_params = {id(p) for p in base.parameters()}
     site.other_trainable = any(p.requires_grad and id(p) not in base_params for p in mod.parameters())
     names = [n for n, _ in mod.named_parameters()]
-    if any(n.startswith("hada_") for n in names):
-        site.delta_weights = 2            # LoHa: both Hadamard factors are weight-sized
-    elif any(n.startswith(("lokr_", "phm_", "glora_")) for n in names):
-        site.delta_weights = 0            # factored forward: no weight-sized tensor kept
+    full_width = getattr(mod, "full_width", None)
+    if callable(full_width) and full_width():
+        # a full-size ΔW is rebuilt in backward (methods/delta_product.py), unless rank dropout draws its rows:
+        # then autograd keeps it (and LoHa both Hadamard factors)
+        hada = any(n.startswith("hada_") for n in names)
+        if getattr(mod, "rank_dropout", 0):
+            site.delta_weights = 3 if hada else 1
+        else:
+            site.delta_weights, site.shares_input, site.rebuilt_delta = 0, True, 4 if hada else 2
     else:
         site.delta_weights = 1
     return site
@@ -444,6 +449,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     bwd = backward_transient(arch, shape, dt)
     if nf4:
         bwd += facts.max_linear * act                                     # dequantized 4-bit weight
+    sites = [site for info in facts.layers for site in info.sites.values()]
+    bwd += max((site.rebuilt_delta * site.dout * site.din * 4 for site in sites), default=0)  # ΔW rebuilt
     phases = {"loss backward": activations + logits + facts.grad_outside + extra}
     held = fixed + mask_bool + autocast_cache + extra + facts.grad_outside + (rope if gc else 0)
     below = sum(per_layer)

@@ -29,8 +29,8 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   (Ladder Side-Tuning).
 
 Unknown future modules: a wrapper around a projection with trainable parameters (VeRA, LoKr, LoHa,
-GLoRA, ...) is assumed to save its input and the fp32 delta weight it builds (LoHa: two, the
-Hadamard factors); a trainable module elsewhere in a layer is assumed to save one copy of its input
+GLoRA, ...) is assumed to save its input and the fp32 delta weight it builds, except where the delta weight is
+rebuilt in backward (methods/delta_product.py: then only the input, which its neighbours share); a trainable module elsewhere in a layer is assumed to save one copy of its input
 (rows x in_features, activation dtype) per Linear it contains.
 """
 from __future__ import annotations
@@ -59,7 +59,9 @@ class Site:
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     other_trainable: bool = False  # an unknown wrapper with trainable parameters
-    delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W; LoHa: 2)
+    delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W)
+    shares_input: bool = False     # it keeps the input it was given, as its neighbours do (methods/delta_product.py)
+    rebuilt_delta: int = 0         # weight-sized fp32 tensors its backward builds again (ΔW, W + ΔW; LoHa's factors)
 
     @property
     def needs_grad_out(self) -> bool:
@@ -182,7 +184,11 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         out += rows * site.dout * dt.act
     if site.other_trainable and not site.lora_r:
         # generic reparameterisation: its input, and the delta weight(s) it builds (fp32, out x in)
-        out += rows * site.din * dt.act + site.delta_weights * site.dout * site.din * 4
+        if not (site.shares_input and shared.get(key)):
+            out += rows * site.din * dt.act
+        if site.shares_input:
+            shared[key] = True
+        out += site.delta_weights * site.dout * site.din * 4
     return out
 
 

@@ -100,6 +100,8 @@ def _saved_case(arch: str, method: dict, gc: bool, tmp_path) -> tuple[int, int]:
 ACT_METHODS = [{"name": "lora"}, {"name": "full", "keep_base_copy": False}, {"name": "dora"},
                {"name": "lora", "target_modules": "all-linear", "lora_dropout": 0.0}]
 ACT_METHODS += [{"name": n, **SOFT.get(n, {})} for n in ("ia3", "prompt_tuning", "prefix_tuning") if n in registry()]
+# a full-size ΔW rebuilt in backward keeps only the shared input (methods/delta_product.py)
+ACT_METHODS += [{"name": n, "target_modules": "all-linear"} for n in ("loha", "lokr", "glora")] + [{"name": "compacter"}]
 
 
 @pytest.mark.parametrize("gc", [False, True], ids=["nogc", "gc"])

@@ -114,3 +114,52 @@ def test_low_rank_updates_and_16_bit_layers_keep_two_products():
         got = loha(x)
         want = loha.base_layer(x).float() + loha.delta_forward(x.float()).float()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def _plain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The two-product form through autograd (what keeps ΔW from forward to backward)."""
+    return module.base_layer(x) + module.delta_forward(x).to(x.dtype)
+
+
+@pytest.mark.parametrize("name", sorted(FULL_WIDTH))
+def test_bf16_delta_rebuilt_in_backward_gives_autograds_gradients(name):
+    module = FULL_WIDTH[name](_base(bias=True, dtype=torch.bfloat16)).train()
+    _perturb(module)
+    x = torch.randn(2, 32, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).requires_grad_()
+    params = [p for p in module.parameters() if p.requires_grad]
+    runs = []
+    for forward in (module, lambda t: _plain(module, t)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(x)
+        runs.append((y, torch.autograd.grad(y.float().pow(2).sum(), [x, *params])))
+    (y, grads), (want_y, want_grads) = runs
+    torch.testing.assert_close(y.float(), want_y.float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, want_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(FULL_WIDTH))
+def test_a_full_size_delta_keeps_only_its_input(name, autocast):
+    from studio.memory_bench import saved_bytes
+    dtype = torch.bfloat16 if autocast else torch.float32
+    module = FULL_WIDTH[name](_base(dtype=dtype)).train()
+    x = torch.randn(64, 256, dtype=dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kept, _ = saved_bytes(lambda: module(x), module)
+        plain, _ = saved_bytes(lambda: _plain(module, x), module)
+    assert kept == x.numel() * x.element_size()
+    assert plain >= kept + module.base_layer.weight.numel() * 2  # autograd's way keeps ΔW (and LoHa's factors)
+
+
+def test_rank_dropout_keeps_autograds_path():
+    """Random rows of ΔW in training cannot be rebuilt in backward: such a layer keeps ΔW as autograd does."""
+    from studio.memory_bench import saved_bytes
+    module = LoHaLinear(_base(), method_config({"name": "loha", "r": 8, "rank_dropout": 0.5})).train()
+    x = torch.randn(64, 256, requires_grad=True)
+    kept, _ = saved_bytes(lambda: module(x), module)
+    assert kept > x.numel() * 4 + module.base_layer.weight.numel() * 4
+    module.eval()
+    kept, _ = saved_bytes(lambda: module(x), module)
+    assert kept == x.numel() * 4

@@ -6,7 +6,8 @@ adds ΔW x onto its own product in its epilogue (addmm): one rounding of the sum
 where adding the small update to an output already rounded to bf16 would lose most of it early in training
 (peft's way: its bf16 loss curve then falls behind its fp32 one), and no separate pass over the output. In
 fp32 a full-size ΔW (LoHa, LoKr, Compacter, GLoRA) joins W instead: y = x (W + ΔW)ᵀ, one GEMM forward and
-one for x's gradient instead of two each. Merge adds
+one for x's gradient instead of two each; and a full-size ΔW is rebuilt in backward rather than kept from
+forward (delta_product.py). Merge adds
 ΔW into the base weight (W' = W + ΔW) and unmerge subtracts it again, so every such method is
 mergeable. Adapter parameters sit directly on the wrapper under peft's names (`lokr_w1`,
 `hada_w1_a`, `vera_lambda_b`, ...), so model parameter paths equal peft's file keys once peft's
@@ -22,6 +23,7 @@ from .. import seeded_dropout
 from ..errors import ConfigError
 from .base import Method, MethodConfig
 from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
+from .delta_product import DeltaProduct, trainable
 from .lora_fused import cast
 
 
@@ -79,11 +81,10 @@ class DeltaLinear(WrappedLinear):
             return self.base_layer(x)
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return self.base_layer(x)
-        if self.full_width() and all_fp32(x, self.base_layer.weight, self.adapter_dtype()):
-            bias, delta_bias = self.base_layer.bias, self.delta_bias()
-            if delta_bias is not None:
-                bias = delta_bias if bias is None else bias + delta_bias
-            return F.linear(x, self.base_layer.weight + self.delta_weight(), bias)
+        fp32 = all_fp32(x, self.base_layer.weight, self.adapter_dtype())
+        if self.full_width() and (fp32 or torch.is_autocast_enabled(x.device.type)) \
+                and not (self.training and self.rank_dropout):
+            return DeltaProduct.apply(x, self, *trainable(self))  # ΔW rebuilt in backward, not kept
         return plus_base_product(self.base_layer, x, self.delta_forward(adapter_input(x, self.adapter_dtype())))
 
     @torch.no_grad()

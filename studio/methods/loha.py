@@ -24,7 +24,8 @@ class LoHaConfig(MethodConfig):
     r: int = opt(8, "Rank of each of the two products")
     alpha: float = opt(8, "Scale numerator: ΔW is multiplied by alpha / r")
     target_modules: list | str = opt(["q_proj", "v_proj"], "Layer names, a regex, or all-linear")
-    rank_dropout: float = opt(0.0, "Dropout of rows of ΔW in training")
+    rank_dropout: float = opt(0.0, "Dropout of rows of ΔW in training (ΔW then stays in memory until "
+                                   "backward instead of being rebuilt there)")
     module_dropout: float = opt(0.0, "Probability of skipping the whole update in a training step")
 
 

@@ -27,7 +27,8 @@ class LoKrConfig(MethodConfig):
     target_modules: list | str = opt(["q_proj", "v_proj"], "Layer names, a regex, or all-linear")
     decompose_both: bool = opt(False, "Also decompose the left factor W1 into a low-rank product")
     decompose_factor: int = opt(-1, "Split dimensions with this factor (-1 = near the square root)")
-    rank_dropout: float = opt(0.0, "Dropout of rows of ΔW in training")
+    rank_dropout: float = opt(0.0, "Dropout of rows of ΔW in training (ΔW then stays in memory until "
+                                   "backward instead of being rebuilt there)")
     module_dropout: float = opt(0.0, "Probability of skipping the whole update in a training step")
 
 

@@ -28,10 +28,11 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   methods whose inputs need no grad), and nothing at all through a backbone that runs without grad
   (Ladder Side-Tuning).
 
-Unknown future modules: a wrapper around a projection with trainable parameters (VeRA, LoKr, LoHa,
-GLoRA, ...) is assumed to save its input and the fp32 delta weight it builds, except where the delta weight is
-rebuilt in backward (methods/delta_product.py: then only the input, which its neighbours share); a trainable module elsewhere in a layer is assumed to save one copy of its input
-(rows x in_features, activation dtype) per Linear it contains.
+Unknown future modules: a wrapper around a projection with trainable parameters (VeRA, DyLoRA, ...) is
+assumed to save its input and the fp32 delta weight it builds; where a full-size delta weight is rebuilt in
+backward (LoHa, LoKr, GLoRA, Compacter: methods/delta_product.py), only the input, which its neighbours share.
+A trainable module elsewhere in a layer is assumed to save one copy of its input (rows x in_features,
+activation dtype) per Linear it contains.
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@ of a 2-layer random model of a preset's shape (on CUDA when there is one), the s
 as B or a factor leaves zero). Where an engine adds the adapter's small update to a base output already rounded
 to bf16, most of it is lost and the curve falls behind.
 
-    python -m baselines.bf16_curves [--shape gemma-3-270m] [--methods lora,loha,lokr] [--steps 6]
+    python -m baselines.bf16_curves [--shape gemma-3-270m] [--methods lora,loha,lokr,adalora] [--steps 6]
 
-One JSON line per (method, engine): the bf16 losses, our fp32 losses and the largest gap between them.
+One JSON line per (method, engine): its bf16 losses, its fp32 losses and the largest gap between them.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import torch
 
 LR = 1e-4
 FIELDS = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}, "loha": {"r": 8, "alpha": 8},
-          "lokr": {"r": 8, "alpha": 8}}
+          "lokr": {"r": 8, "alpha": 8},
+          # no budget steps or orthogonality term in these few steps: the update's rounding alone
+          "adalora": {"init_r": 12, "target_r": 8, "lora_alpha": 32, "orth_reg_weight": 0.0, "total_step": 100}}
 
 
 def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, steps: int,
@@ -37,7 +39,8 @@ def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, step
     copies = None
     if engine == "peft":
         import peft
-        kind = {"lora": peft.LoraConfig, "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[method]
+        kind = {"lora": peft.LoraConfig, "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig,
+                "adalora": peft.AdaLoraConfig}[method]
         model = peft.get_peft_model(model, kind(target_modules="all-linear", **FIELDS[method]))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
@@ -79,13 +82,13 @@ def main() -> None:
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"][:2]
     for method in a.methods.split(","):
-        fp32 = curve(config, method, "studio", torch.float32, a.steps, device)
-        for engine in ("peft", "studio"):
+        for engine in ("peft", "studio"):  # each against its own fp32 curve (AdaLoRA's engines draw their init apart)
+            fp32 = curve(config, method, engine, torch.float32, a.steps, device)
             bf16 = curve(config, method, engine, torch.bfloat16, a.steps, device)
             gap = max(abs(x - y) for x, y in zip(bf16, fp32))
             print(json.dumps({"shape": a.shape, "method": method, "engine": engine, "device": device.type,
-                              "lr": LR, "bf16_losses": bf16,
-                              "fp32_losses_ours": fp32, "max_gap_to_fp32": round(gap, 4)}), flush=True)
+                              "lr": LR, "bf16_losses": bf16, "fp32_losses": fp32, "max_gap_to_fp32": round(gap, 4)}),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """An adapter's update and the base product are summed before rounding: under bf16 autocast a small update
 (the start of training, B just off zero) survives on average instead of being rounded away against an output
-already rounded to bf16 (LoRA's fused op, the delta methods); in fp32 a full-size ΔW joins W in one GEMM, with
+already rounded to bf16 (LoRA's fused op, AdaLoRA, the delta methods); in fp32 a full-size ΔW joins W in one GEMM, with
 the outputs and gradients of the two-product form."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from studio.methods import method_config
+from studio.methods.adalora import SVDLinear
 from studio.methods.dylora import DyLoraLinear
 from studio.methods.glora import GloraLinear
 from studio.methods.loha import LoHaLinear
@@ -40,6 +41,7 @@ MODULES = {
     "loha": (lambda base: LoHaLinear(base, method_config({"name": "loha", "r": 8})), "hada_w1_a"),
     "lokr": (lambda base: LoKrLinear(base, method_config({"name": "lokr", "r": 8})), "lokr_w1"),
     "dylora": (lambda base: DyLoraLinear(base, method_config({"name": "dylora", "r": 8})), "lora_B.weight"),
+    "adalora": (lambda base: SVDLinear(base, 8, 32, 0.0), "lora_B"),
 }
 
 

@@ -1,7 +1,8 @@
 """AdaLoRA: an SVD-form update ΔW = P Λ Q whose rank budget moves to where it matters.
 
 Each target Linear gets P = lora_B (out x r), Λ = lora_E (r x 1, init 0 so output == base) and
-Q = lora_A (r x in), r = init_r; y = W x + (lora_alpha / init_r) · B (E ⊙ A) x.
+Q = lora_A (r x in), r = init_r; y = W x + (lora_alpha / init_r) · B (E ⊙ A) x, the update added in the base
+GEMM's epilogue (methods.common.plus_base_product: one rounding of the sum in bf16) on a plain Linear base.
 
 Rank allocation (Zhang et al. 2023), run by `on_step` after backward and before optimizer.step:
 - sensitivity I = |w · ∇w| per entry, smoothed  Ī ← β1 Ī + (1-β1) I, and its uncertainty
@@ -27,7 +28,7 @@ from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
-from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
+from .common import WrappedLinear, adapter_input, freeze_all, match_targets, plus_base_product, replace_module
 
 
 @dataclass
@@ -66,11 +67,13 @@ class SVDLinear(WrappedLinear):
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged or not self.adapter_enabled:
-            return result
+            return self.base_layer(x)
         xd = self.lora_dropout(adapter_input(x, self.lora_A.dtype))
-        delta = (xd @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling
+        delta = (xd @ (self.lora_A * self.lora_E).T) @ (self.lora_B * self.scaling).T  # the scale on the small B
+        if type(self.base_layer) is nn.Linear:
+            return plus_base_product(self.base_layer, x, delta)
+        result = self.base_layer(x)
         return result + delta.to(result.dtype)
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .lora_fused import cast
 
 
 class WrappedLinear(nn.Module):
@@ -42,6 +43,19 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     fp32 copy would be cast back, and each adapter would keep its own 16-bit copy instead of sharing x with its
     neighbours), else in the adapter's dtype."""
     return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
+def plus_base_product(base: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """base(x) + delta for a plain Linear base, with delta added by the base GEMM in its epilogue (addmm, beta 1),
+    then the bias: in a 16-bit compute dtype the sum is rounded once, where a small update added to an output
+    already rounded is mostly lost (tests/test_update_rounding.py), and there is no separate pass over the output."""
+    x2 = x.reshape(-1, x.shape[-1])
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    y = torch.addmm(cast(delta.reshape(-1, delta.shape[-1]), dtype), x2, base.weight.t())
+    if base.bias is not None:  # after the sum: added first, the bias would round the small delta away
+        y = y.add_(cast(base.bias, y.dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def linear_types() -> tuple[type, ...]:

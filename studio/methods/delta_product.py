@@ -24,7 +24,8 @@ class DeltaProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module, *params: torch.Tensor) -> torch.Tensor:
-        from .deltas import all_fp32, plus_base_product
+        from .common import plus_base_product
+        from .deltas import all_fp32
         device = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.module, ctx.fp32 = module, all_fp32(x, module.base_layer.weight, module.adapter_dtype())

@@ -22,9 +22,9 @@ from torch import nn
 from .. import seeded_dropout
 from ..errors import ConfigError
 from .base import Method, MethodConfig
-from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
+from .common import (WrappedLinear, adapter_input, freeze_all, match_targets, plus_base_product,
+                     replace_module)
 from .delta_product import DeltaProduct, trainable
-from .lora_fused import cast
 
 
 class DeltaLinear(WrappedLinear):
@@ -107,17 +107,6 @@ class DeltaLinear(WrappedLinear):
 def all_fp32(x: torch.Tensor, weight: torch.Tensor, adapter_dtype: torch.dtype) -> bool:
     """Whether the layer computes in fp32 throughout (no autocast), where W + ΔW keeps every bit of ΔW."""
     return not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == adapter_dtype == torch.float32
-
-
-def plus_base_product(base: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """base(x) + delta, with delta added by the base GEMM in its epilogue (addmm, beta 1), then the bias."""
-    x2 = x.reshape(-1, x.shape[-1])
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    y = torch.addmm(cast(delta.reshape(-1, delta.shape[-1]), dtype), x2, base.weight.t())
-    if base.bias is not None:  # after the sum: added first, the bias would round the small delta away
-        y = y.add_(cast(base.bias, y.dtype))
-    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class DeltaMethod(Method):

@@ -1,7 +1,7 @@
 """How far a bf16-autocast loss curve strays from the fp32 one, ours and peft's: a method on every linear layer
-of a 2-layer random model of a preset's shape (on CUDA when there is one), the same batch each step, AdamW at lr 1e-4 (a small first update,
-as B or a factor leaves zero). Where an engine adds the adapter's small update to a base output already rounded
-to bf16, most of it is lost and the curve falls behind.
+of a 2-layer random model of a preset's shape (on CUDA when there is one), the same batch each step, AdamW at
+lr 1e-4 (a small first update, as B or a factor leaves zero). Where an engine adds the adapter's small update to
+a base output already rounded to bf16, most of it is lost and the curve falls behind.
 
     python -m baselines.bf16_curves [--shape gemma-3-270m] [--methods lora,loha,lokr,adalora] [--steps 6]
 

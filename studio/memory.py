@@ -100,6 +100,7 @@ class Facts:
     host_copy_bytes: int = 0                   # full FT keep_base_copy
     fused_head: bool = False                   # plain Linear head: losses.FusedLinearCrossEntropy
     head_trainable: bool = False               # ... whose weight trains (whole-vocabulary chunks + fp32 grad)
+    max_rebuilt_delta: int = 0                 # bytes of the largest ΔW rebuilt in backward (delta_product)
 
 
 def model_dtype(name: str, device: str) -> torch.dtype:
@@ -207,7 +208,9 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
     head_tr = head is not None and any(p.requires_grad for p in head.parameters())
     return Facts(arch, layer_infos, total, trainable, by_dtype, weights + buffers, buffers, grad, grad_layer,
                  grad_outside, tensors, any(p.requires_grad for p in embed.parameters()) if embed else False,
-                 final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr)
+                 final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr,
+                 max((s.rebuilt_delta * s.dout * s.din * 4 for info in layer_infos for s in info.sites.values()),
+                     default=0))
 
 
 def _layer_info(layer: nn.Module) -> LayerInfo:
@@ -258,16 +261,11 @@ def _site(name: str, mod: nn.Module) -> Site:
         return site
     base_params = {id(p) for p in base.parameters()}
     site.other_trainable = any(p.requires_grad and id(p) not in base_params for p in mod.parameters())
-    names = [n for n, _ in mod.named_parameters()]
-    full_width = getattr(mod, "full_width", None)
-    if callable(full_width) and full_width():
-        # a full-size ΔW is rebuilt in backward (methods/delta_product.py), unless rank dropout draws its rows:
-        # then autograd keeps it (and LoHa both Hadamard factors)
-        hada = any(n.startswith("hada_") for n in names)
-        if getattr(mod, "rank_dropout", 0):
-            site.delta_weights = 3 if hada else 1
-        else:
-            site.delta_weights, site.shares_input, site.rebuilt_delta = 0, True, 4 if hada else 2
+    hada = any(n.startswith("hada_") for n, _ in mod.named_parameters())  # LoHa: two weight-sized factors
+    if getattr(mod, "rebuilds_delta", lambda: False)():  # kept: the input; built again in backward: ΔW, W + ΔW
+        site.delta_weights, site.shares_input, site.rebuilt_delta = 0, True, 4 if hada else 2
+    elif getattr(mod, "full_width", lambda: False)():  # rank dropout: autograd keeps ΔW (and LoHa's factors)
+        site.delta_weights = 3 if hada else 1
     else:
         site.delta_weights = 1
     return site
@@ -449,8 +447,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     bwd = backward_transient(arch, shape, dt)
     if nf4:
         bwd += facts.max_linear * act                                     # dequantized 4-bit weight
-    sites = [site for info in facts.layers for site in info.sites.values()]
-    bwd += max((site.rebuilt_delta * site.dout * site.din * 4 for site in sites), default=0)  # ΔW rebuilt
+    bwd += facts.max_rebuilt_delta                                        # a full-size ΔW built again
     phases = {"loss backward": activations + logits + facts.grad_outside + extra}
     held = fixed + mask_bool + autocast_cache + extra + facts.grad_outside + (rope if gc else 0)
     below = sum(per_layer)

@@ -76,6 +76,11 @@ def test_a_small_update_survives_bf16_rounding(name):
     assert _kept_share(twice, base_exact, u) < 0.7
 
 
+def _plain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The two-product form through autograd (what keeps ΔW from forward to backward)."""
+    return module.base_layer(x) + module.delta_forward(x).to(x.dtype)
+
+
 FULL_WIDTH = {
     "loha": lambda base: LoHaLinear(base, method_config({"name": "loha", "r": 8})),
     "lokr": lambda base: LoKrLinear(base, method_config({"name": "lokr", "r": 8})),
@@ -91,12 +96,9 @@ def test_fp32_full_delta_joins_the_weight_with_the_same_outputs_and_gradients(na
     assert module.full_width()
     x = torch.randn(3, 16, 256, generator=torch.Generator().manual_seed(3), requires_grad=True)
 
-    def two_products():
-        return module.base_layer(x) + module.delta_forward(x)
-
     runs = []
-    for forward in (lambda: module(x), two_products):
-        y = forward()
+    for forward in (module, lambda t: _plain(module, t)):
+        y = forward(x)
         grads = torch.autograd.grad((y * y).sum(), [x, *[p for p in module.parameters() if p.requires_grad]])
         runs.append((y, grads))
     (y, grads), (want_y, want_grads) = runs
@@ -116,11 +118,6 @@ def test_low_rank_updates_and_16_bit_layers_keep_two_products():
         got = loha(x)
         want = loha.base_layer(x).float() + loha.delta_forward(x.float()).float()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
-
-
-def _plain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The two-product form through autograd (what keeps ΔW from forward to backward)."""
-    return module.base_layer(x) + module.delta_forward(x).to(x.dtype)
 
 
 @pytest.mark.parametrize("name", sorted(FULL_WIDTH))

@@ -48,7 +48,7 @@ class DeltaProduct(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             dw, db = module.delta_weight(), module.delta_bias()
-        cdt = x.dtype if ctx.fp32 else (dtype if enabled else x.dtype)
+        cdt = dtype if enabled else x.dtype  # it runs in fp32 throughout or under autocast (deltas.py)
         x2, dy2 = cast(x.reshape(-1, x.shape[-1]), cdt), cast(dy.reshape(-1, dy.shape[-1]), cdt)
         dx = None
         if ctx.needs_input_grad[0]:

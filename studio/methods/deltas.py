@@ -66,6 +66,11 @@ class DeltaLinear(WrappedLinear):
         """Whether the update runs as the full ΔW (the subclass has no cheaper delta_forward of its own)."""
         return type(self).delta_forward is DeltaLinear.delta_forward
 
+    def rebuilds_delta(self) -> bool:
+        """Whether forward drops a full-size ΔW and backward builds it again (delta_product.py): not while rank
+        dropout draws its rows."""
+        return self.full_width() and not (self.training and self.rank_dropout)
+
     def seedable_draws(self) -> bool:
         """Whether a training forward draws rank dropout's rows (studio/seeded_dropout.py may seed it)."""
         return self.rank_dropout > 0
@@ -81,10 +86,9 @@ class DeltaLinear(WrappedLinear):
             return self.base_layer(x)
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return self.base_layer(x)
-        fp32 = all_fp32(x, self.base_layer.weight, self.adapter_dtype())
-        if self.full_width() and (fp32 or torch.is_autocast_enabled(x.device.type)) \
-                and not (self.training and self.rank_dropout):
-            return DeltaProduct.apply(x, self, *trainable(self))  # ΔW rebuilt in backward, not kept
+        if self.rebuilds_delta() and (torch.is_autocast_enabled(x.device.type)
+                                      or all_fp32(x, self.base_layer.weight, self.adapter_dtype())):
+            return DeltaProduct.apply(x, self, *trainable(self))
         return plus_base_product(self.base_layer, x, self.delta_forward(adapter_input(x, self.adapter_dtype())))
 
     @torch.no_grad()

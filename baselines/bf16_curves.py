@@ -18,7 +18,11 @@ LR = 1e-4
 FIELDS = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}, "loha": {"r": 8, "alpha": 8},
           "lokr": {"r": 8, "alpha": 8},
           # no budget steps or orthogonality term in these few steps: the update's rounding alone
-          "adalora": {"init_r": 12, "target_r": 8, "lora_alpha": 32, "orth_reg_weight": 0.0, "total_step": 100}}
+          "adalora": {"init_r": 12, "target_r": 8, "lora_alpha": 32, "orth_reg_weight": 0.0, "total_step": 100},
+          "dora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "use_dora": True},
+          "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}}
+PEFT_CONFIG = {"lora": "LoraConfig", "dora": "LoraConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig",
+               "adalora": "AdaLoraConfig", "ia3": "IA3Config"}
 
 
 def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, steps: int,
@@ -39,9 +43,8 @@ def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, step
     copies = None
     if engine == "peft":
         import peft
-        kind = {"lora": peft.LoraConfig, "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig,
-                "adalora": peft.AdaLoraConfig}[method]
-        model = peft.get_peft_model(model, kind(target_modules="all-linear", **FIELDS[method]))
+        kind = getattr(peft, PEFT_CONFIG[method])
+        model = peft.get_peft_model(model, kind(**{"target_modules": "all-linear", **FIELDS[method]}))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
         def loss_of(b):

@@ -12,7 +12,7 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
 - LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
   base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus (CPU) a bool
   keep-mask when dropout > 0. Else (DoRA, 8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when
-  dropout > 0, or the shared input; DoRA adds the base output and the LoRA output (rows x out each).
+  dropout > 0, or the shared input; DoRA adds the sum it rescales (rows x out; methods/rescaled_product.py).
   On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
@@ -178,7 +178,7 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             shared[key] = True
         out += rows * site.lora_r * dt.act                     # A's output, input of B
         if site.dora:
-            out += 2 * rows * site.dout * dt.act               # base output and LoRA output for the rescale
+            out += rows * site.dout * dt.act                   # the rescaled sum, for the magnitude's gradient
     if site.ia3 == "in":
         out += rows * site.din * dt.act
     if site.ia3 == "out":

@@ -1,20 +1,25 @@
 """An adapter's update and the base product are summed before rounding: under bf16 autocast a small update
 (the start of training, B just off zero) survives on average instead of being rounded away against an output
-already rounded to bf16 (LoRA's fused op, AdaLoRA, the delta methods); in fp32 a full-size ΔW joins W in one GEMM, with
+already rounded to bf16 (LoRA's fused op, AdaLoRA, the delta methods; DoRA's and IA3's rescale of a product made in
+fp32); in fp32 a full-size ΔW joins W in one GEMM, with
 the outputs and gradients of the two-product form."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from studio.methods import method_config
 from studio.methods.adalora import SVDLinear
 from studio.methods.dylora import DyLoraLinear
+from studio.methods.common import adapter_input
 from studio.methods.glora import GloraLinear
+from studio.methods.ia3 import IA3Linear
 from studio.methods.loha import LoHaLinear
 from studio.methods.lokr import LoKrLinear
 from studio.methods.lora import LoraLinear
+from studio.methods.rescaled_product import fp32_product
 
 
 def _base(bias: bool = False, dtype: torch.dtype = torch.float32, features: int = 256) -> nn.Linear:
@@ -162,3 +167,87 @@ def test_rank_dropout_keeps_autograds_path():
     module.eval()
     kept, _ = saved_bytes(lambda: module(x), module)
     assert kept == x.numel() * 4
+
+
+def _dora(base: nn.Linear, dropout: float = 0.0) -> LoraLinear:
+    module = LoraLinear(base, 8, 16, dropout, False, True)
+    module.init_weights(True)
+    return module
+
+
+def _rescale_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rescaled output through autograd, each term rounded to the activations' dtype as it is made."""
+    base = module.base_layer
+    if isinstance(module, IA3Linear):
+        out = base(x)
+        return out * module.ia3_l.flatten().to(out.dtype)
+    xa = adapter_input(x, module.lora_A.weight.dtype)
+    xd = module.lora_dropout(xa)
+    lora = module.lora_B(module.lora_A(xd)) * module.scaling
+    with torch.no_grad():
+        norm = module._combined_weight().norm(dim=1)
+    scale = (module.lora_magnitude_vector / norm).to(lora.dtype)
+    inner = F.linear(xd, base.weight.to(xd.dtype)) if xd is not xa else base(x) - (0 if base.bias is None else base.bias)
+    return base(x) + ((scale - 1) * inner.to(lora.dtype) + scale * lora).to(x.dtype)
+
+
+RESCALED = {"dora": lambda base: _dora(base), "ia3": lambda base: IA3Linear(base, feedforward=False)}
+
+
+@pytest.mark.parametrize("name", sorted(RESCALED))
+def test_a_small_rescale_survives_bf16_rounding(name):
+    """DoRA's magnitude and direction, IA3's output scale: a change under half a bf16 step of 1 is kept."""
+    module = RESCALED[name](_base(bias=True, dtype=torch.bfloat16)).train()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 256, generator=gen).to(torch.bfloat16)
+    w, b = module.base_layer.weight.float(), module.base_layer.bias.float()
+    base_exact = x.float() @ w.t()
+    with torch.no_grad():
+        if name == "ia3":
+            module.ia3_l.add_(torch.randn(module.ia3_l.shape, generator=gen) * 1e-3)
+            want = (base_exact + b) * module.ia3_l.flatten()
+        else:
+            module.lora_B.weight.normal_(generator=gen).mul_(1e-4)
+            module.lora_magnitude_vector.mul_(1 + torch.randn(256, generator=gen) * 1e-3)
+            delta = module.delta_weight()
+            scale = module.lora_magnitude_vector / (w + delta).norm(dim=1)
+            want = scale * (base_exact + x.float() @ delta.t()) + b
+        update = want - base_exact - b
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+            rounded_first = _rescale_reference(module, x)
+    assert y.dtype == torch.bfloat16
+    assert _kept_share(y.float() - b, base_exact, update) == pytest.approx(1.0, abs=0.1)
+    assert _kept_share(rounded_first.float() - b, base_exact, update) < 0.7
+
+
+@pytest.mark.parametrize("name,dropout", [("dora", 0.0), ("dora", 0.3), ("ia3", 0.0)])
+def test_the_rescaled_product_has_autograds_outputs_and_gradients(name, dropout):
+    make = (lambda base: _dora(base, dropout)) if name == "dora" else RESCALED[name]
+    for dtype, autocast, tol in ((torch.float32, False, 1e-5), (torch.bfloat16, True, 3e-2)):
+        module = make(_base(bias=True, dtype=dtype)).train()
+        _perturb(module, 0.05)
+        x = torch.randn(2, 32, 256, generator=torch.Generator().manual_seed(6)).to(dtype).requires_grad_()
+        params = [p for p in module.parameters() if p.requires_grad]
+        runs = []
+        for forward in (module, lambda t: _rescale_reference(module, t)):
+            torch.manual_seed(7)  # the same dropout draw
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = forward(x)
+            runs.append((y, torch.autograd.grad(y.float().pow(2).sum(), [x, *params])))
+        (y, grads), (want_y, want_grads) = runs
+        assert y.dtype == want_y.dtype == dtype
+        torch.testing.assert_close(y.float(), want_y.float(), rtol=tol, atol=tol)
+        for got, want in zip(grads, want_grads):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_cuda_takes_16_bit_operands_with_an_fp32_output():
+    """The CUDA branch of fp32_product: torch's mm with out_dtype (checked on meta tensors here)."""
+    x = torch.empty(64, 32, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(16, 32, dtype=torch.bfloat16, device="meta")
+    y = torch.mm(x, w.t(), out_dtype=torch.float32)
+    assert y.dtype == torch.float32 and y.shape == (64, 16)
+    cpu = fp32_product(torch.randn(8, 32).to(torch.bfloat16), torch.randn(16, 32).to(torch.bfloat16))
+    assert cpu.dtype == torch.float32

@@ -1,7 +1,7 @@
 """IA3: learned rescaling of keys, values and the FFN intermediate activation.
 
 Each target Linear gets a vector l (init ones, so output == base). Attention targets (k, v) scale
-their output: y = (W x + b) ⊙ l (l: out x 1). Feed-forward targets (the down projection) scale their
+their output: y = (W x + b) ⊙ l (l: out x 1), summed in fp32 and rounded once (rescaled_product.py). Feed-forward targets (the down projection) scale their
 input: y = W (x ⊙ l) + b (l: 1 x in). Merging multiplies the weight rows (and bias) or columns by l.
 Files are peft's IA3 format: `<module path>.ia3_l`, with `feedforward_modules` in the config.
 """
@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
+from .rescaled_product import RescaledProduct
 
 
 @dataclass
@@ -45,6 +46,10 @@ class IA3Linear(WrappedLinear):
         # twice-as-large copy of the widest activation (down_proj's input) kept for backward
         if self.is_feedforward:
             return self.base_layer(x * scale.to(x.dtype))
+        if torch.is_grad_enabled() or type(self.base_layer) is nn.Linear:
+            # (W x + b) ⊙ l summed in fp32 and rounded once: a change of l under half a bf16 step of 1 is
+            # not lost (generation over a 4-/8-bit base keeps bitsandbytes' kernels)
+            return RescaledProduct.apply(x, None, None, scale, self.base_layer, True)
         out = self.base_layer(x)
         return out * scale.to(out.dtype)
 

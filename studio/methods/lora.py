@@ -22,6 +22,7 @@ from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
 from .lora_fused import FusedLoraLinear, compute_dtype, fusable, is_4bit
+from .rescaled_product import RescaledProduct
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -152,6 +153,8 @@ class LoraLinear(WrappedLinear):
         parts = self.fused_parts(x)
         if parts is not None:
             return FusedLoraLinear.apply(x, *parts)
+        if self.use_dora and self.adapter_enabled and not self.merged:
+            return self._dora_forward(x)
         result = self.base_layer(x)
         if self.merged:
             return result
@@ -160,25 +163,24 @@ class LoraLinear(WrappedLinear):
                 init = F.linear(F.linear(x.to(self.lora_A_init.dtype), self.lora_A_init), self.lora_B_init)
                 return result + (init * self.scaling).to(result.dtype)
             return result
-        xd = self.lora_dropout(adapter_input(x, self.lora_A.weight.dtype))
-        if not self.use_dora:
-            low = self.lora_A(xd)
-            if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):
-                # result + low @ (s·B)^T in one addmm: the scale lands on the small B, not the activation.
-                flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, self.r),
-                                   (self.lora_B.weight * self.scaling).t())
-                return flat.view(result.shape)
-            return result + (self.lora_B(low) * self.scaling).to(result.dtype)
+        low = self.lora_A(self.lora_dropout(adapter_input(x, self.lora_A.weight.dtype)))
+        if low.dtype == result.dtype or torch.is_autocast_enabled(low.device.type):
+            # result + low @ (s·B)^T in one addmm: the scale lands on the small B, not the activation.
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, self.r),
+                               (self.lora_B.weight * self.scaling).t())
+            return flat.view(result.shape)
+        return result + (self.lora_B(low) * self.scaling).to(result.dtype)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """m ⊙ (W x + s·B A x_d) / ‖W + s·BA‖_row + b, the norm detached, summed in fp32 and rounded once
+        (rescaled_product.py); with dropout W x_d replaces W x inside the rescale, as in peft."""
+        xa = adapter_input(x, self.lora_A.weight.dtype)
+        xd = self.lora_dropout(xa)
         lora = self.lora_B(self.lora_A(xd)) * self.scaling
         with torch.no_grad():
             norm = self._combined_weight().norm(dim=1)
-        scale = (self.lora_magnitude_vector / norm).to(lora.dtype)
-        if isinstance(self.lora_dropout, nn.Identity):
-            bias = self.base_layer.bias
-            base = (result - bias) if bias is not None else result
-        else:
-            base = F.linear(xd, _dequantized_weight(self.base_layer).to(xd.dtype))
-        return result + ((scale - 1) * base.to(lora.dtype) + scale * lora).to(result.dtype)
+        return RescaledProduct.apply(x, None if xd is xa else xd, lora, self.lora_magnitude_vector / norm,
+                                     self.base_layer, False)
 
     @torch.no_grad()
     def merge(self) -> None:

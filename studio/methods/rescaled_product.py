@@ -1,0 +1,97 @@
+"""A base product rescaled per output row with the adapter's terms, summed in fp32 and rounded once (DoRA, IA3).
+
+    y = s ⊙ q + (W x - W x_d) + b_out,    q = W x_d + u + b_in
+
+DoRA: s = m / ‖W + ΔW‖_row, u = B A x_d · scaling, b_out the bias (x_d = x without dropout: y = s ⊙ (W x + u) + b).
+IA3 on an output: s = l, no u, b_in the bias (y = l ⊙ (W x + b)).
+
+In a 16-bit compute dtype, rescaling a product already rounded loses the small change of s (s starts at 1,
+and a change below half a bf16 step of 1, 0.2%, leaves every output as it was), and DoRA's u added to it is
+mostly lost too: peft's DoRA returns an fp32 output (promoted by the fp32 magnitude) and its IA3 rounds.
+Here the products come out in fp32 (CUDA: bf16/fp16 inputs with an fp32 output, `mm(out_dtype=)`; elsewhere
+the operands cast up, a slower GEMM, used only when the compute dtype is 16-bit), everything is added and
+rescaled there, and the output is rounded once (tests/test_update_rounding.py).
+
+Kept for backward: q in the compute dtype (for s's gradient; autograd's way keeps W x_d and u); the weight is
+read again (a 4-bit one dequantized again, as the fused LoRA op does).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora_fused import cast, dense_weight, is_4bit
+
+
+def fp32_product(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x2 wᵀ in fp32 for x2 and w in one dtype, without rounding the products to that dtype first."""
+    if x2.dtype == torch.float32:
+        return x2 @ w.t()
+    if x2.device.type == "cuda":
+        return torch.mm(x2, w.t(), out_dtype=torch.float32)
+    return x2.float() @ w.float().t()
+
+
+def base_weight(base: nn.Module, cdt: torch.dtype) -> torch.Tensor:
+    """The base layer's weight in cdt (a 4-/8-bit one dequantized)."""
+    if is_4bit(base):
+        return dense_weight(base.weight.data, base.weight.quant_state, cdt)
+    if base.weight.__class__.__name__ == "Int8Params":
+        from .lora import _dequantized_weight
+        return _dequantized_weight(base).to(cdt)
+    return cast(base.weight.detach(), cdt)
+
+
+class RescaledProduct(torch.autograd.Function):
+    """(x, x_d or None, u or None, s, base layer, bias inside the rescale?) -> y; gradients for x, x_d, u and s.
+    With x_d (DoRA's dropout) u is given and the bias is outside: y = W x + (s - 1) ⊙ q + u + b."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xd: torch.Tensor | None, u: torch.Tensor | None, s: torch.Tensor,
+                base: nn.Module, bias_in: bool) -> torch.Tensor:
+        device = x.device.type
+        cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        bias = base.bias
+        with torch.autocast(device, enabled=False):
+            w = base_weight(base, cdt)
+            x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
+            q = fp32_product(x2 if xd is None else cast(xd.reshape(-1, xd.shape[-1]), cdt), w)
+            if u is not None:
+                q.add_(u.reshape(q.shape))
+            if bias is not None and bias_in:
+                q.add_(bias)
+            kept = cast(q, cdt)
+            if xd is None:
+                y = q.mul_(s) if kept is not q else q * s
+            else:
+                y = fp32_product(x2, w).addcmul_(q, s - 1).add_(u.reshape(q.shape))
+            if bias is not None and not bias_in:
+                y.add_(bias)
+        ctx.save_for_backward(kept, s)
+        ctx.base, ctx.cdt, ctx.has_xd = base, cdt, xd is not None
+        ctx.dtypes = (x.dtype, None if xd is None else xd.dtype, None if u is None else u.dtype)
+        return cast(y, cdt).view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        q, s = ctx.saved_tensors
+        cdt = ctx.cdt
+        need_x, need_xd, need_u, need_s = ctx.needs_input_grad[:4]
+        dy2 = cast(dy.reshape(-1, dy.shape[-1]), cdt)
+        dx = dxd = du = ds = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if need_s:
+                ds = (dy2 * q).sum(0, dtype=torch.float32).to(s.dtype)
+            dq = dy2 * cast(s, cdt)
+            if need_x or need_xd:
+                w = base_weight(ctx.base, cdt)
+                if ctx.has_xd:
+                    dx = (dy2 @ w) if need_x else None
+                    dxd = ((dy2 * cast(s - 1, cdt)) @ w) if need_xd else None
+                else:
+                    dx = dq @ w
+            du = dq if need_u else None
+        shape, (x_dt, xd_dt, u_dt) = dy.shape[:-1], ctx.dtypes
+        return (None if dx is None else cast(dx, x_dt).view(*shape, -1),
+                None if dxd is None else cast(dxd, xd_dt).view(*shape, -1),
+                None if du is None else cast(du, u_dt).view(dy.shape), ds, None, None)

@@ -159,3 +159,41 @@ def test_qdora_generates_as_it_trains(tiny_folder):
     q = model.model.layers[0].self_attn.q_proj.base_layer
     assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
     assert (trained - chat).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4, "use_dora": True, "lora_dropout": 0.0},
+                                    {"name": "ia3"}], ids=["dora", "ia3"])
+def test_rescaled_adapters_train_over_a_4bit_base(tiny_folder, method):
+    """DoRA and IA3 rescale a product they make themselves (methods/rescaled_product.py): over a 4-bit base it
+    is the dequantized weight's, forward and backward, as over the same weight in a 16-bit Linear."""
+    model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+    apply_method(model, method_config(method))
+    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+
+    def grads():
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+        out = {n: p.grad.clone() for n, p in params.items()}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    import bitsandbytes.functional as bnbf
+    quantized = grads()
+    for module in list(model.modules()):
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(base.weight, "quant_state"):
+            dense = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                    dtype=base.weight.quant_state.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state))
+                if base.bias is not None:
+                    dense.bias.copy_(base.bias)
+            module.base_layer = dense.requires_grad_(False)
+    dense_grads = grads()
+    assert len(quantized) > 0
+    for name, g in quantized.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, dense_grads[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -19,7 +19,7 @@ from studio.methods.ia3 import IA3Linear
 from studio.methods.loha import LoHaLinear
 from studio.methods.lokr import LoKrLinear
 from studio.methods.lora import LoraLinear
-from studio.methods.rescaled_product import fp32_product
+from studio.methods.rescaled_product import fp32_product, mm_fp32_output
 
 
 def _base(bias: bool = False, dtype: torch.dtype = torch.float32, features: int = 256) -> nn.Linear:
@@ -194,8 +194,19 @@ def _rescale_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 RESCALED = {"dora": lambda base: _dora(base), "ia3": lambda base: IA3Linear(base, feedforward=False)}
 
 
+@pytest.fixture(params=["epilogue", "fp32-output"])
+def rescale_path(request, monkeypatch):
+    """The CPU's way (the small terms added in the base GEMM's epilogue) or CUDA's (a 16-bit GEMM with an
+    fp32 output, emulated here by casting the operands up)."""
+    if request.param == "fp32-output":
+        from studio.methods import rescaled_product
+        monkeypatch.setattr(rescaled_product, "fp32_output_gemm", lambda device: True)
+        monkeypatch.setattr(rescaled_product, "mm_fp32_output", lambda a, b: a.float() @ b.float())
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(RESCALED))
-def test_a_small_rescale_survives_bf16_rounding(name):
+def test_a_small_rescale_survives_bf16_rounding(name, rescale_path):
     """DoRA's magnitude and direction, IA3's output scale: a change under half a bf16 step of 1 is kept."""
     module = RESCALED[name](_base(bias=True, dtype=torch.bfloat16)).train()
     gen = torch.Generator().manual_seed(5)
@@ -222,7 +233,7 @@ def test_a_small_rescale_survives_bf16_rounding(name):
 
 
 @pytest.mark.parametrize("name,dropout", [("dora", 0.0), ("dora", 0.3), ("ia3", 0.0)])
-def test_the_rescaled_product_has_autograds_outputs_and_gradients(name, dropout):
+def test_the_rescaled_product_has_autograds_outputs_and_gradients(name, dropout, rescale_path):
     make = (lambda base: _dora(base, dropout)) if name == "dora" else RESCALED[name]
     for dtype, autocast, tol in ((torch.float32, False, 1e-5), (torch.bfloat16, True, 3e-2)):
         module = make(_base(bias=True, dtype=dtype)).train()
@@ -247,7 +258,20 @@ def test_cuda_takes_16_bit_operands_with_an_fp32_output():
     """The CUDA branch of fp32_product: torch's mm with out_dtype (checked on meta tensors here)."""
     x = torch.empty(64, 32, dtype=torch.bfloat16, device="meta")
     w = torch.empty(16, 32, dtype=torch.bfloat16, device="meta")
-    y = torch.mm(x, w.t(), out_dtype=torch.float32)
+    y = mm_fp32_output(x, w.t())
     assert y.dtype == torch.float32 and y.shape == (64, 16)
     cpu = fp32_product(torch.randn(8, 32).to(torch.bfloat16), torch.randn(16, 32).to(torch.bfloat16))
     assert cpu.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dora_row_norms_without_the_combined_weight(dtype):
+    from studio.methods.dora_norm import dora_row_norms
+    torch.manual_seed(0)
+    module = _dora(_base(dtype=dtype))
+    _perturb(module, 0.05)
+    want = module._combined_weight().norm(dim=1)
+    torch.testing.assert_close(dora_row_norms(module), want, rtol=1e-5, atol=0)
+    with torch.no_grad():  # a changed base weight (merge, PiSSA's residual) is read again
+        module.base_layer.weight.mul_(2)
+    torch.testing.assert_close(dora_row_norms(module), module._combined_weight().norm(dim=1), rtol=1e-5, atol=0)

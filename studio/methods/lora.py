@@ -22,6 +22,7 @@ from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
 from .lora_fused import FusedLoraLinear, compute_dtype, fusable, is_4bit
+from .dora_norm import dora_row_norms
 from .rescaled_product import RescaledProduct
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -172,13 +173,12 @@ class LoraLinear(WrappedLinear):
         return result + (self.lora_B(low) * self.scaling).to(result.dtype)
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """m ⊙ (W x + s·B A x_d) / ‖W + s·BA‖_row + b, the norm detached, summed in fp32 and rounded once
-        (rescaled_product.py); with dropout W x_d replaces W x inside the rescale, as in peft."""
+        """m ⊙ (W x + s·B A x_d) / ‖W + s·BA‖_row + b, the norm detached (dora_norm.py), summed in fp32 and
+        rounded once (rescaled_product.py); with dropout W x_d replaces W x inside the rescale, as in peft."""
         xa = adapter_input(x, self.lora_A.weight.dtype)
         xd = self.lora_dropout(xa)
         lora = self.lora_B(self.lora_A(xd)) * self.scaling
-        with torch.no_grad():
-            norm = self._combined_weight().norm(dim=1)
+        norm = dora_row_norms(self)
         return RescaledProduct.apply(x, None if xd is xa else xd, lora, self.lora_magnitude_vector / norm,
                                      self.base_layer, False)
 

@@ -8,9 +8,11 @@ IA3 on an output: s = l, no u, b_in the bias (y = l ⊙ (W x + b)).
 In a 16-bit compute dtype, rescaling a product already rounded loses the small change of s (s starts at 1,
 and a change below half a bf16 step of 1, 0.2%, leaves every output as it was), and DoRA's u added to it is
 mostly lost too: peft's DoRA returns an fp32 output (promoted by the fp32 magnitude) and its IA3 rounds.
-Here the products come out in fp32 (CUDA: bf16/fp16 inputs with an fp32 output, `mm(out_dtype=)`; elsewhere
-the operands cast up, a slower GEMM, used only when the compute dtype is 16-bit), everything is added and
-rescaled there, and the output is rounded once (tests/test_update_rounding.py).
+Here the products come out in fp32 (fp32 throughout, or CUDA's bf16/fp16 GEMM with an fp32 output,
+`mm(out_dtype=)`), everything is added and rescaled there, and the output is rounded once. Where a 16-bit
+product cannot come out in fp32 (the CPU), the rounded product gives the small terms (s - 1) ⊙ q + u, and the
+base GEMM adds them in its epilogue: y = W x + (s - 1) ⊙ q + u + b, one more 16-bit GEMM (without dropout), much
+cheaper there than one in fp32 (tests/test_update_rounding.py).
 
 Kept for backward: q in the compute dtype (for s's gradient; autograd's way keeps W x_d and u); the weight is
 read again (a 4-bit one dequantized again, as the fused LoRA op does).
@@ -23,13 +25,23 @@ from torch import nn
 from .lora_fused import cast, dense_weight, is_4bit
 
 
+def fp32_output_gemm(device: torch.device) -> bool:
+    """Whether a 16-bit GEMM on this device can write its output in fp32 (torch's `mm(out_dtype=)`: CUDA)."""
+    return device.type == "cuda"
+
+
 def fp32_product(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x2 wᵀ in fp32 for x2 and w in one dtype, without rounding the products to that dtype first."""
+    """x2 wᵀ in fp32 for x2 and w in one dtype, without rounding the products to that dtype first (on a device
+    without an fp32-output GEMM, the operands cast up: a slower GEMM)."""
     if x2.dtype == torch.float32:
         return x2 @ w.t()
-    if x2.device.type == "cuda":
-        return torch.mm(x2, w.t(), out_dtype=torch.float32)
+    if fp32_output_gemm(x2.device):
+        return mm_fp32_output(x2, w.t())
     return x2.float() @ w.float().t()
+
+
+def mm_fp32_output(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def base_weight(base: nn.Module, cdt: torch.dtype) -> torch.Tensor:
@@ -52,21 +64,31 @@ class RescaledProduct(torch.autograd.Function):
         device = x.device.type
         cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         bias = base.bias
+        # exact: the product in fp32 (fp32 throughout, or CUDA's 16-bit GEMM with an fp32 output)
+        exact = cdt == torch.float32 or fp32_output_gemm(x.device)
         with torch.autocast(device, enabled=False):
             w = base_weight(base, cdt)
             x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
-            q = fp32_product(x2 if xd is None else cast(xd.reshape(-1, xd.shape[-1]), cdt), w)
-            if u is not None:
-                q.add_(u.reshape(q.shape))
+            xin = x2 if xd is None else cast(xd.reshape(-1, xd.shape[-1]), cdt)
+            q = fp32_product(xin, w) if exact else (xin @ w.t()).float()
+            u2 = None if u is None else u.reshape(q.shape)
+            if u2 is not None:
+                q.add_(u2)
             if bias is not None and bias_in:
                 q.add_(bias)
             kept = cast(q, cdt)
-            if xd is None:
-                y = q.mul_(s) if kept is not q else q * s
-            else:
-                y = fp32_product(x2, w).addcmul_(q, s - 1).add_(u.reshape(q.shape))
-            if bias is not None and not bias_in:
-                y.add_(bias)
+            if exact and xd is None:
+                y = q * s if kept is q else q.mul_(s)
+                if bias is not None and not bias_in:
+                    y.add_(bias)
+            else:  # y = W x + (s - 1) ⊙ q + u + b (the bias's scaled part is in q)
+                small = q * (s - 1) if kept is q else q.mul_(s - 1)
+                if u2 is not None:
+                    small.add_(u2)
+                # without an fp32-output GEMM: the small terms added by the base GEMM in its epilogue
+                y = small.add_(fp32_product(x2, w)) if exact else torch.addmm(small.to(cdt), x2, w.t())
+                if bias is not None:
+                    y.add_(bias)
         ctx.save_for_backward(kept, s)
         ctx.base, ctx.cdt, ctx.has_xd = base, cdt, xd is not None
         ctx.dtypes = (x.dtype, None if xd is None else xd.dtype, None if u is None else u.dtype)

@@ -1,0 +1,47 @@
+"""DoRA's row norms ‖W + s·BA‖ without a weight-sized tensor.
+
+‖W + s·BA‖²_row = ‖W‖²_row + 2s·⟨W, BA⟩_row + s²·‖BA‖²_row, where ⟨W, BA⟩_i = Σ_k B_ik (W Aᵀ)_ik (one GEMM,
+out x r, reading W once in its own dtype with an fp32 output; A split into two 16-bit parts for a 16-bit W) and ‖BA‖²_i = B_i (A Aᵀ) B_iᵀ (r x r). ‖W‖² of the
+frozen weight is computed once and kept while the weight is unchanged. The direct way (peft's, and ours
+before) builds W + s·BA in fp32 at every forward and recomputation: three weight-sized passes and an fp32
+copy of the weight, about ten times the time of this on the CPU for a 4096 x 4096 layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora_fused import dense_weight, is_4bit
+from .rescaled_product import fp32_product
+
+
+def _weight(base: nn.Module) -> torch.Tensor:
+    """The base weight in its own 16/32-bit dtype (a 4-bit one dequantized to its compute dtype, 8-bit to fp32)."""
+    if is_4bit(base):
+        state = base.weight.quant_state
+        return dense_weight(base.weight.data, state, state.dtype)
+    if base.weight.is_floating_point():
+        return base.weight.detach()
+    from .lora import _dequantized_weight
+    return _dequantized_weight(base)
+
+
+@torch.no_grad()
+def dora_row_norms(module: nn.Module) -> torch.Tensor:
+    """‖W + scaling·B A‖ per output row (fp32) of a LoraLinear; the squared norms of W cached on the module."""
+    base = module.base_layer
+    key = (base.weight.data_ptr(), base.weight._version)
+    if getattr(module, "_weight_sq_key", None) != key:
+        from .lora import _dequantized_weight
+        module._weight_sq = _dequantized_weight(base).pow(2).sum(1)
+        module._weight_sq_key = key
+    a, b, s = module.lora_A.weight.float(), module.lora_B.weight.float(), module.scaling
+    w = _weight(base)
+    if w.dtype == torch.float32:
+        wa = a @ w.t()                                          # (W Aᵀ)ᵀ: r x out
+    else:  # A as a 16-bit pair (high part + the rest), one GEMM of 2r rows: A's rounding would show in the norm
+        high = a.to(w.dtype)
+        wa = fp32_product(torch.cat([high, (a - high.float()).to(w.dtype)]), w).view(2, *a.shape[:1], -1).sum(0)
+    cross = torch.einsum("or,ro->o", b, wa)
+    ba_sq = ((b @ (a @ a.t())) * b).sum(1)
+    return (module._weight_sq + 2 * s * cross + s * s * ba_sq).clamp_min_(0).sqrt_()

@@ -2,7 +2,9 @@
 Gemma-3-270M-shaped model with a 2,048-word vocabulary (so the layers and adapters are most of the step),
 ours vs peft given the same adapter, alternating rounds.
 
-    python -m baselines.methods_probe [--methods lora,dora,...] [--batch 4] [--seq 256] [--rounds 3]
+    python -m baselines.methods_probe [--methods lora,dora,...] [--batch 4] [--seq 256] [--rounds 3] [--all-linear]
+
+--all-linear adapts every linear layer (the presets with target_modules all-linear; peft given our adapter).
 
 JSON lines as `bench` writes them (the shape is named "probe").
 """
@@ -18,7 +20,7 @@ import torch
 
 def main() -> None:
     from studio.bench import bench
-    from studio.bench_grid import methods_grid
+    from studio.bench_grid import PRESET_OVERRIDES, methods_grid
     from studio.models import model_presets
 
     p = argparse.ArgumentParser()
@@ -30,6 +32,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--all-linear", action="store_true", help="adapt every linear layer")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probe = copy.deepcopy(model_presets()["gemma-3-270m"])
@@ -40,6 +43,9 @@ def main() -> None:
     grid = [dataclasses.replace(r, shape="probe", batch=a.batch, seq=a.seq)
             for r in methods_grid(device, a.methods or "all")]
     model_presets()["probe"] = probe  # the preset table is cached: the bench builds the probe from it
+    if a.all_linear:
+        for r in grid:
+            PRESET_OVERRIDES[r.method] = PRESET_OVERRIDES.get(r.method, {}) | {"target_modules": "all-linear"}
     try:
         for row in bench(device=device.type, rounds=a.rounds, grid=grid, steps=a.steps, warmup=a.warmup):
             print(json.dumps(row), flush=True)

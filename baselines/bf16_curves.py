@@ -3,7 +3,7 @@ of a 2-layer random model of a preset's shape (on CUDA when there is one), the s
 lr 1e-4 (a small first update, as B or a factor leaves zero). Where an engine adds the adapter's small update to
 a base output already rounded to bf16, most of it is lost and the curve falls behind.
 
-    python -m baselines.bf16_curves [--shape gemma-3-270m] [--methods lora,loha,lokr,adalora] [--steps 6]
+    python -m baselines.bf16_curves [--shape gemma-3-270m] [--methods lora,loha,lokr,dora,ia3,adalora] [--steps 6]
 
 One JSON line per (method, engine): its bf16 losses, its fp32 losses and the largest gap between them.
 """
@@ -76,7 +76,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="gemma-3-270m")
-    p.add_argument("--methods", default="lora,loha,lokr")
+    p.add_argument("--methods", default="lora,loha,lokr,dora,ia3")
     p.add_argument("--steps", type=int, default=6)
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

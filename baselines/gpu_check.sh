@@ -82,8 +82,9 @@ run)
   # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below)
   want grid && timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
     | grep -v Warning | tee "$OUT/graphs_grid.log"
-  # curves: bf16 loss curves against fp32, ours and peft's (2-layer models; the update added before rounding)
-  want curves && timeout 60 python3 -m baselines.bf16_curves 2>&1 | grep '^{' | tee "$OUT/bf16_curves.jsonl"
+  # curves: bf16 loss curves against fp32, ours and peft's (2-layer models; the update added before rounding;
+# DoRA and IA3 through CUDA's fp32-output GEMM)
+  want curves && timeout 90 python3 -m baselines.bf16_curves 2>&1 | grep '^{' | tee "$OUT/bf16_curves.jsonl"
   # rng: does a replayed checkpoint redraw torch's dropout masks? (graphs keep such runs eager until it does)
   want rng && timeout 30 python3 -m baselines.graph_rng_check 2>&1 | grep '^{' | tee "$OUT/graph_rng.jsonl"
   # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes, and

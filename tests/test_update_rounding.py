@@ -200,7 +200,7 @@ def rescale_path(request, monkeypatch):
     fp32 output, emulated here by casting the operands up)."""
     if request.param == "fp32-output":
         from studio.methods import rescaled_product
-        monkeypatch.setattr(rescaled_product, "fp32_output_gemm", lambda device: True)
+        monkeypatch.setattr(rescaled_product, "fp32_output_gemm", lambda device, dtype: True)
         monkeypatch.setattr(rescaled_product, "mm_fp32_output", lambda a, b: a.float() @ b.float())
     return request.param
 

@@ -19,15 +19,27 @@ read again (a 4-bit one dequantized again, as the fused LoRA op does).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .lora_fused import cast, dense_weight, is_4bit
 
 
-def fp32_output_gemm(device: torch.device) -> bool:
-    """Whether a 16-bit GEMM on this device can write its output in fp32 (torch's `mm(out_dtype=)`: CUDA)."""
-    return device.type == "cuda"
+def fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a GEMM of dtype operands on this device can write its output in fp32 (torch's `mm(out_dtype=)`:
+    CUDA, in the torch versions that have it)."""
+    return device.type == "cuda" and _cuda_mm_out_dtype(dtype)
+
+
+@functools.cache
+def _cuda_mm_out_dtype(dtype: torch.dtype) -> bool:
+    try:
+        a = torch.ones(16, 16, dtype=dtype, device="cuda")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def fp32_product(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -35,7 +47,7 @@ def fp32_product(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     without an fp32-output GEMM, the operands cast up: a slower GEMM)."""
     if x2.dtype == torch.float32:
         return x2 @ w.t()
-    if fp32_output_gemm(x2.device):
+    if fp32_output_gemm(x2.device, x2.dtype):
         return mm_fp32_output(x2, w.t())
     return x2.float() @ w.float().t()
 
@@ -65,7 +77,7 @@ class RescaledProduct(torch.autograd.Function):
         cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         bias = base.bias
         # exact: the product in fp32 (fp32 throughout, or CUDA's 16-bit GEMM with an fp32 output)
-        exact = cdt == torch.float32 or fp32_output_gemm(x.device)
+        exact = cdt == torch.float32 or fp32_output_gemm(x.device, cdt)
         with torch.autocast(device, enabled=False):
             w = base_weight(base, cdt)
             x2 = cast(x.reshape(-1, x.shape[-1]), cdt)

@@ -259,13 +259,18 @@ def _site(name: str, mod: nn.Module) -> Site:
         site.ia3 = "in" if (ia3.dim() == 2 and ia3.shape[0] == 1 and ia3.shape[-1] == din != dout) or \
             getattr(mod, "is_feedforward", False) else "out"
         return site
+    lambda_d = getattr(mod, "vera_lambda_d", None)
+    if isinstance(lambda_d, torch.Tensor):
+        site.vera_r = lambda_d.numel()
+        site.lora_dropout = float(getattr(getattr(mod, "vera_dropout", None), "p", 0.0) or 0.0)
+        return site
     base_params = {id(p) for p in base.parameters()}
     site.other_trainable = any(p.requires_grad and id(p) not in base_params for p in mod.parameters())
     hada = any(n.startswith("hada_") for n, _ in mod.named_parameters())  # LoHa: two weight-sized factors
     if getattr(mod, "rebuilds_delta", lambda: False)():  # kept: the input; built again in backward: ΔW, W + ΔW
         site.delta_weights, site.shares_input, site.rebuilt_delta = 0, True, 4 if hada else 2
     elif getattr(mod, "full_width", lambda: False)():  # rank dropout: autograd keeps ΔW (and LoHa's factors)
-        site.delta_weights = 3 if hada else 1
+        site.delta_weights, site.shares_input = 3 if hada else 1, True
     else:
         site.delta_weights = 1
     return site

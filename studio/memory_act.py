@@ -28,8 +28,11 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   methods whose inputs need no grad), and nothing at all through a backbone that runs without grad
   (Ladder Side-Tuning).
 
-Unknown future modules: a wrapper around a projection with trainable parameters (VeRA, DyLoRA, ...) is
-assumed to save its input and the fp32 delta weight it builds; where a full-size delta weight is rebuilt in
+VeRA: per module x Aᵀ (rows x r) and its product through B (rows x out); under autocast also the 16-bit copies of
+the shared A and B slices its products keep.
+
+Unknown future modules: a wrapper around a projection with trainable parameters (DyLoRA, ...) is
+assumed to save its input and the delta weight it builds (fp32; under autocast 16-bit); where a full-size delta weight is rebuilt in
 backward (LoHa, LoKr, GLoRA, Compacter: methods/delta_product.py), only the input, which its neighbours share.
 A trainable module elsewhere in a layer is assumed to save one copy of its input (rows x in_features,
 activation dtype) per Linear it contains.
@@ -59,6 +62,7 @@ class Site:
     dora: bool = False
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
+    vera_r: int = 0          # > 0: VeRA's two vectors around the shared A (r x in) and B (out x r)
     other_trainable: bool = False  # an unknown wrapper with trainable parameters
     delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W)
     shares_input: bool = False     # it keeps the input it was given, as its neighbours do (methods/delta_product.py)
@@ -66,7 +70,7 @@ class Site:
 
     @property
     def needs_grad_out(self) -> bool:
-        return self.base_trainable or self.lora_r > 0 or bool(self.ia3) or self.other_trainable
+        return self.base_trainable or self.lora_r > 0 or bool(self.ia3) or self.vera_r > 0 or self.other_trainable
 
 
 @dataclass
@@ -158,10 +162,11 @@ def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: 
     if site.lora_fused:  # the input it was given (shared by the projections that read it), a bool keep-mask
         return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 and not dt.cuda else 0), True
     if site.lora_dropout > 0:
-        # the CPU's dropout keeps its noise tensor when its input needs grad; A keeps the dropout output
-        # (under autocast: 16-bit)
-        mask = 4 * n if g_in and not dt.cuda else 0
-        return mask + n * (2 if dt.autocast else 4), False
+        # the CPU's dropout keeps its noise tensor (in its input's dtype) when its input needs grad; A keeps the
+        # dropout output; both in the activations' dtype under autocast, else in the adapter's (fp32)
+        width = dt.act if dt.autocast else 4
+        mask = width * n if g_in and not dt.cuda else 0
+        return mask + n * width, False
     return (0 if shared_saved else n * dt.act), True             # the input itself, shared
 
 
@@ -183,13 +188,21 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         out += rows * site.din * dt.act
     if site.ia3 == "out":
         out += rows * site.dout * dt.act
+    if site.vera_r:
+        width = dt.act if dt.autocast else 4
+        out += rows * (site.vera_r + site.dout) * width        # d's input (x Aᵀ) and b's (its product through B)
+        if dt.autocast:  # the 16-bit copies of the shared A and B slices the products keep for backward
+            out += site.dout * site.vera_r * dt.act + (site.vera_r * site.din * dt.act if g_in else 0)
+        if site.lora_dropout > 0 and g_in and not dt.cuda:
+            out += rows * site.din * width                     # the CPU dropout's noise
     if site.other_trainable and not site.lora_r:
-        # generic reparameterisation: its input, and the delta weight(s) it builds (fp32, out x in)
+        # generic reparameterisation: its input, and the delta weight(s) it builds (out x in; under autocast
+        # the products and the 16-bit copy F.linear keeps are in the activations' dtype)
         if not (site.shares_input and shared.get(key)):
             out += rows * site.din * dt.act
         if site.shares_input:
             shared[key] = True
-        out += site.delta_weights * site.dout * site.din * 4
+        out += site.delta_weights * site.dout * site.din * (dt.act if dt.autocast else 4)
     return out
 
 

@@ -102,6 +102,8 @@ ACT_METHODS = [{"name": "lora"}, {"name": "full", "keep_base_copy": False}, {"na
 ACT_METHODS += [{"name": n, **SOFT.get(n, {})} for n in ("ia3", "prompt_tuning", "prefix_tuning") if n in registry()]
 # a full-size ΔW rebuilt in backward keeps only the shared input (methods/delta_product.py)
 ACT_METHODS += [{"name": n, "target_modules": "all-linear"} for n in ("loha", "lokr", "glora")] + [{"name": "compacter"}]
+ACT_METHODS += [{"name": "vera", "vera_dropout": 0.1, "target_modules": "all-linear"},
+                {"name": "loha", "rank_dropout": 0.3}]
 
 
 @pytest.mark.parametrize("gc", [False, True], ids=["nogc", "gc"])
@@ -112,14 +114,20 @@ def test_activations_match_autograd(arch, method, gc, tmp_path):
     assert abs(pred - measured) <= 0.10 * measured, (pred, measured, (pred - measured) / measured)
 
 
-@pytest.mark.parametrize("method", ACT_METHODS[:2] + [{"name": "dora", "lora_dropout": 0.0}] + ACT_METHODS[3:4]
-                         + [{"name": "ia3"}],
-                         ids=["lora", "full", "dora-nodrop", "lora-all-nodrop", "ia3"])
+BF16_METHODS = {"lora": ACT_METHODS[0], "full": ACT_METHODS[1], "dora-nodrop": {"name": "dora", "lora_dropout": 0.0},
+                "lora-all-nodrop": ACT_METHODS[3], "ia3": {"name": "ia3"}, "dora": {"name": "dora"},
+                "loha-rank-dropout": {"name": "loha", "rank_dropout": 0.3},
+                "lokr-rank-dropout": {"name": "lokr", "rank_dropout": 0.3},
+                "vera": {"name": "vera", "vera_dropout": 0.1}, "dylora": {"name": "dylora"}}
+
+
+@pytest.mark.parametrize("method", list(BF16_METHODS.values()), ids=list(BF16_METHODS))
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
 def test_activations_of_a_bf16_base_under_cpu_autocast(arch, method, tmp_path):
-    """The fused LoRA (with its dropout mask), a trained base, DoRA's module path, which feeds the
-    16-bit input to its adapters as it is (no fp32 copy to be cast back: q, k, v share one), and IA3,
-    whose fp32 vectors scale 16-bit activations without upcasting them (the GPU grid caught that)."""
+    """The fused LoRA (with its dropout mask), a trained base, DoRA's path, which feeds the 16-bit input to
+    its adapters as it is (no fp32 copy to be cast back: q, k, v share one; with dropout its noise in the
+    activations' dtype), IA3, whose fp32 vectors scale 16-bit activations without upcasting them (the GPU grid
+    caught that), rank dropout's ΔW kept by autograd in 16 bits, and VeRA's 16-bit copies of the shared A and B."""
     facts = dict(model_presets()[arch]["config"], hidden_size=256, intermediate_size=688, num_hidden_layers=3)
     path = tmp_path / arch
     hf_config_from_dict(facts).save_pretrained(path)

@@ -36,8 +36,8 @@ from .checkpointing import checkpointed_layers
 from .config import with_changes
 from .errors import ConfigError
 from .losses import WEIGHT_GRAD_LOGITS, vocab_block
-from .memory_act import (SITES_ALL, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
-                         norm_saved, rope_saved)
+from .memory_act import (SITES_ALL, Adapter, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
+                         norm_saved, rope_saved, side_network_saved)
 from .memory_report import human
 from .step_graph import captured_length, config_captures
 
@@ -101,6 +101,7 @@ class Facts:
     fused_head: bool = False                   # plain Linear head: losses.FusedLinearCrossEntropy
     head_trainable: bool = False               # ... whose weight trains (whole-vocabulary chunks + fp32 grad)
     max_rebuilt_delta: int = 0                 # bytes of the largest ΔW rebuilt in backward (delta_product)
+    side_network: tuple[int, int, int] | None = None  # LST: (width, FFN width, blocks) of the side network
 
 
 def model_dtype(name: str, device: str) -> torch.dtype:
@@ -148,6 +149,7 @@ def model_facts(run_cfg: Any, dtype: torch.dtype, nf4: bool) -> Facts:
 
 
 def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> Facts:
+    from .methods import get_method
     from .methods.common import decoder_layers, layer_index
     arch = Arch.from_config(model.config)
     layers_mod = decoder_layers(model)
@@ -202,15 +204,24 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
                         if layer_index(n) is None and "norm" in n)
     host_copy = 0
     cfg = run_cfg.method
-    if getattr(cfg, "keep_base_copy", False):
-        host_copy = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    kept = get_method(cfg.name).base_copy if getattr(cfg, "keep_base_copy", True) else None
+    if kept:  # full fine-tuning's copy of every weight, or the selective methods' copy of what they train
+        host_copy = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                        if kept == "all" or p.requires_grad)
     fused = type(head) is nn.Linear and head.bias is None
     head_tr = head is not None and any(p.requires_grad for p in head.parameters())
     return Facts(arch, layer_infos, total, trainable, by_dtype, weights + buffers, buffers, grad, grad_layer,
                  grad_outside, tensors, any(p.requires_grad for p in embed.parameters()) if embed else False,
                  final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr,
                  max((s.rebuilt_delta * s.dout * s.din * 4 for info in layer_infos for s in info.sites.values()),
-                     default=0))
+                     default=0), _side_network(model))
+
+
+def _side_network(model: nn.Module) -> tuple[int, int, int] | None:
+    side = getattr(model, "lst_side", None)
+    if side is None or not len(side.blocks):
+        return None
+    return side.up.in_features, side.blocks[0].gate_proj.out_features, len(side.blocks)
 
 
 def _layer_info(layer: nn.Module) -> LayerInfo:
@@ -224,21 +235,59 @@ def _layer_info(layer: nn.Module) -> LayerInfo:
         sites[short] = _site(short, mod)
     norms_tr = any(p.requires_grad for n, p in layer.named_parameters() if "norm" in n)
     trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    adapters = [_adapter(path, mod) for path, mod in layer.named_modules() if _is_adapter_site(mod)]
+    inside = site_paths + [f"{path}.adapter" for path, mod in layer.named_modules() if _is_adapter_site(mod)]
     extra: list[int] = []
     for path, mod in layer.named_modules():
-        if any(path == sp or path.startswith(sp + ".") for sp in site_paths):
+        if any(path == sp or path.startswith(sp + ".") for sp in inside):
             continue
         if isinstance(mod, nn.Linear) and any(p.requires_grad for p in mod.parameters(recurse=False)):
             extra.append(mod.in_features)
-    return LayerInfo(sites, norms_tr, trainable, extra)
+    return LayerInfo(sites, norms_tr, trainable, extra, adapters)
+
+
+def _bottleneck(adapter: nn.Module | None) -> nn.Module | None:
+    """The bottleneck (methods/adapter.py Bottleneck) of an adapter, plain or gated (UniPELT); None for others."""
+    inner = getattr(adapter, "bottleneck", adapter)
+    return inner if isinstance(getattr(inner, "down_weight", None), torch.Tensor) else None
+
+
+def _components(adapter: nn.Module | None) -> list[nn.Module]:
+    """AdapterFusion's frozen component bottlenecks (methods/adapter_fusion.py); [] for other adapters."""
+    parts = getattr(adapter, "adapters", None)
+    return [a for a in parts if _bottleneck(a) is not None] if isinstance(parts, nn.ModuleList) else []
+
+
+def _is_adapter_site(mod: nn.Module) -> bool:
+    """An AdapterSite (methods/adapter.py): a module wrapped with an adapter after or beside it."""
+    adapter = getattr(mod, "adapter", None)
+    return hasattr(mod, "parallel") and hasattr(mod, "base_layer") and \
+        (_bottleneck(adapter) is not None or bool(_components(adapter)))
+
+
+def _adapter(path: str, site: nn.Module) -> Adapter:
+    position = "attn" if "attn" in path or "attention" in path else "mlp"
+    parts = _components(site.adapter)
+    if parts:  # the component outputs (m each, relu as trained) and the attention over them
+        return Adapter(position, parts[0].down_weight.shape[-1], sum(p.down_weight.shape[-2] for p in parts),
+                       fusion=len(parts))
+    bottleneck = _bottleneck(site.adapter)
+    copies, m, din = bottleneck.down_weight.shape
+    name = getattr(getattr(bottleneck, "act", None), "__name__", "")
+    return Adapter(position, din, m, act_saves=1 if name in ("relu", "tanh") else 2,
+                   gated=bottleneck is not site.adapter)
 
 
 def _site(name: str, mod: nn.Module) -> Site:
+    if _is_adapter_site(mod):  # its adapter is counted on its own (_adapter); the site is what it wraps
+        return _site(name, mod.base_layer)
     base = getattr(mod, "base_layer", mod)
     din = getattr(base, "in_features", 0) or getattr(mod, "in_features", 0)
     dout = getattr(base, "out_features", 0) or getattr(mod, "out_features", 0)
     w = getattr(base, "weight", None)
-    site = Site(name, din, dout, base_trainable=bool(isinstance(w, torch.Tensor) and w.requires_grad))
+    bias = getattr(base, "bias", None)
+    site = Site(name, din, dout, base_trainable=bool(isinstance(w, torch.Tensor) and w.requires_grad),
+                bias_trainable=bool(isinstance(bias, torch.Tensor) and bias.requires_grad))
     if base is mod:
         return site
     lora_a = getattr(mod, "lora_A", None)
@@ -252,12 +301,19 @@ def _site(name: str, mod: nn.Module) -> Site:
         drop = getattr(mod, "lora_dropout", None)
         site.lora_dropout = float(getattr(drop, "p", 0.0) or 0.0)
         site.dora = bool(getattr(mod, "use_dora", False))
+        site.lora_gated = isinstance(getattr(mod, "lora_gate", None), nn.Module)
         site.lora_fused = bool(getattr(mod, "uses_fused_op", lambda: False)())  # 4-bit bases fuse too
         return site
     ia3 = getattr(mod, "ia3_l", None)
     if isinstance(ia3, torch.Tensor):
         site.ia3 = "in" if (ia3.dim() == 2 and ia3.shape[0] == 1 and ia3.shape[-1] == din != dout) or \
             getattr(mod, "is_feedforward", False) else "out"
+        return site
+    if isinstance(getattr(mod, "ssf_scale", None), torch.Tensor):
+        site.ssf = True
+        return site
+    if isinstance(getattr(mod, "log_alpha", None), torch.Tensor) and hasattr(mod, "gates"):
+        site.gated_diff = bool(mod.log_alpha.requires_grad)
         return site
     lambda_d = getattr(mod, "vera_lambda_d", None)
     if isinstance(lambda_d, torch.Tensor):
@@ -271,6 +327,8 @@ def _site(name: str, mod: nn.Module) -> Site:
         site.delta_weights, site.shares_input, site.rebuilt_delta = 0, True, 4 if hada else 2
     elif getattr(mod, "full_width", lambda: False)():  # rank dropout: autograd keeps ΔW (and LoHa's factors)
         site.delta_weights, site.shares_input = 3 if hada else 1, True
+    elif isinstance(getattr(mod, "indices", None), torch.Tensor):  # Child-Tuning: F.linear(x, W + sparse Δ)
+        site.delta_weights, site.shares_input, site.sparse_values = 1, True, mod.indices.numel()
     else:
         site.delta_weights = 1
     return site
@@ -291,13 +349,12 @@ def method_rule(run_cfg: Any) -> dict[str, Any]:
     rule = {"name": name, "category": cat, "prompt_tokens": 0, "prefix_tokens": 0, "no_backbone_grad": False,
             "input_grad": False, "rule": "generic: exact parameters; activations from the modules it adds"}
     if cat == "soft_prompt" or n_virtual:
-        if "prefix" in name or "ptuning_v2" in name or "p_tuning_v2" in name:
+        # prefix key/value vectors (prefix tuning, P-tuning v2, and the hybrids that carry a prefix: MAM, UniPELT)
+        if "prefix" in name or "ptuning_v2" in name or "p_tuning_v2" in name or hasattr(cfg, "prefix_projection"):
             rule.update(prefix_tokens=n_virtual, rule="prefix: n key/value vectors per layer lengthen attention")
         else:
             rule.update(prompt_tokens=n_virtual, input_grad=True,
                         rule="soft prompt: n virtual tokens added to every sequence; grad flows from the input")
-    if "prefix" in name and cat == "hybrid":
-        rule["prefix_tokens"] = int(getattr(cfg, "prefix_tokens", 0) or getattr(cfg, "num_virtual_tokens", 0) or 0)
     if name in ("lst", "ladder", "ladder_side_tuning") or "ladder" in name:
         rule.update(no_backbone_grad=True, rule="ladder side-tuning: no backward through the backbone")
     if name in ("lora",) or cat == "reparameterised":
@@ -384,6 +441,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     rows = b * s
     rope = rope_saved(arch, shape, dt) if any(recompute) else 0   # with checkpointing held, not saved
     fixed = 0 if gc else rope
+    if facts.side_network:
+        fixed += side_network_saved(b * s, arch.hidden, *facts.side_network, dt)
     if facts.embeddings_trainable:
         fixed += b * seq * 8                                              # input ids (embedding backward)
     fixed += norm_saved(rows, arch.hidden, g, facts.final_norm_trainable, arch.gemma_norms, dt, arch.fused_norms)
@@ -450,6 +509,9 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     grads = facts.grad_bytes
     context = 0 if device == "cpu" else (CUDA_CONTEXT_BYTES if context_bytes is None else int(context_bytes))
     bwd = backward_transient(arch, shape, dt)
+    if rule["no_backbone_grad"]:  # only the side network's backward runs: its FFN's and the output's gradients
+        d_s, f_s, _ = facts.side_network or (0, 0, 0)
+        bwd = (3 * rows * f_s + 2 * rows * arch.hidden) * (dt.act if dt.autocast else 4)
     if nf4:
         bwd += facts.max_linear * act                                     # dequantized 4-bit weight
     bwd += facts.max_rebuilt_delta                                        # a full-size ΔW built again

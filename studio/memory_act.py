@@ -26,7 +26,7 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   recomputes one layer at a time (that layer's activations are the `transient` item).
 - Nothing is saved below the first point where something requires grad (frozen bottom layers of
   methods whose inputs need no grad), and nothing at all through a backbone that runs without grad
-  (Ladder Side-Tuning).
+  (Ladder Side-Tuning: its side network's activations and the backbone states its ladders read instead).
 
 VeRA: per module x Aᵀ (rows x r) and its product through B (rows x out); under autocast also the 16-bit copies of
 the shared A and B slices its products keep.
@@ -57,20 +57,37 @@ class Site:
     din: int
     dout: int
     base_trainable: bool = False
+    bias_trainable: bool = False  # only its bias trains (BitFit): its output needs grad, it keeps nothing
     lora_r: int = 0          # > 0: a LoRA-like adapter (lora_A / lora_B) wraps the base
     lora_dropout: float = 0.0
     dora: bool = False
+    lora_gated: bool = False  # UniPELT: the update times σ(gate(x)), which keeps B's output and the gate
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     vera_r: int = 0          # > 0: VeRA's two vectors around the shared A (r x in) and B (out x r)
+    ssf: bool = False        # SSF: scale and shift of the output, computed on an fp32 copy of it
+    gated_diff: bool = False  # diff pruning: W + gates ⊙ w, the hard-concrete gates kept weight-sized in fp32
     other_trainable: bool = False  # an unknown wrapper with trainable parameters
     delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W)
     shares_input: bool = False     # it keeps the input it was given, as its neighbours do (methods/delta_product.py)
+    sparse_values: int = 0         # Child-Tuning: the trained entries, cast to 16 bits under autocast (kept)
     rebuilt_delta: int = 0         # weight-sized fp32 tensors its backward builds again (ΔW, W + ΔW; LoHa's factors)
 
     @property
     def needs_grad_out(self) -> bool:
-        return self.base_trainable or self.lora_r > 0 or bool(self.ia3) or self.vera_r > 0 or self.other_trainable
+        return self.base_trainable or self.bias_trainable or self.lora_r > 0 or bool(self.ia3) or self.vera_r > 0 \
+            or self.ssf or self.gated_diff or self.other_trainable
+
+
+@dataclass
+class Adapter:
+    """A bottleneck adapter W_up act(W_down x) added after (or beside) a block of a layer (methods/adapter.py)."""
+    position: str        # "attn": after the attention output projection; "mlp": after or beside the FFN
+    din: int
+    m: int
+    act_saves: int = 1   # rows x m tensors its activation keeps beyond up's input (relu, tanh: its output is that)
+    gated: bool = False  # UniPELT: times σ(gate(x)), which keeps the adapter's output too
+    fusion: int = 0      # AdapterFusion: attention of x over this many frozen adapters' outputs (m: their sum)
 
 
 @dataclass
@@ -79,6 +96,7 @@ class LayerInfo:
     norms_trainable: bool = False
     trainable: int = 0                    # trainable parameter count of the layer
     extra_inputs: list[int] = field(default_factory=list)  # in_features of unrecognised trainable Linears
+    adapters: list[Adapter] = field(default_factory=list)
 
 
 @dataclass
@@ -184,6 +202,8 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         out += rows * site.lora_r * dt.act                     # A's output, input of B
         if site.dora:
             out += rows * site.dout * dt.act                   # the rescaled sum, for the magnitude's gradient
+        if site.lora_gated:
+            out += rows * (site.dout + 1) * (dt.act if dt.autocast else 4)
     if site.ia3 == "in":
         out += rows * site.din * dt.act
     if site.ia3 == "out":
@@ -195,6 +215,14 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             out += site.dout * site.vera_r * dt.act + (site.vera_r * site.din * dt.act if g_in else 0)
         if site.lora_dropout > 0 and g_in and not dt.cuda:
             out += rows * site.din * width                     # the CPU dropout's noise
+    if site.ssf:
+        out += rows * site.dout * 4                            # the fp32 copy of the output the scale multiplies
+    if site.gated_diff:
+        if not shared.get(key):
+            out += rows * site.din * dt.act                    # the input (W + diff trains through it)
+            shared[key] = True
+        # the gates' sigmoid, their stretched value before the clamp and after it (fp32), W + diff
+        out += site.dout * site.din * (3 * 4 + dt.act)
     if site.other_trainable and not site.lora_r:
         # generic reparameterisation: its input, and the delta weight(s) it builds (out x in; under autocast
         # the products and the 16-bit copy F.linear keeps are in the activations' dtype)
@@ -203,6 +231,22 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         if site.shares_input:
             shared[key] = True
         out += site.delta_weights * site.dout * site.din * (dt.act if dt.autocast else 4)
+        if dt.autocast:
+            out += site.sparse_values * dt.act
+    return out
+
+
+def adapter_saved(a: Adapter, rows: int, dt: Dtypes) -> int:
+    """Bytes a bottleneck adapter keeps: its input, the bottleneck activation(s) (fp32 params: the activations'
+    dtype under autocast, else fp32); gated, also its output and the gate; AdapterFusion, its attention's."""
+    width = dt.act if dt.autocast else 4
+    if a.fusion:  # x, its query, the components' relu outputs, their outputs (under autocast: a 16-bit copy
+        # for the keys and another for the values), keys and values, the softmax
+        outs = 4 if dt.autocast else 3
+        return rows * (2 * a.din + a.m + outs * a.fusion * a.din + a.fusion) * width
+    out = rows * a.din * width + (1 + (a.act_saves > 1)) * rows * a.m * width
+    if a.gated:
+        out += rows * (a.din + 1) * width
     return out
 
 
@@ -248,7 +292,9 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     if o is not None and (g_q or o.needs_grad_out):
         shared["attn"] = g_q  # the SDPA output is already saved when attention needed grad
         total += _site_saves(o, rows, dt, shared, "attn", g_q)
-    g_o = g_q or (o is not None and o.needs_grad_out)
+    attn_adapters = [a for a in info.adapters if a.position == "attn"]
+    total += sum(adapter_saved(a, rows, dt) for a in attn_adapters)
+    g_o = g_q or (o is not None and o.needs_grad_out) or bool(attn_adapters)
     if gemma:
         total += norm_saved(rows, h, g_o, info.norms_trainable, True, dt, fused)  # post_attention_layernorm
     g_h1 = g_in or g_o
@@ -269,9 +315,11 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     g_down = g_gate or (down is not None and down.needs_grad_out)
     if gemma:
         total += norm_saved(rows, h, g_down, info.norms_trainable, True, dt, fused)  # post_feedforward_layernorm
+    mlp_adapters = [a for a in info.adapters if a.position == "mlp"]
+    total += sum(adapter_saved(a, rows, dt) for a in mlp_adapters)
     for din in info.extra_inputs:                              # unrecognised trainable modules
         total += rows * din * dt.act
-    g_out = g_h1 or g_down or bool(info.extra_inputs)
+    g_out = g_h1 or g_down or bool(info.extra_inputs) or bool(mlp_adapters)
     return total, g_out
 
 
@@ -279,6 +327,14 @@ def rope_saved(arch: Arch, shape: Shape, dt: Dtypes) -> int:
     """cos and sin, saved once per rope type (gemma3: local and global), shared by all layers."""
     kinds = 2 if (arch.gemma_norms and len(set(arch.layer_types)) > 1) else 1
     return kinds * 2 * shape.seq * arch.head_dim * dt.act
+
+
+def side_network_saved(rows: int, d: int, d_s: int, f_s: int, blocks: int, dt: Dtypes) -> int:
+    """LST's side network (methods/lst.py; fp32, or the activations' dtype under autocast): the backbone states
+    its ladders read (blocks + 1, rows x d), per block four rows x d_s (ladder output, mix, norm) and four
+    rows x f_s (gate, act, up, their product), the final norm and up's input, and each norm's rsqrt."""
+    width = dt.act if dt.autocast else 4
+    return width * rows * ((blocks + 1) * (d + 1) + blocks * 4 * (d_s + f_s) + 2 * d_s)
 
 
 def backward_transient(arch: Arch, shape: Shape, dt: Dtypes) -> int:

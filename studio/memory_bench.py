@@ -120,9 +120,12 @@ def measured_step_peak(model: nn.Module, batch: dict, chunk: int = 1024) -> int:
 
 
 def held_across_steps(model: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> list[torch.Tensor]:
-    """What lives from one training step to the next: weights, buffers, optimizer state, the batch."""
+    """What lives from one training step to the next: weights, buffers, optimizer state, the batch, and a
+    method's CPU copy of the original values (keep_base_copy)."""
     states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    return [*model.parameters(), *model.buffers(), *states, *batch.values()]
+    extra = getattr(getattr(model, "studio_adapter", None), "extra", None) or {}  # none on peft's models
+    copies = list((extra.get("base") or {}).values()) if isinstance(extra, dict) else []  # keep_base_copy
+    return [*model.parameters(), *model.buffers(), *states, *batch.values(), *copies]
 
 
 def _apply(model: nn.Module, method: dict, grad_ckpt: bool, offload: bool = False) -> None:

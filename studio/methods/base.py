@@ -53,6 +53,7 @@ class Method:
     task_types: tuple = ("causal_lm",)
     graph_safe: bool = False  # its training step is the same GPU work every time (train.cuda_graphs may capture it)
     host_random: tuple = ()  # config fields that, when non-zero, make a random choice on the host each step
+    base_copy: str | None = None  # a CPU copy of the original values it keeps (keep_base_copy): "all" or "trained"
 
     def capturable(self, cfg: MethodConfig | None) -> bool:
         """Whether a training step with this config may be captured once and replayed (train.cuda_graphs):

@@ -53,6 +53,7 @@ class _SelectiveMethod(Method):
     """Shared parts: the trained tensors are the adapter; originals kept for disable/changed counts."""
     category = "selective"
     mergeable = False
+    base_copy = "trained"
 
     def _trained(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -40,6 +40,7 @@ class FullMethod(Method):
     category = "selective"
     summary = "Every weight trains (most memory); the baseline."
     config_cls = FullConfig
+    base_copy = "all"
     mergeable = False
     peft_type = "STUDIO_FULL"
 

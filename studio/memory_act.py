@@ -28,14 +28,23 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   methods whose inputs need no grad), and nothing at all through a backbone that runs without grad
   (Ladder Side-Tuning: its side network's activations and the backbone states its ladders read instead).
 
-VeRA: per module x Aᵀ (rows x r) and its product through B (rows x out); under autocast also the 16-bit copies of
-the shared A and B slices its products keep.
-
-Unknown future modules: a wrapper around a projection with trainable parameters (DyLoRA, ...) is
-assumed to save its input and the delta weight it builds (fp32; under autocast 16-bit); where a full-size delta weight is rebuilt in
-backward (LoHa, LoKr, GLoRA, Compacter: methods/delta_product.py), only the input, which its neighbours share.
-A trainable module elsewhere in a layer is assumed to save one copy of its input (rows x in_features,
-activation dtype) per Linear it contains.
+Other methods' modules (fp32 parameters: their activations in fp32, or in the activations' dtype under autocast):
+- VeRA: per module x Aᵀ (rows x r) and its product through B (rows x out); under autocast also the 16-bit copies
+  of the shared A and B slices its products keep.
+- BitFit: a trained bias keeps nothing, but its output needs grad, so the layers above keep what they keep.
+- SSF: the fp32 copy of the output its scale multiplies. IA3: the output it scales (keys, values), or the input
+  (the FFN's down projection).
+- Diff pruning: the shared input, three weight-sized fp32 tensors of the hard-concrete gates and W + diff.
+  Child-Tuning: the shared input and W + the sparse update (under autocast also its 16-bit values).
+- Bottleneck adapters (Houlsby, Pfeiffer, parallel, AdaptFormer, AdaMix, MAM; UniPELT's gated one): the adapter's
+  input and the bottleneck's activation (rows x m; gelu/silu keep its input too); gated, also the adapter's
+  output. AdapterFusion: x, its query, the frozen components' bottlenecks, their outputs, keys and values.
+- UniPELT's gated LoRA: B's output and the gate, beside what LoRA keeps.
+- Unknown future modules: a wrapper around a projection with trainable parameters (DyLoRA, ...) is assumed to
+  save its input and the delta weight it builds (fp32; under autocast 16-bit); where a full-size delta weight
+  is rebuilt in backward (LoHa, LoKr, GLoRA, Compacter: methods/delta_product.py), only the input, which its
+  neighbours share. A trainable Linear elsewhere in a layer is assumed to save one copy of its input.
+tests/test_memory.py checks every method's saved bytes and whole-step peak against autograd on tiny models.
 """
 from __future__ import annotations
 

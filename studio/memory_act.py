@@ -32,8 +32,8 @@ Other methods' modules (fp32 parameters: their activations in fp32, or in the ac
 - VeRA: per module x Aᵀ (rows x r) and its product through B (rows x out); under autocast also the 16-bit copies
   of the shared A and B slices its products keep.
 - BitFit: a trained bias keeps nothing, but its output needs grad, so the layers above keep what they keep.
-- SSF: the fp32 copy of the output its scale multiplies. IA3: the output it scales (keys, values), or the input
-  (the FFN's down projection).
+- SSF: the output its scale multiplies. IA3: the output it scales (keys, values), or the input (the FFN's down
+  projection).
 - Diff pruning: the shared input, three weight-sized fp32 tensors of the hard-concrete gates and W + diff.
   Child-Tuning: the shared input and W + the sparse update (under autocast also its 16-bit values).
 - Bottleneck adapters (Houlsby, Pfeiffer, parallel, AdaptFormer, AdaMix, MAM; UniPELT's gated one): the adapter's
@@ -74,7 +74,7 @@ class Site:
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     vera_r: int = 0          # > 0: VeRA's two vectors around the shared A (r x in) and B (out x r)
-    ssf: bool = False        # SSF: scale and shift of the output, computed on an fp32 copy of it
+    ssf: bool = False        # SSF: scale and shift of the output
     gated_diff: bool = False  # diff pruning: W + gates ⊙ w, the hard-concrete gates kept weight-sized in fp32
     other_trainable: bool = False  # an unknown wrapper with trainable parameters
     delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W)
@@ -225,7 +225,7 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         if site.lora_dropout > 0 and g_in and not dt.cuda:
             out += rows * site.din * width                     # the CPU dropout's noise
     if site.ssf:
-        out += rows * site.dout * 4                            # the fp32 copy of the output the scale multiplies
+        out += rows * site.dout * dt.act                       # the output the scale multiplies (rescaled_product)
     if site.gated_diff:
         if not shared.get(key):
             out += rows * site.din * dt.act                    # the input (W + diff trains through it)

@@ -1,7 +1,7 @@
 """An adapter's update and the base product are summed before rounding: under bf16 autocast a small update
 (the start of training, B just off zero) survives on average instead of being rounded away against an output
-already rounded to bf16 (LoRA's fused op, AdaLoRA, the delta methods; DoRA's and IA3's rescale of a product made in
-fp32); in fp32 a full-size ΔW joins W in one GEMM, with
+already rounded to bf16 (LoRA's fused op, AdaLoRA, the delta methods; DoRA's, IA3's and SSF's rescale of a product
+made in fp32); in fp32 a full-size ΔW joins W in one GEMM, with
 the outputs and gradients of the two-product form."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from studio.methods.loha import LoHaLinear
 from studio.methods.lokr import LoKrLinear
 from studio.methods.lora import LoraLinear
 from studio.methods.rescaled_product import fp32_product, mm_fp32_output
+from studio.methods.ssf import SsfLinear
 
 
 def _base(bias: bool = False, dtype: torch.dtype = torch.float32, features: int = 256) -> nn.Linear:
@@ -181,6 +182,9 @@ def _rescale_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, IA3Linear):
         out = base(x)
         return out * module.ia3_l.flatten().to(out.dtype)
+    if isinstance(module, SsfLinear):
+        out = base(x)
+        return (out.float() * module.ssf_scale + module.ssf_shift).to(out.dtype)
     xa = adapter_input(x, module.lora_A.weight.dtype)
     xd = module.lora_dropout(xa)
     lora = module.lora_B(module.lora_A(xd)) * module.scaling
@@ -191,7 +195,8 @@ def _rescale_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return base(x) + ((scale - 1) * inner.to(lora.dtype) + scale * lora).to(x.dtype)
 
 
-RESCALED = {"dora": lambda base: _dora(base), "ia3": lambda base: IA3Linear(base, feedforward=False)}
+RESCALED = {"dora": lambda base: _dora(base), "ia3": lambda base: IA3Linear(base, feedforward=False),
+            "ssf": lambda base: SsfLinear(base, shift=True)}
 
 
 @pytest.fixture(params=["epilogue", "fp32-output"])
@@ -207,7 +212,8 @@ def rescale_path(request, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(RESCALED))
 def test_a_small_rescale_survives_bf16_rounding(name, rescale_path):
-    """DoRA's magnitude and direction, IA3's output scale: a change under half a bf16 step of 1 is kept."""
+    """DoRA's magnitude and direction, IA3's output scale, SSF's scale and shift: a change under half a bf16 step
+    of 1 is kept."""
     module = RESCALED[name](_base(bias=True, dtype=torch.bfloat16)).train()
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(4096, 256, generator=gen).to(torch.bfloat16)
@@ -217,6 +223,10 @@ def test_a_small_rescale_survives_bf16_rounding(name, rescale_path):
         if name == "ia3":
             module.ia3_l.add_(torch.randn(module.ia3_l.shape, generator=gen) * 1e-3)
             want = (base_exact + b) * module.ia3_l.flatten()
+        elif name == "ssf":
+            module.ssf_scale.add_(torch.randn(256, generator=gen) * 1e-3)
+            module.ssf_shift.add_(torch.randn(256, generator=gen) * 1e-4)
+            want = (base_exact + b) * module.ssf_scale + module.ssf_shift
         else:
             module.lora_B.weight.normal_(generator=gen).mul_(1e-4)
             module.lora_magnitude_vector.mul_(1 + torch.randn(256, generator=gen) * 1e-3)
@@ -232,7 +242,7 @@ def test_a_small_rescale_survives_bf16_rounding(name, rescale_path):
     assert _kept_share(rounded_first.float() - b, base_exact, update) < 0.7
 
 
-@pytest.mark.parametrize("name,dropout", [("dora", 0.0), ("dora", 0.3), ("ia3", 0.0)])
+@pytest.mark.parametrize("name,dropout", [("dora", 0.0), ("dora", 0.3), ("ia3", 0.0), ("ssf", 0.0)])
 def test_the_rescaled_product_has_autograds_outputs_and_gradients(name, dropout, rescale_path):
     make = (lambda base: _dora(base, dropout)) if name == "dora" else RESCALED[name]
     for dtype, autocast, tol in ((torch.float32, False, 1e-5), (torch.bfloat16, True, 3e-2)):

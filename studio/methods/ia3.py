@@ -49,7 +49,7 @@ class IA3Linear(WrappedLinear):
         if torch.is_grad_enabled() or type(self.base_layer) is nn.Linear:
             # (W x + b) ⊙ l summed in fp32 and rounded once: a change of l under half a bf16 step of 1 is
             # not lost (generation over a 4-/8-bit base keeps bitsandbytes' kernels)
-            return RescaledProduct.apply(x, None, None, scale, self.base_layer, True)
+            return RescaledProduct.apply(x, None, None, scale, self.base_layer, True, None)
         out = self.base_layer(x)
         return out * scale.to(out.dtype)
 

@@ -180,7 +180,7 @@ class LoraLinear(WrappedLinear):
         lora = self.lora_B(self.lora_A(xd)) * self.scaling
         norm = dora_row_norms(self)
         return RescaledProduct.apply(x, None if xd is xa else xd, lora, self.lora_magnitude_vector / norm,
-                                     self.base_layer, False)
+                                     self.base_layer, False, None)
 
     @torch.no_grad()
     def merge(self) -> None:

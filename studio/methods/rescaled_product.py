@@ -1,9 +1,10 @@
-"""A base product rescaled per output row with the adapter's terms, summed in fp32 and rounded once (DoRA, IA3).
+"""A base product rescaled per output row with the adapter's terms, summed in fp32 and rounded once (DoRA, IA3, SSF).
 
-    y = s ⊙ q + (W x - W x_d) + b_out,    q = W x_d + u + b_in
+    y = s ⊙ q + (W x - W x_d) + β + b_out,    q = W x_d + u + b_in
 
 DoRA: s = m / ‖W + ΔW‖_row, u = B A x_d · scaling, b_out the bias (x_d = x without dropout: y = s ⊙ (W x + u) + b).
-IA3 on an output: s = l, no u, b_in the bias (y = l ⊙ (W x + b)).
+IA3 on an output: s = l, no u, b_in the bias (y = l ⊙ (W x + b)). SSF: s = γ, the shift β, b_in the bias
+(y = γ ⊙ (W x + b) + β).
 
 In a 16-bit compute dtype, rescaling a product already rounded loses the small change of s (s starts at 1,
 and a change below half a bf16 step of 1, 0.2%, leaves every output as it was), and DoRA's u added to it is
@@ -67,12 +68,13 @@ def base_weight(base: nn.Module, cdt: torch.dtype) -> torch.Tensor:
 
 
 class RescaledProduct(torch.autograd.Function):
-    """(x, x_d or None, u or None, s, base layer, bias inside the rescale?) -> y; gradients for x, x_d, u and s.
-    With x_d (DoRA's dropout) u is given and the bias is outside: y = W x + (s - 1) ⊙ q + u + b."""
+    """(x, x_d or None, u or None, s, base layer, bias inside the rescale?, shift or None) -> y + shift; gradients
+    for x, x_d, u, s and the shift (SSF's β). With x_d (DoRA's dropout) u is given and the bias is outside:
+    y = W x + (s - 1) ⊙ q + u + b."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, xd: torch.Tensor | None, u: torch.Tensor | None, s: torch.Tensor,
-                base: nn.Module, bias_in: bool) -> torch.Tensor:
+                base: nn.Module, bias_in: bool, shift: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type
         cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         bias = base.bias
@@ -93,10 +95,14 @@ class RescaledProduct(torch.autograd.Function):
                 y = q * s if kept is q else q.mul_(s)
                 if bias is not None and not bias_in:
                     y.add_(bias)
-            else:  # y = W x + (s - 1) ⊙ q + u + b (the bias's scaled part is in q)
+                if shift is not None:
+                    y.add_(shift)
+            else:  # y = W x + (s - 1) ⊙ q + u + shift + b (the bias's scaled part is in q)
                 small = q * (s - 1) if kept is q else q.mul_(s - 1)
                 if u2 is not None:
                     small.add_(u2)
+                if shift is not None:
+                    small.add_(shift)
                 # without an fp32-output GEMM: the small terms added by the base GEMM in its epilogue
                 y = small.add_(fp32_product(x2, w)) if exact else torch.addmm(small.to(cdt), x2, w.t())
                 if bias is not None:
@@ -104,6 +110,7 @@ class RescaledProduct(torch.autograd.Function):
         ctx.save_for_backward(kept, s)
         ctx.base, ctx.cdt, ctx.has_xd = base, cdt, xd is not None
         ctx.dtypes = (x.dtype, None if xd is None else xd.dtype, None if u is None else u.dtype)
+        ctx.shift_dtype = None if shift is None else shift.dtype
         return cast(y, cdt).view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -112,8 +119,10 @@ class RescaledProduct(torch.autograd.Function):
         cdt = ctx.cdt
         need_x, need_xd, need_u, need_s = ctx.needs_input_grad[:4]
         dy2 = cast(dy.reshape(-1, dy.shape[-1]), cdt)
-        dx = dxd = du = ds = None
+        dx = dxd = du = ds = dshift = None
         with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[6]:
+                dshift = dy2.sum(0, dtype=torch.float32).to(ctx.shift_dtype)
             if need_s:
                 ds = (dy2 * q).sum(0, dtype=torch.float32).to(s.dtype)
             dq = dy2 * cast(s, cdt)
@@ -128,4 +137,4 @@ class RescaledProduct(torch.autograd.Function):
         shape, (x_dt, xd_dt, u_dt) = dy.shape[:-1], ctx.dtypes
         return (None if dx is None else cast(dx, x_dt).view(*shape, -1),
                 None if dxd is None else cast(dxd, xd_dt).view(*shape, -1),
-                None if du is None else cast(du, u_dt).view(dy.shape), ds, None, None)
+                None if du is None else cast(du, u_dt).view(dy.shape), ds, None, None, dshift)

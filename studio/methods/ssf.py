@@ -17,6 +17,7 @@ from ..config import opt
 from . import register
 from .base import MethodConfig
 from .deltas import DeltaLinear, DeltaMethod
+from .rescaled_product import RescaledProduct
 
 
 @dataclass
@@ -34,13 +35,11 @@ class SsfLinear(DeltaLinear):
         self._added_bias = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged or not self.adapter_enabled:
-            return result
-        out = result.float() * self.ssf_scale
-        if self.ssf_shift is not None:
-            out = out + self.ssf_shift
-        return out.to(result.dtype)
+            return self.base_layer(x)
+        # γ ⊙ (W x + b) + β summed in fp32 and rounded once; keeps W x + b in the activations' dtype for γ's
+        # gradient (an fp32 copy of every adapted output before)
+        return RescaledProduct.apply(x, None, None, self.ssf_scale, self.base_layer, True, self.ssf_shift)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -61,3 +61,29 @@ def test_layers_without_checkpointing_compile_whole(tiny_model):
     model = _model(tiny_model, ckpt=False)
     assert compile_layers(model, backend="aot_eager") == len(model.model.layers)
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("method", [{"name": "dora", "target_modules": "all-linear", "lora_dropout": 0.0},
+                                    {"name": "ia3"}, {"name": "ssf"}], ids=lambda m: m["name"])
+def test_checkpointed_rescaled_methods_compile_with_eagers_gradients(tiny_model, method):
+    """DoRA, IA3 and SSF run their own autograd op (methods/rescaled_product.py): compiled inside a checkpoint,
+    the recomputation must trace what the forward traced (a cache filled in one and read in the other did not)."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model("tiny-llama")
+        apply_method(model, method_config(method))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.01)
+        enable_gradient_checkpointing(model, 1.0, mark=False)
+        if compiled:
+            compile_layers(model.train(), backend="aot_eager")
+        loss, _ = causal_lm_loss(model.train(), random_batch(model.config.vocab_size, 2, 64))
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (eager_loss, eager_grads), (loss, grads) = runs
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

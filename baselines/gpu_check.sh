@@ -7,7 +7,8 @@
 # baseline) beside the machine's own torch, then: GPU facts, the 7B rows, the Triton kernel tests (the
 # seeded dropout's too), train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout,
 # AdaMix and diff pruning with checkpointing, and packed batches), the quick speed grid (ours vs peft; ours
-# as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), chat speed
+# as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), the memory
+# estimate of every method against max_memory_allocated (bench --memory --methods), chat speed
 # (bench --chat: base, adapter unmerged, merged), every
 # capture-safe method captured for real (graphs_check --methods), bench --packed-grid, the Llama-3.2-1B
 # row, bench --methods (every preset peft trains too, ours vs peft), bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, eager and replayed),
@@ -63,6 +64,9 @@ run)
   # quick: the quick grid (auto graphs, also eagerly; with AB=1 also without the Triton kernels)
   want quick && timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab \
     --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+  # memmethods: the memory estimate of every method at its defaults against max_memory_allocated (0.5B, 4x512)
+  want memmethods && timeout 150 python3 -m studio bench --memory --methods --out "$OUT/memory_methods.jsonl" 2>&1 \
+    | grep -v Warning > "$OUT/memory_methods.log"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/chat.log"
@@ -93,7 +97,8 @@ run)
   [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
-  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" 2>&1 | tee "$OUT/table.md"
+  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
+    "$OUT/memory_methods.jsonl" 2>&1 | tee "$OUT/table.md"
   ;;
 *) echo "usage: bash baselines/gpu_check.sh fetch|run" >&2; exit 2 ;;
 esac

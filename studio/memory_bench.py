@@ -10,14 +10,15 @@ the tensors held across steps (weights, optimizer state, batch) plus the peak of
 step creates while they live, seen op by op through a dispatch mode (forward and backward; not the
 scratch buffers inside one kernel, so a lower bound of what the allocator sees).
 
-`memory_grid(quick)`: on CUDA, random-init models of real shapes (presets), LoRA r=16 all-linear,
+`memory_grid(quick, methods)`: on CUDA, random-init models of real shapes (presets), LoRA r=16 all-linear,
 QLoRA, full, IA3, prefix (those registered), batch x seq from 1x512 to 8x2048, checkpointing on/off;
 one real step (loss, backward, AdamW step, twice so optimizer states exist) per row; yields
 {shape, method, batch, seq, grad_ckpt, estimated_bytes, measured_bytes, ratio} (measured =
 torch.cuda.max_memory_allocated + the estimate's context item) and what the card held: the
 allocator's peak reservation plus the bytes outside the allocator (on_card_bytes, ratio_on_card).
-OOM rows say so. On CPU (or with quick=True) it runs one tiny shape and measures saved-tensor bytes
-and the whole step's peak (`measured_step_peak`) instead.
+OOM rows say so. `memory_grid(methods="all")` (`bench --memory --methods`): every causal-LM method at its
+defaults instead, on Qwen2.5-0.5B at 4 x 512 with checkpointing off and on. On CPU (or with quick=True) it runs
+one tiny shape and measures saved-tensor bytes and the whole step's peak (`measured_step_peak`) instead.
 """
 from __future__ import annotations
 
@@ -225,46 +226,70 @@ def _quantize_nf4(model: nn.Module) -> nn.Module:
     return model
 
 
-def memory_grid(quick: bool = False) -> Iterator[dict]:
-    """Rows of estimate vs measured peak. CUDA: the real-shape grid; CPU or quick: one tiny shape."""
-    from .memory import estimate
+# what a method needs to run on a random model without files: a random prompt init, zero biases where a Llama has
+# none, two random component adapters to fuse
+METHOD_DEFAULTS = {"prompt_tuning": {"prompt_tuning_init": "RANDOM"}, "bitfit": {"missing_bias": "add_zero"},
+                   "adapter_fusion": {"adapters": ["random:1", "random:2"]}}
+
+
+def every_method(names: str = "all") -> list[tuple[str, dict, str]]:
+    """(label, method config, quantization) of every causal-LM method at its defaults, or of those in `names`."""
+    from .methods import registry
+    wanted = None if names == "all" else set(names.split(","))
+    return [(name, {"name": name} | METHOD_DEFAULTS.get(name, {}), "none") for name, method in sorted(registry().items())
+            if "causal_lm" in method.task_types and (wanted is None or name in wanted)]
+
+
+def memory_grid(quick: bool = False, methods: str | None = None) -> Iterator[dict]:
+    """Rows of estimate vs measured peak. CUDA: the real-shape grid, or with `methods` ("all" or names) every
+    method at its defaults on Qwen2.5-0.5B at 4 x 512; CPU or quick: one tiny shape."""
+    rows = every_method(methods) if methods else grid_methods()
     if quick or not torch.cuda.is_available():
-        yield from _cpu_grid()
+        yield from _cpu_grid(rows)
+        return
+    if methods:
+        for label, method, quant in rows:
+            for grad_ckpt in (False, True):
+                yield _cuda_row("qwen2.5-0.5b", label, method, quant, 4, 512, grad_ckpt, False)
         return
     for shape in GRID_SHAPES:
-        for label, method, quant in grid_methods():
+        for label, method, quant in rows:
             for batch, seq in GRID_SIZES:
                 for grad_ckpt, offload in ((False, False), (True, False), (True, True)):
-                    cfg = _run_cfg(shape, method, batch, seq, grad_ckpt, quant, offload=offload)
-                    row = {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt,
-                           "offload": offload}
-                    try:
-                        est = estimate(cfg, "cuda", padding=False)
-                        row["estimated_bytes"] = est.total
-                    except Exception as e:  # noqa: BLE001 - a method the estimator cannot build
-                        yield row | {"error": f"estimate: {type(e).__name__}: {e}"[:200]}
-                        continue
-                    try:
-                        got = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt, offload)
-                        measured = got["allocated"] + est.context
-                        # on the card: the allocator's reservation at its peak plus everything outside it
-                        on_card = got["reserved"] + got["outside_allocator"]
-                        row.update(measured_bytes=measured, ratio=est.total / measured, on_card_bytes=on_card,
-                                   ratio_on_card=est.total / on_card, **{f"{k}_bytes": v for k, v in got.items()})
-                    except torch.OutOfMemoryError:
-                        row.update(measured_bytes=None, ratio=None, oom=True)
-                    except Exception as e:  # noqa: BLE001 - record and go on with the grid
-                        row.update(error=f"{type(e).__name__}: {e}"[:200])
-                    finally:
-                        _gc.collect()
-                        torch.cuda.empty_cache()
-                    yield row
+                    yield _cuda_row(shape, label, method, quant, batch, seq, grad_ckpt, offload)
 
 
-def _cpu_grid() -> Iterator[dict]:
+def _cuda_row(shape: str, label: str, method: dict, quant: str, batch: int, seq: int, grad_ckpt: bool,
+              offload: bool) -> dict:
+    from .memory import estimate
+    cfg = _run_cfg(shape, method, batch, seq, grad_ckpt, quant, offload=offload)
+    row = {"shape": shape, "method": label, "batch": batch, "seq": seq, "grad_ckpt": grad_ckpt, "offload": offload}
+    try:
+        est = estimate(cfg, "cuda", padding=False)
+        row["estimated_bytes"] = est.total
+    except Exception as e:  # noqa: BLE001 - a method the estimator cannot build
+        return row | {"error": f"estimate: {type(e).__name__}: {e}"[:200]}
+    try:
+        got = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt, offload)
+        measured = got["allocated"] + est.context
+        # on the card: the allocator's reservation at its peak plus everything outside it
+        on_card = got["reserved"] + got["outside_allocator"]
+        row.update(measured_bytes=measured, ratio=est.total / measured, on_card_bytes=on_card,
+                   ratio_on_card=est.total / on_card, **{f"{k}_bytes": v for k, v in got.items()})
+    except torch.OutOfMemoryError:
+        row.update(measured_bytes=None, ratio=None, oom=True)
+    except Exception as e:  # noqa: BLE001 - record and go on with the grid
+        row.update(error=f"{type(e).__name__}: {e}"[:200])
+    finally:
+        _gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def _cpu_grid(rows: list[tuple[str, dict, str]]) -> Iterator[dict]:
     from .memory import estimate
     shape = "tiny-llama"
-    for label, method, quant in grid_methods():
+    for label, method, quant in rows:
         if quant != "none":
             continue
         for grad_ckpt in (False, True):

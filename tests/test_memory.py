@@ -255,6 +255,16 @@ def test_memory_grid_runs_on_cpu():
     assert all(0.95 <= r["ratio"] <= 1.15 for r in whole), whole
 
 
+def test_memory_grid_of_the_methods_runs_on_cpu():
+    """`bench --memory --methods`: every causal-LM method at settings that run on a random model, or some."""
+    from studio.memory_bench import every_method
+    assert {label for label, _, _ in every_method()} == {n for n, m in registry().items() if "causal_lm" in m.task_types}
+    rows = list(memory_grid(quick=True, methods="bitfit,ssf"))
+    assert [(r["method"], r["grad_ckpt"]) for r in rows if r["what"].startswith("whole step")] == \
+        [("bitfit", False), ("bitfit", True), ("ssf", False), ("ssf", True)]
+    assert all(0.95 <= r["ratio"] <= 1.15 for r in rows), rows
+
+
 def test_selective_checkpointing_estimate_matches_autograd(tmp_path):
     """The bottom half of the layers recomputed (train.checkpoint_fraction=0.5): estimate within 2% of what autograd
     saves, and between the no-checkpointing and full-checkpointing estimates. (transformers' switch makes

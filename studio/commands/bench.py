@@ -9,7 +9,8 @@ HELP = "Benchmark our engine vs transformers+peft (JSON lines); --memory checks 
 
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="the short grid (under 5 minutes on one H100)")
-    p.add_argument("--memory", action="store_true", help="estimate vs measured peak over the memory grid")
+    p.add_argument("--memory", action="store_true",
+                   help="estimate vs measured peak over the memory grid (with --methods: every method at its defaults)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: the default model, small batch)")
     p.add_argument("--no-peft", action="store_true", help="skip the transformers+peft baseline")
     p.add_argument("--steps", type=int, default=5, help="timed steps per row")
@@ -38,7 +39,7 @@ def run(args) -> int:
     try:
         if args.memory:
             from ..memory_bench import memory_grid
-            rows = memory_grid(args.quick)
+            rows = memory_grid(args.quick, args.methods)
         elif args.chat:
             from ..bench_chat import chat_rows
             from ..models import resolve_device

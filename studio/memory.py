@@ -510,7 +510,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     context = 0 if device == "cpu" else (CUDA_CONTEXT_BYTES if context_bytes is None else int(context_bytes))
     bwd = backward_transient(arch, shape, dt)
     if rule["no_backbone_grad"]:  # only the side network's backward runs: its FFN's and the output's gradients
-        d_s, f_s, _ = facts.side_network or (0, 0, 0)
+        _, f_s, _ = facts.side_network or (0, 0, 0)
         bwd = (3 * rows * f_s + 2 * rows * arch.hidden) * (dt.act if dt.autocast else 4)
     if nf4:
         bwd += facts.max_linear * act                                     # dequantized 4-bit weight

@@ -15,16 +15,14 @@ import torch
 from studio.config import RunConfig
 from studio.gpus import gpu_presets
 from studio.memory import estimate, measured_vs_estimate, nf4_bytes
-from studio.memory_bench import _apply, memory_grid, random_batch, saved_tensor_bytes
+from studio.memory_bench import METHOD_DEFAULTS, _apply, memory_grid, random_batch, saved_tensor_bytes
 from studio.memory_inference import estimate_inference
 from studio.memory_search import best_switch, fit_table, largest_fitting
 from studio.methods import registry
 from studio.models import build_random_model, hf_config_from_dict, model_presets
 
 ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
-SOFT = {"prompt_tuning": {"prompt_tuning_init": "RANDOM"},
-        "bitfit": {"missing_bias": "add_zero"},  # Llama/Gemma have no biases: the documented alternative
-        "adapter_fusion": {"adapters": ["random:1", "random:2"]}}
+SOFT = METHOD_DEFAULTS  # what runs on a random Llama without files (BitFit: the documented zero biases)
 
 
 def _methods() -> list[dict]:

@@ -1,8 +1,8 @@
 """IA3: learned rescaling of keys, values and the FFN intermediate activation.
 
 Each target Linear gets a vector l (init ones, so output == base). Attention targets (k, v) scale
-their output: y = (W x + b) ⊙ l (l: out x 1), summed in fp32 and rounded once (rescaled_product.py). Feed-forward targets (the down projection) scale their
-input: y = W (x ⊙ l) + b (l: 1 x in). Merging multiplies the weight rows (and bias) or columns by l.
+their output: y = (W x + b) ⊙ l (l: out x 1), summed in fp32 and rounded once (rescaled_product.py).
+Feed-forward targets (the down projection) scale their input: y = W (x ⊙ l) + b (l: 1 x in). Merging multiplies the weight rows (and bias) or columns by l.
 Files are peft's IA3 format: `<module path>.ia3_l`, with `feedforward_modules` in the config.
 """
 from __future__ import annotations

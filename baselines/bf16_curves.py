@@ -3,9 +3,10 @@ of a 2-layer random model of a preset's shape (on CUDA when there is one), the s
 lr 1e-4 (a small first update, as B or a factor leaves zero). Where an engine adds the adapter's small update to
 a base output already rounded to bf16, most of it is lost and the curve falls behind.
 
-    python -m baselines.bf16_curves [--shape gemma-3-270m] [--methods lora,loha,lokr,dora,ia3,adalora] [--steps 6]
+    python -m baselines.bf16_curves [--shape gemma-3-270m] [--methods lora,loha,lokr,dora,ia3,adalora,ssf,adapter] [--steps 6]
 
-One JSON line per (method, engine): its bf16 losses, its fp32 losses and the largest gap between them.
+One JSON line per (method, engine): its bf16 losses, its fp32 losses and the largest gap between them (methods peft
+lacks, such as SSF and the bottleneck adapters: ours only).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ FIELDS = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}, "loha": {"r"
           # no budget steps or orthogonality term in these few steps: the update's rounding alone
           "adalora": {"init_r": 12, "target_r": 8, "lora_alpha": 32, "orth_reg_weight": 0.0, "total_step": 100},
           "dora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "use_dora": True},
-          "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}}
+          "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+          "ssf": {}, "adapter": {}, "parallel_adapter": {}}
 PEFT_CONFIG = {"lora": "LoraConfig", "dora": "LoraConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig",
                "adalora": "AdaLoraConfig", "ia3": "IA3Config"}
 
@@ -50,7 +52,8 @@ def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, step
         def loss_of(b):
             return model(**b).loss
     else:
-        info = apply_method(model, method_config({"name": method, "target_modules": "all-linear", **FIELDS[method]}))
+        every = {"target_modules": "all-linear"} if method in PEFT_CONFIG else {}  # SSF's default; adapters have none
+        info = apply_method(model, method_config({"name": method, **every, **FIELDS[method]}))
         opt = build_optimizer("adamw", info.method.optimizer_groups(model, LR, 0.0), LR, device)
         copies = StepCopies.for_model(model, dtype)  # as the trainer
 
@@ -85,7 +88,8 @@ def main() -> None:
     if "layer_types" in config:
         config["layer_types"] = config["layer_types"][:2]
     for method in a.methods.split(","):
-        for engine in ("peft", "studio"):  # each against its own fp32 curve (AdaLoRA's engines draw their init apart)
+        engines = ("peft", "studio") if method in PEFT_CONFIG else ("studio",)  # peft lacks e.g. the adapters
+        for engine in engines:  # each against its own fp32 curve (AdaLoRA's engines draw their init apart)
             fp32 = curve(config, method, engine, torch.float32, a.steps, device)
             bf16 = curve(config, method, engine, torch.bfloat16, a.steps, device)
             gap = max(abs(x - y) for x, y in zip(bf16, fp32))

@@ -77,7 +77,7 @@ class Site:
     ssf: bool = False        # SSF: scale and shift of the output
     gated_diff: bool = False  # diff pruning: W + gates ⊙ w, the hard-concrete gates kept weight-sized in fp32
     other_trainable: bool = False  # an unknown wrapper with trainable parameters
-    delta_weights: int = 1         # weight-sized fp32 tensors such a wrapper saves (its delta W)
+    delta_weights: int = 1         # weight-sized tensors such a wrapper saves (its delta W; 16-bit under autocast)
     shares_input: bool = False     # it keeps the input it was given, as its neighbours do (methods/delta_product.py)
     sparse_values: int = 0         # Child-Tuning: the trained entries, cast to 16 bits under autocast (kept)
     rebuilt_delta: int = 0         # weight-sized fp32 tensors its backward builds again (ΔW, W + ΔW; LoHa's factors)

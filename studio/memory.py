@@ -516,6 +516,12 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         bwd += facts.max_linear * act                                     # dequantized 4-bit weight
     bwd += facts.max_rebuilt_delta                                        # a full-size ΔW built again
     phases = {"loss backward": activations + logits + facts.grad_outside + extra}
+    # LST's side forward under autocast: the backbone states it reads live beside the 16-bit copies its ladders
+    # keep, with one state's fp32 copy in flight (in fp32 the ladders keep the states themselves)
+    side_forward = rows * arch.hidden * ((facts.side_network[2] + 1) * act + 4) \
+        if facts.side_network and dt.autocast else 0
+    if side_forward:
+        phases["side network forward"] = activations + extra + side_forward
     held = fixed + mask_bool + autocast_cache + extra + facts.grad_outside + (rope if gc else 0)
     below = sum(per_layer)
     grads_done = 0
@@ -532,7 +538,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     phases[worst_layer[0]] = worst_layer[1]
     phases["optimizer step"] = grads + opt_transient
     peak_phase = max(phases, key=phases.get)
-    transient = {"loss backward": 0, "optimizer step": opt_transient}.get(peak_phase, worst_layer[2])
+    transient = {"loss backward": 0, "optimizer step": opt_transient,
+                 "side network forward": side_forward}.get(peak_phase, worst_layer[2])
     static = context + facts.weights_bytes + opt_gpu
     total = static + phases[peak_phase]
     est = Estimate(context=context, weights=facts.weights_bytes, gradients=grads, optimizer=opt_gpu,

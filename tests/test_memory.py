@@ -341,7 +341,8 @@ def test_whole_step_estimate_matches_the_measured_cpu_peak(tmp_path, method, gc)
 
 
 @pytest.mark.parametrize("method", [{"name": "lora"}, {"name": "dora"}, {"name": "adapter"}, {"name": "mam_adapter"},
-                                    {"name": "parallel_adapter"}, {"name": "diff_pruning"}, {"name": "ssf"}],
+                                    {"name": "parallel_adapter"}, {"name": "diff_pruning"}, {"name": "ssf"},
+                                    {"name": "lst"}],
                          ids=lambda m: m["name"])
 def test_whole_step_estimate_of_a_bf16_base_under_cpu_autocast(tmp_path, method):
     est, measured = _peak_case(tmp_path, method, False, torch.bfloat16)

@@ -21,8 +21,7 @@ FIELDS = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}, "loha": {"r"
           # no budget steps or orthogonality term in these few steps: the update's rounding alone
           "adalora": {"init_r": 12, "target_r": 8, "lora_alpha": 32, "orth_reg_weight": 0.0, "total_step": 100},
           "dora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "use_dora": True},
-          "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
-          "ssf": {}, "adapter": {}, "parallel_adapter": {}}
+          "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}}
 PEFT_CONFIG = {"lora": "LoraConfig", "dora": "LoraConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig",
                "adalora": "AdaLoraConfig", "ia3": "IA3Config"}
 
@@ -46,14 +45,14 @@ def curve(shape_config: dict, method: str, engine: str, dtype: torch.dtype, step
     if engine == "peft":
         import peft
         kind = getattr(peft, PEFT_CONFIG[method])
-        model = peft.get_peft_model(model, kind(**{"target_modules": "all-linear", **FIELDS[method]}))
+        model = peft.get_peft_model(model, kind(**{"target_modules": "all-linear", **FIELDS.get(method, {})}))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
         def loss_of(b):
             return model(**b).loss
     else:
         every = {"target_modules": "all-linear"} if method in PEFT_CONFIG else {}  # SSF's default; adapters have none
-        info = apply_method(model, method_config({"name": method, **every, **FIELDS[method]}))
+        info = apply_method(model, method_config({"name": method, **every, **FIELDS.get(method, {})}))
         opt = build_optimizer("adamw", info.method.optimizer_groups(model, LR, 0.0), LR, device)
         copies = StepCopies.for_model(model, dtype)  # as the trainer
 

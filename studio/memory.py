@@ -235,8 +235,9 @@ def _layer_info(layer: nn.Module) -> LayerInfo:
         sites[short] = _site(short, mod)
     norms_tr = any(p.requires_grad for n, p in layer.named_parameters() if "norm" in n)
     trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-    adapters = [_adapter(path, mod) for path, mod in layer.named_modules() if _is_adapter_site(mod)]
-    inside = site_paths + [f"{path}.adapter" for path, mod in layer.named_modules() if _is_adapter_site(mod)]
+    adapter_sites = [(path, mod) for path, mod in layer.named_modules() if _is_adapter_site(mod)]
+    adapters = [_adapter(path, mod) for path, mod in adapter_sites]
+    inside = site_paths + [f"{path}.adapter" for path, _ in adapter_sites]
     extra: list[int] = []
     for path, mod in layer.named_modules():
         if any(path == sp or path.startswith(sp + ".") for sp in inside):

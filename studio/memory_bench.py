@@ -236,7 +236,8 @@ def every_method(names: str = "all") -> list[tuple[str, dict, str]]:
     """(label, method config, quantization) of every causal-LM method at its defaults, or of those in `names`."""
     from .methods import registry
     wanted = None if names == "all" else set(names.split(","))
-    return [(name, {"name": name} | METHOD_DEFAULTS.get(name, {}), "none") for name, method in sorted(registry().items())
+    return [(name, {"name": name} | METHOD_DEFAULTS.get(name, {}), "none")
+            for name, method in sorted(registry().items())
             if "causal_lm" in method.task_types and (wanted is None or name in wanted)]
 
 

@@ -15,23 +15,19 @@ import torch
 from studio.config import RunConfig
 from studio.gpus import gpu_presets
 from studio.memory import estimate, measured_vs_estimate, nf4_bytes
-from studio.memory_bench import METHOD_DEFAULTS, _apply, memory_grid, random_batch, saved_tensor_bytes
+from studio.memory_bench import _apply, every_method, measured_step_peak, memory_grid, random_batch, saved_tensor_bytes
 from studio.memory_inference import estimate_inference
 from studio.memory_search import best_switch, fit_table, largest_fitting
 from studio.methods import registry
 from studio.models import build_random_model, hf_config_from_dict, model_presets
 
 ARCHS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")
-SOFT = METHOD_DEFAULTS  # what runs on a random Llama without files (BitFit: the documented zero biases)
 
 
 def _methods() -> list[dict]:
-    """lora, dora, full and every other registered method with its defaults."""
-    out = [{"name": "lora"}, {"name": "dora"}, {"name": "full", "keep_base_copy": False}]
-    for name, method in sorted(registry().items()):
-        if name not in ("lora", "full") and "causal_lm" in method.task_types:  # vpt: image models only
-            out.append({"name": name, **SOFT.get(name, {})})
-    return out
+    """lora, dora, full and every other causal-LM method with its defaults (vpt: image models only)."""
+    return [{"name": "lora"}, {"name": "dora"}, {"name": "full", "keep_base_copy": False}] + \
+        [cfg for name, cfg, _ in every_method() if name not in ("lora", "full")]
 
 
 def _cfg(model: str, method: dict, batch: int = 2, seq: int = 64, gc: bool = False, chunk: int = 64,
@@ -41,12 +37,27 @@ def _cfg(model: str, method: dict, batch: int = 2, seq: int = 64, gc: bool = Fal
                                           "optimizer": optimizer}})
 
 
-def _real(facts: dict, method: dict, gc: bool = False):
-    model = build_random_model(facts)
+def _real(facts: dict, method: dict, gc: bool = False, dtype: torch.dtype = torch.float32):
+    model = build_random_model(facts, dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     _apply(model, method, gc)
     return model
+
+
+def _estimated_and_real(tmp_path, facts: dict, method: dict, gc: bool = False, dtype: torch.dtype = torch.float32):
+    """The estimate of a 2 x 128 step of the model `facts` describes (saved as a local folder) with the method, and
+    that model itself, built at random in dtype with the method applied."""
+    path = tmp_path / facts["model_type"]
+    hf_config_from_dict(facts).save_pretrained(path)
+    cfg = _cfg(str(path), method, 2, 128, gc)
+    cfg.model.dtype = str(dtype).removeprefix("torch.")
+    return estimate(cfg, "cpu", padding=False), _real(facts, method, gc, dtype)
+
+
+def _trainer_autocast(dtype: torch.dtype):
+    """What the trainer does for a bf16 base on the CPU (nothing for fp32)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def _unique(tensors) -> int:
@@ -87,12 +98,8 @@ def _saved_case(arch: str, method: dict, gc: bool, tmp_path) -> tuple[int, int]:
     facts.update(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=4)
     if "head_dim" in facts:
         facts.update(head_dim=64, num_key_value_heads=2)
-    path = tmp_path / arch
-    hf_config_from_dict(facts).save_pretrained(path)
-    b, s = 2, 128
-    est = estimate(_cfg(str(path), method, b, s, gc), "cpu", padding=False)
-    model = _real(facts, method, gc)
-    measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], b, s), chunk=64)
+    est, model = _estimated_and_real(tmp_path, facts, method, gc)
+    measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], 2, 128), chunk=64)
     return est.details["saved_for_backward"], measured
 
 
@@ -127,16 +134,9 @@ def test_activations_of_a_bf16_base_under_cpu_autocast(arch, method, tmp_path):
     activations' dtype), IA3, whose fp32 vectors scale 16-bit activations without upcasting them (the GPU grid
     caught that), rank dropout's ΔW kept by autograd in 16 bits, and VeRA's 16-bit copies of the shared A and B."""
     facts = dict(model_presets()[arch]["config"], hidden_size=256, intermediate_size=688, num_hidden_layers=3)
-    path = tmp_path / arch
-    hf_config_from_dict(facts).save_pretrained(path)
-    cfg = _cfg(str(path), method, 2, 128)
-    cfg.model.dtype = "bfloat16"
-    pred = estimate(cfg, "cpu", padding=False).details["saved_for_backward"]
-    model = build_random_model(facts, dtype=torch.bfloat16)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    _apply(model, method, False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer does for a bf16 base on the CPU
+    est, model = _estimated_and_real(tmp_path, facts, method, dtype=torch.bfloat16)
+    pred = est.details["saved_for_backward"]
+    with _trainer_autocast(torch.bfloat16):
         measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], 2, 128), chunk=64)
     assert abs(pred - measured) <= 0.05 * measured, (pred, measured, (pred - measured) / measured)
 
@@ -256,7 +256,8 @@ def test_memory_grid_runs_on_cpu():
 def test_memory_grid_of_the_methods_runs_on_cpu():
     """`bench --memory --methods`: every causal-LM method at settings that run on a random model, or some."""
     from studio.memory_bench import every_method
-    assert {label for label, _, _ in every_method()} == {n for n, m in registry().items() if "causal_lm" in m.task_types}
+    causal = {n for n, m in registry().items() if "causal_lm" in m.task_types}
+    assert {label for label, _, _ in every_method()} == causal
     rows = list(memory_grid(quick=True, methods="bitfit,ssf"))
     assert [(r["method"], r["grad_ckpt"]) for r in rows if r["what"].startswith("whole step")] == \
         [("bitfit", False), ("bitfit", True), ("ssf", False), ("ssf", True)]
@@ -313,19 +314,10 @@ PEAK_METHODS = _methods() + [{"name": "lora", "target_modules": "all-linear", "l
 
 
 def _peak_case(tmp_path, method: dict, gc: bool, dtype: torch.dtype = torch.float32) -> tuple[Any, int]:
-    from studio.memory_bench import measured_step_peak
     facts = dict(model_presets()["tiny-llama"]["config"])
     facts.update(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
-    path = tmp_path / "m"
-    hf_config_from_dict(facts).save_pretrained(path)
-    cfg = _cfg(str(path), method, 2, 128, gc)
-    cfg.model.dtype = str(dtype).removeprefix("torch.")
-    est = estimate(cfg, "cpu", padding=False)
-    model = build_random_model(facts, dtype=dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    _apply(model, method, gc)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as the trainer does
+    est, model = _estimated_and_real(tmp_path, facts, method, gc, dtype)
+    with _trainer_autocast(dtype):
         measured = measured_step_peak(model, random_batch(facts["vocab_size"], 2, 128), chunk=64)
     return est, measured
 

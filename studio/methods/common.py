@@ -46,16 +46,22 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def plus_base_product(base: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """base(x) + delta for a plain Linear base, with delta added by the base GEMM in its epilogue (addmm, beta 1),
-    then the bias: in a 16-bit compute dtype the sum is rounded once, where a small update added to an output
-    already rounded is mostly lost (tests/test_update_rounding.py), and there is no separate pass over the output."""
-    x2 = x.reshape(-1, x.shape[-1])
+    """base(x) + delta for a plain Linear base (plus_product)."""
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    y = torch.addmm(cast(delta.reshape(-1, delta.shape[-1]), dtype), x2, base.weight.t())
-    if base.bias is not None:  # after the sum: added first, the bias would round the small delta away
-        y = y.add_(cast(base.bias, y.dtype))
+    y = plus_product(x.reshape(-1, x.shape[-1]), base.weight, cast(delta.reshape(-1, delta.shape[-1]), dtype),
+                     base.bias)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def plus_product(x2: torch.Tensor, w: torch.Tensor, delta2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 wᵀ + delta2 + bias, delta2 added by the GEMM in its epilogue (addmm, beta 1), then the bias: in a 16-bit
+    compute dtype the sum is rounded once, where a small update added to an output already rounded is mostly lost
+    (tests/test_update_rounding.py), and there is no separate pass over the output."""
+    y = torch.addmm(delta2, x2, w.t())
+    if bias is not None:  # after the sum: added first, the bias would round the small delta away
+        y = y.add_(cast(bias, y.dtype))
+    return y
 
 
 def linear_types() -> tuple[type, ...]:

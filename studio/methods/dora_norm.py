@@ -11,26 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora_fused import dense_weight, is_4bit
-from .rescaled_product import fp32_product
-
-
-def _weight(base: nn.Module) -> torch.Tensor:
-    """The base weight in its own 16/32-bit dtype (a 4-bit one dequantized to its compute dtype, 8-bit to fp32)."""
-    if is_4bit(base):
-        state = base.weight.quant_state
-        return dense_weight(base.weight.data, state, state.dtype)
-    if base.weight.is_floating_point():
-        return base.weight.detach()
-    from .lora import _dequantized_weight
-    return _dequantized_weight(base)
+from .rescaled_product import base_weight, fp32_product
 
 
 @torch.no_grad()
 def dora_row_norms(module: nn.Module) -> torch.Tensor:
     """‖W + scaling·B A‖ per output row (fp32) of a LoraLinear."""
     a, b, s = module.lora_A.weight.float(), module.lora_B.weight.float(), module.scaling
-    w = _weight(module.base_layer)
+    w = base_weight(module.base_layer)
     # read again at every call rather than cached: a cache filled in a checkpointed layer's forward and read in its
     # recomputation would make the two compiled graphs differ (train.compile)
     w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square_()

@@ -25,6 +25,7 @@ import functools
 import torch
 from torch import nn
 
+from .common import plus_product
 from .lora_fused import cast, dense_weight, is_4bit
 
 
@@ -57,14 +58,16 @@ def mm_fp32_output(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
-def base_weight(base: nn.Module, cdt: torch.dtype) -> torch.Tensor:
-    """The base layer's weight in cdt (a 4-/8-bit one dequantized)."""
+def base_weight(base: nn.Module, cdt: torch.dtype | None = None) -> torch.Tensor:
+    """The base layer's weight in cdt, or by default in its own dtype (a 4-bit one dequantized to its compute dtype,
+    an 8-bit one to fp32)."""
     if is_4bit(base):
-        return dense_weight(base.weight.data, base.weight.quant_state, cdt)
+        state = base.weight.quant_state
+        return dense_weight(base.weight.data, state, cdt or state.dtype)
     if base.weight.__class__.__name__ == "Int8Params":
         from .lora import _dequantized_weight
-        return _dequantized_weight(base).to(cdt)
-    return cast(base.weight.detach(), cdt)
+        return cast(_dequantized_weight(base), cdt or torch.float32)
+    return cast(base.weight.detach(), cdt or base.weight.dtype)
 
 
 class RescaledProduct(torch.autograd.Function):
@@ -103,10 +106,12 @@ class RescaledProduct(torch.autograd.Function):
                     small.add_(u2)
                 if shift is not None:
                     small.add_(shift)
-                # without an fp32-output GEMM: the small terms added by the base GEMM in its epilogue
-                y = small.add_(fp32_product(x2, w)) if exact else torch.addmm(small.to(cdt), x2, w.t())
-                if bias is not None:
-                    y.add_(bias)
+                if exact:
+                    y = small.add_(fp32_product(x2, w))
+                    if bias is not None:
+                        y.add_(bias)
+                else:  # without an fp32-output GEMM: the small terms added by the base GEMM in its epilogue
+                    y = plus_product(x2, w, small.to(cdt), bias)
         ctx.save_for_backward(kept, s)
         ctx.base, ctx.cdt, ctx.has_xd = base, cdt, xd is not None
         ctx.dtypes = (x.dtype, None if xd is None else xd.dtype, None if u is None else u.dtype)

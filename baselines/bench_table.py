@@ -81,8 +81,9 @@ def main(paths: list[str]) -> int:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.startswith("{")]
         speed = [r for r in rows if "engine" in r]
         chat = [r for r in rows if r.get("what") == "chat"]
-        memory = [r for r in rows if "engine" not in r and r.get("what") != "chat"]
-        print(f"\n{path}\n")
+        memory = [r for r in rows if "engine" not in r and r.get("what") != "chat" and "grad_ckpt" in r]
+        other = len(rows) - len(speed) - len(chat) - len(memory)  # e.g. graphs_check's curves: not bench rows
+        print(f"\n{path}\n" + (f"\n({other} lines that are not bench rows left out)\n" if other else ""))
         machines = sorted({_machine(r) for r in rows if "device_name" in r})
         if machines:
             print("\n".join(machines) + "\n")

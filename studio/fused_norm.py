@@ -3,8 +3,9 @@
 transformers' RMSNorm is six to eight tensor ops, and autograd keeps an fp32 copy of the input plus
 intermediates for each. Ours computes the same forward, op for op (the outputs are bitwise equal;
 on CUDA with Triton, one kernel each way, equal up to the order of the row sum),
-keeps only the input in its own dtype and the rsqrt per row (half the bytes under bf16), and writes
-the backward directly: with x̂ = x·r, r = rsqrt(mean(x²) + eps) and u = d(loss)/d(x̂),
+keeps only the input in its own dtype and the rsqrt per row (half the bytes under bf16; and the fused
+ops that read the output keep that input instead of it, studio/norm_rebuild.py), and writes the
+backward directly: with x̂ = x·r, r = rsqrt(mean(x²) + eps) and u = d(loss)/d(x̂),
 d(loss)/d(x) = r · (u − x̂ · mean(u ⊙ x̂)).
 
 Two formulas cover the supported classes:
@@ -20,6 +21,8 @@ import types
 import torch
 from torch import nn
 
+from .norm_rebuild import attach
+
 GEMMA_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 LLAMA_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm")
 # config model_type values whose norms are all of the classes above (the memory estimator's switch)
@@ -32,12 +35,8 @@ class FusedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-        ctx.gemma, ctx.triton = gemma, _triton_ok(x, weight, eps, gemma)
-        if ctx.triton:
-            from .kernels import rmsnorm
-            y, r = rmsnorm.forward(x, weight, eps, gemma)
-        else:
-            y, r = torch_forward(x, weight, eps, gemma)
+        y, r, ctx.triton = norm_forward(x, weight, eps, gemma)
+        ctx.gemma = gemma
         ctx.save_for_backward(x, r, weight)
         return y
 
@@ -51,6 +50,15 @@ class FusedRMSNorm(torch.autograd.Function):
         else:
             dx, dw = torch_backward(dy, x, weight, r, ctx.gemma, need_x, need_w)
         return dx, dw, None, None
+
+
+def norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """y, r and whether the Triton kernel made them (else the torch ops); deterministic, so a second call on the same
+    input gives the same y bit for bit (studio/norm_rebuild.py relies on it)."""
+    if _triton_ok(x, weight, eps, gemma):
+        from .kernels import rmsnorm
+        return *rmsnorm.forward(x, weight, eps, gemma), True
+    return *torch_forward(x, weight, eps, gemma), False
 
 
 def torch_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +112,11 @@ def _kernel_agrees(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: boo
 
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     gemma = self.studio_gemma_norm
-    return FusedRMSNorm.apply(hidden_states, self.weight, self.eps if gemma else self.variance_epsilon, gemma)
+    eps = self.eps if gemma else self.variance_epsilon
+    y = FusedRMSNorm.apply(hidden_states, self.weight, eps, gemma)
+    if y.requires_grad:  # the op recorded a graph, so it keeps its input: readers can rebuild y from it
+        attach(y, hidden_states, self.weight, eps, gemma)
+    return y
 
 
 def fusable_norm(module: nn.Module) -> bool:

@@ -11,7 +11,8 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   frozen (the input grad needs only the weight). 4-bit bases save nothing either.
 - LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
   base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus (CPU) a bool
-  keep-mask when dropout > 0. Else (DoRA, 8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when
+  keep-mask when dropout > 0; nothing for an input that is a fused norm's output (q/k/v, gate/up: it keeps
+  the norm's input, which the norm keeps anyway, and rebuilds the output; studio/norm_rebuild.py). Else (DoRA, 8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when
   dropout > 0, or the shared input; DoRA adds the sum it rescales (rows x out; methods/rescaled_product.py).
   On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
@@ -43,7 +44,7 @@ Other methods' modules (fp32 parameters: their activations in fp32, or in the ac
 - Unknown future modules: a wrapper around a projection with trainable parameters (DyLoRA, ...) is assumed to
   save its input and the delta weight it builds (fp32; under autocast 16-bit); where a full-size delta weight
   is rebuilt in backward (LoHa, LoKr, GLoRA, Compacter: methods/delta_product.py), only the input, which its
-  neighbours share. A trainable Linear elsewhere in a layer is assumed to save one copy of its input.
+  neighbours share (for a fused norm's output, nothing: it keeps the norm's input, as LoRA's fused op does). A trainable Linear elsewhere in a layer is assumed to save one copy of its input.
 tests/test_memory.py checks every method's saved bytes and whole-step peak against autograd on tiny models.
 """
 from __future__ import annotations
@@ -182,12 +183,17 @@ def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
     return bool(arch.sliding_window) and sliding and shape.seq > arch.sliding_window
 
 
-def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool) -> tuple[int, bool]:
-    """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself)."""
+def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool,
+                   rebuilt: bool = False) -> tuple[int, bool]:
+    """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself). rebuilt: the
+    input is a fused norm's output, which a fused op rebuilds from the norm's own input (studio/norm_rebuild.py)."""
     n = rows * site.din
     # on CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask
+    mask = n if site.lora_dropout > 0 and not dt.cuda else 0
+    if site.lora_fused and rebuilt:  # nothing of its own but the CPU's bool keep-mask
+        return mask, False
     if site.lora_fused:  # the input it was given (shared by the projections that read it), a bool keep-mask
-        return (0 if shared_saved else n * dt.act) + (n if site.lora_dropout > 0 and not dt.cuda else 0), True
+        return (0 if shared_saved else n * dt.act) + mask, True
     if site.lora_dropout > 0:
         # the CPU's dropout keeps its noise tensor (in its input's dtype) when its input needs grad; A keeps the
         # dropout output; both in the activations' dtype under autocast, else in the adapter's (fp32)
@@ -197,14 +203,16 @@ def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: 
     return (0 if shared_saved else n * dt.act), True             # the input itself, shared
 
 
-def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in: bool = True) -> int:
-    """Saved bytes of one projection whose input (id `key`) requires grad or feeds trainables."""
+def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in: bool = True,
+                rebuilt: bool = False) -> int:
+    """Saved bytes of one projection whose input (id `key`) requires grad or feeds trainables; rebuilt: that input is
+    the output of a fused norm that records a graph (a fused LoRA op keeps the norm's input instead)."""
     out = 0
     if site.base_trainable and not shared.get(key):
         out += rows * site.din * dt.act
         shared[key] = True
     if site.lora_r:
-        b, used_shared = _adapter_input(site, rows, dt, bool(shared.get(key)), g_in)
+        b, used_shared = _adapter_input(site, rows, dt, bool(shared.get(key)), g_in, rebuilt)
         out += b
         if used_shared:
             shared[key] = True
@@ -235,9 +243,10 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     if site.other_trainable and not site.lora_r:
         # generic reparameterisation: its input, and the delta weight(s) it builds (out x in; under autocast
         # the products and the 16-bit copy F.linear keeps are in the activations' dtype)
-        if not (site.shares_input and shared.get(key)):
+        rebuilds = rebuilt and site.rebuilt_delta > 0  # methods/delta_product.py keeps the norm's input instead
+        if not (site.shares_input and shared.get(key)) and not rebuilds:
             out += rows * site.din * dt.act
-        if site.shares_input:
+        if site.shares_input and not rebuilds:
             shared[key] = True
         out += site.delta_weights * site.dout * site.din * (dt.act if dt.autocast else 4)
         if dt.autocast:
@@ -275,8 +284,8 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     # q, k, v
     attn_in = [st[n] for n in SITES_ATTN if n in st]
     if g_n1 or any(x.needs_grad_out for x in attn_in):
-        for x in attn_in:
-            total += _site_saves(x, rows, dt, shared, "n1", g_n1)
+        for x in attn_in:  # the input norm records a graph when its input needs grad or its weight trains
+            total += _site_saves(x, rows, dt, shared, "n1", g_n1, rebuilt=fused and g_n1)
     g_q = g_n1 or any(x.needs_grad_out for x in attn_in) or shape.kv_extra > 0
     mask = _mask_layer(arch, shape, layer)
     kv_len = s + shape.kv_extra
@@ -312,7 +321,7 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     mlp_in = [st[n] for n in ("gate_proj", "up_proj", "gate_up_proj") if n in st]
     if g_n2 or any(x.needs_grad_out for x in mlp_in):
         for x in mlp_in:
-            total += _site_saves(x, rows, dt, shared, "n2", g_n2)
+            total += _site_saves(x, rows, dt, shared, "n2", g_n2, rebuilt=fused and g_n2)
     g_gate = g_n2 or any(x.needs_grad_out for x in mlp_in)
     if g_gate:
         total += (2 if arch.fused_mlp else 3) * rows * i * dt.act  # gate out, up out (+ act(gate) unfused)

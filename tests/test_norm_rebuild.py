@@ -11,10 +11,12 @@ from studio.memory_bench import random_batch, saved_tensor_bytes
 from studio.methods import apply_method, method_config
 
 LORA = {"name": "lora", "r": 4, "lora_dropout": 0.0, "target_modules": "all-linear"}
+# the gradient tests run on a GPU where there is one (gpu_check.sh's kernels stage: the Triton norm rebuilt)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _lora_model(tiny_model, arch: str, dtype: torch.dtype, method: dict = LORA):
-    model = tiny_model(arch, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+def _lora_model(tiny_model, arch: str, dtype: torch.dtype, method: dict = LORA, device: str = "cpu"):
+    model = tiny_model(arch, dtype="bfloat16" if dtype == torch.bfloat16 else "float32", device=device)
     apply_method(model, method_config(dict(method)))
     for name, p in model.named_parameters():  # B away from zero, so every gradient is non-trivial
         if "lora_B" in name:
@@ -22,16 +24,18 @@ def _lora_model(tiny_model, arch: str, dtype: torch.dtype, method: dict = LORA):
     return model
 
 
-def _as_trained(dtype: torch.dtype):
+def _as_trained(dtype: torch.dtype, device: str = "cpu"):
     """The trainer's context: a 16-bit model runs under autocast (its fp32 adapters then fuse)."""
     import contextlib
-    return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def _grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from studio.losses import causal_lm_loss
     model.zero_grad(set_to_none=True)
-    with _as_trained(next(model.parameters()).dtype):
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with _as_trained(next(model.parameters()).dtype, device.type):
         loss, _ = causal_lm_loss(model, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -50,7 +54,7 @@ METHODS = {"lora": LORA, "loha": {"name": "loha", "target_modules": "all-linear"
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
 def test_gradients_bitwise_those_of_keeping_the_output(tiny_model, monkeypatch, arch, dtype, method):
     batch = random_batch(512, 2, 24)
-    model = _lora_model(tiny_model, arch, dtype, METHODS[method])
+    model = _lora_model(tiny_model, arch, dtype, METHODS[method], DEVICE)
     loss, rebuilt = _grads(model, batch)
     with monkeypatch.context() as m:
         _without_rebuild(m)

@@ -52,9 +52,10 @@ class FusedRMSNorm(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """y, r and whether the Triton kernel made them (else the torch ops); deterministic, so a second call on the same
-    input gives the same y bit for bit (studio/norm_rebuild.py relies on it)."""
+def norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 gemma: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """y, r and whether the Triton kernel made them (else the torch ops); deterministic, so a second call on the
+    same input gives the same y bit for bit (studio/norm_rebuild.py relies on it)."""
     if _triton_ok(x, weight, eps, gemma):
         from .kernels import rmsnorm
         return *rmsnorm.forward(x, weight, eps, gemma), True

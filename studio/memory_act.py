@@ -12,8 +12,8 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
 - LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
   base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus (CPU) a bool
   keep-mask when dropout > 0; nothing for an input that is a fused norm's output (q/k/v, gate/up: it keeps
-  the norm's input, which the norm keeps anyway, and rebuilds the output; studio/norm_rebuild.py). Else (DoRA, 8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when
-  dropout > 0, or the shared input; DoRA adds the sum it rescales (rows x out; methods/rescaled_product.py).
+  the norm's input, which the norm keeps anyway, and rebuilds the output; studio/norm_rebuild.py). Else
+  (DoRA, 8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when dropout > 0, or the shared input; DoRA adds the sum it rescales (rows x out; methods/rescaled_product.py).
   On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
@@ -44,7 +44,8 @@ Other methods' modules (fp32 parameters: their activations in fp32, or in the ac
 - Unknown future modules: a wrapper around a projection with trainable parameters (DyLoRA, ...) is assumed to
   save its input and the delta weight it builds (fp32; under autocast 16-bit); where a full-size delta weight
   is rebuilt in backward (LoHa, LoKr, GLoRA, Compacter: methods/delta_product.py), only the input, which its
-  neighbours share (for a fused norm's output, nothing: it keeps the norm's input, as LoRA's fused op does). A trainable Linear elsewhere in a layer is assumed to save one copy of its input.
+  neighbours share (for a fused norm's output, nothing: it keeps the norm's input, as LoRA's fused op does).
+  A trainable Linear elsewhere in a layer is assumed to save one copy of its input.
 tests/test_memory.py checks every method's saved bytes and whole-step peak against autograd on tiny models.
 """
 from __future__ import annotations

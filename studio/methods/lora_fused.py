@@ -10,9 +10,9 @@ once (a small update added to an output already rounded is mostly lost, as at th
 B has just left zero: peft's bf16 loss curve lags its fp32 one for that reason, ours follows it);
 d(x) = d(low) A (· mask / keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share; when x is a fused norm's output, the norm's input, from which the first
-backward to need it rebuilds it: studio/norm_rebuild.py), low (rank-sized) and, with dropout, a bool mask (one byte per
-element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x per
-adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it; or, in a
+backward to need it rebuilds it: studio/norm_rebuild.py), low (rank-sized) and, with dropout, a bool mask
+(one byte per element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x
+per adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it; or, in a
 run that armed studio/seeded_dropout.py (CUDA), from a seed on the device: then p is a SeededDrop, nothing
 is kept, and the backward regenerates the mask from the seed.
 The gradients of A and B are written in fp32 by their GEMMs on CUDA (no cast kernel after them).

@@ -57,8 +57,10 @@ def attach(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, g
 def source(t: torch.Tensor) -> tuple[torch.Tensor, NormOutput] | None:
     """(the norm's input, its NormOutput) when t is a fused norm's output unchanged since, for a reader that will
     save the input and call NormOutput.output once in its backward; else None (the reader keeps t)."""
+    if torch.compiler.is_compiling():
+        return None
     found = getattr(t, _ATTR, None)
-    if found is None or torch.compiler.is_compiling():
+    if found is None:
         return None
     x, version, rebuild = found
     if t._version != version:

@@ -23,18 +23,19 @@ def _machine(r: dict) -> str:
 
 def speed_table(rows: list[dict]) -> list[str]:
     out = ["| shape | method | batch x seq | ckpt | offload | engine | ms/step | tokens/s | MFU | peak GB "
-           "| steady GB | est. GB | speed vs peft | memory vs peft | loss first/last |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| steady GB | reserved GB | est. GB | speed vs peft | memory vs peft | loss first/last |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or r.get("oom"):
-            result = [f"error: {' '.join(r['error'][:80].split())}" if "error" in r else "out of memory"] + [""] * 8
+            result = [f"error: {' '.join(r['error'][:80].split())}" if "error" in r else "out of memory"] + [""] * 9
         else:
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
             speed = f"{r['speedup_vs_peft']:.2f}x" if "speedup_vs_peft" in r else ""
             mem = f"{r['memory_ratio_vs_peft']:.2f}x" if "memory_ratio_vs_peft" in r else ""
             loss = "/".join(str(v) for v in r.get("loss_first_last", []))
             result = [f"{r['ms_per_step']:,.0f}", f"{r['tokens_per_s']:,.0f}", mfu, _gb(r.get("peak_bytes")),
-                      _gb(r.get("steady_peak_bytes")), _gb(r.get("estimated_bytes")), speed, mem, loss]
+                      _gb(r.get("steady_peak_bytes")), _gb(r.get("reserved_bytes")), _gb(r.get("estimated_bytes")),
+                      speed, mem, loss]
         engine = r["engine"] + (" (torch ops)" if r["engine"] == "studio" and r.get("triton") is False else "") \
             + (" (graphs)" if r.get("graphs") else "")
         ckpt = "on" if r["grad_ckpt"] else "off"

@@ -9,7 +9,8 @@ warmup_s (the untimed first steps: set-up, a graph's capture, a compile), fit an
 that recompute only the layers a GPU's memory needs, as train.checkpoint_budget_gb), the machine (device_name; on the
 CPU threads and bf16_hardware) and the torch / transformers / peft versions, and on our rows the ratios to the
 baseline and the Triton kernels in use; a row that ran out of memory or failed says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
-whole row (steady_peak_bytes: over the timed steps alone); on the CPU, the tensor bytes of one more
+whole row (steady_peak_bytes: over the timed steps alone; reserved_bytes: the caching allocator's largest
+reservation, what the card must hold); on the CPU, the tensor bytes of one more
 (untimed) step watched op by op (memory_bench.step_peak_bytes).
 """
 from __future__ import annotations
@@ -107,6 +108,7 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
     dtype = torch.bfloat16 if device.type == "cuda" or row.precision == "bf16" else torch.float32
     model = random_base_model(row.shape, device, dtype, "nf4" if row.method == "qlora" else "none")
     if device.type == "cuda":  # after the build: a 4-bit model is quantised from a bf16 one here, not loaded
+        torch.cuda.empty_cache()  # the reservation measured is this row's own (not earlier rows' cached blocks)
         torch.cuda.reset_peak_memory_stats()
     n_params = sum(p.numel() for p in model.parameters())
     graphs = engine == "studio" and graphs_wanted(row, device, parameter_count(model), compile)  # as the trainer
@@ -283,6 +285,9 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
     if device.type == "cuda":
         out["steady_peak_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_bytes"] = max(warm_peak + [out["steady_peak_bytes"]])
+        # what the caching allocator held at most (reservations are kept until emptied, so this covers the
+        # warm-up too): a card must hold this, not just the allocated peak
+        out["reserved_bytes"] = torch.cuda.max_memory_reserved()
     return out  # the model, optimizer and batch are freed with this frame
 
 

@@ -15,7 +15,8 @@
 # bf16 loss curves against fp32, ours and peft's (baselines/bf16_curves.py),
 # a checkpointed torch dropout replayed from a graph (baselines/graph_rng_check.py), with AB=1 the
 # recompute skip (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with
-# MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table.
+# MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the issue's
+# targets, met or not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about the quick grid and keeps
 # what the earlier stages wrote; a second call takes the rest (SKIP=7b,kernels,graphs,quick).
 set -uo pipefail
@@ -102,6 +103,8 @@ run)
     > "$OUT/memory.log"
   python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
     "$OUT/memory_methods.jsonl" 2>&1 | tee "$OUT/table.md"
+  # the targets, met or not, row by row
+  python3 -m baselines.targets "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/targets.md"
   ;;
 *) echo "usage: bash baselines/gpu_check.sh fetch|run" >&2; exit 2 ;;
 esac

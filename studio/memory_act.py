@@ -12,8 +12,10 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
 - LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
   base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus (CPU) a bool
   keep-mask when dropout > 0; nothing for an input that is a fused norm's output (q/k/v, gate/up: it keeps
-  the norm's input, which the norm keeps anyway, and rebuilds the output; studio/norm_rebuild.py). Else
-  (DoRA, 8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when dropout > 0, or the shared input; DoRA adds the sum it rescales (rows x out; methods/rescaled_product.py).
+  the norm's input, which the norm keeps anyway, and rebuilds the output; studio/norm_rebuild.py). DoRA's A
+  product keeps its input the same way (methods/dropped_input.py) and adds the sum it rescales (rows x out;
+  methods/rescaled_product.py). Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when
+  dropout > 0, or the shared input.
   On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
@@ -191,9 +193,10 @@ def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: 
     n = rows * site.din
     # on CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask
     mask = n if site.lora_dropout > 0 and not dt.cuda else 0
-    if site.lora_fused and rebuilt:  # nothing of its own but the CPU's bool keep-mask
+    keeps_input = site.lora_fused or site.dora  # DoRA's A product: methods/dropped_input.py
+    if keeps_input and rebuilt:  # nothing of its own but the CPU's bool keep-mask
         return mask, False
-    if site.lora_fused:  # the input it was given (shared by the projections that read it), a bool keep-mask
+    if keeps_input:  # the input it was given (shared by the projections that read it), a bool keep-mask
         return (0 if shared_saved else n * dt.act) + mask, True
     if site.lora_dropout > 0:
         # the CPU's dropout keeps its noise tensor (in its input's dtype) when its input needs grad; A keeps the

@@ -1,0 +1,71 @@
+"""DoRA's dropped adapter input as autograd ops that keep no dropped copy of it.
+
+DoRA (lora.py) reads drop(x) twice: in A's product x_d Aᵀ, whose gradient for A needs x_d again, and in the
+base product it rescales (W x_d, as peft's DoRA does with dropout). Through nn.Dropout and nn.Linear autograd
+keeps the dropout's mask (on the CPU a noise tensor in x's dtype) and x_d itself, for every adapter: q, k and
+v each keep their own copy of the same normalised input. Here one keep-mask is drawn for both reads (one byte
+per element; none on CUDA, where the run's seeded dropout regenerates it, seeded_dropout.py): `MaskedDropout`
+keeps only that mask, and `DroppedDown` (x -> x_d Aᵀ) keeps x, which its neighbours share (for a fused norm's
+output, the norm's input: norm_rebuild.py), and builds x_d again in backward. The products, casts and masks
+are those of the modules they replace, so outputs and gradients equal theirs for the same mask.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import norm_rebuild
+from ..seeded_dropout import SeededDrop
+from .lora_fused import _dropped, cast, dropout_mask, weight_grad_mm
+
+
+def drop_mask(x: torch.Tensor, p: float | SeededDrop) -> torch.Tensor | None:
+    """The keep-mask both reads of one forward share (None without dropout, or for a seeded one)."""
+    return dropout_mask(x, p) if p else None
+
+
+class MaskedDropout(torch.autograd.Function):
+    """(x, keep-mask or None, p) -> x · mask / (1 - p) (a seeded p applies its own mask); gradient for x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor | None, p: float | SeededDrop) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.p = p
+        return _dropped(x, mask, p)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return _dropped(dy, mask, ctx.p), None, None
+
+
+class DroppedDown(torch.autograd.Function):
+    """(x, A, keep-mask or None, p, compute dtype) -> drop(x) Aᵀ in that dtype; gradients for x and A."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, mask: torch.Tensor | None, p: float | SeededDrop,
+                cdt: torch.dtype) -> torch.Tensor:
+        x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
+        low = _dropped(x2, _flat(mask), p) @ cast(lora_a, cdt).t()
+        ctx.norm_output = None
+        kept = norm_rebuild.saved_input(ctx, x, x2) if lora_a.requires_grad else x2
+        ctx.save_for_backward(kept, lora_a, mask)
+        ctx.p, ctx.cdt, ctx.x_dtype = p, cdt, x.dtype
+        return low.view(*x.shape[:-1], low.shape[-1])
+
+    @staticmethod
+    def backward(ctx, d_low: torch.Tensor):
+        kept, lora_a, mask = ctx.saved_tensors
+        cdt = ctx.cdt
+        d2 = cast(d_low.reshape(-1, d_low.shape[-1]), cdt)
+        dx = da = None
+        if ctx.needs_input_grad[0]:
+            dx = _dropped(d2 @ cast(lora_a, cdt), _flat(mask), ctx.p)
+            dx = cast(dx.view(*d_low.shape[:-1], dx.shape[-1]), ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = cast(norm_rebuild.restored_input(ctx, kept).reshape(-1, kept.shape[-1]), cdt)
+            da = weight_grad_mm(d2.t(), _dropped(x2, _flat(mask), ctx.p), lora_a.dtype)
+        return dx, da, None, None, None
+
+
+def _flat(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.reshape(-1, mask.shape[-1])

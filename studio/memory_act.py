@@ -13,9 +13,9 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus (CPU) a bool
   keep-mask when dropout > 0; nothing for an input that is a fused norm's output (q/k/v, gate/up: it keeps
   the norm's input, which the norm keeps anyway, and rebuilds the output; studio/norm_rebuild.py). DoRA's A
-  product keeps its input the same way (methods/dropped_input.py) and adds the sum it rescales (rows x out;
-  methods/rescaled_product.py). Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when
-  dropout > 0, or the shared input.
+  product keeps its input the same way (methods/dropped_input.py; AdaLoRA's too) and adds the sum it rescales
+  (rows x out; methods/rescaled_product.py). Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its
+  noise) when dropout > 0, or the shared input.
   On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
@@ -76,6 +76,7 @@ class Site:
     dora: bool = False
     lora_gated: bool = False  # UniPELT: the update times σ(gate(x)), which keeps B's output and the gate
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
+    drops_in_op: bool = False  # DoRA's / AdaLoRA's dropout and A product as ops (dropped_input.py): the same
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     vera_r: int = 0          # > 0: VeRA's two vectors around the shared A (r x in) and B (out x r)
     ssf: bool = False        # SSF: scale and shift of the output
@@ -193,7 +194,7 @@ def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: 
     n = rows * site.din
     # on CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask
     mask = n if site.lora_dropout > 0 and not dt.cuda else 0
-    keeps_input = site.lora_fused or site.dora  # DoRA's A product: methods/dropped_input.py
+    keeps_input = site.lora_fused or site.drops_in_op
     if keeps_input and rebuilt:  # nothing of its own but the CPU's bool keep-mask
         return mask, False
     if keeps_input:  # the input it was given (shared by the projections that read it), a bool keep-mask

@@ -52,7 +52,7 @@ def test_equal_to_dropout_and_linear_modules(monkeypatch, dropout, autocast):
     x = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(2)).to(lora.base_layer.weight.dtype)
     y, grads = _outputs(lora, x, autocast)
     with monkeypatch.context() as m:  # the module path: nn.Dropout's place taken by the pinned mask
-        m.setattr(LoraLinear, "_plain_adapter_input", lambda self: False)
+        m.setattr(LoraLinear, "drops_in_op", lambda self: False)
         if dropout:
             m.setattr(lora, "lora_dropout", _PinnedDropout())
         y_ref, grads_ref = _outputs(lora, x, autocast)
@@ -96,7 +96,7 @@ def test_dropout_keeps_only_a_bool_mask(tiny_model, monkeypatch, dtype):
         apply_method(model, method_config({"name": "dora", "lora_dropout": dropout}))
         with ctx, monkeypatch.context() as m:
             if not plain:
-                m.setattr(LoraLinear, "_plain_adapter_input", lambda self: False)
+                m.setattr(LoraLinear, "drops_in_op", lambda self: False)
             return saved_tensor_bytes(model, batch)
     cfg = tiny_model("tiny-llama").config
     masks = cfg.num_hidden_layers * 4 * b * s * cfg.hidden_size  # q, k, v, o: one byte per input element

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, adapter_input, freeze_all, match_targets, plus_base_product, replace_module
+from .dropped_input import draw, dropped_down, plain_dropout
 
 
 @dataclass
@@ -69,12 +70,20 @@ class SVDLinear(WrappedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.adapter_enabled:
             return self.base_layer(x)
-        xd = self.lora_dropout(adapter_input(x, self.lora_A.dtype))
-        delta = (xd @ (self.lora_A * self.lora_E).T) @ (self.lora_B * self.scaling).T  # the scale on the small B
+        xa = adapter_input(x, self.lora_A.dtype)
+        if self.drops_in_op():  # the dropout's mask kept, not a dropped copy of x (dropped_input.py)
+            low = dropped_down(xa, self.lora_A * self.lora_E, *draw(self, xa))
+        else:
+            low = self.lora_dropout(xa) @ (self.lora_A * self.lora_E).T
+        delta = low @ (self.lora_B * self.scaling).T  # the scale on the small B
         if type(self.base_layer) is nn.Linear:
             return plus_base_product(self.base_layer, x, delta)
         result = self.base_layer(x)
         return result + delta.to(result.dtype)
+
+    def drops_in_op(self) -> bool:
+        """Whether the dropout (torch's, or none) and A's product run as one op of dropped_input.py."""
+        return plain_dropout(self)
 
     @torch.no_grad()
     def merge(self) -> None:

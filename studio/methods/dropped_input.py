@@ -1,4 +1,4 @@
-"""DoRA's dropped adapter input as autograd ops that keep no dropped copy of it.
+"""DoRA's and AdaLoRA's dropped adapter input as autograd ops that keep no dropped copy of it.
 
 DoRA (lora.py) reads drop(x) twice: in A's product x_d Aᵀ, whose gradient for A needs x_d again, and in the
 base product it rescales (W x_d, as peft's DoRA does with dropout). Through nn.Dropout and nn.Linear autograd
@@ -6,21 +6,40 @@ keeps the dropout's mask (on the CPU a noise tensor in x's dtype) and x_d itself
 v each keep their own copy of the same normalised input. Here one keep-mask is drawn for both reads (one byte
 per element; none on CUDA, where the run's seeded dropout regenerates it, seeded_dropout.py): `MaskedDropout`
 keeps only that mask, and `DroppedDown` (x -> x_d Aᵀ) keeps x, which its neighbours share (for a fused norm's
-output, the norm's input: norm_rebuild.py), and builds x_d again in backward. The products, casts and masks
-are those of the modules they replace, so outputs and gradients equal theirs for the same mask.
+output, the norm's input: norm_rebuild.py), and builds x_d again in backward. AdaLoRA (adalora.py) reads it
+once, in x_d (A ⊙ E)ᵀ: the same op. The products, casts and masks are those of the modules they replace, so
+outputs and gradients equal theirs for the same mask (x's gradient up to the order of its sum).
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .. import norm_rebuild
-from ..seeded_dropout import SeededDrop
+from ..seeded_dropout import SeededDrop, SeededDropout, module_drop
 from .lora_fused import _dropped, cast, dropout_mask, weight_grad_mm
 
 
-def drop_mask(x: torch.Tensor, p: float | SeededDrop) -> torch.Tensor | None:
-    """The keep-mask both reads of one forward share (None without dropout, or for a seeded one)."""
-    return dropout_mask(x, p) if p else None
+def plain_dropout(module: nn.Module) -> bool:
+    """Whether module.lora_dropout is torch's dropout (or none) without hooks, so its draw can move into these ops."""
+    d = module.lora_dropout
+    return type(d) in (nn.Identity, nn.Dropout, SeededDropout) and not (d._forward_hooks or d._forward_pre_hooks)
+
+
+def draw(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, float | SeededDrop]:
+    """This forward's dropout of the module's input x: (the keep-mask its reads share, or None without dropout or
+    for a seeded one, whose seed is in p; p)."""
+    p = module_drop(module)
+    return (dropout_mask(x, p) if p else None), p
+
+
+def dropped_down(x: torch.Tensor, lora_a: torch.Tensor, mask: torch.Tensor | None, p: float | SeededDrop,
+                 xd: torch.Tensor | None = None) -> torch.Tensor:
+    """drop(x) Aᵀ in the dtype F.linear would compute it in (autocast's, else x's), as DroppedDown; xd: drop(x)
+    made already (MaskedDropout's output, for the forward's product; not kept)."""
+    device = x.device.type
+    cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return DroppedDown.apply(x, lora_a, mask, p, cdt, xd)
 
 
 class MaskedDropout(torch.autograd.Function):
@@ -39,13 +58,15 @@ class MaskedDropout(torch.autograd.Function):
 
 
 class DroppedDown(torch.autograd.Function):
-    """(x, A, keep-mask or None, p, compute dtype) -> drop(x) Aᵀ in that dtype; gradients for x and A."""
+    """(x, A, keep-mask or None, p, compute dtype, drop(x) when the caller made it already) -> drop(x) Aᵀ in that
+    dtype; gradients for x and A."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, mask: torch.Tensor | None, p: float | SeededDrop,
-                cdt: torch.dtype) -> torch.Tensor:
+                cdt: torch.dtype, xd: torch.Tensor | None = None) -> torch.Tensor:
         x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
-        low = _dropped(x2, _flat(mask), p) @ cast(lora_a, cdt).t()
+        xd2 = _dropped(x2, _flat(mask), p) if xd is None else cast(xd.reshape(-1, xd.shape[-1]), cdt)
+        low = xd2 @ cast(lora_a, cdt).t()
         ctx.norm_output = None
         kept = norm_rebuild.saved_input(ctx, x, x2) if lora_a.requires_grad else x2
         ctx.save_for_backward(kept, lora_a, mask)
@@ -64,7 +85,7 @@ class DroppedDown(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x2 = cast(norm_rebuild.restored_input(ctx, kept).reshape(-1, kept.shape[-1]), cdt)
             da = weight_grad_mm(d2.t(), _dropped(x2, _flat(mask), ctx.p), lora_a.dtype)
-        return dx, da, None, None, None
+        return dx, da, None, None, None, None
 
 
 def _flat(mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ from .base import Method, MethodConfig, applied
 from .common import WrappedLinear, adapter_input, freeze_all, match_targets, replace_module
 from .lora_fused import FusedLoraLinear, compute_dtype, fusable, is_4bit
 from .dora_norm import dora_row_norms
-from .dropped_input import DroppedDown, MaskedDropout, drop_mask
+from .dropped_input import MaskedDropout, draw, dropped_down, plain_dropout
 from .rescaled_product import RescaledProduct
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -177,13 +177,10 @@ class LoraLinear(WrappedLinear):
         """m ⊙ (W x + s·B A x_d) / ‖W + s·BA‖_row + b, the norm detached (dora_norm.py), summed in fp32 and
         rounded once (rescaled_product.py); with dropout W x_d replaces W x inside the rescale, as in peft."""
         xa = adapter_input(x, self.lora_A.weight.dtype)
-        if self._plain_adapter_input():  # one mask for both reads, no dropped copy kept (dropped_input.py)
-            p = module_drop(self)
-            mask = drop_mask(xa, p)
+        if self.drops_in_op():  # one mask for both reads, no dropped copy kept (dropped_input.py)
+            mask, p = draw(self, xa)
             xd = MaskedDropout.apply(xa, mask, p) if p else xa
-            device = xa.device.type
-            cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xa.dtype
-            low = DroppedDown.apply(xa, self.lora_A.weight, mask, p, cdt)
+            low = dropped_down(xa, self.lora_A.weight, mask, p, xd if p else None)
         else:
             xd = self.lora_dropout(xa)
             low = self.lora_A(xd)
@@ -192,13 +189,12 @@ class LoraLinear(WrappedLinear):
         return RescaledProduct.apply(x, None if xd is xa else xd, lora, self.lora_magnitude_vector / norm,
                                      self.base_layer, False, None)
 
-    def _plain_adapter_input(self) -> bool:
-        """Dropout as nn.Dropout does it (or none) and A a plain Linear without bias or hooks: their two modules
-        can run as the ops of dropped_input.py."""
+    def drops_in_op(self) -> bool:
+        """DoRA whose dropout (torch's, or none) and A (a plain Linear without bias or hooks) run as the ops of
+        dropped_input.py (the memory estimator asks this too)."""
         a = self.lora_A
-        return type(self.lora_dropout) in (nn.Identity, nn.Dropout, SeededDropout) and type(a) is nn.Linear \
-            and a.bias is None and not (a._forward_hooks or a._forward_pre_hooks or self.lora_dropout._forward_hooks
-                                        or self.lora_dropout._forward_pre_hooks)
+        return self.use_dora and plain_dropout(self) and type(a) is nn.Linear and a.bias is None \
+            and not (a._forward_hooks or a._forward_pre_hooks)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import opt
 from ..errors import ConfigError
 from ..models import keep_4bit_layout
-from ..seeded_dropout import SeededDropout, module_drop
+from ..seeded_dropout import module_drop
 from ..step_copies import current_copies
 from . import register
 from .base import Method, MethodConfig, applied
@@ -128,8 +128,7 @@ class LoraLinear(WrappedLinear):
         """Whether forward runs as one autograd op (lora_fused.py): this class's forward (a subclass with
         its own keeps it), no DoRA, plain dropout or none, a frozen 16/32-bit or 4-bit base."""
         return type(self).forward is LoraLinear.forward and self.adapter_enabled and not self.merged \
-            and not self.use_dora and type(self.lora_dropout) in (nn.Identity, nn.Dropout, SeededDropout) \
-            and fusable(self.base_layer)
+            and not self.use_dora and plain_dropout(self) and fusable(self.base_layer)
 
     def fused_parts(self, x: torch.Tensor) -> tuple | None:
         """(W, bias, A, B, scaling, compute dtype, dropout p, 4-bit quant state or None, the step's copies

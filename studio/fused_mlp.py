@@ -8,6 +8,9 @@ its MLP. The forward runs the same ops in the same dtype, so outputs are bitwise
 d(up) = dy · act(gate), d(gate) = act'(gate) · dy · up (aten's own activation backward). On CUDA with
 Triton, the product and both gradients are one kernel each (studio/kernels/gated.py; same casts).
 
+When down_proj carries IA3's feed-forward scale, act(gate) · up, the scale and down_proj are one op too, which
+rebuilds act(gate) · up for the scale's gradient instead of keeping it.
+
 When down_proj is a LoRA that runs as one op (studio/methods/lora_fused.py), act(gate) · up and
 down_proj run as one op too: LoRA's A needs down's input for its gradient, which would keep a
 fourth rows x intermediate tensor per layer; here it is recomputed from gate and up in the backward
@@ -100,6 +103,42 @@ class GatedDownLora(torch.autograd.Function):
         return d_gate, d_up, None, None, None, da, db, None, None, None, None, None, None
 
 
+class GatedScaledDown(torch.autograd.Function):
+    """(gate, up, kind, l, W, bias, output) -> ((act(gate) · up) ⊙ l) Wᵀ + b with W and b frozen: IA3's feed-forward
+    scale (methods/ia3.py) and the gated product as one op. IA3 through autograd keeps act(gate) · up for l's
+    gradient, a fourth rows x intermediate tensor per layer; here it is rebuilt from gate and up in the backward.
+    The forward runs IA3's own ops (the product scaled in the activations' dtype, then the linear), so outputs
+    are bitwise equal; output=False as GatedDownLora's."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, scale: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, output: bool = True) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, scale, weight)
+        device = gate.device.type
+        ctx.kind, ctx.cdt = kind, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else gate.dtype
+        if not output:
+            return gate.new_empty(*gate.shape[:-1], weight.shape[0], dtype=ctx.cdt)
+        h = gated(gate, up, kind)
+        return F.linear(h * scale.to(h.dtype), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        gate, up, scale, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        d_scaled = cast(dy, ctx.cdt) @ cast(weight, ctx.cdt)  # as the linear's own backward, in its dtype
+        d_scaled = cast(d_scaled, gate.dtype)
+        d_scale = None
+        if needs[3]:
+            h = gated(gate, up, ctx.kind)
+            d_scale = (d_scaled * h).reshape(-1, h.shape[-1]).sum(0).to(scale.dtype)
+            del h
+        d_gate = d_up = None
+        if needs[0] or needs[1]:
+            d_gate, d_up = _gated_backward(d_scaled.mul_(scale.to(d_scaled.dtype)), gate, up, ctx.kind, needs[0],
+                                           needs[1])
+        return d_gate, d_up, None, d_scale, None, None, None
+
+
 def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, need_gate: bool,
                     need_up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """d(gate), d(up) of act(gate) * up; act(gate) is recomputed."""
@@ -169,6 +208,9 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     parts = down.fused_parts(gate) if hasattr(down, "fused_parts") and not _has_hooks(down) else None
     if parts is not None:
         return GatedDownLora.apply(gate, up, self.studio_act_kind, *parts, not _output_unread(self))
+    scaled = down.gated_scale_parts() if hasattr(down, "gated_scale_parts") and not _has_hooks(down) else None
+    if scaled is not None:  # IA3 on down_proj
+        return GatedScaledDown.apply(gate, up, self.studio_act_kind, *scaled, not _output_unread(self))
     return down(GatedActivation.apply(gate, up, self.studio_act_kind))
 
 

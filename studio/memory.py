@@ -310,6 +310,7 @@ def _site(name: str, mod: nn.Module) -> Site:
     if isinstance(ia3, torch.Tensor):
         site.ia3 = "in" if (ia3.dim() == 2 and ia3.shape[0] == 1 and ia3.shape[-1] == din != dout) or \
             getattr(mod, "is_feedforward", False) else "out"
+        site.ia3_gated = getattr(mod, "gated_scale_parts", lambda: None)() is not None
         return site
     if isinstance(getattr(mod, "ssf_scale", None), torch.Tensor):
         site.ssf = True

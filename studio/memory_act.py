@@ -36,7 +36,7 @@ Other methods' modules (fp32 parameters: their activations in fp32, or in the ac
   of the shared A and B slices its products keep.
 - BitFit: a trained bias keeps nothing, but its output needs grad, so the layers above keep what they keep.
 - SSF: the output its scale multiplies. IA3: the output it scales (keys, values), or the input (the FFN's down
-  projection).
+  projection; nothing under the fused MLP, whose op rebuilds it from gate and up).
 - Diff pruning: the shared input, three weight-sized fp32 tensors of the hard-concrete gates and W + diff.
   Child-Tuning: the shared input and W + the sparse update (under autocast also its 16-bit values).
 - Bottleneck adapters (Houlsby, Pfeiffer, parallel, AdaptFormer, AdaMix, MAM; UniPELT's gated one): the adapter's
@@ -78,6 +78,7 @@ class Site:
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     drops_in_op: bool = False  # DoRA's / AdaLoRA's dropout and A product as ops (dropped_input.py): the same
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
+    ia3_gated: bool = False  # "in" inside the gated MLP's op (fused_mlp.GatedScaledDown): its input rebuilt
     vera_r: int = 0          # > 0: VeRA's two vectors around the shared A (r x in) and B (out x r)
     ssf: bool = False        # SSF: scale and shift of the output
     gated_diff: bool = False  # diff pruning: W + gates ⊙ w, the hard-concrete gates kept weight-sized in fp32
@@ -226,7 +227,7 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             out += rows * site.dout * dt.act                   # the rescaled sum, for the magnitude's gradient
         if site.lora_gated:
             out += rows * (site.dout + 1) * (dt.act if dt.autocast else 4)
-    if site.ia3 == "in":
+    if site.ia3 == "in" and not rebuilt:
         out += rows * site.din * dt.act
     if site.ia3 == "out":
         out += rows * site.dout * dt.act
@@ -334,7 +335,7 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     if arch.fused_mlp and down is not None and down.lora_fused:
         shared["prod"] = True  # one op with act(gate) * up: down's input is recomputed from gate and up
     if down is not None and (g_gate or down.needs_grad_out):
-        total += _site_saves(down, rows, dt, shared, "prod", g_gate)
+        total += _site_saves(down, rows, dt, shared, "prod", g_gate, rebuilt=arch.fused_mlp and down.ia3_gated)
     g_down = g_gate or (down is not None and down.needs_grad_out)
     if gemma:
         total += norm_saved(rows, h, g_down, info.norms_trainable, True, dt, fused)  # post_feedforward_layernorm

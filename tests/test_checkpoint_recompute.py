@@ -155,3 +155,39 @@ def test_setup_marks_unless_compiled(tiny_model):
         setup_checkpointing(model, TrainConfig(gradient_checkpointing=True, compile=compile_), cpu=True)
         funcs = [layer._gradient_checkpointing_func for layer in model.model.layers]
         assert all(("context_fn" in f.keywords) == marked for f in funcs)
+
+
+def test_ia3_on_down_skips_too_and_keeps_the_gradients(monkeypatch):
+    """IA3's feed-forward scale runs inside the gated MLP's op (fused_mlp.GatedScaledDown): its recomputation
+    skips down's product as well (the skipped output NaN here), with the full recomputation's gradients."""
+    seen: list[bool] = []
+    real = fused_mlp.GatedScaledDown
+
+    class NanWhenSkipped(real):
+        @staticmethod
+        def forward(ctx, *args):
+            y = real.forward(ctx, *args)
+            seen.append(not args[-1])
+            return y.fill_(float("nan")) if not args[-1] else y
+    monkeypatch.setattr(fused_mlp, "GatedScaledDown", NanWhenSkipped)
+
+    def grads(mark: bool | None) -> dict:
+        torch.manual_seed(0)
+        cfg = transformers.AutoConfig.for_model("llama", **TINY)
+        cfg._attn_implementation = "sdpa"
+        model = transformers.AutoModelForCausalLM.from_config(cfg).float().requires_grad_(False)
+        apply_method(model, method_config({"name": "ia3"}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ia3_l" in name:
+                    p.normal_(1.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        if mark is not None:
+            enable_gradient_checkpointing(model.train(), 1.0, mark=mark)
+        return _grads(model.train())
+    marked = grads(True)
+    assert seen == [False, False, True, True]  # two layers' forwards, then their recomputations
+    full, plain = grads(False), grads(None)
+    assert len(marked) == 6 and set(marked) == set(full) == set(plain)  # k, v and down's vectors, two layers
+    for name in marked:
+        assert torch.equal(marked[name], full[name]), name
+        torch.testing.assert_close(marked[name], plain[name], rtol=1e-4, atol=1e-6)

@@ -322,6 +322,38 @@ def test_mlp_with_lora_down_runs_as_one_op_bitwise(monkeypatch, cls_name, case):
     assert kept == 3 * 5 * 72 * 2 if autocast else 3 * 5 * 72 * 4
 
 
+@pytest.mark.parametrize("case", ["fp32", "fp32-bias", "bf16-autocast"])
+@pytest.mark.parametrize("cls_name", ["LlamaMLP", "Gemma3MLP"])
+def test_mlp_with_ia3_on_down_runs_as_one_op_bitwise(cls_name, case):
+    """act(gate)·up, IA3's feed-forward scale and down as one op: outputs and gradients bitwise those of the
+    modules apart, and down's input (which IA3's vector needs for its gradient) no longer kept."""
+    from studio.methods.ia3 import IA3Linear
+    autocast = case == "bf16-autocast"
+    dtype = torch.bfloat16 if autocast else torch.float32
+    apart = _mlp(cls_name).to(dtype).requires_grad_(False)
+    base = apart.down_proj
+    if case == "fp32-bias":
+        base = nn.Linear(base.in_features, base.out_features, bias=True).requires_grad_(False)
+    apart.down_proj = IA3Linear(base, feedforward=True)
+    with torch.no_grad():
+        apart.down_proj.ia3_l.normal_(1.0, 0.1, generator=torch.Generator().manual_seed(4))
+    fuse_mlps(apart)
+    apart.down_proj.register_forward_pre_hook(lambda *a: None)  # a hook on down keeps the ops apart
+    one = copy.deepcopy(apart)
+    one.down_proj._forward_pre_hooks.clear()
+    x = torch.randn(3, 5, 32, dtype=dtype)
+    y_apart, g_apart = _mlp_grads(apart, x, autocast)
+    y_one, g_one = _mlp_grads(one, x, autocast)
+    assert type(y_one.grad_fn).__name__ == "GatedScaledDownBackward"
+    assert torch.equal(y_one, y_apart)
+    assert len(g_one) == 2 and all(torch.equal(a, b) for a, b in zip(g_one, g_apart))  # x and the vector
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kept = _saved(apart, x.clone().requires_grad_()) - _saved(one, x.clone().requires_grad_())
+    assert kept >= 3 * 5 * 72 * dtype.itemsize
+    one.down_proj.merge()  # merged: the module's own path
+    assert type(one(x.clone().requires_grad_()).grad_fn).__name__ != "GatedScaledDownBackward"
+
+
 def test_mlp_keeps_down_apart_when_its_lora_cannot_fuse():
     mlp = _lora_mlp("LlamaMLP", torch.float32)
     fuse_mlps(mlp)

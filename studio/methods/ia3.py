@@ -53,6 +53,13 @@ class IA3Linear(WrappedLinear):
         out = self.base_layer(x)
         return out * scale.to(out.dtype)
 
+    def gated_scale_parts(self) -> tuple | None:
+        """(l, W, bias) when this feed-forward scale over a plain Linear can run inside the gated MLP's op
+        (studio/fused_mlp.py GatedScaledDown, which keeps no copy of this layer's input); else None."""
+        if not self.is_feedforward or self.merged or not self.adapter_enabled or type(self.base_layer) is not nn.Linear:
+            return None
+        return self.ia3_l.flatten(), self.base_layer.weight, self.base_layer.bias
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:

@@ -104,8 +104,8 @@ class GatedDownLora(torch.autograd.Function):
 
 
 class GatedScaledDown(torch.autograd.Function):
-    """(gate, up, kind, l, W, bias, output) -> ((act(gate) · up) ⊙ l) Wᵀ + b with W and b frozen: IA3's feed-forward
-    scale (methods/ia3.py) and the gated product as one op. IA3 through autograd keeps act(gate) · up for l's
+    """(gate, up, kind, l, W, bias, output) -> ((act(gate) · up) ⊙ l) Wᵀ + b with W and b frozen: IA3's
+    feed-forward scale (methods/ia3.py) and the gated product as one op. IA3 through autograd keeps act(gate) · up for l's
     gradient, a fourth rows x intermediate tensor per layer; here it is rebuilt from gate and up in the backward.
     The forward runs IA3's own ops (the product scaled in the activations' dtype, then the linear), so outputs
     are bitwise equal; output=False as GatedDownLora's."""

@@ -293,6 +293,20 @@ def _mlp_grads(mlp: nn.Module, x: torch.Tensor, autocast: bool) -> tuple[torch.T
     return y, [x.grad] + [p.grad for p in mlp.parameters() if p.requires_grad]
 
 
+def _one_op_and_apart(apart: nn.Module, dtype: torch.dtype, autocast: bool) -> tuple:
+    """The MLP fused with down (one) and kept apart from it by a hook on down (apart): one, (output, gradients)
+    of each, and the bytes apart keeps for backward beyond one."""
+    fuse_mlps(apart)
+    apart.down_proj.register_forward_pre_hook(lambda *a: None)  # a hook on down keeps the ops apart
+    one = copy.deepcopy(apart)
+    one.down_proj._forward_pre_hooks.clear()
+    x = torch.randn(3, 5, 32, dtype=dtype)
+    out_apart, out_one = _mlp_grads(apart, x, autocast), _mlp_grads(one, x, autocast)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kept = _saved(apart, x.clone().requires_grad_()) - _saved(one, x.clone().requires_grad_())
+    return one, out_one, out_apart, kept
+
+
 @pytest.mark.parametrize("case", ["fp32", "fp32-bias", "bf16-autocast", "fp32-dropout", "bf16-autocast-dropout"])
 @pytest.mark.parametrize("cls_name", ["LlamaMLP", "Gemma3MLP"])
 def test_mlp_with_lora_down_runs_as_one_op_bitwise(monkeypatch, cls_name, case):
@@ -306,19 +320,11 @@ def test_mlp_with_lora_down_runs_as_one_op_bitwise(monkeypatch, cls_name, case):
         monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(apart, name).lora_dropout = nn.Dropout(0.1)
-    fuse_mlps(apart)
-    apart.down_proj.register_forward_pre_hook(lambda *a: None)  # a hook on down keeps the two ops apart
-    one = copy.deepcopy(apart)
-    one.down_proj._forward_pre_hooks.clear()
-    x = torch.randn(3, 5, 32, dtype=dtype)
-    y_apart, g_apart = _mlp_grads(apart, x, autocast)
-    y_one, g_one = _mlp_grads(one, x, autocast)
+    _, (y_one, g_one), (y_apart, g_apart), kept = _one_op_and_apart(apart, dtype, autocast)
     assert type(y_one.grad_fn).__name__ == "GatedDownLoraBackward"
     assert type(y_apart.grad_fn).__name__ == "FusedLoraLinearBackward"
     assert torch.equal(y_one, y_apart)
     assert all(torch.equal(a, b) for a, b in zip(g_one, g_apart))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        kept = _saved(apart, x.clone().requires_grad_()) - _saved(one, x.clone().requires_grad_())
     assert kept == 3 * 5 * 72 * 2 if autocast else 3 * 5 * 72 * 4
 
 
@@ -337,21 +343,13 @@ def test_mlp_with_ia3_on_down_runs_as_one_op_bitwise(cls_name, case):
     apart.down_proj = IA3Linear(base, feedforward=True)
     with torch.no_grad():
         apart.down_proj.ia3_l.normal_(1.0, 0.1, generator=torch.Generator().manual_seed(4))
-    fuse_mlps(apart)
-    apart.down_proj.register_forward_pre_hook(lambda *a: None)  # a hook on down keeps the ops apart
-    one = copy.deepcopy(apart)
-    one.down_proj._forward_pre_hooks.clear()
-    x = torch.randn(3, 5, 32, dtype=dtype)
-    y_apart, g_apart = _mlp_grads(apart, x, autocast)
-    y_one, g_one = _mlp_grads(one, x, autocast)
+    one, (y_one, g_one), (y_apart, g_apart), kept = _one_op_and_apart(apart, dtype, autocast)
     assert type(y_one.grad_fn).__name__ == "GatedScaledDownBackward"
     assert torch.equal(y_one, y_apart)
     assert len(g_one) == 2 and all(torch.equal(a, b) for a, b in zip(g_one, g_apart))  # x and the vector
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        kept = _saved(apart, x.clone().requires_grad_()) - _saved(one, x.clone().requires_grad_())
     assert kept >= 3 * 5 * 72 * dtype.itemsize
     one.down_proj.merge()  # merged: the module's own path
-    assert type(one(x.clone().requires_grad_()).grad_fn).__name__ != "GatedScaledDownBackward"
+    assert type(one(torch.randn(3, 5, 32, dtype=dtype)).grad_fn).__name__ != "GatedScaledDownBackward"
 
 
 def test_mlp_keeps_down_apart_when_its_lora_cannot_fuse():

@@ -51,7 +51,7 @@ run)
   # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card; DoRA, IA3 and
   # SSF through CUDA's fp32-output GEMM (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm
   want kernels && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-    tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_norm_rebuild.py 2>&1 | tail -15 \
+    tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
   # graphs: train.cuda_graphs through the real trainer, eager and graphed loss curves on tiny models (must
   # agree); LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (seeded:

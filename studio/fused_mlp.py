@@ -9,7 +9,9 @@ d(up) = dy · act(gate), d(gate) = act'(gate) · dy · up (aten's own activation
 Triton, the product and both gradients are one kernel each (studio/kernels/gated.py; same casts).
 
 When down_proj carries IA3's feed-forward scale, act(gate) · up, the scale and down_proj are one op too, which
-rebuilds act(gate) · up for the scale's gradient instead of keeping it.
+rebuilds act(gate) · up for the scale's gradient instead of keeping it. Other adapter ops on down_proj that
+need its input again (DoRA's, AdaLoRA's, the rebuilt-ΔW methods') keep gate and up instead of act(gate) · up
+and rebuild it (studio/rebuilt_inputs.py).
 
 When down_proj is a LoRA that runs as one op (studio/methods/lora_fused.py), act(gate) · up and
 down_proj run as one op too: LoRA's A needs down's input for its gradient, which would keep a
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import recomputing_layer
+from .rebuilt_inputs import GatedOutput, attach
 from .methods.lora_fused import cast, lora_linear_backward, lora_linear_forward
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
@@ -211,7 +214,10 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     scaled = down.gated_scale_parts() if hasattr(down, "gated_scale_parts") and not _has_hooks(down) else None
     if scaled is not None:  # IA3 on down_proj
         return GatedScaledDown.apply(gate, up, self.studio_act_kind, *scaled, not _output_unread(self))
-    return down(GatedActivation.apply(gate, up, self.studio_act_kind))
+    h = GatedActivation.apply(gate, up, self.studio_act_kind)
+    if h.requires_grad:  # the op keeps gate and up: an adapter op on down can rebuild h from them
+        attach(h, (gate, up), GatedOutput(self.studio_act_kind))
+    return down(h)
 
 
 def _output_unread(mlp: nn.Module) -> bool:

@@ -4,7 +4,7 @@ transformers' RMSNorm is six to eight tensor ops, and autograd keeps an fp32 cop
 intermediates for each. Ours computes the same forward, op for op (the outputs are bitwise equal;
 on CUDA with Triton, one kernel each way, equal up to the order of the row sum),
 keeps only the input in its own dtype and the rsqrt per row (half the bytes under bf16; and the fused
-ops that read the output keep that input instead of it, studio/norm_rebuild.py), and writes the
+ops that read the output keep that input instead of it, studio/rebuilt_inputs.py), and writes the
 backward directly: with x̂ = x·r, r = rsqrt(mean(x²) + eps) and u = d(loss)/d(x̂),
 d(loss)/d(x) = r · (u − x̂ · mean(u ⊙ x̂)).
 
@@ -21,7 +21,7 @@ import types
 import torch
 from torch import nn
 
-from .norm_rebuild import attach
+from .rebuilt_inputs import NormOutput, attach
 
 GEMMA_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 LLAMA_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm")
@@ -55,7 +55,7 @@ class FusedRMSNorm(torch.autograd.Function):
 def norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  gemma: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """y, r and whether the Triton kernel made them (else the torch ops); deterministic, so a second call on the
-    same input gives the same y bit for bit (studio/norm_rebuild.py relies on it)."""
+    same input gives the same y bit for bit (studio/rebuilt_inputs.py relies on it)."""
     if _triton_ok(x, weight, eps, gemma):
         from .kernels import rmsnorm
         return *rmsnorm.forward(x, weight, eps, gemma), True
@@ -116,7 +116,7 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor
     eps = self.eps if gemma else self.variance_epsilon
     y = FusedRMSNorm.apply(hidden_states, self.weight, eps, gemma)
     if y.requires_grad:  # the op recorded a graph, so it keeps its input: readers can rebuild y from it
-        attach(y, hidden_states, self.weight, eps, gemma)
+        attach(y, (hidden_states,), NormOutput(self.weight, eps, gemma))
     return y
 
 

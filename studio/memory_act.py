@@ -12,7 +12,7 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
 - LoRA: per module the adapter's input and A's output (rows x r). Without DoRA over a 16/32-bit
   base, one fused op (studio/methods/lora_fused.py) keeps the shared input itself, plus (CPU) a bool
   keep-mask when dropout > 0; nothing for an input that is a fused norm's output (q/k/v, gate/up: it keeps
-  the norm's input, which the norm keeps anyway, and rebuilds the output; studio/norm_rebuild.py). DoRA's A
+  the norm's input, which the norm keeps anyway, and rebuilds the output; studio/rebuilt_inputs.py). DoRA's A
   product keeps its input the same way (methods/dropped_input.py; AdaLoRA's too) and adds the sum it rescales
   (rows x out; methods/rescaled_product.py). Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its
   noise) when dropout > 0, or the shared input.
@@ -191,7 +191,7 @@ def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
 def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool,
                    rebuilt: bool = False) -> tuple[int, bool]:
     """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself). rebuilt: the
-    input is a fused norm's output, which a fused op rebuilds from the norm's own input (studio/norm_rebuild.py)."""
+    input is a fused norm's output, which a fused op rebuilds from the norm's own input (studio/rebuilt_inputs.py)."""
     n = rows * site.din
     # on CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask
     mask = n if site.lora_dropout > 0 and not dt.cuda else 0
@@ -227,7 +227,7 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             out += rows * site.dout * dt.act                   # the rescaled sum, for the magnitude's gradient
         if site.lora_gated:
             out += rows * (site.dout + 1) * (dt.act if dt.autocast else 4)
-    if site.ia3 == "in" and not rebuilt:
+    if site.ia3 == "in" and not (rebuilt and site.ia3_gated):
         out += rows * site.din * dt.act
     if site.ia3 == "out":
         out += rows * site.dout * dt.act
@@ -335,7 +335,8 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     if arch.fused_mlp and down is not None and down.lora_fused:
         shared["prod"] = True  # one op with act(gate) * up: down's input is recomputed from gate and up
     if down is not None and (g_gate or down.needs_grad_out):
-        total += _site_saves(down, rows, dt, shared, "prod", g_gate, rebuilt=arch.fused_mlp and down.ia3_gated)
+        # under the fused MLP, act(gate) * up is rebuilt from gate and up by the ops that read it
+        total += _site_saves(down, rows, dt, shared, "prod", g_gate, rebuilt=arch.fused_mlp and g_gate)
     g_down = g_gate or (down is not None and down.needs_grad_out)
     if gemma:
         total += norm_saved(rows, h, g_down, info.norms_trainable, True, dt, fused)  # post_feedforward_layernorm

@@ -6,7 +6,7 @@ with LoKr on every linear layer: about 13 GB in bf16, all layers at once). Here 
 forward, used and dropped; the backward builds it again from the factors (a few weight-sized ops, no tokens
 involved) with its graph, takes x's gradient from it and passes d(ΔW) = dyᵀ x back through that graph to the
 factors. What is kept is x, which the base product's neighbours keep anyway (or, when x is a fused norm's
-output, the norm's input, from which the backward rebuilds x: studio/norm_rebuild.py).
+output, the norm's input, from which the backward rebuilds x: studio/rebuilt_inputs.py).
 
 The sum follows DeltaLinear's rules (deltas.py): in fp32 ΔW joins W (one GEMM); under autocast the base GEMM
 adds x ΔWᵀ in its epilogue. Used in those two cases only (fp32 throughout, or autocast), and not for a layer
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import norm_rebuild
+from .. import rebuilt_inputs
 from .lora_fused import cast, weight_grad_mm
 
 
@@ -39,12 +39,12 @@ class DeltaProduct(torch.autograd.Function):
                              (bias if db is None else bias + db))
             else:
                 y = plus_base_product(module.base_layer, x, F.linear(x, dw, db))
-        ctx.save_for_backward(norm_rebuild.saved_input(ctx, x))  # x or, for a norm's output, the norm's input
+        ctx.save_for_backward(*rebuilt_inputs.saved_input(ctx, x))  # x, or the inputs x is rebuilt from
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x = norm_rebuild.restored_input(ctx, ctx.saved_tensors[0])
+        x = rebuilt_inputs.restored_input(ctx, ctx.saved_tensors)
         module = ctx.module
         params = trainable(module)
         enabled, dtype = ctx.autocast

@@ -6,7 +6,7 @@ keeps the dropout's mask (on the CPU a noise tensor in x's dtype) and x_d itself
 v each keep their own copy of the same normalised input. Here one keep-mask is drawn for both reads (one byte
 per element; none on CUDA, where the run's seeded dropout regenerates it, seeded_dropout.py): `MaskedDropout`
 keeps only that mask, and `DroppedDown` (x -> x_d Aᵀ) keeps x, which its neighbours share (for a fused norm's
-output, the norm's input: norm_rebuild.py), and builds x_d again in backward. AdaLoRA (adalora.py) reads it
+output, the norm's input: rebuilt_inputs.py), and builds x_d again in backward. AdaLoRA (adalora.py) reads it
 once, in x_d (A ⊙ E)ᵀ: the same op. The products, casts and masks are those of the modules they replace, so
 outputs and gradients equal theirs for the same mask (x's gradient up to the order of its sum).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import norm_rebuild
+from .. import rebuilt_inputs
 from ..seeded_dropout import SeededDrop, SeededDropout, module_drop
 from .lora_fused import _dropped, cast, dropout_mask, weight_grad_mm
 
@@ -67,15 +67,13 @@ class DroppedDown(torch.autograd.Function):
         x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
         xd2 = _dropped(x2, _flat(mask), p) if xd is None else cast(xd.reshape(-1, xd.shape[-1]), cdt)
         low = xd2 @ cast(lora_a, cdt).t()
-        ctx.norm_output = None
-        kept = norm_rebuild.saved_input(ctx, x, x2) if lora_a.requires_grad else x2
-        ctx.save_for_backward(kept, lora_a, mask)
+        ctx.save_for_backward(*rebuilt_inputs.saved_input(ctx, x, x2, lora_a.requires_grad), lora_a, mask)
         ctx.p, ctx.cdt, ctx.x_dtype = p, cdt, x.dtype
         return low.view(*x.shape[:-1], low.shape[-1])
 
     @staticmethod
     def backward(ctx, d_low: torch.Tensor):
-        kept, lora_a, mask = ctx.saved_tensors
+        inputs, (lora_a, mask) = rebuilt_inputs.split_saved(ctx, ctx.saved_tensors)
         cdt = ctx.cdt
         d2 = cast(d_low.reshape(-1, d_low.shape[-1]), cdt)
         dx = da = None
@@ -83,7 +81,8 @@ class DroppedDown(torch.autograd.Function):
             dx = _dropped(d2 @ cast(lora_a, cdt), _flat(mask), ctx.p)
             dx = cast(dx.view(*d_low.shape[:-1], dx.shape[-1]), ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            x2 = cast(norm_rebuild.restored_input(ctx, kept).reshape(-1, kept.shape[-1]), cdt)
+            x = rebuilt_inputs.restored_input(ctx, inputs)
+            x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
             da = weight_grad_mm(d2.t(), _dropped(x2, _flat(mask), ctx.p), lora_a.dtype)
         return dx, da, None, None, None, None
 

@@ -10,7 +10,7 @@ once (a small update added to an output already rounded is mostly lost, as at th
 B has just left zero: peft's bf16 loss curve lags its fp32 one for that reason, ours follows it);
 d(x) = d(low) A (· mask / keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share; when x is a fused norm's output, the norm's input, from which the first
-backward to need it rebuilds it: studio/norm_rebuild.py), low (rank-sized) and, with dropout, a bool mask
+backward to need it rebuilds it: studio/rebuilt_inputs.py), low (rank-sized) and, with dropout, a bool mask
 (one byte per element; drop(x) = x · mask / keep is recomputed in backward) instead of a dropped copy of x
 per adapter. The mask is drawn from torch's generator, so checkpointing's RNG replay recomputes it; or, in a
 run that armed studio/seeded_dropout.py (CUDA), from a seed on the device: then p is a SeededDrop, nothing
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import norm_rebuild
+from .. import rebuilt_inputs
 from ..seeded_dropout import SeededDrop
 
 
@@ -41,16 +41,17 @@ class FusedLoraLinear(torch.autograd.Function):
                                                  quant_state, copies)
         # x is often a norm's output: keep the norm's input, which its own backward keeps anyway, and rebuild x
         trains = lora_a.requires_grad or lora_b.requires_grad
-        ctx.norm_output, ctx.cdt = None, cdt
-        ctx.save_for_backward(norm_rebuild.saved_input(ctx, x, x2) if trains else x2, low, weight, a, b, mask)
+        ctx.cdt = cdt
+        ctx.save_for_backward(*rebuilt_inputs.saved_input(ctx, x, x2, trains), low, weight, a, b, mask)
         ctx.scaling, ctx.x_dtype, ctx.p, ctx.ab_dtypes = scaling, x.dtype, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, low, weight, a, b, mask = ctx.saved_tensors
-        x2 = cast(norm_rebuild.restored_input(ctx, x2).reshape(-1, x2.shape[-1]), ctx.cdt)
+        inputs, (low, weight, a, b, mask) = rebuilt_inputs.split_saved(ctx, ctx.saved_tensors)
+        x = rebuilt_inputs.restored_input(ctx, inputs)
+        x2 = cast(x.reshape(-1, x.shape[-1]), ctx.cdt)
         needs = ctx.needs_input_grad
         dx, da, db = lora_linear_backward(dy, x2, low, weight, a, b, ctx.scaling, needs[0], needs[3],
                                           needs[4], mask, ctx.p, ctx.ab_dtypes, ctx.quant_state)

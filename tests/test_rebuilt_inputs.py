@@ -1,11 +1,11 @@
-"""A fused norm's output rebuilt in backward (studio/norm_rebuild.py): bitwise the gradients of keeping it, two
-rows x hidden tensors a layer fewer kept, one rebuild per norm call, and the cases that must keep it."""
+"""Inputs rebuilt in backward (studio/rebuilt_inputs.py): a fused norm's output and the gated MLP's act(gate)·up,
+bitwise the gradients of keeping them, fewer bytes kept, one rebuild per output, and the cases that must keep them."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from studio import norm_rebuild
+from studio import rebuilt_inputs
 from studio.fused_norm import norm_forward
 from studio.memory_bench import random_batch, saved_tensor_bytes
 from studio.methods import apply_method, method_config
@@ -42,7 +42,7 @@ def _grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def _without_rebuild(monkeypatch):
-    monkeypatch.setattr(norm_rebuild, "source", lambda t: None)
+    monkeypatch.setattr(rebuilt_inputs, "source", lambda t: None)
 
 
 # the fused LoRA op (methods/lora_fused.py) and the rebuilt-ΔW op (methods/delta_product.py) read norm outputs
@@ -75,7 +75,7 @@ def test_fp32_model_under_bf16_autocast_equal_too(tiny_model, monkeypatch):
             _, kept = _grads(model, batch)
         with monkeypatch.context() as m:
             rebuilds = []
-            m.setattr(norm_rebuild.NormOutput, "output", lambda self, x: rebuilds.append(1) or norm_forward(
+            m.setattr(rebuilt_inputs.NormOutput, "_make", lambda self, x: rebuilds.append(1) or norm_forward(
                 x, self.weight, self.eps, self.gemma)[0])
             _grads(model, batch)
     assert rebuilds  # the fused ops did rebuild their input (bf16 copies of fp32 norm outputs)
@@ -85,7 +85,9 @@ def test_fp32_model_under_bf16_autocast_equal_too(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("method", ["lora", "loha"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_two_normalised_tensors_a_layer_fewer_kept(tiny_model, monkeypatch, dtype, method):
+def test_normalised_and_gated_inputs_not_kept(tiny_model, monkeypatch, dtype, method):
+    """Two normalised tensors a layer fewer kept; with LoHa on down_proj (whose op keeps its input) also
+    act(gate)·up, rebuilt from gate and up (LoRA's down op rebuilds it already: fused_mlp.GatedDownLora)."""
     model = _lora_model(tiny_model, "tiny-llama", dtype, METHODS[method])
     b, s = 2, 64
     batch = random_batch(512, b, s)
@@ -98,7 +100,8 @@ def test_two_normalised_tensors_a_layer_fewer_kept(tiny_model, monkeypatch, dtyp
     # every layer's two norms (layer 0's input norm too: its weight is frozen, but the embeddings' output
     # needs no grad, so that norm records no graph: its readers keep its output)
     per_norm = b * s * cfg.hidden_size * dtype.itemsize
-    assert before - now == (2 * cfg.num_hidden_layers - 1) * per_norm
+    gated = b * s * cfg.intermediate_size * dtype.itemsize if method == "loha" else 0
+    assert before - now == (2 * cfg.num_hidden_layers - 1) * per_norm + cfg.num_hidden_layers * gated
 
 
 def test_each_norm_output_rebuilt_once_and_not_held_after(tiny_model, monkeypatch):
@@ -128,28 +131,28 @@ def test_an_output_changed_in_place_is_kept_not_rebuilt():
     x = torch.randn(3, 8, requires_grad=True)
     w = torch.ones(8)
     y = norm_forward(x.detach(), w, 1e-6, False)[0]
-    norm_rebuild.attach(y, x, w, 1e-6, False)
-    assert norm_rebuild.source(y) is not None
+    rebuilt_inputs.attach(y, (x,), rebuilt_inputs.NormOutput(w, 1e-6, False))
+    assert rebuilt_inputs.source(y) is not None
     with torch.no_grad():
         y.mul_(2)  # changed after the norm: rebuilding would not give these values
-    assert norm_rebuild.source(y) is None
-    assert norm_rebuild.source(torch.randn(3, 8)) is None
+    assert rebuilt_inputs.source(y) is None
+    assert rebuilt_inputs.source(torch.randn(3, 8)) is None
 
 
 def test_only_an_output_with_a_graph_is_marked(tiny_model):
     model = _lora_model(tiny_model, "tiny-llama", torch.float32)
     norm = model.model.layers[1].input_layernorm  # frozen weight
     x = torch.randn(2, 5, model.config.hidden_size)
-    assert norm_rebuild.source(norm(x)) is None  # no grad anywhere: the norm keeps nothing to rebuild from
+    assert rebuilt_inputs.source(norm(x)) is None  # no grad anywhere: the norm keeps nothing to rebuild from
     with torch.no_grad():
-        assert norm_rebuild.source(norm(x.requires_grad_())) is None
-    assert norm_rebuild.source(norm(x)) is not None
+        assert rebuilt_inputs.source(norm(x.requires_grad_())) is None
+    assert rebuilt_inputs.source(norm(x)) is not None
 
 
 def test_a_changed_norm_weight_fails_loudly(tiny_model):
     w = torch.ones(8, requires_grad=True)
     x = torch.randn(3, 8, requires_grad=True)
-    rebuild = norm_rebuild.NormOutput(w, 1e-6, False)
+    rebuild = rebuilt_inputs.NormOutput(w, 1e-6, False)
     rebuild.readers = 1
     rebuild.output(x.detach())  # one pass: fine
     with torch.no_grad():

@@ -518,6 +518,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     if nf4:
         bwd += facts.max_linear * act                                     # dequantized 4-bit weight
     bwd += facts.max_rebuilt_delta                                        # a full-size ΔW built again
+    if arch.fused_mlp and any(_rebuilds_gated(info) for info in facts.layers):
+        bwd += rows * arch.inter * act  # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
     phases = {"loss backward": activations + logits + facts.grad_outside + extra}
     # LST's side forward under autocast: the backbone states it reads live beside the 16-bit copies its ladders
     # keep, with one state's fp32 copy in flight (in fp32 the ladders keep the states themselves)
@@ -565,6 +567,13 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         "fits": (total <= gpus.gpu_memory(gpu)) if gpu else None,
     }
     return est
+
+
+def _rebuilds_gated(info: LayerInfo) -> bool:
+    """Whether this layer's down_proj carries an adapter op that rebuilds its input in backward beside the
+    gradients of its own products (DoRA's, AdaLoRA's; studio/rebuilt_inputs.py)."""
+    down = info.sites.get("down_proj")
+    return down is not None and down.drops_in_op
 
 
 def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -> Estimate:

@@ -191,7 +191,7 @@ def _mask_layer(arch: Arch, shape: Shape, layer: int) -> bool:
 def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: bool,
                    rebuilt: bool = False) -> tuple[int, bool]:
     """Bytes a LoRA-like adapter saves for its input; returns (bytes, uses the shared input itself). rebuilt: the
-    input is a fused norm's output, which a fused op rebuilds from the norm's own input (studio/rebuilt_inputs.py)."""
+    input is rebuilt from what its producer keeps (studio/rebuilt_inputs.py)."""
     n = rows * site.din
     # on CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask
     mask = n if site.lora_dropout > 0 and not dt.cuda else 0
@@ -212,7 +212,8 @@ def _adapter_input(site: Site, rows: int, dt: Dtypes, shared_saved: bool, g_in: 
 def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in: bool = True,
                 rebuilt: bool = False) -> int:
     """Saved bytes of one projection whose input (id `key`) requires grad or feeds trainables; rebuilt: that input is
-    the output of a fused norm that records a graph (a fused LoRA op keeps the norm's input instead)."""
+    the output of an op that records a graph and keeps its own inputs (a fused norm, the fused gated product),
+    which the adapter ops that read it keep instead (studio/rebuilt_inputs.py)."""
     out = 0
     if site.base_trainable and not shared.get(key):
         out += rows * site.din * dt.act
@@ -249,7 +250,7 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     if site.other_trainable and not site.lora_r:
         # generic reparameterisation: its input, and the delta weight(s) it builds (out x in; under autocast
         # the products and the 16-bit copy F.linear keeps are in the activations' dtype)
-        rebuilds = rebuilt and site.rebuilt_delta > 0  # methods/delta_product.py keeps the norm's input instead
+        rebuilds = rebuilt and site.rebuilt_delta > 0  # methods/delta_product.py keeps the producer's inputs instead
         if not (site.shares_input and shared.get(key)) and not rebuilds:
             out += rows * site.din * dt.act
         if site.shares_input and not rebuilds:

@@ -5,8 +5,8 @@ factors' products too: one to three weight-sized tensors per adapted layer from 
 with LoKr on every linear layer: about 13 GB in bf16, all layers at once). Here ΔW is built without a graph in
 forward, used and dropped; the backward builds it again from the factors (a few weight-sized ops, no tokens
 involved) with its graph, takes x's gradient from it and passes d(ΔW) = dyᵀ x back through that graph to the
-factors. What is kept is x, which the base product's neighbours keep anyway (or, when x is a fused norm's
-output, the norm's input, from which the backward rebuilds x: studio/rebuilt_inputs.py).
+factors. What is kept is x, which the base product's neighbours keep anyway (or, for a fused norm's output or the
+gated MLP's act(gate)·up, what their producer keeps, from which the backward rebuilds x: studio/rebuilt_inputs.py).
 
 The sum follows DeltaLinear's rules (deltas.py): in fp32 ΔW joins W (one GEMM); under autocast the base GEMM
 adds x ΔWᵀ in its epilogue. Used in those two cases only (fp32 throughout, or autocast), and not for a layer

@@ -5,8 +5,8 @@ base product it rescales (W x_d, as peft's DoRA does with dropout). Through nn.D
 keeps the dropout's mask (on the CPU a noise tensor in x's dtype) and x_d itself, for every adapter: q, k and
 v each keep their own copy of the same normalised input. Here one keep-mask is drawn for both reads (one byte
 per element; none on CUDA, where the run's seeded dropout regenerates it, seeded_dropout.py): `MaskedDropout`
-keeps only that mask, and `DroppedDown` (x -> x_d Aᵀ) keeps x, which its neighbours share (for a fused norm's
-output, the norm's input: rebuilt_inputs.py), and builds x_d again in backward. AdaLoRA (adalora.py) reads it
+keeps only that mask, and `DroppedDown` (x -> x_d Aᵀ) keeps x, which its neighbours share (for a norm's output or
+act(gate)·up, what their producer keeps: rebuilt_inputs.py), and builds x_d again in backward. AdaLoRA (adalora.py) reads it
 once, in x_d (A ⊙ E)ᵀ: the same op. The products, casts and masks are those of the modules they replace, so
 outputs and gradients equal theirs for the same mask (x's gradient up to the order of its sum).
 """

@@ -23,8 +23,9 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   is converted per layer to the activation dtype and saved (efficient-attention kernel).
 - MLP: the gate output and up output (rows x intermediate each; transformers' own MLP code also
   keeps act(gate), the fused one in studio/fused_mlp.py recomputes it); down's input only when down
-  trains or carries an adapter, and not for a fused LoRA on down under the fused MLP (one op that
-  recomputes it).
+  trains or carries an adapter, and not under the fused MLP for a fused LoRA or IA3 on down (one op that
+  recomputes it) or an adapter op that keeps its input (it keeps gate and up instead: studio/rebuilt_inputs.py;
+  a layer then holds the rebuilt act(gate)·up in its backward).
 - Gradient checkpointing (non-reentrant, per layer): only each layer's input is kept; backward
   recomputes one layer at a time (that layer's activations are the `transient` item).
 - Nothing is saved below the first point where something requires grad (frozen bottom layers of

@@ -37,7 +37,7 @@ from torch import nn
 
 from .checkpointing import recomputing_layer
 from .rebuilt_inputs import GatedOutput, attach
-from .methods.lora_fused import cast, lora_linear_backward, lora_linear_forward
+from .methods.lora_fused import cast, lora_linear_backward, lora_linear_forward, op_dtype
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
@@ -117,8 +117,7 @@ class GatedScaledDown(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, scale: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, output: bool = True) -> torch.Tensor:
         ctx.save_for_backward(gate, up, scale, weight)
-        device = gate.device.type
-        ctx.kind, ctx.cdt = kind, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else gate.dtype
+        ctx.kind, ctx.cdt = kind, op_dtype(gate)
         if not output:
             return gate.new_empty(*gate.shape[:-1], weight.shape[0], dtype=ctx.cdt)
         h = gated(gate, up, kind)

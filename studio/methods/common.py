@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .lora_fused import cast
+from .lora_fused import cast, op_dtype
 
 
 class WrappedLinear(nn.Module):
@@ -47,10 +47,8 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def plus_base_product(base: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """base(x) + delta for a plain Linear base (plus_product)."""
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    y = plus_product(x.reshape(-1, x.shape[-1]), base.weight, cast(delta.reshape(-1, delta.shape[-1]), dtype),
-                     base.bias)
+    delta2 = cast(delta.reshape(-1, delta.shape[-1]), op_dtype(x))
+    y = plus_product(x.reshape(-1, x.shape[-1]), base.weight, delta2, base.bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import rebuilt_inputs
 from ..seeded_dropout import SeededDrop, SeededDropout, module_drop
-from .lora_fused import _dropped, cast, dropout_mask, weight_grad_mm
+from .lora_fused import _dropped, cast, dropout_mask, op_dtype, weight_grad_mm
 
 
 def plain_dropout(module: nn.Module) -> bool:
@@ -37,9 +37,7 @@ def dropped_down(x: torch.Tensor, lora_a: torch.Tensor, mask: torch.Tensor | Non
                  xd: torch.Tensor | None = None) -> torch.Tensor:
     """drop(x) Aᵀ in the dtype F.linear would compute it in (autocast's, else x's), as DroppedDown; xd: drop(x)
     made already (MaskedDropout's output, for the forward's product; not kept)."""
-    device = x.device.type
-    cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return DroppedDown.apply(x, lora_a, mask, p, cdt, xd)
+    return DroppedDown.apply(x, lora_a, mask, p, op_dtype(x), xd)
 
 
 class MaskedDropout(torch.autograd.Function):

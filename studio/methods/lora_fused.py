@@ -66,6 +66,12 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def op_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype an op on t computes in: autocast's where autocast is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
     """The base weight in cdt for the GEMMs (no copy when it is in cdt already); a 4-bit one (quant_state
     given) dequantized, as bitsandbytes' own training path does, once forward and once backward."""

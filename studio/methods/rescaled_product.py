@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .common import plus_product
-from .lora_fused import cast, dense_weight, is_4bit
+from .lora_fused import cast, dense_weight, is_4bit, op_dtype
 
 
 def fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
@@ -78,12 +78,11 @@ class RescaledProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, xd: torch.Tensor | None, u: torch.Tensor | None, s: torch.Tensor,
                 base: nn.Module, bias_in: bool, shift: torch.Tensor | None) -> torch.Tensor:
-        device = x.device.type
-        cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        cdt = op_dtype(x)
         bias = base.bias
         # exact: the product in fp32 (fp32 throughout, or CUDA's 16-bit GEMM with an fp32 output)
         exact = cdt == torch.float32 or fp32_output_gemm(x.device, cdt)
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             w = base_weight(base, cdt)
             x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
             xin = x2 if xd is None else cast(xd.reshape(-1, xd.shape[-1]), cdt)

@@ -334,11 +334,11 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     if g_gate:
         total += (2 if arch.fused_mlp else 3) * rows * i * dt.act  # gate out, up out (+ act(gate) unfused)
     down = st.get("down_proj")
-    if arch.fused_mlp and down is not None and down.lora_fused:
-        shared["prod"] = True  # one op with act(gate) * up: down's input is recomputed from gate and up
     if down is not None and (g_gate or down.needs_grad_out):
-        # under the fused MLP, act(gate) * up is rebuilt from gate and up by the ops that read it
-        total += _site_saves(down, rows, dt, shared, "prod", g_gate, rebuilt=arch.fused_mlp and g_gate)
+        # under the fused MLP, down's input act(gate) * up is rebuilt from gate and up: by a fused LoRA's or IA3's
+        # one op with the product, or by the adapter ops that read a recorded product (studio/rebuilt_inputs.py)
+        rebuilt = arch.fused_mlp and (g_gate or down.lora_fused or down.ia3_gated)
+        total += _site_saves(down, rows, dt, shared, "prod", g_gate, rebuilt=rebuilt)
     g_down = g_gate or (down is not None and down.needs_grad_out)
     if gemma:
         total += norm_saved(rows, h, g_down, info.norms_trainable, True, dt, fused)  # post_feedforward_layernorm

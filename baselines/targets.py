@@ -11,6 +11,7 @@ A row the run did not reach reads "not measured".
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def _ours(rows: list[dict], key: tuple) -> list[tuple[str, dict]]:
     return unique
 
 
+@functools.cache  # one meta-device build per shape, however many targets read the row
 def _auto_replays(key: tuple) -> bool:
     """For rows written before bench recorded train.cuda_graphs: whether auto replays this row (its rule, on the
     shape's parameter count)."""

@@ -2,7 +2,8 @@
 
 Each target Linear gets a vector l (init ones, so output == base). Attention targets (k, v) scale
 their output: y = (W x + b) ⊙ l (l: out x 1), summed in fp32 and rounded once (rescaled_product.py).
-Feed-forward targets (the down projection) scale their input: y = W (x ⊙ l) + b (l: 1 x in). Merging multiplies the weight rows (and bias) or columns by l.
+Feed-forward targets (the down projection) scale their input: y = W (x ⊙ l) + b (l: 1 x in; inside the gated
+MLP's op where it is fused, studio/fused_mlp.py). Merging multiplies the weight rows (and bias) or columns by l.
 Files are peft's IA3 format: `<module path>.ia3_l`, with `feedforward_modules` in the config.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ class IA3Linear(WrappedLinear):
     def gated_scale_parts(self) -> tuple | None:
         """(l, W, bias) when this feed-forward scale over a plain Linear can run inside the gated MLP's op
         (studio/fused_mlp.py GatedScaledDown, which keeps no copy of this layer's input); else None."""
-        if not self.is_feedforward or self.merged or not self.adapter_enabled or type(self.base_layer) is not nn.Linear:
+        if not self.is_feedforward or self.merged or not self.adapter_enabled \
+                or type(self.base_layer) is not nn.Linear:
             return None
         return self.ia3_l.flatten(), self.base_layer.weight, self.base_layer.bias
 

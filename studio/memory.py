@@ -305,6 +305,7 @@ def _site(name: str, mod: nn.Module) -> Site:
         site.lora_gated = isinstance(getattr(mod, "lora_gate", None), nn.Module)
         site.lora_fused = bool(getattr(mod, "uses_fused_op", lambda: False)())  # 4-bit bases fuse too
         site.drops_in_op = bool(getattr(mod, "drops_in_op", lambda: False)())
+        site.svd_factors = isinstance(getattr(mod, "lora_E", None), torch.Tensor)
         return site
     ia3 = getattr(mod, "ia3_l", None)
     if isinstance(ia3, torch.Tensor):

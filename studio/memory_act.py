@@ -14,7 +14,7 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   keep-mask when dropout > 0; nothing for an input that is a fused norm's output (q/k/v, gate/up: it keeps
   the norm's input, which the norm keeps anyway, and rebuilds the output; studio/rebuilt_inputs.py). DoRA's A
   product keeps its input the same way (methods/dropped_input.py; AdaLoRA's too) and adds the sum it rescales
-  (rows x out; methods/rescaled_product.py). Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its
+  (rows x out; methods/rescaled_product.py). AdaLoRA's products also keep A ⊙ E and B · scaling (r-sized). Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its
   noise) when dropout > 0, or the shared input.
   On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
 - RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
@@ -78,6 +78,7 @@ class Site:
     lora_gated: bool = False  # UniPELT: the update times σ(gate(x)), which keeps B's output and the gate
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     drops_in_op: bool = False  # DoRA's / AdaLoRA's dropout and A product as ops (dropped_input.py): the same
+    svd_factors: bool = False  # AdaLoRA: its products keep A ⊙ E (r x in) and B · scaling (out x r), built each step
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     ia3_gated: bool = False  # "in" inside the gated MLP's op (fused_mlp.GatedScaledDown): its input rebuilt
     vera_r: int = 0          # > 0: VeRA's two vectors around the shared A (r x in) and B (out x r)
@@ -227,6 +228,9 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         out += rows * site.lora_r * dt.act                     # A's output, input of B
         if site.dora:
             out += rows * site.dout * dt.act                   # the rescaled sum, for the magnitude's gradient
+        if site.svd_factors:  # A ⊙ E as built (fp32; a 16-bit copy if autocast's product takes it), B · s cast
+            a_width = 4 if site.drops_in_op or not dt.autocast else dt.act
+            out += site.lora_r * site.din * a_width + site.dout * site.lora_r * (dt.act if dt.autocast else 4)
         if site.lora_gated:
             out += rows * (site.dout + 1) * (dt.act if dt.autocast else 4)
     if site.ia3 == "in" and not (rebuilt and site.ia3_gated):

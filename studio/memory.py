@@ -102,6 +102,7 @@ class Facts:
     head_trainable: bool = False               # ... whose weight trains (whole-vocabulary chunks + fp32 grad)
     max_rebuilt_delta: int = 0                 # bytes of the largest ΔW rebuilt in backward (delta_product)
     side_network: tuple[int, int, int] | None = None  # LST: (width, FFN width, blocks) of the side network
+    prompt_encoder_saved: int = 0              # bytes a soft prompt's encoder keeps for backward (its parameters' dtype)
 
 
 def model_dtype(name: str, device: str) -> torch.dtype:
@@ -214,7 +215,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
                  grad_outside, tensors, any(p.requires_grad for p in embed.parameters()) if embed else False,
                  final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr,
                  max((s.rebuilt_delta * s.dout * s.din * 4 for info in layer_infos for s in info.sites.values()),
-                     default=0), _side_network(model))
+                     default=0), _side_network(model), _prompt_encoder_saved(model))
 
 
 def _side_network(model: nn.Module) -> tuple[int, int, int] | None:
@@ -222,6 +223,35 @@ def _side_network(model: nn.Module) -> tuple[int, int, int] | None:
     if side is None or not len(side.blocks):
         return None
     return side.up.in_features, side.blocks[0].gate_proj.out_features, len(side.blocks)
+
+
+def _prompt_encoder_saved(model: nn.Module) -> int:
+    """Bytes the virtual tokens' encoder (P-tuning's MLP or LSTM, prefix tuning's projection, UniPELT's gated
+    prefix) keeps for backward in one training forward: its own forward run on the meta device, the tensors
+    autograd saves counted once each (the encoder's parameters and views of them are not activations)."""
+    hook = (getattr(getattr(model, "studio_adapter", None), "extra", None) or {}).get("hook")
+    source = getattr(hook, "source", None)  # what the method's hook calls each forward (methods/soft_prompt_common.py)
+    if not isinstance(source, nn.Module) or not any(p.requires_grad for p in source.parameters()):
+        return 0
+    params = {id(p) for p in source.parameters()}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t if t._base is None else t._base
+        if id(base) not in params:
+            kept[id(base)] = base  # held, so no other tensor takes its id meanwhile
+        return t
+
+    was_training = source.training
+    try:
+        source.train()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            source()
+    except (RuntimeError, NotImplementedError):  # an op without a meta kernel: the encoder's few KB left out
+        return 0
+    finally:
+        source.train(was_training)
+    return sum(t.numel() * t.element_size() for t in kept.values())
 
 
 def _layer_info(layer: nn.Module) -> LayerInfo:
@@ -276,7 +306,7 @@ def _adapter(path: str, site: nn.Module) -> Adapter:
     copies, m, din = bottleneck.down_weight.shape
     name = getattr(getattr(bottleneck, "act", None), "__name__", "")
     return Adapter(position, din, m, act_saves=1 if name in ("relu", "tanh") else 2,
-                   gated=bottleneck is not site.adapter)
+                   gated=bottleneck is not site.adapter, routed=copies > 1)
 
 
 def _site(name: str, mod: nn.Module) -> Site:
@@ -447,11 +477,15 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     fixed = 0 if gc else rope
     if facts.side_network:
         fixed += side_network_saved(b * s, arch.hidden, *facts.side_network, dt)
+    # once per forward, whatever the batch; in 16 bits under autocast
+    fixed += facts.prompt_encoder_saved * act // 4 if dt.autocast else facts.prompt_encoder_saved
     if facts.embeddings_trainable:
         fixed += b * seq * 8                                              # input ids (embedding backward)
     fixed += norm_saved(rows, arch.hidden, g, facts.final_norm_trainable, arch.gemma_norms, dt, arch.fused_norms)
-    # ---- the loss: kept hidden states of labelled positions, indices, labels; chunk logits
-    logits_saved = labelled * arch.hidden * act + labelled * 8 + b * seq if (g or facts.grad_outside) else 0
+    # ---- the loss: kept hidden states of labelled positions (the fused head: their gradient), the label mask, the
+    # token count; the checkpointed chunks keep their labels too (the fused head takes none to its backward)
+    ids = 0 if facts.fused_head else labelled * 8
+    logits_saved = labelled * arch.hidden * act + ids + b * seq + 8 if (g or facts.grad_outside) else 0
     c = min(int(tc.loss_chunk), labelled)
     if facts.fused_head and facts.head_trainable:
         # Fused, trained head: the fp32 d(loss)/d(W) is saved from forward to backward; per chunk the

@@ -105,6 +105,7 @@ class Adapter:
     act_saves: int = 1   # rows x m tensors its activation keeps beyond up's input (relu, tanh: its output is that)
     gated: bool = False  # UniPELT: times σ(gate(x)), which keeps the adapter's output too
     fusion: int = 0      # AdapterFusion: attention of x over this many frozen adapters' outputs (m: their sum)
+    routed: bool = False  # AdaMix: this step's copies of down and up (index_select's), which the products keep
 
 
 @dataclass
@@ -266,9 +267,10 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     return out
 
 
-def adapter_saved(a: Adapter, rows: int, dt: Dtypes) -> int:
+def adapter_saved(a: Adapter, rows: int, dt: Dtypes, g_in: bool = True) -> int:
     """Bytes a bottleneck adapter keeps: its input, the bottleneck activation(s) (fp32 params: the activations'
-    dtype under autocast, else fp32); gated, also its output and the gate; AdapterFusion, its attention's."""
+    dtype under autocast, else fp32); gated, also its output and the gate; AdapterFusion, its attention's; AdaMix,
+    the routed copies of up and, when its input (g_in) needs grad, of down."""
     width = dt.act if dt.autocast else 4
     if a.fusion:  # x, its query, the components' relu outputs, their outputs (under autocast: a 16-bit copy
         # for the keys and another for the values), keys and values, the softmax
@@ -277,6 +279,8 @@ def adapter_saved(a: Adapter, rows: int, dt: Dtypes) -> int:
     out = rows * a.din * width + (1 + (a.act_saves > 1)) * rows * a.m * width
     if a.gated:
         out += rows * (a.din + 1) * width
+    if a.routed:
+        out += (2 if g_in else 1) * a.m * a.din * width
     return out
 
 
@@ -298,13 +302,14 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     if g_n1 or any(x.needs_grad_out for x in attn_in):
         for x in attn_in:  # the input norm records a graph when its input needs grad or its weight trains
             total += _site_saves(x, rows, dt, shared, "n1", g_n1, rebuilt=fused and g_n1)
-    g_q = g_n1 or any(x.needs_grad_out for x in attn_in) or shape.kv_extra > 0
+    g_q = g_n1 or any(x.needs_grad_out for x in attn_in) or shape.kv_extra > 0  # (a trained prefix: the output)
     mask = _mask_layer(arch, shape, layer)
     kv_len = s + shape.kv_extra
     if g_q:
-        if gemma:  # q_norm / k_norm on the projections' outputs
-            total += norm_saved(rows * nh, hd, True, info.norms_trainable, True, dt, fused)
-            total += norm_saved(rows * nkv, hd, True, info.norms_trainable, True, dt, fused)
+        if gemma:  # q_norm / k_norm on the projections' outputs, when those need grad
+            g_proj = {n: g_n1 or (n in st and st[n].needs_grad_out) for n in ("q_proj", "k_proj")}
+            total += norm_saved(rows * nh, hd, g_proj["q_proj"], info.norms_trainable, True, dt, fused)
+            total += norm_saved(rows * nkv, hd, g_proj["k_proj"], info.norms_trainable, True, dt, fused)
         repeat = mask and 1 < nkv < nh                         # repeat_kv copies (one kv head: a view)
         kv_w = nh if repeat else nkv
         if arch.fused_qkv and not repeat:
@@ -323,7 +328,8 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
         shared["attn"] = g_q  # the SDPA output is already saved when attention needed grad
         total += _site_saves(o, rows, dt, shared, "attn", g_q)
     attn_adapters = [a for a in info.adapters if a.position == "attn"]
-    total += sum(adapter_saved(a, rows, dt) for a in attn_adapters)
+    g_attn = g_q or (o is not None and o.needs_grad_out)
+    total += sum(adapter_saved(a, rows, dt, g_attn) for a in attn_adapters)
     g_o = g_q or (o is not None and o.needs_grad_out) or bool(attn_adapters)
     if gemma:
         total += norm_saved(rows, h, g_o, info.norms_trainable, True, dt, fused)  # post_attention_layernorm
@@ -344,10 +350,10 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
         rebuilt = arch.fused_mlp and (g_gate or down.lora_fused or down.ia3_gated)
         total += _site_saves(down, rows, dt, shared, "prod", g_gate, rebuilt=rebuilt)
     g_down = g_gate or (down is not None and down.needs_grad_out)
-    if gemma:
-        total += norm_saved(rows, h, g_down, info.norms_trainable, True, dt, fused)  # post_feedforward_layernorm
-    mlp_adapters = [a for a in info.adapters if a.position == "mlp"]
-    total += sum(adapter_saved(a, rows, dt) for a in mlp_adapters)
+    mlp_adapters = [a for a in info.adapters if a.position == "mlp"]  # on the MLP's output, or beside the MLP
+    total += sum(adapter_saved(a, rows, dt, g_down) for a in mlp_adapters)
+    if gemma:  # post_feedforward_layernorm, after the adapters' sum
+        total += norm_saved(rows, h, g_down or bool(mlp_adapters), info.norms_trainable, True, dt, fused)
     for din in info.extra_inputs:                              # unrecognised trainable modules
         total += rows * din * dt.act
     g_out = g_h1 or g_down or bool(info.extra_inputs) or bool(mlp_adapters)

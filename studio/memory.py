@@ -35,7 +35,7 @@ from . import gpus
 from .checkpointing import checkpointed_layers
 from .config import with_changes
 from .errors import ConfigError
-from .losses import WEIGHT_GRAD_LOGITS, vocab_block
+from .losses import WEIGHT_GRAD_LOGITS, decoder_body, vocab_block
 from .memory_act import (SITES_ALL, Adapter, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          norm_saved, rope_saved, side_network_saved)
 from .memory_report import human
@@ -95,7 +95,7 @@ class Facts:
     embeddings_trainable: bool
     final_norm_trainable: bool
     outside_trainable: int                     # trainable params outside the layers, not embeddings/head
-    fp32_trainable: int                        # trainable fp32 numel (autocast keeps bf16 copies of them)
+    fp32_trainable: int                        # trainable fp32 numel whose 16-bit copies are kept (_autocast_kept)
     max_linear: int                            # largest decoder Linear (numel) - 4-bit dequantization buffer
     host_copy_bytes: int = 0                   # full FT keep_base_copy
     fused_head: bool = False                   # plain Linear head: losses.FusedLinearCrossEntropy
@@ -165,6 +165,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     max_linear = 0
+    cast = _autocast_kept(model)
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
@@ -183,7 +184,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
             gb = n * p.element_size()
             grad += gb
             tensors.append((n, p.element_size()))
-            if p.dtype == torch.float32:
+            if p.dtype == torch.float32 and id(p) in cast:
                 fp32_tr += n
             idx = layer_index(name)
             if idx is not None and idx < len(grad_layer):
@@ -201,8 +202,12 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
         buffers += buf.numel() * buf.element_size()
     by_dtype["buffers"] = buffers
     layer_infos = [_layer_info(lay) for lay in layers_mod]
-    final_norm_tr = any(p.requires_grad for n, p in model.named_parameters()
-                        if layer_index(n) is None and "norm" in n)
+    final_norm = getattr(decoder_body(model), "norm", None)
+    if isinstance(final_norm, nn.Module):  # not, say, LST's side network's norms
+        final_norm_tr = any(p.requires_grad for p in final_norm.parameters())
+    else:
+        final_norm_tr = any(p.requires_grad for n, p in model.named_parameters()
+                            if layer_index(n) is None and "norm" in n)
     host_copy = 0
     cfg = run_cfg.method
     kept = get_method(cfg.name).base_copy if getattr(cfg, "keep_base_copy", True) else None
@@ -223,6 +228,37 @@ def _side_network(model: nn.Module) -> tuple[int, int, int] | None:
     if side is None or not len(side.blocks):
         return None
     return side.up.in_features, side.blocks[0].gate_proj.out_features, len(side.blocks)
+
+
+def _autocast_kept(model: nn.Module) -> set[int]:
+    """Ids of the parameters whose 16-bit copies autocast makes and the products keep for backward (the fused LoRA
+    op's step copies, under the trainer): the weights of trained Linears (LoRA's A and B, the prompt encoders', LST's),
+    a bottleneck adapter's down and up weights, LoHa/LoKr factors multiplied at full width (rank dropout). Not
+    biases (cast, not kept), nor parameters used elementwise first or cast by our own ops: IA3, SSF, VeRA's vectors,
+    DoRA's magnitude and A (dropped_input.py), AdaLoRA, DyLoRA's masked A, diff pruning, Child-Tuning, AdaMix's
+    banks (the step's routed copy is cast instead), the ΔW rebuilt by LoHa/LoKr/GLoRA/Compacter, LST's ladders
+    (their inputs need no grad), a soft prompt's table without an encoder."""
+    kept: set[int] = set()
+    elementwise: set[int] = set()
+    for mod in model.modules():
+        if isinstance(getattr(mod, "lora_E", None), torch.Tensor):  # AdaLoRA: A ⊙ E, B · s
+            elementwise.update(id(p) for p in mod.parameters(recurse=False))
+        elif isinstance(getattr(mod, "rank_mask", None), torch.Tensor) or \
+                getattr(mod, "drops_in_op", lambda: False)():  # DyLoRA's masked A; DoRA's A in its own op
+            elementwise.add(id(mod.lora_A.weight))
+        ladders = getattr(mod, "ladders", None)  # LST: they read backbone states, which need no grad
+        if isinstance(ladders, nn.ModuleList):
+            elementwise.update(id(p) for p in ladders.parameters())
+        table, encoder = getattr(mod, "table", None), getattr(mod, "encoder", None)
+        if isinstance(table, nn.Module) and isinstance(encoder, nn.Module):  # the encoder's input: the table
+            kept.update(id(p) for p in table.parameters())
+        if type(mod) is nn.Linear:
+            kept.add(id(mod.weight))
+        elif _bottleneck(mod) is mod and mod.down_weight.shape[0] == 1:
+            kept.update((id(mod.down_weight), id(mod.up_weight)))
+        elif getattr(mod, "full_width", lambda: False)() and not mod.rebuilds_delta():
+            kept.update(id(p) for p in mod.parameters(recurse=False))
+    return kept - elementwise
 
 
 def _prompt_encoder_saved(model: nn.Module) -> int:
@@ -336,6 +372,7 @@ def _site(name: str, mod: nn.Module) -> Site:
         site.lora_fused = bool(getattr(mod, "uses_fused_op", lambda: False)())  # 4-bit bases fuse too
         site.drops_in_op = bool(getattr(mod, "drops_in_op", lambda: False)())
         site.svd_factors = isinstance(getattr(mod, "lora_E", None), torch.Tensor)
+        site.rank_masked = isinstance(getattr(mod, "rank_mask", None), torch.Tensor) and not site.svd_factors
         return site
     ia3 = getattr(mod, "ia3_l", None)
     if isinstance(ia3, torch.Tensor):
@@ -361,6 +398,7 @@ def _site(name: str, mod: nn.Module) -> Site:
         site.delta_weights, site.shares_input, site.rebuilt_delta = 0, True, 4 if hada else 2
     elif getattr(mod, "full_width", lambda: False)():  # rank dropout: autograd keeps ΔW (and LoHa's factors)
         site.delta_weights, site.shares_input = 3 if hada else 1, True
+        site.row_keep = bool(getattr(mod, "rank_dropout", 0))
     elif isinstance(getattr(mod, "indices", None), torch.Tensor):  # Child-Tuning: F.linear(x, W + sparse Δ)
         site.delta_weights, site.shares_input, site.sparse_values = 1, True, mod.indices.numel()
     else:

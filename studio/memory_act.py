@@ -78,6 +78,7 @@ class Site:
     lora_gated: bool = False  # UniPELT: the update times σ(gate(x)), which keeps B's output and the gate
     lora_fused: bool = False  # LoRA as one autograd op (lora_fused.py): saves the input it was given
     drops_in_op: bool = False  # DoRA's / AdaLoRA's dropout and A product as ops (dropped_input.py): the same
+    rank_masked: bool = False  # DyLoRA: A times this step's rank mask (r x in), kept when the input needs grad
     svd_factors: bool = False  # AdaLoRA: its products keep A ⊙ E (r x in) and B · scaling (out x r), built each step
     ia3: str = ""            # "out" (scales the output: k, v) or "in" (scales the input: down)
     ia3_gated: bool = False  # "in" inside the gated MLP's op (fused_mlp.GatedScaledDown): its input rebuilt
@@ -88,6 +89,7 @@ class Site:
     delta_weights: int = 1         # weight-sized tensors such a wrapper saves (its delta W; 16-bit under autocast)
     shares_input: bool = False     # it keeps the input it was given, as its neighbours do (methods/delta_product.py)
     sparse_values: int = 0         # Child-Tuning: the trained entries, cast to 16 bits under autocast (kept)
+    row_keep: bool = False         # rank dropout: its keep vector (out x 1, in ΔW's dtype) times ΔW
     rebuilt_delta: int = 0         # weight-sized fp32 tensors its backward builds again (ΔW, W + ΔW; LoHa's factors)
 
     @property
@@ -229,6 +231,9 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         out += rows * site.lora_r * dt.act                     # A's output, input of B
         if site.dora:
             out += rows * site.dout * dt.act                   # the rescaled sum, for the magnitude's gradient
+            out += 2 * site.dout * 4                           # the row norms and magnitude / norm (fp32)
+        if site.rank_masked and g_in:
+            out += site.lora_r * site.din * (dt.act if dt.autocast else 4)
         if site.svd_factors:  # A ⊙ E as built (fp32; a 16-bit copy if autocast's product takes it), B · s cast
             a_width = 4 if site.drops_in_op or not dt.autocast else dt.act
             out += site.lora_r * site.din * a_width + site.dout * site.lora_r * (dt.act if dt.autocast else 4)
@@ -251,8 +256,9 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
         if not shared.get(key):
             out += rows * site.din * dt.act                    # the input (W + diff trains through it)
             shared[key] = True
-        # the gates' sigmoid, their stretched value before the clamp and after it (fp32), W + diff
-        out += site.dout * site.din * (3 * 4 + dt.act)
+        # the gates' sigmoid, their stretched value before the clamp and after it (fp32); W + diff, which the product
+        # keeps for its input's gradient
+        out += site.dout * site.din * (3 * 4 + (dt.act if g_in else 0))
     if site.other_trainable and not site.lora_r:
         # generic reparameterisation: its input, and the delta weight(s) it builds (out x in; under autocast
         # the products and the 16-bit copy F.linear keeps are in the activations' dtype)
@@ -261,7 +267,11 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             out += rows * site.din * dt.act
         if site.shares_input and not rebuilds:
             shared[key] = True
-        out += site.delta_weights * site.dout * site.din * (dt.act if dt.autocast else 4)
+        # of the recognised ones, the weight the product reads (W + ΔW) is kept only for its input's gradient
+        kept = site.delta_weights - (1 if site.shares_input and site.delta_weights and not g_in else 0)
+        out += kept * site.dout * site.din * (dt.act if dt.autocast else 4)
+        if site.row_keep:
+            out += site.dout * (dt.act if dt.autocast else 4)
         if dt.autocast:
             out += site.sparse_values * dt.act
     return out
@@ -269,13 +279,17 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
 
 def adapter_saved(a: Adapter, rows: int, dt: Dtypes, g_in: bool = True) -> int:
     """Bytes a bottleneck adapter keeps: its input, the bottleneck activation(s) (fp32 params: the activations'
-    dtype under autocast, else fp32); gated, also its output and the gate; AdapterFusion, its attention's; AdaMix,
-    the routed copies of up and, when its input (g_in) needs grad, of down."""
+    dtype under autocast, else fp32); gated, also its output and the gate; AdapterFusion, its attention's (and the
+    frozen components' activations when its input, g_in, needs grad); AdaMix, the routed copies of up and, when
+    its input needs grad, of down."""
     width = dt.act if dt.autocast else 4
     if a.fusion:  # x, its query, the components' relu outputs, their outputs (under autocast: a 16-bit copy
         # for the keys and another for the values), keys and values, the softmax
         outs = 4 if dt.autocast else 3
-        return rows * (2 * a.din + a.m + outs * a.fusion * a.din + a.fusion) * width
+        out = rows * (2 * a.din + (a.m if g_in else 0) + outs * a.fusion * a.din + a.fusion) * width
+        if dt.autocast and g_in:  # the frozen fp32 components' 16-bit weight copies, cast at each use
+            out += 2 * a.m * a.din * dt.act
+        return out
     out = rows * a.din * width + (1 + (a.act_saves > 1)) * rows * a.m * width
     if a.gated:
         out += rows * (a.din + 1) * width
@@ -368,10 +382,13 @@ def rope_saved(arch: Arch, shape: Shape, dt: Dtypes) -> int:
 
 def side_network_saved(rows: int, d: int, d_s: int, f_s: int, blocks: int, dt: Dtypes) -> int:
     """LST's side network (methods/lst.py; fp32, or the activations' dtype under autocast): the backbone states
-    its ladders read (blocks + 1, rows x d), per block four rows x d_s (ladder output, mix, norm) and four
-    rows x f_s (gate, act, up, their product), the final norm and up's input, and each norm's rsqrt."""
+    its ladders read (blocks + 1, rows x d); per block five rows x d_s (the ladder's output and the state it mixes
+    with, the mix, its normalised value before and after the norm's weight; under autocast the fp32 norm output's
+    16-bit copies for gate and up each) and four rows x f_s (gate, act, up, their product); the final norm's input,
+    normalised value and output (up's input); each norm's rsqrt."""
     width = dt.act if dt.autocast else 4
-    return width * rows * ((blocks + 1) * (d + 1) + blocks * 4 * (d_s + f_s) + 2 * d_s)
+    per_block = (6 if dt.autocast else 5) * d_s + 1 + 4 * f_s
+    return width * rows * ((blocks + 1) * d + blocks * per_block + 3 * d_s + 1)
 
 
 def backward_transient(arch: Arch, shape: Shape, dt: Dtypes) -> int:

@@ -108,47 +108,38 @@ ACT_METHODS = _methods() + [{"name": "lora", "target_modules": "all-linear", "lo
 # a full-size ΔW rebuilt in backward keeps only the shared input (methods/delta_product.py)
 ACT_METHODS += [{"name": n, "target_modules": "all-linear"} for n in ("loha", "lokr", "glora")]
 ACT_METHODS += [{"name": "vera", "vera_dropout": 0.1, "target_modules": "all-linear"},
-                {"name": "loha", "rank_dropout": 0.3}, {"name": "adapter", "activation": "gelu"}]
+                {"name": "loha", "rank_dropout": 0.3}, {"name": "lokr", "rank_dropout": 0.3},
+                {"name": "adapter", "activation": "gelu"}, {"name": "adalora", "target_modules": "all-linear"}]
+_ids = lambda m: "-".join(str(v) for v in m.values())[:30]  # noqa: E731
 
 
 @pytest.mark.parametrize("gc", [False, True], ids=["nogc", "gc"])
-@pytest.mark.parametrize("method", ACT_METHODS, ids=lambda m: "-".join(str(v) for v in m.values())[:30])
+@pytest.mark.parametrize("method", ACT_METHODS, ids=_ids)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_activations_match_autograd(arch, method, gc, tmp_path):
+    """fp32: every tensor autograd keeps is in the estimate, to a few bytes (the loss's mask rounds up a row)."""
     pred, measured = _saved_case(arch, method, gc, tmp_path)
-    assert abs(pred - measured) <= 0.10 * measured, (pred, measured, (pred - measured) / measured)
-
-
-@pytest.mark.parametrize("method", [{"name": "adalora"}, {"name": "adalora", "target_modules": "all-linear"}],
-                         ids=["default", "all-linear"])
-def test_adalora_keeps_its_factor_products(method, tmp_path):
-    """AdaLoRA's products keep A ⊙ E and B · scaling, r-sized tensors built each step: a few percent of a tiny
-    model's activations (they were missing from the estimate, -2.8% and -6.9% here), a rounding error of a real one."""
-    pred, measured = _saved_case("tiny-llama", method, False, tmp_path)
     assert abs(pred - measured) <= 0.002 * measured, (pred, measured, (pred - measured) / measured)
 
 
-BF16_METHODS = {"lora": ACT_METHODS[0], "full": ACT_METHODS[1], "dora-nodrop": {"name": "dora", "lora_dropout": 0.0},
-                "lora-all-nodrop": ACT_METHODS[3], "ia3": {"name": "ia3"}, "dora": {"name": "dora"},
-                "loha-rank-dropout": {"name": "loha", "rank_dropout": 0.3},
-                "lokr-rank-dropout": {"name": "lokr", "rank_dropout": 0.3},
-                "vera": {"name": "vera", "vera_dropout": 0.1}, "dylora": {"name": "dylora"},
-                "adalora": {"name": "adalora", "target_modules": "all-linear"}}
+BF16_EXTRA = [{"name": "dora", "lora_dropout": 0.0}, {"name": "vera", "vera_dropout": 0.1},
+              {"name": "adalora", "target_modules": "all-linear"}]
 
 
-@pytest.mark.parametrize("method", list(BF16_METHODS.values()), ids=list(BF16_METHODS))
+@pytest.mark.parametrize("method", ACT_METHODS + BF16_EXTRA, ids=_ids)
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
 def test_activations_of_a_bf16_base_under_cpu_autocast(arch, method, tmp_path):
-    """The fused LoRA (with its dropout mask), a trained base, DoRA's path, which feeds the 16-bit input to
-    its adapters as it is (no fp32 copy to be cast back: q, k, v share one; with dropout its noise in the
-    activations' dtype), IA3, whose fp32 vectors scale 16-bit activations without upcasting them (the GPU grid
-    caught that), rank dropout's ΔW kept by autograd in 16 bits, and VeRA's 16-bit copies of the shared A and B."""
+    """A bf16 base under the trainer's autocast: what the products keep in 16 bits, fp32 where an op promotes,
+    and the 16-bit copies of fp32 trained weights the products keep (autocast's, or the fused LoRA op's step
+    copies; none for the weights used elementwise or cast by our own ops). Over by at most the copies of weights
+    whose input needs no grad (the first trained layer's: cast, not kept; AdapterFusion's query, key and value
+    2.8% here), never under."""
     facts = dict(model_presets()[arch]["config"], hidden_size=256, intermediate_size=688, num_hidden_layers=3)
     est, model = _estimated_and_real(tmp_path, facts, method, dtype=torch.bfloat16)
-    pred = est.details["saved_for_backward"]
+    pred = est.details["saved_for_backward"] + est.details["autocast_copies"]
     with _trainer_autocast(torch.bfloat16):
         measured = saved_tensor_bytes(model, random_batch(facts["vocab_size"], 2, 128), chunk=64)
-    assert abs(pred - measured) <= 0.05 * measured, (pred, measured, (pred - measured) / measured)
+    assert -0.002 * measured <= pred - measured <= 0.03 * measured, (pred, measured, (pred - measured) / measured)
 
 
 @pytest.mark.real_model

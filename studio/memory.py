@@ -100,7 +100,7 @@ class Facts:
     host_copy_bytes: int = 0                   # full FT keep_base_copy
     fused_head: bool = False                   # plain Linear head: losses.FusedLinearCrossEntropy
     head_trainable: bool = False               # ... whose weight trains (whole-vocabulary chunks + fp32 grad)
-    max_rebuilt_delta: int = 0                 # bytes of the largest ΔW rebuilt in backward (delta_product)
+    max_rebuilt_delta: tuple[int, int] = (0, 0)  # bytes a ΔW rebuilt in backward holds at most (fp32; autocast)
     side_network: tuple[int, int, int] | None = None  # LST: (width, FFN width, blocks) of the side network
     prompt_encoder_saved: int = 0              # bytes a soft prompt's encoder keeps for backward (its parameters' dtype)
 
@@ -219,8 +219,13 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
     return Facts(arch, layer_infos, total, trainable, by_dtype, weights + buffers, buffers, grad, grad_layer,
                  grad_outside, tensors, any(p.requires_grad for p in embed.parameters()) if embed else False,
                  final_norm_tr, outside_tr, fp32_tr, max_linear, host_copy, fused, head_tr,
-                 max((s.rebuilt_delta * s.dout * s.din * 4 for info in layer_infos for s in info.sites.values()),
-                     default=0), _side_network(model), _prompt_encoder_saved(model))
+                 _max_rebuilt_delta(layer_infos), _side_network(model), _prompt_encoder_saved(model))
+
+
+def _max_rebuilt_delta(infos: list[LayerInfo]) -> tuple[int, int]:
+    """Bytes the largest rebuilt ΔW's backward holds (fp32 run, under autocast)."""
+    sites = [s for info in infos for s in info.sites.values()]
+    return tuple(int(max((s.rebuilt_buffers[k] * s.dout * s.din * 4 for s in sites), default=0)) for k in (0, 1))
 
 
 def _side_network(model: nn.Module) -> tuple[int, int, int] | None:
@@ -395,7 +400,7 @@ def _site(name: str, mod: nn.Module) -> Site:
     site.other_trainable = any(p.requires_grad and id(p) not in base_params for p in mod.parameters())
     hada = any(n.startswith("hada_") for n, _ in mod.named_parameters())  # LoHa: two weight-sized factors
     if getattr(mod, "rebuilds_delta", lambda: False)():  # kept: the input; built again in backward: ΔW, W + ΔW
-        site.delta_weights, site.shares_input, site.rebuilt_delta = 0, True, 4 if hada else 2
+        site.delta_weights, site.shares_input, site.rebuilt_buffers = 0, True, mod.rebuilt_buffers
     elif getattr(mod, "full_width", lambda: False)():  # rank dropout: autograd keeps ΔW (and LoHa's factors)
         site.delta_weights, site.shares_input = 3 if hada else 1, True
         site.row_keep = bool(getattr(mod, "rank_dropout", 0))
@@ -590,7 +595,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         bwd = (3 * rows * f_s + 2 * rows * arch.hidden) * (dt.act if dt.autocast else 4)
     if nf4:
         bwd += facts.max_linear * act                                     # dequantized 4-bit weight
-    bwd += facts.max_rebuilt_delta                                        # a full-size ΔW built again
+    bwd += facts.max_rebuilt_delta[dt.autocast]                          # a full-size ΔW built again
     if arch.fused_mlp and any(_rebuilds_gated(info) for info in facts.layers):
         bwd += rows * arch.inter * act  # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
     phases = {"loss backward": activations + logits + facts.grad_outside + extra}

@@ -90,7 +90,9 @@ class Site:
     shares_input: bool = False     # it keeps the input it was given, as its neighbours do (methods/delta_product.py)
     sparse_values: int = 0         # Child-Tuning: the trained entries, cast to 16 bits under autocast (kept)
     row_keep: bool = False         # rank dropout: its keep vector (out x 1, in ΔW's dtype) times ΔW
-    rebuilt_delta: int = 0         # weight-sized fp32 tensors its backward builds again (ΔW, W + ΔW; LoHa's factors)
+    # ΔW built again in backward (methods/delta_product.py): weight-sized fp32 buffers its backward holds at once,
+    # (fp32 run, under autocast); (0, 0) for the others
+    rebuilt_buffers: tuple[float, float] = (0.0, 0.0)
 
     @property
     def needs_grad_out(self) -> bool:
@@ -262,7 +264,7 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     if site.other_trainable and not site.lora_r:
         # generic reparameterisation: its input, and the delta weight(s) it builds (out x in; under autocast
         # the products and the 16-bit copy F.linear keeps are in the activations' dtype)
-        rebuilds = rebuilt and site.rebuilt_delta > 0  # methods/delta_product.py keeps the producer's inputs instead
+        rebuilds = rebuilt and site.rebuilt_buffers[0] > 0  # methods/delta_product.py keeps the producer's inputs instead
         if not (site.shares_input and shared.get(key)) and not rebuilds:
             out += rows * site.din * dt.act
         if site.shares_input and not rebuilds:

@@ -36,6 +36,10 @@ class DeltaLinear(WrappedLinear):
 
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
+    # weight-sized buffers (out x in x 4 bytes each) held at once while delta_product.py's backward builds ΔW again
+    # and takes its factors' gradients, (fp32 run, under autocast); measured at the method's defaults
+    # (tests/test_memory.py::test_rebuilt_delta_transient), for the memory estimate of the largest layer's
+    rebuilt_buffers: tuple[float, float] = (2.0, 2.0)
 
     def __init__(self, base: nn.Module):
         super().__init__(base)

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from .memory import CUDA_CONTEXT_BYTES, model_dtype, nf4_bytes
-from .memory_act import Arch
+from .memory_act import Arch, Dtypes, Shape, rope_saved
 
 
 def estimate_inference(model_ref_or_config: Any, context_len: int, batch: int = 1, dtype: str = "bfloat16",
                        quantization: str = "none", device: str = "cuda") -> dict[str, int]:
-    """Weights + KV cache (+ context and the prefill peak) of generation, for the chat tab."""
+    """Weights + KV cache (+ context and the prefill peak) of generation, for the chat tab. The prefill peak: one
+    layer's MLP intermediates and hidden states over the prompt, its rotary tables and attention masks, and the
+    last position's fp32 logits."""
     from transformers import AutoModelForCausalLM
 
     from .methods.common import decoder_layers
@@ -45,6 +47,13 @@ def estimate_inference(model_ref_or_config: Any, context_len: int, batch: int = 
         length = min(context_len, arch.sliding_window) if sliding else context_len
         kv += 2 * batch * length * arch.kv_heads * arch.head_dim * elt
     prefill = batch * context_len * (3 * arch.inter + 4 * arch.hidden) * elt + batch * arch.vocab * 4
+    prefill += rope_saved(arch, Shape(batch, context_len), Dtypes(elt, False))  # the prompt's cos and sin
+    if arch.sliding_window and "sliding_attention" in arch.layer_types and context_len > arch.sliding_window:
+        # the prompt's bool masks (a sliding one, and a causal one beside it where layers mix), as in training
+        kinds = 2 if len(set(arch.layer_types)) > 1 else 1
+        prefill += kinds * batch * context_len * context_len
+        # a sliding layer's keys and values over the whole prompt, beyond the window its cache keeps
+        prefill += 2 * batch * (context_len - arch.sliding_window) * arch.kv_heads * arch.head_dim * elt
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
     return {"context": context, "weights": weights, "kv_cache": kv, "prefill": prefill,
             "total": context + weights + kv + prefill, "context_len": context_len, "batch": batch}

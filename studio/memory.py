@@ -201,7 +201,7 @@ def _collect(model: nn.Module, base_ids: set[int], nf4: bool, run_cfg: Any) -> F
         bseen.add(id(buf))
         buffers += buf.numel() * buf.element_size()
     by_dtype["buffers"] = buffers
-    layer_infos = [_layer_info(lay) for lay in layers_mod]
+    layer_infos = [_layer_info(lay, nf4) for lay in layers_mod]
     final_norm = getattr(decoder_body(model), "norm", None)
     if isinstance(final_norm, nn.Module):  # not, say, LST's side network's norms
         final_norm_tr = any(p.requires_grad for p in final_norm.parameters())
@@ -295,7 +295,7 @@ def _prompt_encoder_saved(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in kept.values())
 
 
-def _layer_info(layer: nn.Module) -> LayerInfo:
+def _layer_info(layer: nn.Module, nf4: bool = False) -> LayerInfo:
     sites: dict[str, Site] = {}
     site_paths: list[str] = []
     for path, mod in layer.named_modules():
@@ -303,7 +303,7 @@ def _layer_info(layer: nn.Module) -> LayerInfo:
         if short not in SITES_ALL or any(path.startswith(sp + ".") for sp in site_paths):
             continue
         site_paths.append(path)
-        sites[short] = _site(short, mod)
+        sites[short] = _site(short, mod, nf4)
     norms_tr = any(p.requires_grad for n, p in layer.named_parameters() if "norm" in n)
     trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
     adapter_sites = [(path, mod) for path, mod in layer.named_modules() if _is_adapter_site(mod)]
@@ -350,9 +350,11 @@ def _adapter(path: str, site: nn.Module) -> Adapter:
                    gated=bottleneck is not site.adapter, routed=copies > 1)
 
 
-def _site(name: str, mod: nn.Module) -> Site:
+def _site(name: str, mod: nn.Module, nf4: bool = False) -> Site:
+    """What one projection keeps, read off the meta model; nf4: its base Linear is 4-bit in the run (the meta model
+    holds a plain Linear there), which takes bitsandbytes' own product instead of a fused op's."""
     if _is_adapter_site(mod):  # its adapter is counted on its own (_adapter); the site is what it wraps
-        return _site(name, mod.base_layer)
+        return _site(name, mod.base_layer, nf4)
     base = getattr(mod, "base_layer", mod)
     din = getattr(base, "in_features", 0) or getattr(mod, "in_features", 0)
     dout = getattr(base, "out_features", 0) or getattr(mod, "out_features", 0)
@@ -383,7 +385,7 @@ def _site(name: str, mod: nn.Module) -> Site:
     if isinstance(ia3, torch.Tensor):
         site.ia3 = "in" if (ia3.dim() == 2 and ia3.shape[0] == 1 and ia3.shape[-1] == din != dout) or \
             getattr(mod, "is_feedforward", False) else "out"
-        site.ia3_gated = getattr(mod, "gated_scale_parts", lambda: None)() is not None
+        site.ia3_gated = getattr(mod, "gated_scale_parts", lambda: None)() is not None and not nf4
         return site
     if isinstance(getattr(mod, "ssf_scale", None), torch.Tensor):
         site.ssf = True

@@ -602,9 +602,13 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         bwd += rows * arch.inter * act  # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
     phases = {"loss backward": activations + logits + facts.grad_outside + extra}
     # LST's side forward under autocast: the backbone states it reads live beside the 16-bit copies its ladders
-    # keep, with one state's fp32 copy in flight (in fp32 the ladders keep the states themselves)
-    side_forward = rows * arch.hidden * ((facts.side_network[2] + 1) * act + 4) \
-        if facts.side_network and dt.autocast else 0
+    # keep (in fp32 the ladders keep the states themselves) and autocast's copies of the ladders' weights; at its
+    # end the final norm's output, up's output and their sum
+    if facts.side_network and dt.autocast:
+        d_s, _, blocks = facts.side_network
+        side_forward = rows * arch.hidden * ((blocks + 1) * act + 3 * act) + (blocks + 1) * arch.hidden * d_s * act
+    else:
+        side_forward = 0
     if side_forward:
         phases["side network forward"] = activations + extra + side_forward
     held = fixed + mask_bool + autocast_cache + extra + facts.grad_outside + (rope if gc else 0)

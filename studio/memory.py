@@ -102,7 +102,7 @@ class Facts:
     head_trainable: bool = False               # ... whose weight trains (whole-vocabulary chunks + fp32 grad)
     max_rebuilt_delta: tuple[int, int] = (0, 0)  # bytes a ΔW rebuilt in backward holds at most (fp32; autocast)
     side_network: tuple[int, int, int] | None = None  # LST: (width, FFN width, blocks) of the side network
-    prompt_encoder_saved: int = 0              # bytes a soft prompt's encoder keeps for backward (its parameters' dtype)
+    prompt_encoder_saved: int = 0              # bytes a soft prompt's encoder keeps (in its parameters' dtype)
 
 
 def model_dtype(name: str, device: str) -> torch.dtype:

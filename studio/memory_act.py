@@ -14,10 +14,12 @@ method modules save, op by op, and counts unique storages (a view costs nothing;
   keep-mask when dropout > 0; nothing for an input that is a fused norm's output (q/k/v, gate/up: it keeps
   the norm's input, which the norm keeps anyway, and rebuilds the output; studio/rebuilt_inputs.py). DoRA's A
   product keeps its input the same way (methods/dropped_input.py; AdaLoRA's too) and adds the sum it rescales
-  (rows x out; methods/rescaled_product.py). AdaLoRA's products also keep A ⊙ E and B · scaling (r-sized). Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its
-  noise) when dropout > 0, or the shared input.
+  (rows x out; methods/rescaled_product.py). AdaLoRA's products also keep A ⊙ E and B · scaling (r-sized), DyLoRA's
+  A times its rank mask. Else (8-bit bases, DyLoRA) the dropout output (+ on the CPU its noise) when dropout > 0,
+  or the shared input.
   On CUDA dropout draws from the run's seed (studio/seeded_dropout.py) and keeps no mask.
-- RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm.
+- RoPE: cos and sin (once per rope type, shared by all layers); gemma3 q/k norms as RMSNorm, where their
+  projection's output needs grad.
 - SDPA (flash / CPU flash): q, k, v (k, v at kv-head width; repeated to all heads when a mask is
   materialised on a grouped-query model), the output and the fp32 logsumexp; a materialised mask
   is converted per layer to the activation dtype and saved (efficient-attention kernel).
@@ -39,16 +41,21 @@ Other methods' modules (fp32 parameters: their activations in fp32, or in the ac
 - SSF: the output its scale multiplies. IA3: the output it scales (keys, values), or the input (the FFN's down
   projection; nothing under the fused MLP, whose op rebuilds it from gate and up).
 - Diff pruning: the shared input, three weight-sized fp32 tensors of the hard-concrete gates and W + diff.
-  Child-Tuning: the shared input and W + the sparse update (under autocast also its 16-bit values).
+  Child-Tuning: the shared input and W + the sparse update (under autocast also its 16-bit values). W + Δ (and
+  rank dropout's W + ΔW, with its keep vector) only where the product's input needs grad.
 - Bottleneck adapters (Houlsby, Pfeiffer, parallel, AdaptFormer, AdaMix, MAM; UniPELT's gated one): the adapter's
   input and the bottleneck's activation (rows x m; gelu/silu keep its input too); gated, also the adapter's
-  output. AdapterFusion: x, its query, the frozen components' bottlenecks, their outputs, keys and values.
+  output; AdaMix, its step's routed copies of down and up. AdapterFusion: x, its query, the frozen components'
+  bottlenecks (where x needs grad), their outputs, keys and values. The soft prompts' encoders (P-tuning's,
+  prefix tuning's projection): what their own forward keeps, run on the meta device (studio/memory.py).
 - UniPELT's gated LoRA: B's output and the gate, beside what LoRA keeps.
 - Unknown future modules: a wrapper around a projection with trainable parameters (DyLoRA, ...) is assumed to
   save its input and the delta weight it builds (fp32; under autocast 16-bit); where a full-size delta weight
   is rebuilt in backward (LoHa, LoKr, GLoRA, Compacter: methods/delta_product.py), only the input, which its
   neighbours share (for a fused norm's output, nothing: it keeps the norm's input, as LoRA's fused op does).
   A trainable Linear elsewhere in a layer is assumed to save one copy of its input.
+Under autocast the 16-bit copies of fp32 trained weights that the products keep are one item (studio/memory.py
+_autocast_kept: the weights autocast casts as they are, not those used elementwise first or cast by our ops).
 tests/test_memory.py checks every method's saved bytes and whole-step peak against autograd on tiny models.
 """
 from __future__ import annotations
@@ -264,7 +271,8 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     if site.other_trainable and not site.lora_r:
         # generic reparameterisation: its input, and the delta weight(s) it builds (out x in; under autocast
         # the products and the 16-bit copy F.linear keeps are in the activations' dtype)
-        rebuilds = rebuilt and site.rebuilt_buffers[0] > 0  # methods/delta_product.py keeps the producer's inputs instead
+        # methods/delta_product.py keeps the producer's inputs instead
+        rebuilds = rebuilt and site.rebuilt_buffers[0] > 0
         if not (site.shares_input and shared.get(key)) and not rebuilds:
             out += rows * site.din * dt.act
         if site.shares_input and not rebuilds:

@@ -161,7 +161,8 @@ def test_activations_real_gemma_270m(gc):
                          ids=["lora-bf16", "lokr-all-linear-ckpt"])
 def test_whole_step_real_gemma_270m(dtype, method, gc):
     """The shipped model (262k-word vocabulary: the loss's chunks weigh): the whole step's peak watched op by op
-    against the estimate, -0.5% to +1.7% at 2 x 256 (`baselines/results/cpu-2026-11-29/memory-real-gemma-47f3f73.jsonl`)."""
+    against the estimate, -0.5% to +1.7% at 2 x 256
+    (`baselines/results/cpu-2026-11-29/memory-real-gemma-47f3f73.jsonl`)."""
     from studio.config import ModelConfig
     from studio.models import load_model
     model, _ = load_model(ModelConfig(name="gemma-3-270m", device="cpu", dtype=dtype))

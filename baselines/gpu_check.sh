@@ -68,8 +68,9 @@ run)
   # quick: the quick grid (auto graphs, also eagerly; with AB=1 also without the Triton kernels)
   want quick && timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab \
     --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
-  # memmethods: the memory estimate of every method at its defaults against max_memory_allocated (0.5B, 4x512)
-  want memmethods && timeout 150 python3 -m studio bench --memory --methods --out "$OUT/memory_methods.jsonl" 2>&1 \
+  # memmethods: the memory estimate of every method at its defaults against max_memory_allocated (0.5B, 4x512), and
+  # the variants whose rules differ (LoHa/LoKr/GLoRA on every linear layer, IA3 and DoRA over a 4-bit base)
+  want memmethods && timeout 180 python3 -m studio bench --memory --methods --out "$OUT/memory_methods.jsonl" 2>&1 \
     | grep -v Warning > "$OUT/memory_methods.log"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \

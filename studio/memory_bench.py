@@ -241,10 +241,17 @@ def every_method(names: str = "all") -> list[tuple[str, dict, str]]:
             if "causal_lm" in method.task_types and (wanted is None or name in wanted)]
 
 
+# settings whose memory rules differ from the defaults': a ΔW rebuilt in backward on every linear layer (each
+# method's own buffers), IA3 and DoRA over a 4-bit base (bitsandbytes' product instead of the fused ops)
+METHOD_VARIANTS = [(f"{n}-all-linear", {"name": n, "target_modules": "all-linear"}, "none")
+                   for n in ("loha", "lokr", "glora")] + [("ia3-nf4", {"name": "ia3"}, "nf4"),
+                                                          ("dora-nf4", {"name": "dora"}, "nf4")]
+
+
 def memory_grid(quick: bool = False, methods: str | None = None) -> Iterator[dict]:
     """Rows of estimate vs measured peak. CUDA: the real-shape grid, or with `methods` ("all" or names) every
-    method at its defaults on Qwen2.5-0.5B at 4 x 512; CPU or quick: one tiny shape."""
-    rows = every_method(methods) if methods else grid_methods()
+    method at its defaults on Qwen2.5-0.5B at 4 x 512 ("all": and METHOD_VARIANTS); CPU or quick: one tiny shape."""
+    rows = (every_method(methods) + (METHOD_VARIANTS if methods == "all" else [])) if methods else grid_methods()
     if quick or not torch.cuda.is_available():
         yield from _cpu_grid(rows)
         return

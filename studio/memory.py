@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -238,7 +239,8 @@ def _side_network(model: nn.Module) -> tuple[int, int, int] | None:
 def _autocast_kept(model: nn.Module) -> set[int]:
     """Ids of the parameters whose 16-bit copies autocast makes and the products keep for backward (the fused LoRA
     op's step copies, under the trainer): the weights of trained Linears (LoRA's A and B, the prompt encoders', LST's),
-    a bottleneck adapter's down and up weights, LoHa/LoKr factors multiplied at full width (rank dropout). Not
+    an LSTM's weights and biases (P-tuning's), a bottleneck adapter's down and up weights, LoHa/LoKr factors
+    multiplied at full width (rank dropout). Not
     biases (cast, not kept), nor parameters used elementwise first or cast by our own ops: IA3, SSF, VeRA's vectors,
     DoRA's magnitude and A (dropped_input.py), AdaLoRA, DyLoRA's masked A, diff pruning, Child-Tuning, AdaMix's
     banks (the step's routed copy is cast instead), the ΔW rebuilt by LoHa/LoKr/GLoRA/Compacter, LST's ladders
@@ -259,6 +261,8 @@ def _autocast_kept(model: nn.Module) -> set[int]:
             kept.update(id(p) for p in table.parameters())
         if type(mod) is nn.Linear:
             kept.add(id(mod.weight))
+        elif isinstance(mod, nn.LSTM):  # P-tuning's LSTM encoder: autocast casts its weights and biases, all kept
+            kept.update(id(p) for p in mod.parameters())
         elif _bottleneck(mod) is mod and mod.down_weight.shape[0] == 1:
             kept.update((id(mod.down_weight), id(mod.up_weight)))
         elif getattr(mod, "full_width", lambda: False)() and not mod.rebuilds_delta():
@@ -269,11 +273,17 @@ def _autocast_kept(model: nn.Module) -> set[int]:
 def _prompt_encoder_saved(model: nn.Module) -> int:
     """Bytes the virtual tokens' encoder (P-tuning's MLP or LSTM, prefix tuning's projection, UniPELT's gated
     prefix) keeps for backward in one training forward: its own forward run on the meta device, the tensors
-    autograd saves counted once each (the encoder's parameters and views of them are not activations)."""
+    autograd saves counted once each (the encoder's parameters and views of them are not activations). An LSTM's
+    meta kernel keeps no workspace, so an encoder with one runs as a CPU copy (its few MB of weights) instead."""
     hook = (getattr(getattr(model, "studio_adapter", None), "extra", None) or {}).get("hook")
     source = getattr(hook, "source", None)  # what the method's hook calls each forward (methods/soft_prompt_common.py)
     if not isinstance(source, nn.Module) or not any(p.requires_grad for p in source.parameters()):
         return 0
+    if any(isinstance(m, nn.LSTM) for m in source.modules()):
+        from .memory_bench import saved_bytes
+        cpu_copy = deepcopy(source).to_empty(device="cpu").train()
+        with torch.enable_grad():
+            return saved_bytes(cpu_copy, cpu_copy)[0]
     params = {id(p) for p in source.parameters()}
     kept: dict[int, torch.Tensor] = {}
 

@@ -240,11 +240,10 @@ def _autocast_kept(model: nn.Module) -> set[int]:
     """Ids of the parameters whose 16-bit copies autocast makes and the products keep for backward (the fused LoRA
     op's step copies, under the trainer): the weights of trained Linears (LoRA's A and B, the prompt encoders', LST's),
     an LSTM's weights and biases (P-tuning's), a bottleneck adapter's down and up weights, LoHa/LoKr factors
-    multiplied at full width (rank dropout). Not
-    biases (cast, not kept), nor parameters used elementwise first or cast by our own ops: IA3, SSF, VeRA's vectors,
-    DoRA's magnitude and A (dropped_input.py), AdaLoRA, DyLoRA's masked A, diff pruning, Child-Tuning, AdaMix's
-    banks (the step's routed copy is cast instead), the ΔW rebuilt by LoHa/LoKr/GLoRA/Compacter, LST's ladders
-    (their inputs need no grad), a soft prompt's table without an encoder."""
+    multiplied at full width (rank dropout). Not biases (cast, not kept), nor parameters used elementwise first or
+    cast by our own ops: IA3, SSF, VeRA's vectors, DoRA's magnitude and A (dropped_input.py), AdaLoRA, DyLoRA's
+    masked A, diff pruning, Child-Tuning, AdaMix's banks (the step's routed copy is cast instead), the ΔW rebuilt by
+    LoHa/LoKr/GLoRA/Compacter, LST's ladders (their inputs need no grad), a soft prompt's table without an encoder."""
     kept: set[int] = set()
     elementwise: set[int] = set()
     for mod in model.modules():
@@ -282,8 +281,11 @@ def _prompt_encoder_saved(model: nn.Module) -> int:
     if any(isinstance(m, nn.LSTM) for m in source.modules()):
         from .memory_bench import saved_bytes
         cpu_copy = deepcopy(source).to_empty(device="cpu").train()
-        with torch.enable_grad():
-            return saved_bytes(cpu_copy, cpu_copy)[0]
+        try:
+            with torch.enable_grad():
+                return saved_bytes(cpu_copy, cpu_copy)[0]
+        except (RuntimeError, NotImplementedError):
+            return 0
     params = {id(p) for p in source.parameters()}
     kept: dict[int, torch.Tensor] = {}
 

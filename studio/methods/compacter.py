@@ -32,6 +32,7 @@ class CompacterConfig(MethodConfig):
 
 class CompacterLinear(DeltaLinear):
     rebuilt_buffers = (4.25, 2.125)
+
     def __init__(self, base: nn.Linear, rule: nn.Parameter, cfg: CompacterConfig):
         super().__init__(base)
         n, r = cfg.n, cfg.r

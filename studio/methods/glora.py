@@ -61,6 +61,7 @@ class GloraPath(nn.Module):
 
 class GloraLinear(DeltaLinear):
     rebuilt_buffers = (3.0, 4.5)  # under autocast also W's fp32 copy and 16-bit supports promoted
+
     def __init__(self, base: nn.Linear, cfg: GloraConfig):
         super().__init__(base)
         if cfg.r <= 0:

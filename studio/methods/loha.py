@@ -31,6 +31,7 @@ class LoHaConfig(MethodConfig):
 
 class LoHaLinear(DeltaLinear):
     rebuilt_buffers = (7.0, 3.5)  # ΔW, both factor products, ΔW's gradient, scaled, times each factor
+
     def __init__(self, base: nn.Linear, cfg: LoHaConfig):
         super().__init__(base)
         if cfg.r <= 0:

@@ -74,6 +74,7 @@ def lokr_count(in_f: int, out_f: int, r: int, decompose_both: bool = False) -> i
 
 class LoKrLinear(DeltaLinear):
     rebuilt_buffers = (5.0, 5.0)  # kron's output and backward in fp32 under autocast too (not an autocast op)
+
     def __init__(self, base: nn.Linear, cfg: LoKrConfig):
         super().__init__(base)
         if cfg.r <= 0:

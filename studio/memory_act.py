@@ -39,7 +39,7 @@ Other methods' modules (fp32 parameters: their activations in fp32, or in the ac
   of the shared A and B slices its products keep.
 - BitFit: a trained bias keeps nothing, but its output needs grad, so the layers above keep what they keep.
 - SSF: the output its scale multiplies. IA3: the output it scales (keys, values), or the input (the FFN's down
-  projection; nothing under the fused MLP, whose op rebuilds it from gate and up).
+  projection; nothing under the fused MLP, whose op, or IA3's own over a 4-bit base, rebuilds it from gate and up).
 - Diff pruning: the shared input, three weight-sized fp32 tensors of the hard-concrete gates and W + diff.
   Child-Tuning: the shared input and W + the sparse update (under autocast also its 16-bit values). W + Δ (and
   rank dropout's W + ΔW, with its keep vector) only where the product's input needs grad.
@@ -248,7 +248,9 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             out += site.lora_r * site.din * a_width + site.dout * site.lora_r * (dt.act if dt.autocast else 4)
         if site.lora_gated:
             out += rows * (site.dout + 1) * (dt.act if dt.autocast else 4)
-    if site.ia3 == "in" and not (rebuilt and site.ia3_gated):
+    # the scaled input: rebuilt from gate and up inside the gated MLP's op, or by ia3.ScaledInput from a recorded
+    # act(gate)·up (over a 4-/8-bit base); else kept
+    if site.ia3 == "in" and not (rebuilt and (site.ia3_gated or g_in)):
         out += rows * site.din * dt.act
     if site.ia3 == "out":
         out += rows * site.dout * dt.act

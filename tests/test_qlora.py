@@ -219,3 +219,37 @@ def test_memory_estimate_of_what_a_4bit_step_keeps(tiny_folder, method, compute)
     predicted = details["saved_for_backward"] + details["autocast_copies"]
     # over by at most the 16-bit copy of a weight whose input needs no grad (cast, not kept: the first adapter's)
     assert -0.002 * measured <= predicted - measured <= 0.03 * measured, (predicted, measured)
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_ia3_over_a_4bit_base_keeps_no_copy_of_downs_input(tiny_folder, monkeypatch, compute):
+    """IA3's feed-forward scale before a 4-bit down_proj (ia3.ScaledInput) keeps the gated MLP's gate and up, which
+    it keeps anyway, instead of act(gate)·up, and rebuilds that in backward: gradients bitwise autograd's, one
+    rows x intermediate tensor a layer fewer kept."""
+    from studio.memory_bench import random_batch, saved_tensor_bytes
+    from studio.methods import ia3
+    model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu", compute_dtype=compute))
+    apply_method(model, method_config({"name": "ia3"}))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    batch = random_batch(model.config.vocab_size, 2, 16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bfloat16")
+
+    def run():
+        with autocast:
+            kept = saved_tensor_bytes(model.train(), batch, chunk=64, backward=False)
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            model(**batch).loss.backward()
+        return kept, {n: p.grad.clone() for n, p in params.items()}
+
+    kept, grads = run()
+    monkeypatch.setattr(ia3.ScaledInput, "apply", staticmethod(lambda x, s: x * s))
+    kept_plain, want = run()
+    layers, rows, inter = model.config.num_hidden_layers, 2 * 16, model.config.intermediate_size
+    itemsize = 2 if compute == "bfloat16" else 4
+    assert kept_plain - kept == layers * rows * inter * itemsize
+    for name, g in grads.items():
+        assert torch.equal(g, want[name]), name

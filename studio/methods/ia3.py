@@ -3,7 +3,7 @@
 Each target Linear gets a vector l (init ones, so output == base). Attention targets (k, v) scale
 their output: y = (W x + b) ⊙ l (l: out x 1), summed in fp32 and rounded once (rescaled_product.py).
 Feed-forward targets (the down projection) scale their input: y = W (x ⊙ l) + b (l: 1 x in; inside the gated
-MLP's op where it is fused, studio/fused_mlp.py). Merging multiplies the weight rows (and bias) or columns by l.
+MLP's op where it is fused, studio/fused_mlp.py; before a 4-/8-bit base, ScaledInput, which keeps no copy of x). Merging multiplies the weight rows (and bias) or columns by l.
 Files are peft's IA3 format: `<module path>.ia3_l`, with `feedforward_modules` in the config.
 """
 from __future__ import annotations
@@ -13,12 +13,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import rebuilt_inputs
 from ..config import opt
 from ..errors import ConfigError
 from . import register
 from .base import Method, MethodConfig
 from .common import WrappedLinear, freeze_all, match_targets, replace_module
 from .rescaled_product import RescaledProduct
+
+
+class ScaledInput(torch.autograd.Function):
+    """(x, l) -> x ⊙ l, the feed-forward scale before a base the gated MLP's op does not take (4-/8-bit): for l's
+    gradient it keeps what x's producer keeps (the gated MLP's gate and up, kept anyway) when x is such an output,
+    and builds x again in backward (studio/rebuilt_inputs.py); else x, as autograd would. Same products and
+    reductions as autograd's: bitwise its gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*rebuilt_inputs.saved_input(ctx, x, rebuild=scale.requires_grad), scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        inputs, (scale,) = rebuilt_inputs.split_saved(ctx, ctx.saved_tensors)
+        dx = dy * scale if ctx.needs_input_grad[0] else None
+        ds = None
+        if ctx.needs_input_grad[1]:
+            ds = (dy * rebuilt_inputs.restored_input(ctx, inputs)).sum_to_size(scale.shape)
+        return dx, ds
 
 
 @dataclass
@@ -45,8 +67,8 @@ class IA3Linear(WrappedLinear):
         scale = self.ia3_l.flatten()
         # scaled in the activations' dtype: an fp32 product of a 16-bit input would be a second,
         # twice-as-large copy of the widest activation (down_proj's input) kept for backward
-        if self.is_feedforward:
-            return self.base_layer(x * scale.to(x.dtype))
+        if self.is_feedforward:  # a plain Linear inside the gated MLP takes GatedScaledDown instead (fused_mlp.py)
+            return self.base_layer(ScaledInput.apply(x, scale.to(x.dtype)))
         if torch.is_grad_enabled() or type(self.base_layer) is nn.Linear:
             # (W x + b) ⊙ l summed in fp32 and rounded once: a change of l under half a bf16 step of 1 is
             # not lost (generation over a 4-/8-bit base keeps bitsandbytes' kernels)

@@ -546,10 +546,12 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     c = min(int(tc.loss_chunk), labelled)
     if facts.fused_head and facts.head_trainable:
         # Fused, trained head: the fp32 d(loss)/d(W) is saved from forward to backward; per chunk the
-        # whole-vocabulary fp32 logits of a capped chunk (and their 16-bit copy) and the chunk's product
+        # whole-vocabulary fp32 logits of a capped chunk (and their 16-bit copy) and, in 16 bits, the chunk's
+        # d(W) product and its fp32 copy added into the saved one (in fp32 it is added in place)
         logits_saved += arch.vocab * arch.hidden * 4
         c = min(c, max(1, WEIGHT_GRAD_LOGITS // arch.vocab))
-        chunk = c * arch.vocab * (4 + (act if act < 4 else 0)) + arch.vocab * arch.hidden * act
+        chunk = c * arch.vocab * (4 + (act if act < 4 else 0))
+        chunk += arch.vocab * arch.hidden * (act + 4) if act < 4 else 0
         chunk += c * arch.vocab * 4 if arch.softcap else 0
     elif facts.fused_head:
         # Fused linear + CE over vocabulary blocks: fp32 logits of one block beside their 16-bit matmul
@@ -588,12 +590,14 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     offloaded = layer_input * sum(gc_layers) if offload and not rule["no_backbone_grad"] else 0
     if offloaded:
         notes.append(f"checkpointed layer inputs in pinned CPU RAM: {human(offloaded)}")
+    persistent = 0  # of the extras, those that live through the optimizer step too
     if device == "cpu" and host_extra:
-        extra += host_extra
+        persistent += host_extra
         notes.append("full: CPU copy of the base weights (keep_base_copy)")
     if "child" in rule["name"]:
-        extra += facts.trainable_params  # a bool mask per trainable weight
+        persistent += facts.trainable_params  # a bool mask per trainable weight
         notes.append("child-tuning gradient mask")
+    extra += persistent
     if graphs:
         notes.append(f"CUDA graphs: batches padded to {seq} tokens" + (
             "; the graphs keep the step's memory reserved, so evaluation passes need room beside it (not counted)"
@@ -612,7 +616,14 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     bwd += facts.max_rebuilt_delta[dt.autocast]                          # a full-size ΔW built again
     if arch.fused_mlp and any(_rebuilds_gated(info) for info in facts.layers):
         bwd += rows * arch.inter * act  # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
-    phases = {"loss backward": activations + logits + facts.grad_outside + extra}
+    if facts.fused_head:
+        # the fused loss runs its chunks in forward, filling the gradient buffers it keeps (logits_saved); its
+        # backward scales those in place, an fp32 head's gradient buffer becoming the weight's gradient itself
+        shared = arch.vocab * arch.hidden * 4 if facts.head_trainable and act == 4 else 0
+        phases = {"loss forward": activations + logits + extra,
+                  "loss backward": activations + logits_saved + facts.grad_outside - shared + extra}
+    else:  # checkpointed chunks: recomputed in backward
+        phases = {"loss backward": activations + logits + facts.grad_outside + extra}
     # LST's side forward under autocast: the backbone states it reads live beside the 16-bit copies its ladders
     # keep (in fp32 the ladders keep the states themselves) and autocast's copies of the ladders' weights; at its
     # end the final norm's output, up's output and their sum
@@ -637,7 +648,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         if val > worst_layer[1]:
             worst_layer = (f"backward of layer {k}", val, tr)
     phases[worst_layer[0]] = worst_layer[1]
-    phases["optimizer step"] = grads + opt_transient
+    phases["optimizer step"] = grads + opt_transient + persistent
     peak_phase = max(phases, key=phases.get)
     transient = {"loss backward": 0, "optimizer step": opt_transient,
                  "side network forward": side_forward}.get(peak_phase, worst_layer[2])

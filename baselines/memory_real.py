@@ -27,7 +27,7 @@ def main() -> None:
     from studio.models import load_model
 
     p = argparse.ArgumentParser()
-    p.add_argument("--methods", default="lora,dora,ia3,lokr-all,prefix_tuning")
+    p.add_argument("--methods", default="lora,dora,ia3,lokr-all,prefix_tuning,full")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)

@@ -163,7 +163,7 @@ def test_whole_step_real_gemma_270m(dtype, method, gc):
     """The shipped model (262k-word vocabulary: the loss's chunks weigh): the whole step's peak watched op by op
     against the estimate, -0.5% to +1.7% at 2 x 256 (full fine-tuning in bf16, whose trained head adds each chunk's
     16-bit d(W) and its fp32 copy into the saved fp32 one, was 15% under)
-    (`baselines/results/cpu-2026-11-29/memory-real-gemma-47f3f73.jsonl`)."""
+    (`baselines/results/cpu-2026-11-29/memory-real-gemma-dfa1f41.jsonl`)."""
     from studio.config import ModelConfig
     from studio.models import load_model
     model, _ = load_model(ModelConfig(name="gemma-3-270m", device="cpu", dtype=dtype))

@@ -650,7 +650,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     phases[worst_layer[0]] = worst_layer[1]
     phases["optimizer step"] = grads + opt_transient + persistent
     peak_phase = max(phases, key=phases.get)
-    transient = {"loss backward": 0, "optimizer step": opt_transient,
+    transient = {"loss forward": 0, "loss backward": 0, "optimizer step": opt_transient,  # the chunk: in logits
                  "side network forward": side_forward}.get(peak_phase, worst_layer[2])
     static = context + facts.weights_bytes + opt_gpu
     total = static + phases[peak_phase]

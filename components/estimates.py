@@ -83,7 +83,7 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
              f"peak during {details.get('peak_phase')}"]
     if d.get("not_concurrent"):
         notes.append(f"the items add up to {fmt_bytes(d['total'] + d['not_concurrent'])}; "
-                     f"{fmt_bytes(d['not_concurrent'])} of it is freed before the peak")
+                     f"{fmt_bytes(d['not_concurrent'])} of it is not held at the peak")
     if details.get("checkpointed_layers") and not details.get("gradient_checkpointing"):  # some layers only
         notes.append(f"{details['checkpointed_layers']} of {details['layers']} layers recomputed"
                      + (f" (fitted to {fmt_bytes(details['checkpoint_budget'])})" if "checkpoint_budget" in details else ""))

@@ -23,7 +23,7 @@ def format_estimate(est: Any) -> str:
         lines.append(f"  {k:<13}{human(n):>12}")
     nc = sum(est.items.values()) - est.total
     if nc:
-        lines.append(f"  {'not at peak':<13}{'-' + human(nc):>12}   (freed before the peak: {d['peak_phase']})")
+        lines.append(f"  {'not at peak':<13}{'-' + human(nc):>12}   (not held at the peak, {d['peak_phase']})")
     lines.append(f"  {'total':<13}{human(est.total):>12}   peak during {d['peak_phase']}")
     if d.get("optimizer_host"):
         lines.append(f"  (+ {human(d['optimizer_host'])} optimizer states in paged host memory)")

@@ -271,40 +271,19 @@ def _autocast_kept(model: nn.Module) -> set[int]:
 
 def _prompt_encoder_saved(model: nn.Module) -> int:
     """Bytes the virtual tokens' encoder (P-tuning's MLP or LSTM, prefix tuning's projection, UniPELT's gated
-    prefix) keeps for backward in one training forward: its own forward run on the meta device, the tensors
-    autograd saves counted once each (the encoder's parameters and views of them are not activations). An LSTM's
-    meta kernel keeps no workspace, so an encoder with one runs as a CPU copy (its few MB of weights) instead."""
+    prefix) keeps for backward in one training forward, measured on a CPU copy of it (its few MB of weights: an
+    LSTM's meta kernel would keep no workspace) by memory_bench.saved_bytes, its parameters not counted."""
+    from .memory_bench import saved_bytes  # the measuring module imports nothing of the estimator's
     hook = (getattr(getattr(model, "studio_adapter", None), "extra", None) or {}).get("hook")
     source = getattr(hook, "source", None)  # what the method's hook calls each forward (methods/soft_prompt_common.py)
     if not isinstance(source, nn.Module) or not any(p.requires_grad for p in source.parameters()):
         return 0
-    if any(isinstance(m, nn.LSTM) for m in source.modules()):
-        from .memory_bench import saved_bytes
-        cpu_copy = deepcopy(source).to_empty(device="cpu").train()
-        try:
-            with torch.enable_grad():
-                return saved_bytes(cpu_copy, cpu_copy)[0]
-        except (RuntimeError, NotImplementedError):
-            return 0
-    params = {id(p) for p in source.parameters()}
-    kept: dict[int, torch.Tensor] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t if t._base is None else t._base
-        if id(base) not in params:
-            kept[id(base)] = base  # held, so no other tensor takes its id meanwhile
-        return t
-
-    was_training = source.training
+    cpu_copy = deepcopy(source).to_empty(device="cpu").train()
     try:
-        source.train()
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            source()
-    except (RuntimeError, NotImplementedError):  # an op without a meta kernel: the encoder's few KB left out
+        with torch.enable_grad():
+            return saved_bytes(cpu_copy, cpu_copy)[0]
+    except (RuntimeError, NotImplementedError):  # an op the CPU cannot run: the encoder's few KB left out
         return 0
-    finally:
-        source.train(was_training)
-    return sum(t.numel() * t.element_size() for t in kept.values())
 
 
 def _layer_info(layer: nn.Module, nf4: bool = False) -> LayerInfo:

@@ -229,6 +229,7 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     the output of an op that records a graph and keeps its own inputs (a fused norm, the fused gated product),
     which the adapter ops that read it keep instead (studio/rebuilt_inputs.py)."""
     out = 0
+    width = dt.act if dt.autocast else 4  # what an fp32 adapter's own products keep: 16 bits under autocast
     if site.base_trainable and not shared.get(key):
         out += rows * site.din * dt.act
         shared[key] = True
@@ -242,12 +243,12 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             out += rows * site.dout * dt.act                   # the rescaled sum, for the magnitude's gradient
             out += 2 * site.dout * 4                           # the row norms and magnitude / norm (fp32)
         if site.rank_masked and g_in:
-            out += site.lora_r * site.din * (dt.act if dt.autocast else 4)
+            out += site.lora_r * site.din * width
         if site.svd_factors:  # A ⊙ E as built (fp32; a 16-bit copy if autocast's product takes it), B · s cast
             a_width = 4 if site.drops_in_op or not dt.autocast else dt.act
-            out += site.lora_r * site.din * a_width + site.dout * site.lora_r * (dt.act if dt.autocast else 4)
+            out += site.lora_r * site.din * a_width + site.dout * site.lora_r * width
         if site.lora_gated:
-            out += rows * (site.dout + 1) * (dt.act if dt.autocast else 4)
+            out += rows * (site.dout + 1) * width
     # the scaled input: rebuilt from gate and up inside the gated MLP's op, or by ia3.ScaledInput from a recorded
     # act(gate)·up (over a 4-/8-bit base); else kept
     if site.ia3 == "in" and not (rebuilt and (site.ia3_gated or g_in)):
@@ -255,7 +256,6 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
     if site.ia3 == "out":
         out += rows * site.dout * dt.act
     if site.vera_r:
-        width = dt.act if dt.autocast else 4
         out += rows * (site.vera_r + site.dout) * width        # d's input (x Aᵀ) and b's (its product through B)
         if dt.autocast:  # the 16-bit copies of the shared A and B slices the products keep for backward
             out += site.dout * site.vera_r * dt.act + (site.vera_r * site.din * dt.act if g_in else 0)
@@ -281,9 +281,9 @@ def _site_saves(site: Site, rows: int, dt: Dtypes, shared: dict, key: str, g_in:
             shared[key] = True
         # of the recognised ones, the weight the product reads (W + ΔW) is kept only for its input's gradient
         kept = site.delta_weights - (1 if site.shares_input and site.delta_weights and not g_in else 0)
-        out += kept * site.dout * site.din * (dt.act if dt.autocast else 4)
+        out += kept * site.dout * site.din * width
         if site.row_keep:
-            out += site.dout * (dt.act if dt.autocast else 4)
+            out += site.dout * width
         if dt.autocast:
             out += site.sparse_values * dt.act
     return out

@@ -42,6 +42,8 @@ def speed_table(rows: list[dict]) -> list[str]:
         if r.get("fit"):  # the fewest recomputed layers that fit that card
             k, n = r.get("checkpointed_layers") or ("?", "?")
             ckpt = f"{k} of {n} layers (fit {r['fit']})"
+        if r.get("mlp_chunks") is False:  # bench --long-grid's A/B: the recomputed MLPs kept whole
+            ckpt += ", MLP whole"
         method = r["method"] + (" (preset)" if r.get("preset") else "")  # bench --methods: the preset's settings
         cells = [r["shape"], method, f"{r['batch']}x{r['seq']}", ckpt,
                  "on" if r.get("offload") else "", engine, *result]

@@ -72,6 +72,10 @@ run)
   # the variants whose rules differ (LoHa/LoKr/GLoRA on every linear layer, IA3 and DoRA over a 4-bit base)
   want memmethods && timeout 180 python3 -m studio bench --memory --methods --out "$OUT/memory_methods.jsonl" 2>&1 \
     | grep -v Warning > "$OUT/memory_methods.log"
+  # long: 7B LoRA and QLoRA at 1x16384, QLoRA at 1x32768, checkpointed: ours with the recomputed MLPs in row chunks
+  # (studio/chunked_mlp.py) and whole, vs peft: peak, estimate, step time
+  want long && timeout 300 python3 -m studio bench --long-grid --out "$OUT/bench_long.jsonl" 2>&1 | grep -v Warning \
+    | tee "$OUT/bench_long.log"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/chat.log"
@@ -102,7 +106,7 @@ run)
   [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
-  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
+  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/bench_long.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
     "$OUT/memory_methods.jsonl" 2>&1 | tee "$OUT/table.md"
   # the targets, met or not, row by row
   python3 -m baselines.targets "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/targets.md"

@@ -72,14 +72,16 @@ def _row_facts(row: Row, engine: str) -> dict[str, Any]:
             "labels": row.labels, "engine": engine, "offload": row.offload and engine == "studio",
             "triton": row.triton and engine == "studio", "cuda_graphs": row.graphs if engine == "studio" else "off",
             "packed": row.packed} | ({"fit": row.fit} if row.fit and engine == "studio" else {}) | \
-        ({"preset": True} if row.preset else {})
+        ({"preset": True} if row.preset else {}) | \
+        ({"mlp_chunks": row.mlp_chunks} if engine == "studio" and row.grad_ckpt else {})
 
 
 def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool = False) -> dict:
     """One engine's row; out of memory, or any other failure, becomes a row that says so (the grid goes on)."""
     facts = machine_facts(device)
     try:
-        return _measure_row(row, engine, device, warmup, steps, compile) | facts
+        with _mlps(row, engine):
+            return _measure_row(row, engine, device, warmup, steps, compile) | facts
     except torch.OutOfMemoryError:
         return _row_facts(row, engine) | {"oom": True} | facts
     except Exception as exc:  # noqa: BLE001 - a broken row is reported, not fatal to a long GPU run
@@ -313,11 +315,18 @@ def recomputed_share(row: Row, device: torch.device) -> float:
     return budget_fraction(row_config(row), device.type, padding=False)[0]  # as estimated(): no padding
 
 
+def _mlps(row: Row, engine: str) -> Any:
+    """Our row's MLPs kept whole where it says so (row.mlp_chunks), else as the engine runs them."""
+    from . import chunked_mlp
+    return chunked_mlp.kept_whole() if engine == "studio" and not row.mlp_chunks else contextlib.nullcontext()
+
+
 def estimated(row: Row, device: torch.device) -> dict:
     """estimated_bytes of our row (and, fitted to a GPU, checkpointed_layers: how many it recomputes)."""
     from .memory import estimate
     try:
-        est = estimate(row_config(row), device.type, padding=False)
+        with _mlps(row, "studio"):
+            est = estimate(row_config(row), device.type, padding=False)
     except Exception:  # noqa: BLE001 - an estimate gap must not stop the speed benchmark
         return {"estimated_bytes": None}
     fitted = {"checkpointed_layers": [est.details["checkpointed_layers"], est.details["layers"]]} if row.fit else {}

@@ -1,5 +1,5 @@
 """What `python -m studio bench` runs: a row's settings (Row), the grids (the issue's GPU shapes, the
-quick grid, the CPU rows, the graphs/packed grids, one row per preset peft trains too) and the method
+quick grid, the CPU rows, the graphs/packed/long grids, one row per preset peft trains too) and the method
 config each row trains, shared by both engines."""
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Row:
     packed: bool = False  # each row packs examples of 64-512 tokens (data.packing): both engines get the same
     fit: str = ""  # ours only, with grad_ckpt: recompute the fewest layers that fit this GPU (train.checkpoint_budget_gb)
     preset: bool = False  # the method at its preset's own settings (the methods grid), not LoRA r16 on all linear layers
+    mlp_chunks: bool = True  # ours only: False keeps recomputed MLPs whole at any length (studio/chunked_mlp.py A/B)
 
     def baseline_key(self) -> tuple:
         """The settings the peft baseline sees (offloading, kernels, graphs are ours alone: variants share one)."""
@@ -51,6 +52,10 @@ GRAPHS_GRID = [Row(shape, "lora", batch, seq, True, graphs=graphs)
 PACKED_GRID = [Row(shape, "lora", 4, seq, ckpt, graphs=graphs, packed=True)
                for shape, seq, ckpt in (("qwen2.5-0.5b", 1024, False), ("qwen2.5-1.5b", 2048, True))
                for graphs in ("off", "on")]
+# long sequences: a recomputed layer's MLP in row chunks (studio/chunked_mlp.py: two at 16,384 tokens, three at
+# 32,768), and whole, against peft at the same length
+LONG_GRID = [Row("qwen2.5-7b", method, 1, seq, True, mlp_chunks=chunks)
+             for method, seq in (("lora", 16384), ("qlora", 16384), ("qlora", 32768)) for chunks in (True, False)]
 CPU_GRID = [Row("gemma-3-270m", "lora", 2, 128, False), Row("gemma-3-270m", "lora", 2, 128, False, "prompt"),
             Row("gemma-3-270m", "lora", 2, 128, False, "all", "bf16"),  # AMX / AVX512-BF16 CPUs
             Row("gemma-3-270m", "lora", 2, 128, False, "prompt", "bf16")]

@@ -10,12 +10,12 @@ the fraction instead: the fewest recomputed layers whose estimate fits (memory.b
 A checkpointed layer's recomputation runs with the layer marked (`recomputing_layer`): the recompute
 only has to rebuild what the layer's ops save for backward, and an op whose output nothing saves
 (the gated MLP's down projection at the end of a Llama-style layer, studio/fused_mlp.py) can skip
-its product there. `compile_layers` (train.compile) compiles a checkpointed layer's parts inside its
+its product there. Its first forward is marked too (`checkpointed_layer`), so that an op can save the same
+tensors in both passes while choosing what they are (studio/chunked_mlp.py: the MLP's input only). `compile_layers` (train.compile) compiles a checkpointed layer's parts inside its
 checkpoint, not the layer around it.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import weakref
@@ -55,23 +55,33 @@ def recomputing_layer() -> nn.Module | None:
     return ref() if ref is not None else None
 
 
-class _Marked:
-    """Marks a layer while entered; enterable again (a retained graph's second backward recomputes again)."""
+def checkpointed_layer() -> nn.Module | None:
+    """The decoder layer whose checkpoint this thread is running: its first forward or its recomputation."""
+    layer = recomputing_layer()
+    if layer is not None:
+        return layer
+    ref = getattr(_state, "forward_layer", None)
+    return ref() if ref is not None else None
 
-    def __init__(self, ref: weakref.ref) -> None:
-        self.ref, self.before = ref, []
+
+class _Marked:
+    """Marks a layer (in `_state.<attr>`) while entered; enterable again (a retained graph's second backward
+    recomputes again)."""
+
+    def __init__(self, ref: weakref.ref, attr: str = "layer") -> None:
+        self.ref, self.attr, self.before = ref, attr, []
 
     def __enter__(self) -> None:
-        self.before.append(getattr(_state, "layer", None))
-        _state.layer = self.ref
+        self.before.append(getattr(_state, self.attr, None))
+        setattr(_state, self.attr, self.ref)
 
     def __exit__(self, *exc: Any) -> None:
-        _state.layer = self.before.pop()
+        setattr(_state, self.attr, self.before.pop())
 
 
 def _contexts(ref: weakref.ref) -> tuple[Any, Any]:
-    """torch checkpoint's context_fn: nothing around the forward, the mark around the recomputation."""
-    return contextlib.nullcontext(), _Marked(ref)
+    """torch checkpoint's context_fn: one mark around the first forward, another around the recomputation."""
+    return _Marked(ref, "forward_layer"), _Marked(ref)
 
 
 def layer_checkpoint(layer: nn.Module, preserve_rng: bool = True, offloader: Any = None,

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import recomputing_layer
+from .chunked_mlp import OUTPUT_TO_RESIDUAL_LAYERS, chunks_for, replaying, run_deferred
 from .rebuilt_inputs import GatedOutput, attach
 from .methods.lora_fused import cast, lora_linear_backward, lora_linear_forward, op_dtype
 
@@ -43,9 +44,6 @@ MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Ge
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
 FUSED_MLP_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")
 FUSED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-# decoder layers whose MLP output goes straight into the residual add (Gemma 2/3 normalise it first)
-OUTPUT_TO_RESIDUAL_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer",
-                             "GemmaDecoderLayer")
 
 
 class GatedActivation(torch.autograd.Function):
@@ -205,6 +203,9 @@ def activation_kind(act_fn: nn.Module) -> str | None:
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    chunks = chunks_for(self, x)
+    if chunks:  # a long batch in a checkpointed layer: row chunks that keep only x (studio/chunked_mlp.py)
+        return run_deferred(self, x, chunks, _fused_forward)
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     parts = down.fused_parts(gate) if hasattr(down, "fused_parts") and not _has_hooks(down) else None
@@ -222,7 +223,10 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _output_unread(mlp: nn.Module) -> bool:
     """In a checkpoint's recomputation of a layer that ends in `residual + mlp(x)`, with this MLP its own
     (not wrapped by an adapter) and no hook on it: nothing saves the MLP's output for backward, so the
-    recomputation need not compute it (one of the three passes of down_proj's product each step)."""
+    recomputation need not compute it (one of the three passes of down_proj's product each step). So too in
+    a deferred MLP's run in its backward (studio/chunked_mlp.py)."""
+    if replaying():
+        return True
     layer = recomputing_layer()
     return (layer is not None and type(layer).__name__ in OUTPUT_TO_RESIDUAL_LAYERS
             and getattr(layer, "mlp", None) is mlp and not _has_hooks(mlp))

@@ -37,6 +37,7 @@ from .checkpointing import checkpointed_layers
 from .config import with_changes
 from .errors import ConfigError
 from .losses import WEIGHT_GRAD_LOGITS, decoder_body, vocab_block
+from .chunked_mlp import OUTPUT_TO_RESIDUAL_MODEL_TYPES, defers, mlp_chunks
 from .memory_act import (SITES_ALL, Adapter, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          norm_saved, rope_saved, side_network_saved)
 from .memory_report import human
@@ -306,7 +307,8 @@ def _layer_info(layer: nn.Module, nf4: bool = False) -> LayerInfo:
             continue
         if isinstance(mod, nn.Linear) and any(p.requires_grad for p in mod.parameters(recurse=False)):
             extra.append(mod.in_features)
-    return LayerInfo(sites, norms_tr, trainable, extra, adapters)
+    mlp = getattr(layer, "mlp", None)
+    return LayerInfo(sites, norms_tr, trainable, extra, adapters, isinstance(mlp, nn.Module) and defers(layer, mlp))
 
 
 def _bottleneck(adapter: nn.Module | None) -> nn.Module | None:
@@ -498,17 +500,27 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     g = facts.embeddings_trainable or rule["input_grad"] or facts.outside_trainable > 0 and rule["prompt_tokens"] > 0
     per_layer: list[int] = []
     recompute: list[int] = []
+    rows = b * s
+    # a recomputed layer's MLP in row chunks that keep only its input (studio/chunked_mlp.py): rows per chunk
+    chunks = mlp_chunks(rows, arch.inter)
+    defer_ok = chunks > 1 and arch.fused_mlp and arch.model_type in OUTPUT_TO_RESIDUAL_MODEL_TYPES \
+        and not graphs and not tc.compile
+    mlp_rows: list[int | None] = []
     first_grad = None
     for k, info in enumerate(facts.layers):
-        full, g_out = layer_saved(arch, info, shape, dt, k, g)
+        full, g_out, mlp = layer_saved(arch, info, shape, dt, k, g)
         if rule["no_backbone_grad"]:
-            full, g_out = 0, False
+            full, g_out, mlp = 0, False, 0
+        deferred = defer_ok and gc_layers[k] and info.mlp_defers and mlp > 0
+        mlp_rows.append(-(-rows // chunks) if deferred else None)
+        if deferred:  # the layer's recomputation keeps the MLP's input instead; its backward what one chunk keeps
+            chunk = dataclasses.replace(shape, batch=1, seq=mlp_rows[-1])  # (16-bit weight copies: each chunk's)
+            full += rows * arch.hidden * act - mlp + layer_saved(arch, info, chunk, dt, k, g)[2]
         recompute.append(full)
         if first_grad is None and (g or g_out):
             first_grad = k
         per_layer.append((0 if offload else layer_input) if gc_layers[k] and not rule["no_backbone_grad"] else full)
         g = g or g_out
-    rows = b * s
     rope = rope_saved(arch, shape, dt) if any(recompute) else 0   # with checkpointing held, not saved
     fixed = 0 if gc else rope
     if facts.side_network:
@@ -586,15 +598,19 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     opt_gpu, opt_host, opt_transient = _optimizer_bytes(tc.optimizer, facts.trainable_tensors, device)
     grads = facts.grad_bytes
     context = 0 if device == "cpu" else (CUDA_CONTEXT_BYTES if context_bytes is None else int(context_bytes))
-    bwd = backward_transient(arch, shape, dt)
-    if rule["no_backbone_grad"]:  # only the side network's backward runs: its FFN's and the output's gradients
-        _, f_s, _ = facts.side_network or (0, 0, 0)
-        bwd = (3 * rows * f_s + 2 * rows * arch.hidden) * (dt.act if dt.autocast else 4)
-    if nf4:
-        bwd += facts.max_linear * act                                     # dequantized 4-bit weight
-    bwd += facts.max_rebuilt_delta[dt.autocast]                          # a full-size ΔW built again
-    if arch.fused_mlp and any(_rebuilds_gated(info) for info in facts.layers):
-        bwd += rows * arch.inter * act  # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
+    def layer_bwd(mlp_rows: int | None) -> int:
+        """A layer's backward buffers; mlp_rows: its MLP deferred, in chunks of that many rows."""
+        if rule["no_backbone_grad"]:  # only the side network's backward runs: its FFN's and the output's gradients
+            _, f_s, _ = facts.side_network or (0, 0, 0)
+            return (3 * rows * f_s + 2 * rows * arch.hidden) * (dt.act if dt.autocast else 4)
+        bwd = backward_transient(arch, shape, dt, mlp_rows)
+        if nf4:
+            bwd += facts.max_linear * act                                     # dequantized 4-bit weight
+        bwd += facts.max_rebuilt_delta[dt.autocast]                          # a full-size ΔW built again
+        if arch.fused_mlp and any(_rebuilds_gated(info) for info in facts.layers):
+            # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
+            bwd += (rows if mlp_rows is None else mlp_rows) * arch.inter * act
+        return bwd
     if facts.fused_head:
         # the fused loss runs its chunks in forward, filling the gradient buffers it keeps (logits_saved); its
         # backward scales those in place, an fp32 head's gradient buffer becoming the weight's gradient itself
@@ -620,7 +636,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     for k in reversed(range(len(per_layer))):
         below -= per_layer[k]
         grads_done += facts.grad_layer[k]
-        tr = bwd + (recompute[k] if gc_layers[k] else 0)
+        tr = layer_bwd(mlp_rows[k]) + (recompute[k] if gc_layers[k] else 0)
         if offload and gc_layers[k] and k > 0:
             tr += layer_input                                              # the layer below, fetched ahead
         val = held + below + per_layer[k] + tr + grads_done

@@ -126,6 +126,7 @@ class LayerInfo:
     trainable: int = 0                    # trainable parameter count of the layer
     extra_inputs: list[int] = field(default_factory=list)  # in_features of unrecognised trainable Linears
     adapters: list[Adapter] = field(default_factory=list)
+    mlp_defers: bool = False  # its MLP may run in row chunks when recomputed (studio/chunked_mlp.py `defers`)
 
 
 @dataclass
@@ -310,8 +311,10 @@ def adapter_saved(a: Adapter, rows: int, dt: Dtypes, g_in: bool = True) -> int:
     return out
 
 
-def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: int, g_in: bool) -> tuple[int, bool]:
-    """Bytes one decoder layer saves for backward (no checkpointing) and whether its output needs grad."""
+def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: int, g_in: bool) -> tuple[int, bool, int]:
+    """Bytes one decoder layer saves for backward (no checkpointing), whether its output needs grad, and of those
+    bytes the MLP's own (its projections' and the adapters on them and after it: what a deferred MLP keeps only
+    a chunk of, studio/chunked_mlp.py)."""
     b, s = shape.batch, shape.seq
     rows = b * s
     h, i, hd = arch.hidden, arch.inter, arch.head_dim
@@ -362,6 +365,7 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     g_h1 = g_in or g_o
     total += norm_saved(rows, h, g_h1, info.norms_trainable, gemma, dt, fused)   # post_attention / pre_feedforward norm
     g_n2 = g_h1 or info.norms_trainable
+    before_mlp = total
     mlp_in = [st[n] for n in ("gate_proj", "up_proj", "gate_up_proj") if n in st]
     if g_n2 or any(x.needs_grad_out for x in mlp_in):
         for x in mlp_in:
@@ -378,12 +382,13 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     g_down = g_gate or (down is not None and down.needs_grad_out)
     mlp_adapters = [a for a in info.adapters if a.position == "mlp"]  # on the MLP's output, or beside the MLP
     total += sum(adapter_saved(a, rows, dt, g_down) for a in mlp_adapters)
+    mlp = total - before_mlp
     if gemma:  # post_feedforward_layernorm, after the adapters' sum
         total += norm_saved(rows, h, g_down or bool(mlp_adapters), info.norms_trainable, True, dt, fused)
     for din in info.extra_inputs:                              # unrecognised trainable modules
         total += rows * din * dt.act
     g_out = g_h1 or g_down or bool(info.extra_inputs) or bool(mlp_adapters)
-    return total, g_out
+    return total, g_out, mlp
 
 
 def rope_saved(arch: Arch, shape: Shape, dt: Dtypes) -> int:
@@ -403,7 +408,10 @@ def side_network_saved(rows: int, d: int, d_s: int, f_s: int, blocks: int, dt: D
     return width * rows * ((blocks + 1) * d + blocks * per_block + 3 * d_s + 1)
 
 
-def backward_transient(arch: Arch, shape: Shape, dt: Dtypes) -> int:
-    """Largest short-lived buffers of one layer's backward (MLP intermediate grads, hidden grads)."""
+def backward_transient(arch: Arch, shape: Shape, dt: Dtypes, mlp_rows: int | None = None) -> int:
+    """Largest short-lived buffers of one layer's backward (MLP intermediate grads, hidden grads); mlp_rows: the
+    rows of a deferred MLP's chunk (studio/chunked_mlp.py), whose input gradient is copied into x's."""
     rows = shape.batch * shape.seq
-    return 3 * rows * arch.inter * dt.act + 2 * rows * arch.hidden * dt.act
+    mlp_rows = rows if mlp_rows is None else mlp_rows
+    return 3 * mlp_rows * arch.inter * dt.act + 2 * rows * arch.hidden * dt.act + \
+        (mlp_rows * arch.hidden * dt.act if mlp_rows < rows else 0)

@@ -15,6 +15,8 @@ CUDA path (the CPU, no Triton, a kernel that fails its first-use check) everythi
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +30,35 @@ METHOD_MODULES = "studio.methods."  # the modules arm() may seed the dropouts of
 
 @dataclass(frozen=True)
 class SeededDrop:
-    """A dropout for one forward: probability p, the seed buffer and the dropout's site number."""
+    """A dropout for one forward: probability p, the seed buffer and the dropout's site number; row0: the rows
+    (of the last dimension's width) before the tensor it drops, which runs as a chunk of a larger one."""
     p: float
     seed: torch.Tensor
     site: int
+    row0: int = 0
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
         from .kernels import dropout
-        return dropout.apply(t, self.seed, self.site, self.p)
+        return dropout.apply(t, self.seed, self.site, self.p, self.row0 * t.shape[-1])
+
+
+_chunk = threading.local()
+
+
+@contextlib.contextmanager
+def rows_from(row0: int):
+    """Within: the seeded dropouts made here drop a chunk that starts at row `row0` of the whole batch's rows,
+    with the whole batch's mask there (studio/chunked_mlp.py)."""
+    before = getattr(_chunk, "row0", 0)
+    _chunk.row0 = row0
+    try:
+        yield
+    finally:
+        _chunk.row0 = before
+
+
+def _row0() -> int:
+    return getattr(_chunk, "row0", 0)
 
 
 def ready(device: torch.device) -> bool:
@@ -68,7 +91,7 @@ def module_drop(module: nn.Module) -> float | SeededDrop:
     if not (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0):
         return 0.0
     seeded = getattr(drop, "seeded_drop", None)
-    return SeededDrop(drop.p, *seeded) if seeded is not None else drop.p
+    return SeededDrop(drop.p, *seeded, _row0()) if seeded is not None else drop.p
 
 
 def uniform(module: nn.Module, shape: tuple[int, ...] | torch.Size, device: torch.device) -> torch.Tensor:
@@ -107,12 +130,17 @@ def draws_unseeded(module: nn.Module) -> bool:
     return _draws_on_its_own(module) and getattr(module, "seeded_rng", None) is None
 
 
+def draws_own(module: nn.Module) -> bool:
+    """Whether a training forward of the module makes draws of its own (not a dropout's), seeded or not."""
+    return not isinstance(module, nn.modules.dropout._DropoutNd) and _draws_on_its_own(module)
+
+
 class SeededDropout(nn.Dropout):
     """An nn.Dropout that arm() gave a (seed, site) as .seeded_drop: its training mask comes from them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.p > 0:
-            return SeededDropoutFn.apply(x, SeededDrop(self.p, *self.seeded_drop))
+            return SeededDropoutFn.apply(x, SeededDrop(self.p, *self.seeded_drop, _row0()))
         return super().forward(x)
 
 

@@ -366,3 +366,25 @@ def test_methods_probe_runs_presets_on_a_small_vocabulary_shape(monkeypatch, cap
     assert [(r["shape"], r["method"], r["engine"]) for r in rows] == [("probe", "loha", "peft"), ("probe", "loha", "studio")]
     assert rows[1]["loss_first_last"] == pytest.approx(rows[0]["loss_first_last"], abs=2e-4)
     assert "probe" not in model_presets()  # the cached preset table is left as it was
+
+
+def test_long_grid_pairs_chunked_and_whole_mlps_and_needs_cuda(monkeypatch, capsys):
+    """bench --long-grid: 7B rows at 1 x 16,384 and 1 x 32,768, ours with the recomputed MLPs in row chunks and
+    whole (one peft row each); on the CPU a tiny row of each kind runs (the threshold lowered to reach it):
+    same losses, and the estimate of the chunked row is the lower."""
+    import studio.chunked_mlp as chunked_mlp
+    from studio.__main__ import main
+    from studio.bench_grid import LONG_GRID
+    assert [(r.method, r.seq, r.mlp_chunks) for r in LONG_GRID] == [
+        ("lora", 16384, True), ("lora", 16384, False), ("qlora", 16384, True), ("qlora", 16384, False),
+        ("qlora", 32768, True), ("qlora", 32768, False)]
+    assert len({r.baseline_key() for r in LONG_GRID}) == 3
+    assert main(["bench", "--long-grid", "--device", "cpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    monkeypatch.setattr(chunked_mlp, "MLP_CHUNK_ELEMENTS", 2 * 64 * 64)
+    rows = list(bench(device="cpu", with_peft=False, warmup=0, steps=1, rounds=1,
+                      grid=[Row("tiny-llama", "lora", 2, 128, True, mlp_chunks=c) for c in (True, False)]))
+    chunked, whole = rows
+    assert (chunked["mlp_chunks"], whole["mlp_chunks"]) == (True, False)
+    assert chunked["loss_first_last"] == pytest.approx(whole["loss_first_last"], rel=1e-5)
+    assert chunked["estimated_bytes"] < whole["estimated_bytes"]

@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
                    help="both sides of train.cuda_graphs=auto's line (3B at 4x2048, 7B at 1x512; eager and replayed)")
     p.add_argument("--packed-grid", action="store_true",
                    help="packed rows (examples of 64-512 tokens): ours eager (varlen attention) and replayed (block mask)")
+    p.add_argument("--long-grid", action="store_true",
+                   help="long sequences (7B at 1x16384 and 1x32768): ours with the recomputed MLPs in row chunks "
+                        "and whole, vs peft")
     p.add_argument("--methods", nargs="?", const="all", default=None, metavar="PRESETS",
                    help="every preset peft trains too (or these, comma-separated), at the preset's settings, ours vs "
                         "peft given the same adapter (default model on the CPU, 0.5B on a GPU)")
@@ -47,16 +50,18 @@ def run(args) -> int:
                              rounds=args.rounds or 3)
         else:
             from ..bench import bench
-            from ..bench_grid import GRAPHS_GRID, PACKED_GRID, methods_grid
+            from ..bench_grid import GRAPHS_GRID, LONG_GRID, PACKED_GRID, methods_grid
             from ..models import resolve_device
-            if (args.graphs_grid or args.packed_grid) and resolve_device(args.device).type != "cuda":
-                flag = "--graphs-grid" if args.graphs_grid else "--packed-grid"
-                print(f"bench {flag} measures CUDA graphs: it needs a CUDA device.", file=sys.stderr)
+            cuda_only = [flag for flag, on in (("--graphs-grid", args.graphs_grid), ("--packed-grid", args.packed_grid),
+                                               ("--long-grid", args.long_grid)) if on]
+            if cuda_only and resolve_device(args.device).type != "cuda":
+                print(f"bench {cuda_only[0]} measures what only a GPU runs: it needs a CUDA device.", file=sys.stderr)
                 return 2
             rows = bench(args.quick, args.device, not args.no_peft, args.warmup, args.steps, rounds=args.rounds,
                          compile=args.compile, only=args.only.split(",") if args.only else None,
                          triton_ab=args.triton_ab, eager_ab=args.eager_ab,
                          grid=GRAPHS_GRID if args.graphs_grid else PACKED_GRID if args.packed_grid else
+                         LONG_GRID if args.long_grid else
                          methods_grid(resolve_device(args.device), args.methods) if args.methods else None)
         for row in rows:
             line = json.dumps(row)

@@ -19,11 +19,11 @@ SITE_STRIDE = tl.constexpr(1_000_003)  # globals a kernel reads must be constexp
 
 
 @triton.jit
-def _drop(X, Y, SEED, site, n, p, scale, BLOCK: tl.constexpr):
+def _drop(X, Y, SEED, site, n, p, scale, first, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     seed = tl.load(SEED) + site * SITE_STRIDE
-    keep = tl.rand(seed, offs) >= p
+    keep = tl.rand(seed, offs + first) >= p
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(keep, x * scale, 0.0)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -41,13 +41,14 @@ def _check_size(n: int) -> None:
         raise ValueError("seeded draws index elements with 32-bit offsets")
 
 
-def apply(t: torch.Tensor, seed: torch.Tensor, site: int, p: float) -> torch.Tensor:
-    """t with the (seed, site) mask applied: kept elements times 1 / (1 - p), dropped ones 0."""
+def apply(t: torch.Tensor, seed: torch.Tensor, site: int, p: float, first: int = 0) -> torch.Tensor:
+    """t with the (seed, site) mask applied: kept elements times 1 / (1 - p), dropped ones 0. first: the index
+    t's first element has in the mask (a chunk of rows of a larger tensor takes that tensor's mask there)."""
     x = t if t.is_contiguous() else t.contiguous()
     n = x.numel()
-    _check_size(n)
+    _check_size(first + n)
     y = torch.empty_like(x)
-    _drop[(triton.cdiv(n, BLOCK),)](x, y, seed, site, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK, num_warps=4)
+    _drop[(triton.cdiv(n, BLOCK),)](x, y, seed, site, n, p, 1.0 / (1.0 - p), first, BLOCK=BLOCK, num_warps=4)
     return y
 
 

@@ -1,0 +1,223 @@
+"""A recomputed layer's MLP in row chunks that keep only its input (studio/chunked_mlp.py), its threshold lowered
+to these tiny models: the gradients are those of the whole MLP (to the summation order of the weights' gradients
+over the chunks), dropout draws the same masks in a chunk's forward and in its run in backward (with a seed on
+the device, the whole batch's masks), and the rule leaves the MLP whole where it must."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import transformers
+
+import studio.chunked_mlp as chunked_mlp
+import studio.methods.lora_fused as lora_fused
+from studio.checkpointing import enable_gradient_checkpointing
+from studio.losses import causal_lm_loss
+from studio.memory_bench import random_batch
+from studio.methods import apply_method, method_config
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128)
+ROWS = 2 * 24
+LORA = {"name": "lora", "r": 4, "target_modules": "all-linear", "lora_dropout": 0.0}
+
+
+class Deferred:
+    """Runs a step with the MLPs in `n` chunks (n=1: whole) and records the chunk rows of each deferred call."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.monkeypatch, self.calls = monkeypatch, []
+        real = chunked_mlp.DeferredMLP.apply
+        monkeypatch.setattr(chunked_mlp.DeferredMLP, "apply", lambda *a: self.calls.append(a[2]) or real(*a))
+
+    @contextlib.contextmanager
+    def chunks(self, n: int):
+        with self.monkeypatch.context() as m:
+            m.setattr(chunked_mlp, "MLP_CHUNK_ELEMENTS", -(-ROWS * 128 // n) if n > 1 else 1 << 40)
+            self.calls.clear()
+            yield self
+
+
+@pytest.fixture
+def deferred(monkeypatch) -> Deferred:
+    return Deferred(monkeypatch)
+
+
+def _model(model_type: str, method: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(model_type, **TINY)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model.requires_grad_(False)
+    apply_method(model, method_config(method))
+    return model.train()
+
+
+def _step(model: torch.nn.Module, ckpt: bool = True, seed: int = 1) -> tuple[float, dict[str, torch.Tensor]]:
+    if ckpt:
+        enable_gradient_checkpointing(model, 1.0)
+    torch.manual_seed(seed)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = causal_lm_loss(model, random_batch(model.config.vocab_size, 2, 24))
+        loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(deferred: Deferred, n: int, model_type: str, method: dict, dtype: torch.dtype = torch.float32,
+         ckpt: bool = True) -> tuple[float, dict[str, torch.Tensor], list[int]]:
+    with deferred.chunks(n):
+        loss, grads = _step(_model(model_type, method, dtype), ckpt)
+        return loss, grads, list(deferred.calls)
+
+
+def _assert_same(a: tuple, b: tuple, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    assert a[0] == pytest.approx(b[0], rel=1e-6)
+    assert set(a[1]) == set(b[1]) and a[1]
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("model_type", chunked_mlp.OUTPUT_TO_RESIDUAL_MODEL_TYPES)
+def test_every_layer_class_gets_the_whole_mlps_gradients(deferred, model_type):
+    whole = _run(deferred, 1, model_type, LORA)
+    chunked = _run(deferred, 4, model_type, LORA)
+    assert whole[2] == [] and chunked[2] == [12] * 4  # two layers' forwards, then their recomputations
+    _assert_same(chunked, whole)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "ia3"}, {"name": "dora", "target_modules": "all-linear", "lora_dropout": 0.0},
+    {"name": "loha", "target_modules": "all-linear"}, {"name": "vera", "target_modules": "all-linear"},
+    {"name": "adalora", "target_modules": "all-linear"}, {"name": "bitfit"}, {"name": "prompt_tuning", "prompt_tuning_init": "RANDOM"},
+    {"name": "prefix_tuning"}, {"name": "lora"}], ids=lambda m: m["name"])
+def test_other_methods_get_the_whole_mlps_gradients(deferred, method):
+    """Adapters on the MLP's projections of every kind (and none: LoRA on q and v, whose MLP still passes the
+    gradient on)."""
+    whole = _run(deferred, 1, "qwen2", method)
+    chunked = _run(deferred, 3, "qwen2", method)
+    assert len(chunked[2]) == 4
+    _assert_same(chunked, whole)
+
+
+def test_bf16_under_autocast_matches_to_rounding(deferred):
+    whole = _run(deferred, 1, "llama", LORA, torch.bfloat16)
+    chunked = _run(deferred, 4, "llama", LORA, torch.bfloat16)
+    assert len(chunked[2]) == 4
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-3)
+    for name, g in whole[1].items():  # the weights' gradients summed in 16-bit products chunk by chunk
+        torch.testing.assert_close(chunked[1][name], g, rtol=2e-2, atol=2e-2 * g.abs().max().item(), msg=name)
+
+
+def test_dropout_draws_each_chunks_masks_again_in_backward(deferred, monkeypatch):
+    """torch's generator (the CPU): every mask the backward's runs draw is the one the chunk's forward drew."""
+    masks: list[torch.Tensor] = []
+    real = lora_fused.dropout_mask
+
+    def spy(x2, p):
+        mask = real(x2, p)
+        masks.append(mask.clone())
+        return mask
+    monkeypatch.setattr(lora_fused, "dropout_mask", spy)
+    with deferred.chunks(4):
+        model = _model("llama", dict(LORA, lora_dropout=0.5))
+        enable_gradient_checkpointing(model, 1.0)
+        loss, _ = causal_lm_loss(model, random_batch(256, 2, 24))
+        mlp_forward = [m for m in masks if m.shape[0] == 12]  # the MLP's chunks (12 rows); attention's: 48
+        masks.clear()
+        loss.backward()
+        mlp_backward = [m for m in masks if m.shape[0] == 12]
+    assert len(mlp_forward) == len(mlp_backward) == 2 * 4 * 3  # layers x chunks x (gate, up, down)
+    for m in mlp_backward:
+        assert sum(torch.equal(m, f) for f in mlp_forward if f.shape == m.shape) == 1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_seeded_dropout_takes_the_whole_batchs_masks(deferred):
+    """A seed on the device (the CUDA path, here through Triton's interpreter): the chunked step is the whole
+    step, masks included."""
+    pytest.importorskip("triton")
+    from studio import kernels, seeded_dropout
+
+    def run(n: int) -> tuple:
+        with deferred.chunks(n), kernels.forced():
+            model = _model("llama", dict(LORA, lora_dropout=0.3))
+            assert seeded_dropout.arm(model, torch.device("cpu"))
+            return _step(model)
+    whole, chunked = run(1), run(4)
+    assert len(deferred.calls) == 4
+    _assert_same(chunked, whole)
+
+
+def test_offloaded_checkpoints_defer_too(deferred):
+    """train.offload_checkpoints: the layer inputs wait in host memory (CPU here), the MLP's input is the op's."""
+    from studio.offload import CheckpointOffloader
+
+    def run(n: int) -> tuple:
+        with deferred.chunks(n):
+            model = _model("mistral", LORA)
+            enable_gradient_checkpointing(model, 1.0, CheckpointOffloader(min_bytes=0, devices=("cpu",)))
+            return _step(model, ckpt=False)
+    whole, chunked = run(1), run(4)
+    assert len(deferred.calls) == 4
+    _assert_same(chunked, whole)
+
+
+def test_chunks_cover_every_row_when_they_do_not_divide_it(deferred):
+    whole = _run(deferred, 1, "llama", LORA)
+    chunked = _run(deferred, 5, "llama", LORA)  # 48 rows in chunks of 10: the last one 8
+    assert chunked[2] == [10] * 4
+    _assert_same(chunked, whole)
+
+
+@pytest.mark.parametrize("case", ["gemma3", "no-ckpt", "own-draws", "base-trains", "hook", "eval"])
+def test_the_mlp_stays_whole_where_the_rule_says(deferred, case):
+    """Gemma-3 normalises the MLP's output (the recomputation reads it); without checkpointing there is no
+    recomputation to move; LoHa's rank dropout on the MLP draws once a step; full fine-tuning trains the
+    weights (their gradient would be built once a chunk); a hook may read anything; no grad, nothing kept."""
+    model_type, method, ckpt = "llama", LORA, True
+    if case == "gemma3":
+        model_type = "gemma3_text"
+    elif case == "no-ckpt":
+        ckpt = False
+    elif case == "own-draws":
+        method = {"name": "loha", "target_modules": "all-linear", "rank_dropout": 0.3}
+    elif case == "base-trains":
+        method = {"name": "full", "keep_base_copy": False}
+    with deferred.chunks(4):
+        model = _model(model_type, method)
+        if case == "hook":
+            for layer in model.model.layers:
+                layer.mlp.up_proj.register_forward_hook(lambda *a: None)
+        if case == "eval":
+            enable_gradient_checkpointing(model, 1.0)
+            with torch.no_grad():
+                causal_lm_loss(model, random_batch(256, 2, 24))
+        else:
+            _step(model, ckpt)
+        assert deferred.calls == []
+
+
+def test_the_estimate_keeps_a_chunk_of_the_mlp(deferred):
+    """Qwen2.5-7B, LoRA on every linear layer (dropout 0.05), checkpointed, 1 x 16,384 on CUDA: the MLP in two
+    chunks of 8,192 rows; at 4 x 2,048 whole (the bench rows keep their kernels' shapes)."""
+    from studio.config import RunConfig
+    from studio.memory import estimate
+
+    def est(batch: int, seq: int):
+        cfg = RunConfig.from_dict({"model": {"name": "qwen2.5-7b", "dtype": "bfloat16"},
+                                   "data": {"max_length": seq},
+                                   "method": {"name": "lora", "r": 16, "target_modules": "all-linear"},
+                                   "train": {"batch_size": batch, "gradient_checkpointing": True}})
+        return estimate(cfg, "cuda", padding=False)
+    assert chunked_mlp.mlp_chunks(16384, 18944) == 2 and chunked_mlp.mlp_chunks(8192, 18944) == 1
+    long = est(1, 16384)
+    with deferred.monkeypatch.context() as m:
+        m.setattr(chunked_mlp, "MLP_CHUNK_ELEMENTS", 1 << 40)
+        whole, whole_short = est(1, 16384), est(4, 2048)
+    assert est(4, 2048).total == whole_short.total
+    rows, inter, act = 16384, 18944, 2
+    saved = whole.total - long.total
+    # half of gate's and up's outputs and of their three backward buffers, less the input the op keeps
+    assert saved >= (2 + 3) * rows * inter * act // 2 - rows * 3584 * act * 2, saved

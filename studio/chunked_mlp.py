@@ -21,12 +21,14 @@ unchunked run's masks. Not used (the MLP runs as before) where a module in the M
 torch's generator), where hooks or wrappers sit on it or its modules, where its base weights train (their
 gradient would be built once a chunk), under torch.compile (no marks), in a captured CUDA graph, with several
 processes (DDP marks a gradient ready once a backward), and where nothing in it needs grad. Gemma 2/3 normalise
-the MLP's output before the residual add, so their recomputation reads it: not used there. The memory estimator
-applies the same rule (`defers` on its meta model, `mlp_chunks`).
+the MLP's output before the residual add: there the op runs that norm too (so nothing outside it reads the MLP's
+output; its run in backward computes down's product, which the norm reads, as the whole layer's recomputation
+does). The memory estimator applies the same rule (`defers` on its meta model, `mlp_chunks`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Any, Callable
 
@@ -42,8 +44,11 @@ MLP_CHUNK_ELEMENTS = 1 << 28
 # decoder layers whose MLP output goes straight into the residual add (Gemma 2/3 normalise it first)
 OUTPUT_TO_RESIDUAL_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer",
                              "GemmaDecoderLayer")
+# decoder layers that normalise the MLP's output (post_feedforward_layernorm) before the residual add: the deferred
+# op runs that norm too, and the norm module passes the op's output on
+POST_NORM_LAYERS = ("Gemma2DecoderLayer", "Gemma3DecoderLayer")
 # their config model types (the memory estimator's switch)
-OUTPUT_TO_RESIDUAL_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+DEFERRED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")
 
 _state = threading.local()
 
@@ -65,14 +70,32 @@ def kept_whole():
 
 
 def replaying() -> bool:
-    """Whether this thread is running a deferred MLP again in its backward (its output unread there)."""
-    return getattr(_state, "replaying", False)
+    """Whether this thread is running a deferred MLP again in its backward."""
+    return getattr(_state, "replay", None) is not None
+
+
+def replay_skips_output() -> bool:
+    """In a deferred MLP's run in backward: whether nothing reads its output (no norm after it), so that
+    fused_mlp skips down's product."""
+    return bool(getattr(_state, "replay", None))
+
+
+def post_norm(layer: nn.Module) -> nn.Module | None:
+    """The norm a layer applies to its MLP's output before the residual add (Gemma 2/3), else None."""
+    return getattr(layer, "post_feedforward_layernorm", None) if type(layer).__name__ in POST_NORM_LAYERS else None
 
 
 def defers(layer: nn.Module, mlp: nn.Module) -> bool:
     """Whether `mlp`, the MLP of decoder layer `layer`, may run deferred when its layer is checkpointed (the
     structural half of the rule; the rows and the run's state decide each call)."""
-    if type(layer).__name__ not in OUTPUT_TO_RESIDUAL_LAYERS or getattr(layer, "mlp", None) is not mlp:
+    if getattr(layer, "mlp", None) is not mlp:
+        return False
+    if type(layer).__name__ in POST_NORM_LAYERS:
+        norm = post_norm(layer)  # fused_norm's own: it passes the op's output on (studio/fused_norm.py)
+        if not isinstance(norm, nn.Module) or "studio_gemma_norm" not in vars(norm) or \
+                norm._forward_hooks or norm._forward_pre_hooks:
+            return False
+    elif type(layer).__name__ not in OUTPUT_TO_RESIDUAL_LAYERS:
         return False
     # fused_mlp's own (not a wrapper, which may pass attribute reads on to what it wraps)
     if "studio_act_kind" not in vars(mlp) or not isinstance(vars(mlp).get("intermediate_size"), int):
@@ -108,12 +131,22 @@ def chunks_for(mlp: nn.Module, x: torch.Tensor) -> int:
 
 
 def run_deferred(mlp: nn.Module, x: torch.Tensor, chunks: int, forward: Callable) -> torch.Tensor:
-    """The MLP's output through DeferredMLP; forward(mlp, x) is its usual (fused) forward."""
+    """The MLP's output through DeferredMLP; forward(mlp, x) is its usual (fused) forward. In a Gemma 2/3 layer the
+    op's output is already normalised, and marked so that the layer's post-MLP norm passes it on."""
     rows = x.numel() // x.shape[-1]
-    params = [p for p in mlp.parameters() if p.requires_grad]
+    norm = post_norm(checkpointed_layer())
+    params = [p for m in (mlp, norm) if m is not None for p in m.parameters() if p.requires_grad]
     unseeded = any(draws_unseeded(m) for m in mlp.modules())
-    return DeferredMLP.apply(x, lambda t: forward(mlp, t), -(-rows // chunks), recomputing_layer() is not None,
-                             unseeded, *params)
+    if norm is None:
+        run = functools.partial(forward, mlp)
+    else:
+        def run(t: torch.Tensor) -> torch.Tensor:
+            return norm(forward(mlp, t))
+    out = DeferredMLP.apply(x, run, -(-rows // chunks), recomputing_layer() is not None, unseeded, norm is None,
+                            *params)
+    if norm is not None:
+        out.studio_normed_by = norm
+    return out
 
 
 class DeferredMLP(torch.autograd.Function):
@@ -126,9 +159,10 @@ class DeferredMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, run: Callable, chunk: int, recomputing: bool, unseeded: bool,
-                *params: torch.Tensor):
+                output_unread: bool, *params: torch.Tensor):
         ctx.save_for_backward(x)
         ctx.run, ctx.chunk, ctx.autocast = run, chunk, _autocast_state(x.device.type)
+        ctx.output_unread = output_unread
         ctx.rng_states = []
         if recomputing:
             return x.new_empty(x.shape)
@@ -155,7 +189,7 @@ class DeferredMLP(torch.autograd.Function):
         dx = torch.empty_like(flat) if need_x else None
         states = ctx.rng_states
         devices = [x.device] if x.is_cuda else []
-        with torch.enable_grad(), _autocast(ctx.autocast, cache=True), _replay(), \
+        with torch.enable_grad(), _autocast(ctx.autocast, cache=True), _replay(ctx.output_unread), \
                 torch.random.fork_rng(devices, enabled=bool(states)):
             for k, i in enumerate(range(0, flat.shape[0], ctx.chunk)):
                 if states:
@@ -168,8 +202,8 @@ class DeferredMLP(torch.autograd.Function):
                 if need_x:
                     dx[i:i + ctx.chunk] = xc.grad[0] if xc.grad is not None else 0
                 del y, xc
-        n_params = len(ctx.needs_input_grad) - 5
-        return (dx.view_as(x) if need_x else None), None, None, None, None, *([None] * n_params)
+        n_params = len(ctx.needs_input_grad) - 6
+        return (dx.view_as(x) if need_x else None), None, None, None, None, None, *([None] * n_params)
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -197,10 +231,10 @@ def _autocast(state: tuple | None, cache: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _replay():
-    before = replaying()
-    _state.replaying = True
+def _replay(output_unread: bool):
+    before = getattr(_state, "replay", None)
+    _state.replay = output_unread
     try:
         yield
     finally:
-        _state.replaying = before
+        _state.replay = before

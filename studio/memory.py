@@ -37,7 +37,7 @@ from .checkpointing import checkpointed_layers
 from .config import with_changes
 from .errors import ConfigError
 from .losses import WEIGHT_GRAD_LOGITS, decoder_body, vocab_block
-from .chunked_mlp import OUTPUT_TO_RESIDUAL_MODEL_TYPES, defers, mlp_chunks
+from .chunked_mlp import DEFERRED_MODEL_TYPES, defers, mlp_chunks
 from .memory_act import (SITES_ALL, Adapter, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          norm_saved, rope_saved, side_network_saved)
 from .memory_report import human
@@ -503,7 +503,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     rows = b * s
     # a recomputed layer's MLP in row chunks that keep only its input (studio/chunked_mlp.py): rows per chunk
     chunks = mlp_chunks(rows, arch.inter)
-    defer_ok = chunks > 1 and arch.fused_mlp and arch.model_type in OUTPUT_TO_RESIDUAL_MODEL_TYPES \
+    defer_ok = chunks > 1 and arch.fused_mlp and arch.model_type in DEFERRED_MODEL_TYPES \
         and not graphs and not tc.compile
     mlp_rows: list[int | None] = []
     first_grad = None
@@ -570,6 +570,10 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
 
     # ---- method extras
     extra, notes = 0, []
+    deferred_rows = [r for r in mlp_rows if r is not None]
+    if deferred_rows:
+        notes.append(f"long sequence: each recomputed layer's MLP runs in {chunks} row chunks of up to "
+                     f"{deferred_rows[0]:,} (keeping only its input)")
     L = arch.layers
     if rule["prefix_tokens"]:
         extra += 2 * L * b * rule["prefix_tokens"] * arch.kv_heads * arch.head_dim * act

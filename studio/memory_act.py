@@ -313,8 +313,8 @@ def adapter_saved(a: Adapter, rows: int, dt: Dtypes, g_in: bool = True) -> int:
 
 def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: int, g_in: bool) -> tuple[int, bool, int]:
     """Bytes one decoder layer saves for backward (no checkpointing), whether its output needs grad, and of those
-    bytes the MLP's own (its projections' and the adapters on them and after it: what a deferred MLP keeps only
-    a chunk of, studio/chunked_mlp.py)."""
+    bytes the MLP's own (its projections', the adapters on them and after it, Gemma's norm of its output: what a
+    deferred MLP keeps only a chunk of, studio/chunked_mlp.py)."""
     b, s = shape.batch, shape.seq
     rows = b * s
     h, i, hd = arch.hidden, arch.inter, arch.head_dim
@@ -382,9 +382,9 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     g_down = g_gate or (down is not None and down.needs_grad_out)
     mlp_adapters = [a for a in info.adapters if a.position == "mlp"]  # on the MLP's output, or beside the MLP
     total += sum(adapter_saved(a, rows, dt, g_down) for a in mlp_adapters)
-    mlp = total - before_mlp
-    if gemma:  # post_feedforward_layernorm, after the adapters' sum
+    if gemma:  # post_feedforward_layernorm, after the adapters' sum (a deferred MLP's op runs it)
         total += norm_saved(rows, h, g_down or bool(mlp_adapters), info.norms_trainable, True, dt, fused)
+    mlp = total - before_mlp
     for din in info.extra_inputs:                              # unrecognised trainable modules
         total += rows * din * dt.act
     g_out = g_h1 or g_down or bool(info.extra_inputs) or bool(mlp_adapters)

@@ -29,4 +29,5 @@ def format_estimate(est: Any) -> str:
         lines.append(f"  (+ {human(d['optimizer_host'])} optimizer states in paged host memory)")
     if d.get("host_only"):
         lines.append(f"  (+ {human(d['host_only'])} CPU copy of the base weights)")
+    lines += [f"  ({note})" for note in d.get("notes", [])]  # what the method or the run adds or changes
     return "\n".join(lines)

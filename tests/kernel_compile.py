@@ -35,7 +35,7 @@ def cases():
         if flag:  # no variant flag: once per dtype
             yield softmax_block._block, dict(L=p, M="*fp32", E=p, MN="*fp32", S="*fp32", n_cols="i32", stride_l="i32",
                                              stride_e="i32", BLOCK="constexpr"), dict(BLOCK=softmax_block.BLOCK)
-            yield dropout._drop, dict(X=p, Y=p, SEED="*i64", site="i32", n="i32", p="fp32", scale="fp32",
+            yield dropout._drop, dict(X=p, Y=p, SEED="*i64", site="i32", n="i32", p="fp32", scale="fp32", first="i32",
                                       BLOCK="constexpr"), dict(BLOCK=dropout.BLOCK)
         if dt == "fp32" and flag:  # dtype-free: once
             yield dropout._uniform, dict(Y="*fp32", SEED="*i64", site="i32", n="i32", BLOCK="constexpr"), \

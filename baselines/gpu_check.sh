@@ -49,9 +49,11 @@ run)
   want 7b && timeout 270 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
   # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card; DoRA, IA3 and
-  # SSF through CUDA's fp32-output GEMM (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm
+  # SSF through CUDA's fp32-output GEMM (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a
+  # chunked MLP's seeded masks (the whole batch's, from the chunk's first row)
   want kernels && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-    tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py 2>&1 | tail -15 \
+    tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py \
+    tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
   # graphs: train.cuda_graphs through the real trainer, eager and graphed loss curves on tiny models (must
   # agree); LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (seeded:

@@ -54,15 +54,16 @@ def _model(model_type: str, method: dict, dtype: torch.dtype = torch.float32) ->
     return model.train()
 
 
-def _step(model: torch.nn.Module, ckpt: bool = True, seed: int = 1) -> tuple[float, dict[str, torch.Tensor]]:
+def _step(model: torch.nn.Module, ckpt: bool = True, seed: int = 1,
+          device: torch.device = torch.device("cpu")) -> tuple[float, dict[str, torch.Tensor]]:
     if ckpt:
         enable_gradient_checkpointing(model, 1.0)
     torch.manual_seed(seed)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss, _ = causal_lm_loss(model, random_batch(model.config.vocab_size, 2, 24))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = causal_lm_loss(model, random_batch(model.config.vocab_size, 2, 24, device=device))
         loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _run(deferred: Deferred, n: int, model_type: str, method: dict, dtype: torch.dtype = torch.float32,
@@ -136,16 +137,18 @@ def test_dropout_draws_each_chunks_masks_again_in_backward(deferred, monkeypatch
 
 
 def test_seeded_dropout_takes_the_whole_batchs_masks(deferred):
-    """A seed on the device (the CUDA path, here through Triton's interpreter): the chunked step is the whole
-    step, masks included."""
+    """A seed on the device (the CUDA path; on a CPU machine through Triton's interpreter): the chunked step is
+    the whole step, masks included."""
     pytest.importorskip("triton")
     from studio import kernels, seeded_dropout
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def run(n: int) -> tuple:
-        with deferred.chunks(n), kernels.forced():
-            model = _model("llama", dict(LORA, lora_dropout=0.3))
-            assert seeded_dropout.arm(model, torch.device("cpu"))
-            return _step(model)
+        routed = kernels.forced() if device.type == "cpu" else contextlib.nullcontext()
+        with deferred.chunks(n), routed:
+            model = _model("llama", dict(LORA, lora_dropout=0.3)).to(device)
+            assert seeded_dropout.arm(model, device)
+            return _step(model, device=device)
     whole, chunked = run(1), run(4)
     assert len(deferred.calls) == 4
     _assert_same(chunked, whole)

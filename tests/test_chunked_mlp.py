@@ -252,3 +252,34 @@ def test_the_trainer_gets_the_same_loss_curve(tmp_path, deferred, dropout, rel):
         return [row["loss"] for row in rd.metrics()]
     whole, chunked = curve(1, "whole"), curve(4, "chunked")
     assert len(whole) == 4 and chunked == pytest.approx(whole, rel=rel)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_no_matmul_work_is_added(deferred, model_type):
+    """The step's matrix-product FLOPs (forward, recomputation and backward, counted op by op) are the whole
+    MLPs': the recomputation's gate and up move into the op's backward, and down's product is skipped there as
+    in the whole layer's recomputation (Gemma: computed there as the whole recomputation does, for the norm)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Flops(TorchDispatchMode):  # torch's FlopCounterMode without its module hooks (which the rule sees)
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            count = flop_registry.get(func._overloadpacket)
+            if count is not None:
+                self.total += count(*args, **(kwargs or {}), out_val=out)
+            return out
+
+    def flops(n: int) -> int:
+        with deferred.chunks(n):
+            model = _model(model_type, LORA)
+            enable_gradient_checkpointing(model, 1.0)
+            with Flops() as counter:
+                loss, _ = causal_lm_loss(model, random_batch(256, 2, 24))
+                loss.backward()
+            assert (len(deferred.calls) > 0) == (n > 1)
+            return counter.total
+    whole = flops(1)
+    assert whole > 0 and flops(4) == whole

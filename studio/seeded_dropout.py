@@ -37,9 +37,9 @@ class SeededDrop:
     site: int
     row0: int = 0
 
-    def apply(self, t: torch.Tensor) -> torch.Tensor:
+    def apply(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         from .kernels import dropout
-        return dropout.apply(t, self.seed, self.site, self.p, self.row0 * t.shape[-1])
+        return dropout.apply(t, self.seed, self.site, self.p, self.row0 * t.shape[-1], inplace)
 
 
 _chunk = threading.local()

@@ -41,13 +41,15 @@ def _check_size(n: int) -> None:
         raise ValueError("seeded draws index elements with 32-bit offsets")
 
 
-def apply(t: torch.Tensor, seed: torch.Tensor, site: int, p: float, first: int = 0) -> torch.Tensor:
+def apply(t: torch.Tensor, seed: torch.Tensor, site: int, p: float, first: int = 0,
+          inplace: bool = False) -> torch.Tensor:
     """t with the (seed, site) mask applied: kept elements times 1 / (1 - p), dropped ones 0. first: the index
-    t's first element has in the mask (a chunk of rows of a larger tensor takes that tensor's mask there)."""
+    t's first element has in the mask (a chunk of rows of a larger tensor takes that tensor's mask there).
+    inplace: written over t (contiguous), each element read before it is written."""
     x = t if t.is_contiguous() else t.contiguous()
     n = x.numel()
     _check_size(first + n)
-    y = torch.empty_like(x)
+    y = x if inplace and x is t else torch.empty_like(x)
     _drop[(triton.cdiv(n, BLOCK),)](x, y, seed, site, n, p, 1.0 / (1.0 - p), first, BLOCK=BLOCK, num_warps=4)
     return y
 

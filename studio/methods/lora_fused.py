@@ -89,10 +89,14 @@ def dropout_mask(x2: torch.Tensor, p: float | SeededDrop) -> torch.Tensor | None
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
 
 
-def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float | SeededDrop) -> torch.Tensor:
+def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float | SeededDrop, inplace: bool = False) -> torch.Tensor:
+    """x2 with the dropout applied (the same ops, so the same values, either way); inplace: written over x2, a
+    tensor of the caller's own (the backward's products), not a second one beside it."""
     if isinstance(p, SeededDrop):
-        return p.apply(x2)
-    return x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
+        return p.apply(x2, inplace)
+    if mask is None:
+        return x2
+    return (x2.mul_(mask) if inplace else x2 * mask).mul_(1.0 / (1.0 - p))
 
 
 def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -129,20 +133,21 @@ def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, 
                          lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, need_x: bool, need_a: bool,
                          need_b: bool, mask: torch.Tensor | None = None, p: float | SeededDrop = 0.0,
                          ab_dtypes: tuple[torch.dtype, torch.dtype] | None = None, quant_state=None,
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                         x2_own: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx as rows x in in x2's dtype, dA, dB) of lora_linear_forward; None where not needed. dA and dB come
     in ab_dtypes (the trained weights' dtypes, when lora_a and lora_b are their compute-dtype copies); a
-    4-bit W (quant_state given) is dequantized only if dx is needed."""
+    4-bit W (quant_state given) is dequantized only if dx is needed. x2_own: x2 is the caller's to overwrite
+    (rebuilt for this backward), so its dropout is applied in place."""
     cdt = x2.dtype
     dy2 = cast(dy.reshape(-1, dy.shape[-1]), cdt)
     # s · dy B: with the scale in it (and in the forward's low), none of the products below needs one
     d_low = _scaled_mm(dy2, cast(lora_b, cdt), s)
     dx = None
     if need_x:  # as in the forward: the adapter's term first, the base GEMM adds onto it
-        dx = _dropped(d_low @ cast(lora_a, cdt), mask, p)
+        dx = _dropped(d_low @ cast(lora_a, cdt), mask, p, inplace=True)
         dx = dx.addmm_(dy2, dense_weight(weight, quant_state, cdt))
     a_dtype, b_dtype = ab_dtypes or (lora_a.dtype, lora_b.dtype)
-    da = weight_grad_mm(d_low.t(), _dropped(x2, mask, p), a_dtype) if need_a else None
+    da = weight_grad_mm(d_low.t(), _dropped(x2, mask, p, inplace=x2_own), a_dtype) if need_a else None
     db = weight_grad_mm(dy2.t(), low, b_dtype) if need_b else None
     return dx, da, db
 

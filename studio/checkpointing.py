@@ -11,8 +11,9 @@ A checkpointed layer's recomputation runs with the layer marked (`recomputing_la
 only has to rebuild what the layer's ops save for backward, and an op whose output nothing saves
 (the gated MLP's down projection at the end of a Llama-style layer, studio/fused_mlp.py) can skip
 its product there. Its first forward is marked too (`checkpointed_layer`), so that an op can save the same
-tensors in both passes while choosing what they are (studio/chunked_mlp.py: the MLP's input only). `compile_layers` (train.compile) compiles a checkpointed layer's parts inside its
-checkpoint, not the layer around it.
+tensors in both passes while choosing what they are (studio/chunked_mlp.py: the MLP's input only).
+`compile_layers` (train.compile) compiles a checkpointed layer's parts inside its checkpoint, not the layer
+around it.
 """
 from __future__ import annotations
 

@@ -34,10 +34,10 @@ from torch import nn
 
 from . import gpus
 from .checkpointing import checkpointed_layers
+from .chunked_mlp import DEFERRED_MODEL_TYPES, defers, mlp_chunks
 from .config import with_changes
 from .errors import ConfigError
 from .losses import WEIGHT_GRAD_LOGITS, decoder_body, vocab_block
-from .chunked_mlp import DEFERRED_MODEL_TYPES, defers, mlp_chunks
 from .memory_act import (SITES_ALL, Adapter, Arch, Dtypes, LayerInfo, Shape, Site, backward_transient, layer_saved,
                          norm_saved, rope_saved, side_network_saved)
 from .memory_report import human
@@ -602,6 +602,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     opt_gpu, opt_host, opt_transient = _optimizer_bytes(tc.optimizer, facts.trainable_tensors, device)
     grads = facts.grad_bytes
     context = 0 if device == "cpu" else (CUDA_CONTEXT_BYTES if context_bytes is None else int(context_bytes))
+
     def layer_bwd(mlp_rows: int | None) -> int:
         """A layer's backward buffers; mlp_rows: its MLP deferred, in chunks of that many rows."""
         if rule["no_backbone_grad"]:  # only the side network's backward runs: its FFN's and the output's gradients

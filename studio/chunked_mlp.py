@@ -114,7 +114,7 @@ def defers(layer: nn.Module, mlp: nn.Module) -> bool:
 def chunks_for(mlp: nn.Module, x: torch.Tensor) -> int:
     """Row chunks this call of a fused MLP runs deferred in; 0: it runs as usual (the cheap tests first: this
     runs in every layer's forward)."""
-    if replaying() or not torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or replaying() or not torch.is_grad_enabled():  # compiled: no marks either
         return 0
     n = mlp_chunks(x.numel() // x.shape[-1], getattr(mlp, "intermediate_size", 0) or 0)
     layer = checkpointed_layer() if n > 1 else None

@@ -88,7 +88,9 @@ class GatedDownLora(torch.autograd.Function):
         h = gated(gate, up, ctx.kind) if act is None else act * up
         dh, da, db = lora_linear_backward(dy, cast(h.reshape(-1, h.shape[-1]), ctx.cdt), low, weight, a, b,
                                           ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p,
-                                          ctx.ab_dtypes, ctx.quant_state, x2_own=True)  # h: rebuilt, ours
+                                          ctx.ab_dtypes, ctx.quant_state,
+                                          # h: rebuilt, ours (traced by compile, left to its own buffer reuse)
+                                          x2_own=not torch.compiler.is_compiling())
         del h
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live

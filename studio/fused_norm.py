@@ -112,8 +112,8 @@ def _kernel_agrees(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: boo
 
 
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    if getattr(hidden_states, "studio_normed_by", None) is self:  # a deferred MLP ran this norm (chunked_mlp.py)
-        return hidden_states
+    if not torch.compiler.is_compiling() and getattr(hidden_states, "studio_normed_by", None) is self:
+        return hidden_states  # a deferred MLP ran this norm (studio/chunked_mlp.py; never under compile)
     gemma = self.studio_gemma_norm
     eps = self.eps if gemma else self.variance_epsilon
     y = FusedRMSNorm.apply(hidden_states, self.weight, eps, gemma)

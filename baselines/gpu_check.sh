@@ -76,7 +76,7 @@ run)
     | grep -v Warning > "$OUT/memory_methods.log"
   # long: 7B LoRA and QLoRA at 1x16384, QLoRA at 1x32768, checkpointed: ours with the recomputed MLPs in row chunks
   # (studio/chunked_mlp.py) and whole, vs peft: peak, estimate, step time
-  want long && timeout 300 python3 -m studio bench --long-grid --out "$OUT/bench_long.jsonl" 2>&1 | grep -v Warning \
+  want long && timeout 300 python3 -m studio bench --long-grid --steps 3 --warmup 1 --out "$OUT/bench_long.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/bench_long.log"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \

@@ -5,7 +5,7 @@ each) and then their gradients, exist for all rows at once while the layer's bac
 they set the step's peak (Qwen2.5-7B, LoRA at 1 x 16,384: about 3 GiB of its 3.7 GiB backward buffers).
 Where rows x intermediate exceeds MLP_CHUNK_ELEMENTS, such an MLP runs as one op (DeferredMLP) that saves
 only its input x:
-- the layer's first forward computes the MLP's output a chunk of rows at a time, without a graph;
+- the layer's first forward computes the MLP's output a chunk of rows at a time, its graph keeping nothing;
 - the layer's recomputation skips the MLP: in a Llama-style layer its output only feeds the residual add,
   which saves nothing (as for fused_mlp's down projection), so the op saves x and returns a placeholder;
 - the op's backward runs the MLP again, a chunk at a time, with a graph and with fused_mlp skipping down's
@@ -69,15 +69,15 @@ def kept_whole():
         MLP_CHUNK_ELEMENTS = before
 
 
-def replaying() -> bool:
-    """Whether this thread is running a deferred MLP again in its backward."""
-    return getattr(_state, "replay", None) is not None
+def running_deferred() -> bool:
+    """Whether this thread is inside a deferred MLP's own run of its chunks (forward or backward)."""
+    return getattr(_state, "run", None) is not None
 
 
-def replay_skips_output() -> bool:
-    """In a deferred MLP's run in backward: whether nothing reads its output (no norm after it), so that
-    fused_mlp skips down's product."""
-    return bool(getattr(_state, "replay", None))
+def run_skips_output() -> bool:
+    """Inside a deferred MLP's run: whether nothing reads the MLP's output (its run in backward, no norm after
+    it), so that fused_mlp skips down's product."""
+    return bool(getattr(_state, "run", None))
 
 
 def post_norm(layer: nn.Module) -> nn.Module | None:
@@ -114,7 +114,7 @@ def defers(layer: nn.Module, mlp: nn.Module) -> bool:
 def chunks_for(mlp: nn.Module, x: torch.Tensor) -> int:
     """Row chunks this call of a fused MLP runs deferred in; 0: it runs as usual (the cheap tests first: this
     runs in every layer's forward)."""
-    if torch.compiler.is_compiling() or replaying() or not torch.is_grad_enabled():  # compiled: no marks either
+    if torch.compiler.is_compiling() or running_deferred() or not torch.is_grad_enabled():  # compiled: no marks either
         return 0
     n = mlp_chunks(x.numel() // x.shape[-1], getattr(mlp, "intermediate_size", 0) or 0)
     layer = checkpointed_layer() if n > 1 else None
@@ -151,7 +151,8 @@ def run_deferred(mlp: nn.Module, x: torch.Tensor, chunks: int, forward: Callable
 
 class DeferredMLP(torch.autograd.Function):
     """(x, run, chunk rows, recomputing, unseeded, output unread, *the trained parameters run reaches) -> run(x),
-    computed a chunk of rows at a time without a graph (recomputing: not at all, a placeholder); saves x only.
+    computed a chunk of rows at a time, its graph keeping nothing (recomputing: not at all, a placeholder); saves x
+    only.
     Its backward runs `run` again on each chunk with a graph (output unread: fused_mlp skips down's product) and
     backpropagates that chunk: x's gradient returned, the parameters' gradients accumulated in place (as a
     reentrant checkpoint does). Dropout draws the same masks in both runs
@@ -167,15 +168,17 @@ class DeferredMLP(torch.autograd.Function):
         ctx.rng_states = []
         if recomputing:
             return x.new_empty(x.shape)
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.detach().reshape(-1, x.shape[-1])
         out = None
-        # no cast cache: a 16-bit copy made here, without a graph, would serve the backward's casts
-        with _autocast(ctx.autocast, cache=False):
+        # the backward's code path (some ops take another without grad: a 4-bit base's LoRA, IA3), its graph keeping
+        # nothing; no cast cache: a 16-bit copy made here would serve the backward's casts
+        with _autocast(ctx.autocast, cache=False), torch.enable_grad(), _running(output_unread=False), \
+                torch.autograd.graph.saved_tensors_hooks(_discard, _discarded):
             for i in range(0, flat.shape[0], chunk):
                 if unseeded:
                     ctx.rng_states.append(_rng_state(x.device))
                 with rows_from(i):
-                    y = run(flat[i:i + chunk].unsqueeze(0))[0]
+                    y = run(flat[i:i + chunk].unsqueeze(0).requires_grad_(x.requires_grad))[0].detach()
                 if out is None:
                     out = y.new_empty(flat.shape[0], y.shape[-1])
                 out[i:i + chunk] = y
@@ -190,7 +193,7 @@ class DeferredMLP(torch.autograd.Function):
         dx = torch.empty_like(flat) if need_x else None
         states = ctx.rng_states
         devices = [x.device] if x.is_cuda else []
-        with torch.enable_grad(), _autocast(ctx.autocast, cache=True), _replay(ctx.output_unread), \
+        with torch.enable_grad(), _autocast(ctx.autocast, cache=True), _running(ctx.output_unread), \
                 torch.random.fork_rng(devices, enabled=bool(states)):
             for k, i in enumerate(range(0, flat.shape[0], ctx.chunk)):
                 if states:
@@ -205,6 +208,14 @@ class DeferredMLP(torch.autograd.Function):
                 del y, xc
         n_params = len(ctx.needs_input_grad) - 6
         return (dx.view_as(x) if need_x else None), None, None, None, None, None, *([None] * n_params)
+
+
+def _discard(_t: torch.Tensor) -> None:
+    return None
+
+
+def _discarded(_packed: None) -> torch.Tensor:
+    raise RuntimeError("a deferred MLP's forward keeps nothing for a backward (studio/chunked_mlp.py)")
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -232,10 +243,10 @@ def _autocast(state: tuple | None, cache: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _replay(output_unread: bool):
-    before = getattr(_state, "replay", None)
-    _state.replay = output_unread
+def _running(output_unread: bool):
+    before = getattr(_state, "run", None)
+    _state.run = output_unread
     try:
         yield
     finally:
-        _state.replay = before
+        _state.run = before

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import recomputing_layer
-from .chunked_mlp import OUTPUT_TO_RESIDUAL_LAYERS, chunks_for, replay_skips_output, replaying, run_deferred
+from .chunked_mlp import OUTPUT_TO_RESIDUAL_LAYERS, chunks_for, run_deferred, run_skips_output, running_deferred
 from .rebuilt_inputs import GatedOutput, attach
 from .methods.lora_fused import cast, lora_linear_backward, lora_linear_forward, op_dtype
 
@@ -227,8 +227,8 @@ def _output_unread(mlp: nn.Module) -> bool:
     (not wrapped by an adapter) and no hook on it: nothing saves the MLP's output for backward, so the
     recomputation need not compute it (one of the three passes of down_proj's product each step). So too in
     a deferred MLP's run in its backward (studio/chunked_mlp.py)."""
-    if replaying():
-        return replay_skips_output()
+    if running_deferred():
+        return run_skips_output()
     layer = recomputing_layer()
     return (layer is not None and type(layer).__name__ in OUTPUT_TO_RESIDUAL_LAYERS
             and getattr(layer, "mlp", None) is mlp and not _has_hooks(mlp))

@@ -283,3 +283,27 @@ def test_no_matmul_work_is_added(deferred, model_type):
             return counter.total
     whole = flops(1)
     assert whole > 0 and flops(4) == whole
+
+
+def test_a_4bit_base_chunks_with_the_trainings_ops(deferred, tmp_path):
+    """QLoRA (bitsandbytes' CPU backend): the chunks' forward takes the training path (the fused op over the
+    dequantized base, not bitsandbytes' no-grad kernels), so the loss and the gradients are the whole MLP's."""
+    pytest.importorskip("bitsandbytes")
+    from studio.config import ModelConfig
+    from studio.models import load_model
+    base, tok = load_model(ModelConfig(name="tiny-llama", device="cpu"))
+    base.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+
+    def run(n: int) -> tuple:
+        with deferred.chunks(n):
+            model, _ = load_model(ModelConfig(name=str(tmp_path / "tiny"), quantization="nf4", device="cpu"))
+            torch.manual_seed(0)
+            apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.05)
+            return _step(model.train())
+    whole, chunked = run(1), run(4)
+    assert len(deferred.calls) == 4
+    _assert_same(chunked, whole, rtol=1e-4, atol=1e-6)

@@ -151,13 +151,12 @@ def run_deferred(mlp: nn.Module, x: torch.Tensor, chunks: int, forward: Callable
 
 class DeferredMLP(torch.autograd.Function):
     """(x, run, chunk rows, recomputing, unseeded, output unread, *the trained parameters run reaches) -> run(x),
-    computed a chunk of rows at a time, its graph keeping nothing (recomputing: not at all, a placeholder); saves x
-    only.
-    Its backward runs `run` again on each chunk with a graph (output unread: fused_mlp skips down's product) and
-    backpropagates that chunk: x's gradient returned, the parameters' gradients accumulated in place (as a
-    reentrant checkpoint does). Dropout draws the same masks in both runs
-    of a chunk: a seeded one takes the whole batch's mask at the chunk's rows (seeded_dropout.rows_from); one
-    from torch's generator (unseeded) starts each chunk's run again from the generator state of its forward."""
+    computed a chunk of rows at a time, its graph keeping nothing (recomputing: not at all, a placeholder); saves
+    x only. Its backward runs `run` again on each chunk with a graph (output unread: fused_mlp skips down's
+    product) and backpropagates that chunk: x's gradient returned, the parameters' gradients accumulated in place
+    (as a reentrant checkpoint does). Dropout draws the same masks in both runs of a chunk: a seeded one takes the
+    whole batch's mask at the chunk's rows (seeded_dropout.rows_from); one from torch's generator (unseeded)
+    starts each chunk's run again from the generator state of its forward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, run: Callable, chunk: int, recomputing: bool, unseeded: bool,

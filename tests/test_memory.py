@@ -284,6 +284,18 @@ def test_cli_json(capsys):
     assert out["chat"]["total_merged"] > out["chat"]["total"] > out["chat"]["weights"] > 0  # LoRA: merged copy
 
 
+def test_cli_prints_the_estimates_notes(capsys):
+    """The run's notes under the items: here a 7B at 32,768 tokens, checkpointed and offloaded, whose recomputed
+    MLPs run in row chunks (studio/chunked_mlp.py)."""
+    from studio.__main__ import main
+    assert main(["estimate", "--set", "model.name=qwen2.5-7b", "--set", "data.max_length=32768", "--set",
+                 "train.batch_size=1", "--set", "train.gradient_checkpointing=true", "--set",
+                 "train.offload_checkpoints=true"]) == 0
+    out = capsys.readouterr().out
+    assert "(long sequence: each recomputed layer's MLP runs in 3 row chunks of up to 10,923" in out
+    assert "(checkpointed layer inputs in pinned CPU RAM" in out
+
+
 def test_memory_grid_runs_on_cpu():
     """Saved bytes within 10%; the whole step (on this smallest model, where fixed costs weigh most)
     at most 5% under and 15% over."""

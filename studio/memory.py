@@ -503,18 +503,18 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     rows = b * s
     # a recomputed layer's MLP in row chunks that keep only its input (studio/chunked_mlp.py): rows per chunk
     chunks = mlp_chunks(rows, arch.inter)
+    chunk_rows = -(-rows // chunks)
     defer_ok = chunks > 1 and arch.fused_mlp and arch.model_type in DEFERRED_MODEL_TYPES \
         and not graphs and not tc.compile
-    mlp_rows: list[int | None] = []
+    deferred: list[bool] = []
     first_grad = None
     for k, info in enumerate(facts.layers):
         full, g_out, mlp = layer_saved(arch, info, shape, dt, k, g)
         if rule["no_backbone_grad"]:
             full, g_out, mlp = 0, False, 0
-        deferred = defer_ok and gc_layers[k] and info.mlp_defers and mlp > 0
-        mlp_rows.append(-(-rows // chunks) if deferred else None)
-        if deferred:  # the layer's recomputation keeps the MLP's input instead; its backward what one chunk keeps
-            chunk = dataclasses.replace(shape, batch=1, seq=mlp_rows[-1])  # (16-bit weight copies: each chunk's)
+        deferred.append(defer_ok and gc_layers[k] and info.mlp_defers and mlp > 0)
+        if deferred[-1]:  # the layer's recomputation keeps the MLP's input instead; its backward what one chunk keeps
+            chunk = dataclasses.replace(shape, batch=1, seq=chunk_rows)  # (16-bit weight copies: each chunk's)
             full += rows * arch.hidden * act - mlp + layer_saved(arch, info, chunk, dt, k, g)[2]
         recompute.append(full)
         if first_grad is None and (g or g_out):
@@ -570,10 +570,9 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
 
     # ---- method extras
     extra, notes = 0, []
-    deferred_rows = [r for r in mlp_rows if r is not None]
-    if deferred_rows:
+    if any(deferred):
         notes.append(f"long sequence: each recomputed layer's MLP runs in {chunks} row chunks of up to "
-                     f"{deferred_rows[0]:,} (keeping only its input)")
+                     f"{chunk_rows:,} (keeping only its input)")
     L = arch.layers
     if rule["prefix_tokens"]:
         extra += 2 * L * b * rule["prefix_tokens"] * arch.kv_heads * arch.head_dim * act
@@ -603,8 +602,8 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     grads = facts.grad_bytes
     context = 0 if device == "cpu" else (CUDA_CONTEXT_BYTES if context_bytes is None else int(context_bytes))
 
-    def layer_bwd(mlp_rows: int | None) -> int:
-        """A layer's backward buffers; mlp_rows: its MLP deferred, in chunks of that many rows."""
+    def layer_bwd(mlp_rows: int) -> int:
+        """A layer's backward buffers, its MLP's in chunks of mlp_rows rows (all of them: a whole MLP)."""
         if rule["no_backbone_grad"]:  # only the side network's backward runs: its FFN's and the output's gradients
             _, f_s, _ = facts.side_network or (0, 0, 0)
             return (3 * rows * f_s + 2 * rows * arch.hidden) * (dt.act if dt.autocast else 4)
@@ -612,10 +611,11 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         if nf4:
             bwd += facts.max_linear * act                                     # dequantized 4-bit weight
         bwd += facts.max_rebuilt_delta[dt.autocast]                          # a full-size ΔW built again
-        if arch.fused_mlp and any(_rebuilds_gated(info) for info in facts.layers):
-            # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
-            bwd += (rows if mlp_rows is None else mlp_rows) * arch.inter * act
+        if rebuilds_gated:  # act(gate)·up rebuilt for down's adapter beside its gradients (rebuilt_inputs)
+            bwd += mlp_rows * arch.inter * act
         return bwd
+    rebuilds_gated = arch.fused_mlp and any(_rebuilds_gated(info) for info in facts.layers)
+    bwd_by_rows = {r: layer_bwd(r) for r in {rows, chunk_rows}}  # whole MLPs, chunked ones: once each
     if facts.fused_head:
         # the fused loss runs its chunks in forward, filling the gradient buffers it keeps (logits_saved); its
         # backward scales those in place, an fp32 head's gradient buffer becoming the weight's gradient itself
@@ -641,7 +641,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
     for k in reversed(range(len(per_layer))):
         below -= per_layer[k]
         grads_done += facts.grad_layer[k]
-        tr = layer_bwd(mlp_rows[k]) + (recompute[k] if gc_layers[k] else 0)
+        tr = bwd_by_rows[chunk_rows if deferred[k] else rows] + (recompute[k] if gc_layers[k] else 0)
         if offload and gc_layers[k] and k > 0:
             tr += layer_input                                              # the layer below, fetched ahead
         val = held + below + per_layer[k] + tr + grads_done

@@ -410,7 +410,8 @@ def side_network_saved(rows: int, d: int, d_s: int, f_s: int, blocks: int, dt: D
 
 def backward_transient(arch: Arch, shape: Shape, dt: Dtypes, mlp_rows: int | None = None) -> int:
     """Largest short-lived buffers of one layer's backward (MLP intermediate grads, hidden grads); mlp_rows: the
-    rows of a deferred MLP's chunk (studio/chunked_mlp.py), whose input gradient is copied into x's."""
+    rows of a deferred MLP's chunk (studio/chunked_mlp.py), whose input gradient is copied into x's (None or all
+    rows: a whole MLP)."""
     rows = shape.batch * shape.seq
     mlp_rows = rows if mlp_rows is None else mlp_rows
     return 3 * mlp_rows * arch.inter * dt.act + 2 * rows * arch.hidden * dt.act + \

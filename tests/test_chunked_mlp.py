@@ -92,7 +92,8 @@ def test_every_layer_class_gets_the_whole_mlps_gradients(deferred, model_type):
 @pytest.mark.parametrize("method", [
     {"name": "ia3"}, {"name": "dora", "target_modules": "all-linear", "lora_dropout": 0.0},
     {"name": "loha", "target_modules": "all-linear"}, {"name": "vera", "target_modules": "all-linear"},
-    {"name": "adalora", "target_modules": "all-linear"}, {"name": "bitfit"}, {"name": "prompt_tuning", "prompt_tuning_init": "RANDOM"},
+    {"name": "adalora", "target_modules": "all-linear"}, {"name": "bitfit"},
+    {"name": "prompt_tuning", "prompt_tuning_init": "RANDOM"},
     {"name": "prefix_tuning"}, {"name": "lora"}], ids=lambda m: m["name"])
 def test_other_methods_get_the_whole_mlps_gradients(deferred, method):
     """Adapters on the MLP's projections of every kind (and none: LoRA on q and v, whose MLP still passes the

@@ -3,7 +3,8 @@
 Each target Linear gets a vector l (init ones, so output == base). Attention targets (k, v) scale
 their output: y = (W x + b) ⊙ l (l: out x 1), summed in fp32 and rounded once (rescaled_product.py).
 Feed-forward targets (the down projection) scale their input: y = W (x ⊙ l) + b (l: 1 x in; inside the gated
-MLP's op where it is fused, studio/fused_mlp.py; before a 4-/8-bit base, ScaledInput, which keeps no copy of x). Merging multiplies the weight rows (and bias) or columns by l.
+MLP's op where it is fused, studio/fused_mlp.py; before a 4-/8-bit base, ScaledInput, which keeps no copy of x).
+Merging multiplies the weight rows (and bias) or columns by l.
 Files are peft's IA3 format: `<module path>.ia3_l`, with `feedforward_modules` in the config.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ def build_calc_form(methods: list[dict] | None = None) -> RunForm:
 
 def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
     """[memory figure, verdict, fit figure, fit rows, answers html, switch rows, params html]."""
-    from studio.memory_search import best_switch, fit_table, largest_fitting
+    from studio.memory_search import best_switch, fit_table, largest_fitting, saving_text
     try:
         cfg = form.to_config(values)
         fig, verdict = memory_panel(cfg, gpu=gpu)
@@ -54,7 +54,7 @@ def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
     answers.append(checkpointing_tile(cfg, gpu))
     answers.append(chat_tile(cfg))
     try:
-        switches = [[label, fmt_bytes(saved)] for label, saved in best_switch(cfg, gpu)]
+        switches = [[label, saving_text(saved, fmt_bytes)] for label, saved in best_switch(cfg, gpu)]
     except StudioError:
         switches = []
     head, _, _ = params_panel(cfg)

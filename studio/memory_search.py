@@ -3,7 +3,7 @@ largest batch / sequence / rank that fits one, the fewest recomputed layers that
 switch saves the most."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import gpus
 from .config import with_changes
@@ -85,6 +85,12 @@ def switches(run_cfg: Any) -> list[tuple[str, dict]]:
         out.append((f"batch_size {max(1, tc.batch_size // 2)} (grad_accum x2)",
                     {"train.batch_size": max(1, tc.batch_size // 2), "train.grad_accum": tc.grad_accum * 2}))
     return out
+
+
+def saving_text(saved: int, fmt: Callable[[int], str]) -> str:
+    """A switch's effect in a table: the bytes it saves; for one that spends memory on speed (checkpointing
+    fitted to the card of a run that already fits with every layer recomputed), how much more it uses."""
+    return fmt(saved) if saved >= 0 else f"{fmt(-saved)} more, faster"
 
 
 def best_switch(run_cfg: Any, gpu: str) -> list[tuple[str, int]]:

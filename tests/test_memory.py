@@ -17,7 +17,8 @@ from studio.gpus import gpu_presets
 from studio.memory import estimate, measured_vs_estimate, nf4_bytes
 from studio.memory_bench import _apply, every_method, measured_step_peak, memory_grid, random_batch, saved_tensor_bytes
 from studio.memory_inference import estimate_inference
-from studio.memory_search import best_switch, fit_table, largest_fitting
+from studio.memory_report import human
+from studio.memory_search import best_switch, fit_table, largest_fitting, saving_text
 from studio.methods import registry
 from studio.models import build_random_model, hf_config_from_dict, model_presets
 
@@ -226,6 +227,10 @@ def test_calculator():
     assert sw[1][0].startswith("gradient checkpointing") and sw[1][1] > sw[0][1]
     tiny_card = best_switch(big, "T4")  # 7B's 16-bit weights alone do not fit: no fitted switch to offer
     assert tiny_card and not any("fitted" in label for label, _ in tiny_card)
+    fits = _cfg("qwen2.5-7b", {"name": "lora"}, 1, 2048, gc=True)  # fits recomputing every layer: fitting it is faster
+    label, saved = best_switch(fits, "H200")[0]
+    assert label.startswith("gradient checkpointing fitted to H200") and saved < 0
+    assert saving_text(saved, human) == f"{human(-saved)} more, faster" and saving_text(2**20, human) == "1.00 MiB"
     m = measured_vs_estimate(estimate(cfg, "cuda"), 10 * 2**30)
     assert set(m) >= {"ratio", "error_percent"}
 

@@ -21,7 +21,7 @@ def run(args) -> int:
     from ..memory import estimate as make_estimate
     from ..memory_inference import estimate_chat
     from ..memory_report import format_estimate, human
-    from ..memory_search import best_switch, fewest_recomputed, fit_table, largest_fitting
+    from ..memory_search import best_switch, fewest_recomputed, fit_table, largest_fitting, saving_text
     cfg = load_config(args.config, args.set)
     device = args.device or (device_for(args.gpu) if args.gpu else "cuda")
     gpu = args.gpu if args.gpu and device == "cuda" else None
@@ -67,7 +67,7 @@ def run(args) -> int:
         print("fastest checkpointing that fits: " + ("none does" if fit is None else "none needed" if fit[0] == 0
               else f"recompute {fit[0]} of {fit[1]} layers (train.checkpoint_budget_gb)"))
         if switches:
-            print("switches (bytes saved):")
+            print("switches (memory saved):")
             for s, b in switches:
-                print(f"  {s:<45}{human(b):>12}")
+                print(f"  {s:<65} {saving_text(b, human)}")
     return 0

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .data_render import IGNORE, block_causal_mask
+from .host_ahead import to_device
 from .losses import static_shapes
 
 LENGTH_BUCKET = 128  # captured lengths are multiples of this: little padding, few graphs
@@ -257,8 +258,7 @@ class GraphedTrainStep:
         micro = self.graphs.get(length)
         if micro is None and not may_capture:
             return None
-        padded = {k: v.to(self.device, non_blocking=True)
-                  for k, v in pad_batch(batch, self.rows, length, self.pad_id).items()}
+        padded = to_device(pad_batch(batch, self.rows, length, self.pad_id), self.device)
         if micro is None:
             micro = GraphedMicroStep(self.fn, self.params, pool=self.pool)
             try:

@@ -13,7 +13,7 @@ import math
 from contextlib import nullcontext
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +27,7 @@ from .checkpointing import compile_layers, draws_at_random, setup_checkpointing
 from .config import RunConfig
 from .data import build_datasets, collate
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
+from .host_ahead import StepReadings, to_device
 from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
 from .memory import budget_fraction
@@ -95,10 +96,19 @@ class Batches:
     def per_epoch(self) -> int:
         return max(1, len(self.examples) // (self.batch_size * self.world))
 
+    _order: tuple[int, list[int]] | None = field(default=None, repr=False, compare=False)
+
+    def order(self, epoch: int) -> list[int]:
+        """The examples' order in an epoch, a function of seed and epoch (the latest kept: a large dataset's
+        permutation takes a while to draw, every micro-batch)."""
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._order = (epoch, torch.randperm(len(self.examples), generator=gen).tolist())
+        return self._order[1]
+
     def get(self, index: int) -> dict:
         epoch, pos = divmod(index, self.per_epoch)
-        gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        order = torch.randperm(len(self.examples), generator=gen).tolist()
+        order = self.order(epoch)
         start = (pos * self.world + self.rank) * self.batch_size
         n = len(order)  # wraps around when the data is smaller than one batch per process
         picked = [self.examples[order[(start + j) % n]] for j in range(min(self.batch_size, n))]
@@ -294,7 +304,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         total, count, right = 0.0, 0, 0
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(task.eval), t.batch_size):
-                batch = _to(task.collate(task.eval[i:i + t.batch_size], pad_id), device)
+                batch = to_device(task.collate(task.eval[i:i + t.batch_size], pad_id), device)
                 loss, n = wrapped(batch)
                 total += loss.item() * n.item()
                 count += n.item()
@@ -311,11 +321,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     step = start_step
     measure_cpu = device.type == "cpu"
     saved = cpu_peak = 0
+    # accelerate's optimizer wrapper is for fp16 loss scaling; its step also probes for packages every call
+    stepper = optimizer if accelerator.scaler is not None else optimizer.optimizer
+    readings = StepReadings(device)
     t0 = time.perf_counter()
     try:
         while step < steps:
             step_start = time.perf_counter()
-            loss_sum, tokens = 0.0, 0
+            losses, tokens = [], 0
             if copies is not None:
                 copies.refresh()
             for micro in range(t.grad_accum):
@@ -328,7 +341,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                     try:  # a length without a graph yet is captured at a step's start, else run eagerly
                         loss = graphed(cpu_batch, may_capture=micro == 0)
                         if loss is not None:
-                            loss_sum += loss.item()
+                            losses.append(loss.clone())  # the graph's output, overwritten by its next replay
                             continue
                     except torch.OutOfMemoryError:
                         raise
@@ -339,54 +352,59 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                         what = str(exc) if isinstance(exc, CaptureFailed) else \
                             f"replay failed ({type(exc).__name__}: {exc})"
                         yield {"type": "status", "message": f"train.cuda_graphs: {what[:240]}; this run steps eagerly."}
-                batch = _to(cpu_batch, device)
+                batch = to_device(cpu_batch, device)
                 sync = micro == t.grad_accum - 1
                 meter = SavedTensorMeter(model) if measure_cpu and step == start_step and micro == 0 else None
                 with accelerator.no_sync(wrapped) if not sync else nullcontext():
                     loss = micro_step(batch, meter)
                 if meter is not None:
                     saved = meter.bytes
-                loss_sum += loss.item()
+                losses.append(loss)
             info.method.on_step(model, step, steps)
-            grad_norm = None
-            if t.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, t.max_grad_norm))
+            grad_norm = clip_gradients(accelerator, trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
             if copies is not None:
                 copies.stale()
-            optimizer.step()
+            stepper.step()
             if measure_cpu and step == start_step:  # grads and optimizer states exist only now
                 cpu_peak = static_bytes(model, optimizer) + saved
             scheduler.step()
-            optimizer.zero_grad(set_to_none=graphed is None)  # a graph adds into its own buffers
+            stepper.zero_grad(set_to_none=graphed is None)  # a graph adds into its own buffers
             info.method.after_optimizer_step(model, step, steps)
             step += 1
-            elapsed = time.perf_counter() - step_start
             event = {"type": "step", "step": step, "total_steps": steps,
                      "epoch": round(step * t.grad_accum / batches.per_epoch, 4),
-                     "loss": loss_sum / t.grad_accum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                     "tokens_per_s": tokens * accelerator.num_processes / max(elapsed, 1e-9),
+                     "loss": None, "lr": scheduler.get_last_lr()[0], "grad_norm": None, "tokens_per_s": None,
                      "peak_mem_bytes": peak_memory(device) or cpu_peak, "time": time.perf_counter() - t0}
+            # the loss and gradient norm reach the host while the next step runs (studio/host_ahead.py)
+            loss = torch.stack(losses).double().mean() if len(losses) > 1 else losses[0]
+            readings.add(event, {"loss": loss, "grad_norm": grad_norm}, tokens * accelerator.num_processes, step_start)
             # Method facts (AdaLoRA ranks, changed fractions) can cost a pass over the weights: not every step.
             summary = info.method.trainable_summary(model) if step % 10 == 0 or step == steps else None
             if summary:
                 event["method"] = summary
-            if task.eval and ((t.eval_every and step % t.eval_every == 0) or step == steps):
+            evaluating = task.eval and ((t.eval_every and step % t.eval_every == 0) or step == steps)
+            saving = t.save_every and step % t.save_every == 0 and step < steps
+            handed = readings.ready(flush=bool(evaluating or saving or step == steps or step == start_step + 1
+                                               or (stop is not None and stop.is_set())))
+            if evaluating:
                 event.update(evaluate())
-            yield event
+            yield from handed
             if step == start_step + 1 and (note := kernel_note()):
                 yield {"type": "status", "message": note}
             if step == start_step + 1 and graphed is not None and graphed.graphs:
                 yield {"type": "status", "message": "train.cuda_graphs: micro-batches replay as CUDA graphs (one "
                                                     "per padded length, captured on its first use)."}
-            if t.save_every and step % t.save_every == 0 and step < steps:
+            if saving:
                 folder = save(step)
                 if folder:
                     yield {"type": "checkpoint", "step": step, "path": str(folder)}
     except StoppedError:
+        yield from readings.ready(flush=True)
         folder = save(step)
         yield {"type": "stopped", "step": step, "path": str(folder) if folder else None}
         return
     except torch.OutOfMemoryError:
+        yield from readings.ready(flush=True)  # the steps done before it keep their metrics
         raise OutOfMemoryError(
             f"Out of memory at step {step + 1} (batch {t.batch_size} x {cfg.data.max_length} tokens); turn on "
             f"train.gradient_checkpointing, lower train.batch_size or data.max_length, or use model.quantization=nf4."
@@ -421,5 +439,9 @@ def kernel_note() -> str | None:
     return " ".join(parts) or None
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def clip_gradients(accelerator: Any, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' total norm to max_norm; returns the norm before, on the device (not read here).
+    accelerate's clip unscales fp16 gradients first and knows sharded ones; a plain run needs neither."""
+    if accelerator.scaler is not None or accelerator.num_processes > 1:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)

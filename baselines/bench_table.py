@@ -33,7 +33,9 @@ def speed_table(rows: list[dict]) -> list[str]:
             speed = f"{r['speedup_vs_peft']:.2f}x" if "speedup_vs_peft" in r else ""
             mem = f"{r['memory_ratio_vs_peft']:.2f}x" if "memory_ratio_vs_peft" in r else ""
             loss = "/".join(str(v) for v in r.get("loss_first_last", []))
-            result = [f"{r['ms_per_step']:,.0f}", f"{r['tokens_per_s']:,.0f}", mfu, _gb(r.get("peak_bytes")),
+            ms = f"{r['ms_per_step']:,.0f}" + (f" (trainer {r['trainer_ms_per_step']:,.0f})"  # bench --trainer
+                                               if r.get("trainer_ms_per_step") else "")
+            result = [ms, f"{r['tokens_per_s']:,.0f}", mfu, _gb(r.get("peak_bytes")),
                       _gb(r.get("steady_peak_bytes")), _gb(r.get("reserved_bytes")), _gb(r.get("estimated_bytes")),
                       speed, mem, loss]
         engine = r["engine"] + (" (torch ops)" if r["engine"] == "studio" and r.get("triton") is False else "") \

@@ -9,7 +9,7 @@
 # AdaMix and diff pruning with checkpointing, and packed batches), the quick speed grid (ours vs peft; ours
 # as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), the memory
 # estimate of every method against max_memory_allocated (bench --memory --methods), chat speed
-# (bench --chat: base, adapter unmerged, merged), every
+# (bench --chat: base, adapter unmerged, merged), the quick grid's rows run by the trainer (bench --trainer), every
 # capture-safe method captured for real (graphs_check --methods), bench --packed-grid, the Llama-3.2-1B
 # row, bench --methods (every preset peft trains too, ours vs peft), bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, eager and replayed),
 # bf16 loss curves against fp32, ours and peft's (baselines/bf16_curves.py),
@@ -50,10 +50,11 @@ run)
     | tee -a "$OUT/bench.log"
   # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card; DoRA, IA3 and
   # SSF through CUDA's fp32-output GEMM (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a
-  # chunked MLP's seeded masks (the whole batch's, from the chunk's first row)
-  want kernels && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+  # chunked MLP's seeded masks (the whole batch's, from the chunk's first row); a step's numbers read late from
+  # pinned memory and batches copied from it (tests/test_host_ahead.py)
+  want kernels && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py \
-    tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks 2>&1 | tail -15 \
+    tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks tests/test_host_ahead.py 2>&1 | tail -15 \
     | tee "$OUT/kernels.log"
   # graphs: train.cuda_graphs through the real trainer, eager and graphed loss curves on tiny models (must
   # agree); LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (seeded:
@@ -78,6 +79,10 @@ run)
   # (studio/chunked_mlp.py) and whole, vs peft: peak, estimate, step time
   want long && timeout 300 python3 -m studio bench --long-grid --steps 3 --warmup 1 --out "$OUT/bench_long.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/bench_long.log"
+  # trainer: the quick grid's rows (ours) also run by the trainer, as a user's run goes (batches, metrics, status
+  # files; a step's loss read while the next one runs): trainer_ms_per_step against the loop's ms_per_step
+  want trainer && timeout 200 python3 -m studio bench --quick --no-peft --trainer --steps 10 \
+    --out "$OUT/bench_trainer.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_trainer.log"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/chat.log"
@@ -108,7 +113,7 @@ run)
   [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
-  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/bench_long.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
+  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/bench_long.jsonl" "$OUT/bench_trainer.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
     "$OUT/memory_methods.jsonl" 2>&1 | tee "$OUT/table.md"
   # the targets, met or not, row by row
   python3 -m baselines.targets "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/targets.md"

@@ -1,13 +1,15 @@
 """Host time of a training step: a real architecture's layer code at a width where compute is ~zero.
 
     python -m baselines.host_time [--shape qwen2.5-0.5b] [--method lora] [--ckpt] [--steps 20] [--profile N]
+                                  [--trainer]
 
 On a GPU the small bench rows wait on the host (Qwen2.5-0.5B LoRA on an H200: 156 ms eager, 39 ms of
 the same kernels replayed from a CUDA graph), so Python time per layer is what their eager speed is
 made of. This keeps the shape's layer count and layer type but shrinks every width (hidden 64, 4
 heads, vocabulary 512), runs a bench row's step (bf16 base under bf16 autocast, as on CUDA) for ours
 and peft, and prints one JSON line per engine: ms a step and per decoder layer. --profile N prints
-cProfile's N most expensive functions (cumulative) of ours.
+cProfile's N most expensive functions (cumulative) of ours. --trainer adds a line for the same row run
+by the trainer (studio/bench_trainer.py: batches, metrics, status files), the host time a user's run adds.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--engines", default="studio,peft")
     p.add_argument("--profile", type=int, default=0)
+    p.add_argument("--trainer", action="store_true")
     p.add_argument("--precision", default="bf16", choices=["bf16", "auto"], help="auto: fp32 on the CPU")
     a = p.parse_args()
     torch.set_num_threads(1)  # tiny ops: threads only add hand-off time
@@ -74,6 +77,11 @@ def main() -> None:
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(a.profile)
             print(out.getvalue())
+    if a.trainer:
+        from studio.bench_trainer import trainer_ms_per_step
+        got = trainer_ms_per_step(row, torch.device("cpu"), 3, a.steps)
+        print(json.dumps({"engine": "studio-trainer", "shape": a.shape, "method": a.method, "ckpt": a.ckpt} | got),
+              flush=True)
 
 
 if __name__ == "__main__":

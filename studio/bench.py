@@ -31,6 +31,7 @@ import torch
 from . import kernels
 from .attention import model_batch, use_varlen_attention
 from .bench_grid import BENCH_LR, BENCH_TOTAL_STEPS, Row, bench_method_cfg, default_grid
+from .bench_trainer import runs_as_configured, with_trainer_time
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
 from .errors import ConfigError
 from .losses import causal_lm_loss
@@ -357,12 +358,13 @@ def _median_row(rows: list[dict]) -> dict:
 def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, warmup: int = 2,
           steps: int = 5, grid: list[Row] | None = None, rounds: int | None = None,
           compile: bool = False, only: list[str] | None = None, triton_ab: bool = False,
-          eager_ab: bool = False) -> Iterator[dict]:
+          eager_ab: bool = False, trainer: bool = False) -> Iterator[dict]:
     """Yield one row per (shape, method, engine); our row carries the ratios to the peft row.
 
     Our rows run as a trainer with default settings would (train.cuda_graphs=auto: small models on CUDA
     replay each micro-batch from a captured graph); eager_ab adds each such row again without graphs,
-    triton_ab each row (eagerly) with the torch ops instead of the Triton kernels.
+    triton_ab each row (eagerly) with the torch ops instead of the Triton kernels; trainer adds to our row
+    the time of the same row run by the trainer (studio/bench_trainer.py), where its settings are a run's.
 
     The engines run in alternating rounds (peft, ours, peft, ours, ...) and each reports its median
     round: on a shared CPU the load changes over a minute, and alternating keeps the ratio fair.
@@ -405,6 +407,8 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
         if row.graphs == "auto":
             replayed[(row.baseline_key(), row.offload)] = bool(ours.get("graphs"))
         ours.update(estimated(row, dev))
+        if trainer and not compile and runs_as_configured(row):
+            ours = with_trainer_time(ours, row, dev, warmup, steps)
         if baseline and "ms_per_step" in baseline and "ms_per_step" in ours:
             ours["speedup_vs_peft"] = round(ours["tokens_per_s"] / baseline["tokens_per_s"], 3)
             ours["time_ratio_vs_peft"] = round(ours["ms_per_step"] / baseline["ms_per_step"], 3)

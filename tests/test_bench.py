@@ -33,6 +33,16 @@ def test_bench_rows_compare_engines_on_cpu():
         assert row["transformers"] and row["peft"]
 
 
+def test_bench_trainer_adds_the_trainers_time_of_our_rows():
+    """--trainer: our row also run by the trainer (studio/bench_trainer.py); rows whose A/B settings no run
+    config says (the masked-prompt labels here) are left alone."""
+    grid = [Row("tiny-llama", "lora", 2, 32, False), Row("tiny-llama", "lora", 2, 32, False, "prompt")]
+    rows = list(bench(device="cpu", with_peft=False, warmup=1, steps=2, rounds=1, grid=grid, trainer=True))
+    assert rows[0]["trainer_ms_per_step"] > 0 and rows[0]["trainer_steps"] == 2
+    assert rows[0]["trainer_vs_loop"] == pytest.approx(rows[0]["trainer_ms_per_step"] / rows[0]["ms_per_step"], rel=0.01)
+    assert "trainer_ms_per_step" not in rows[1]
+
+
 def test_bench_bf16_rows_autocast_both_engines_on_cpu():
     rows = list(bench(device="cpu", warmup=1, steps=1, rounds=1,
                       grid=[Row("tiny-llama", "lora", 2, 32, False, "prompt", "bf16")]))
@@ -125,6 +135,7 @@ def test_bench_table_prints_speed_memory_and_failed_rows(tmp_path, capsys):
     from baselines.bench_table import main as table
     grid = [Row("tiny-llama", "lora", 2, 16, False)]
     rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1, grid=grid))
+    rows[1]["trainer_ms_per_step"] = 1234.0  # bench --trainer
     rows.append(rows[1] | {"error": "RuntimeError: no kernel", "offload": True})
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "m.jsonl").write_text(json.dumps({"shape": "s", "method": "lora", "batch": 1, "seq": 8,
@@ -133,7 +144,7 @@ def test_bench_table_prints_speed_memory_and_failed_rows(tmp_path, capsys):
     assert table([str(tmp_path / "b.jsonl"), str(tmp_path / "m.jsonl")]) == 0
     lines = capsys.readouterr().out.splitlines()
     ours = next(line for line in lines if "| studio |" in line and "error" not in line)
-    assert f"{rows[1]['speedup_vs_peft']:.2f}x" in ours
+    assert f"{rows[1]['speedup_vs_peft']:.2f}x" in ours and " (trainer 1,234) |" in ours
     assert any("error: RuntimeError: no kernel" in line for line in lines)
     assert "| s | lora | 1x8 | on |  | 2.00 | 2.50 | 0.800 |  |  |" in lines
     assert sum(line.startswith(f"Device: {rows[0]['device_name']}, ") for line in lines) == 1
@@ -262,14 +273,16 @@ def test_host_time_script_times_both_engines_at_test_width(monkeypatch, capsys):
     from baselines import host_time
     presets = dict(models.model_presets())
     monkeypatch.setattr(models, "model_presets", lambda: presets)
-    monkeypatch.setattr(sys, "argv", ["host_time", "--steps", "2", "--precision", "auto", "--engines", "studio"])
+    monkeypatch.setattr(sys, "argv", ["host_time", "--steps", "2", "--precision", "auto", "--engines", "studio",
+                                      "--trainer"])
     threads = torch.get_num_threads()
     try:
         host_time.main()
     finally:
         torch.set_num_threads(threads)  # the script runs on one thread
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [r["engine"] for r in rows] == ["studio"] and rows[0]["ms_per_layer"] > 0
+    assert [r["engine"] for r in rows] == ["studio", "studio-trainer"] and rows[0]["ms_per_layer"] > 0
+    assert rows[1]["trainer_ms_per_step"] > 0 and rows[1]["trainer_steps"] == 2
     assert presets["host-qwen2.5-0.5b"]["config"]["num_hidden_layers"] == 24
     assert presets["host-qwen2.5-0.5b"]["config"]["hidden_size"] == 64
 

@@ -210,6 +210,17 @@ def test_replayed_micro_batches_follow_the_eager_trajectory(monkeypatch, ckpt, d
     assert graphed == pytest.approx(eager, rel=1e-4)  # gradients accumulate into the captured buffers
 
 
+def test_replayed_losses_read_a_step_late_are_each_steps_own(monkeypatch):
+    """On CUDA the trainer reads a step's loss while the next step runs (studio/host_ahead.py); a graph's loss
+    is overwritten by its next replay, so the step keeps its own copy."""
+    eager, _ = _run(_cfg())
+    monkeypatch.setattr("studio.trainer.graph_blocker", lambda **_: None)
+    monkeypatch.setattr("studio.host_ahead.READ_LATE_ON", {"cpu"})
+    replays = emulate_graph_capture(monkeypatch)
+    graphed, _ = _run(_cfg(**{"train.cuda_graphs": True}))
+    assert len(replays) == 4 * 2 and graphed == pytest.approx(eager, rel=1e-4)
+
+
 def test_each_padded_length_gets_its_graph_captured_at_a_step_start(monkeypatch):
     """Length buckets: a new length met at micro-batch 0 is captured (the gradients are empty then);
     met later in a step, that micro-batch runs eagerly, adding into the same buffers."""

@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
                         "peft given the same adapter (default model on the CPU, 0.5B on a GPU)")
     p.add_argument("--chat", action="store_true",
                    help="chat speed: greedy generation from the base, the adapter unmerged, and merged (tokens/s)")
+    p.add_argument("--trainer", action="store_true",
+                   help="each of our rows also run by the trainer (a user's run: batches, metrics, status files); "
+                        "adds trainer_ms_per_step and trainer_vs_loop")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b)")
     p.add_argument("--out", default=None, help="also append the rows to this file")
 
@@ -59,7 +62,7 @@ def run(args) -> int:
                 return 2
             rows = bench(args.quick, args.device, not args.no_peft, args.warmup, args.steps, rounds=args.rounds,
                          compile=args.compile, only=args.only.split(",") if args.only else None,
-                         triton_ab=args.triton_ab, eager_ab=args.eager_ab,
+                         triton_ab=args.triton_ab, eager_ab=args.eager_ab, trainer=args.trainer,
                          grid=GRAPHS_GRID if args.graphs_grid else PACKED_GRID if args.packed_grid else
                          LONG_GRID if args.long_grid else
                          methods_grid(resolve_device(args.device), args.methods) if args.methods else None)

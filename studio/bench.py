@@ -168,6 +168,8 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         batch = packed_batch(batch)
         if engine == "studio" and not graphs:  # as the trainer: eager packed steps attend per example
             use_varlen_attention(model)
+    elif engine == "studio":  # as the trainer (data_render.without_padding_mask): unpadded rows need no mask
+        batch.pop("attention_mask")
 
     routing = kernels.disabled if not row.triton else contextlib.nullcontext
 

@@ -171,6 +171,20 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": block_causal_mask(pos), "labels": labels, "position_ids": pos}
 
 
+def without_padding_mask(batch: dict) -> dict:
+    """A plain causal-LM batch without its 2-D attention mask where every row is right-padded (collate's are):
+    under causal attention no real token sees the pads after it and the pads carry no loss, so the mask changes
+    no loss or gradient. Without it transformers need not read the mask on the device to pick sdpa's causal
+    kernel (a wait for the GPU every forward) and sdpa keeps its flash kernel. Packed batches (block masks),
+    other padding, and batches already on a GPU (checked without reading them) keep theirs."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or "position_ids" in batch or mask.device.type != "cpu":
+        return batch
+    if not bool((mask.cummin(dim=1).values == mask).all()):  # a token after a pad: not right padding
+        return batch
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
 def fit_attention_mask(batch: dict, model: Any) -> dict:
     """Adapt a packed batch's bool 4D mask to the model's attention kernel (no-op for plain batches).
 

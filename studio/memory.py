@@ -438,15 +438,15 @@ def method_rule(run_cfg: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ the estimate
 def _seq_len(run_cfg: Any, dataset_lengths: Iterable[int] | None) -> tuple[int, bool]:
-    """Sequence length of the largest batch and whether a padding mask is likely."""
+    """Sequence length of the largest batch and whether a padding mask is likely: a classifier's batches only,
+    as a causal LM's right-padded batches go without one (data_render.without_padding_mask)."""
     max_len = int(run_cfg.data.max_length)
     b = int(run_cfg.train.batch_size)
     if run_cfg.data.packing:
         return max_len, False
-    if dataset_lengths:
-        lens = [min(int(x), max_len) for x in dataset_lengths]
-        return max(lens), b > 1 and len(set(lens)) > 1
-    return max_len, b > 1
+    lens = [min(int(x), max_len) for x in dataset_lengths] if dataset_lengths else []
+    varied = len(set(lens)) > 1 if lens else True
+    return (max(lens) if lens else max_len), run_cfg.model.task == "classification" and b > 1 and varied
 
 
 def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,

@@ -26,6 +26,7 @@ from .attention import model_batch, use_varlen_attention
 from .checkpointing import compile_layers, draws_at_random, setup_checkpointing
 from .config import RunConfig
 from .data import build_datasets, collate
+from .data_render import without_padding_mask
 from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
 from .host_ahead import StepReadings, to_device
 from .losses import causal_lm_loss
@@ -290,6 +291,10 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
            "eval_examples": len(task.eval), "data_stats": task.stats,
            "lengths": lengths}
 
+    def plain(batch: dict) -> dict:
+        """A causal-LM batch without the padding mask it does not need (data_render.without_padding_mask)."""
+        return without_padding_mask(batch) if task.labels is None else batch
+
     def save(step: int) -> Path | None:
         if run_dir is None or not is_main:
             return None
@@ -304,7 +309,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         total, count, right = 0.0, 0, 0
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(task.eval), t.batch_size):
-                batch = to_device(task.collate(task.eval[i:i + t.batch_size], pad_id), device)
+                batch = to_device(plain(task.collate(task.eval[i:i + t.batch_size], pad_id)), device)
                 loss, n = wrapped(batch)
                 total += loss.item() * n.item()
                 count += n.item()
@@ -352,7 +357,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                         what = str(exc) if isinstance(exc, CaptureFailed) else \
                             f"replay failed ({type(exc).__name__}: {exc})"
                         yield {"type": "status", "message": f"train.cuda_graphs: {what[:240]}; this run steps eagerly."}
-                batch = to_device(cpu_batch, device)
+                batch = to_device(plain(cpu_batch), device)
                 sync = micro == t.grad_accum - 1
                 meter = SavedTensorMeter(model) if measure_cpu and step == start_step and micro == 0 else None
                 with accelerator.no_sync(wrapped) if not sync else nullcontext():

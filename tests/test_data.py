@@ -12,6 +12,7 @@ from studio.config import DataConfig
 from studio.data import (IGNORE, build_datasets, collate, dataset_choices, dataset_info, detect_format,
                          fit_attention_mask, load_rows, pack, preview, render_example, to_messages)
 from studio.data_io import SHIPPED_DIR
+from studio.data_render import without_padding_mask
 from studio.errors import DatasetError
 from studio.losses import causal_lm_loss
 
@@ -285,6 +286,36 @@ def test_padded_plain_batch_matches_single_examples(tiny_tok, tiny_model):
         parts = [causal_lm_loss(model, collate([e], tiny_tok.pad_token_id)) for e in exs]
     expect = sum(l.item() * c.item() for l, c in parts) / sum(c.item() for _, c in parts)
     assert loss.item() == pytest.approx(expect, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+def test_a_right_padded_batch_trains_the_same_without_its_mask(name, tiny_tok, tiny_model):
+    """The trainer drops a plain batch's padding mask (data_render.without_padding_mask): the same loss and
+    gradients, on a Gemma-3 with a sliding window shorter than the batch too."""
+    model = tiny_model(name)
+    model.requires_grad_(True)
+    exs = build_datasets(DataConfig(path="chat", limit=4, max_length=128), tiny_tok).train
+    batch = collate(exs, tiny_tok.pad_token_id)
+    assert (batch["attention_mask"] == 0).any()  # padded
+    results = []
+    for b in (batch, without_padding_mask(batch)):
+        model.zero_grad()
+        loss, n = causal_lm_loss(model, b)
+        loss.backward()
+        results.append((loss.item(), n.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (masked, n1, g1), (unmasked, n2, g2) = results
+    assert "attention_mask" not in without_padding_mask(batch) and n1 == n2
+    assert unmasked == pytest.approx(masked, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_only_right_padding_goes_without_a_mask():
+    right = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    assert set(without_padding_mask(right)) == {"input_ids"}
+    left = right | {"attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]])}
+    assert without_padding_mask(left) is left
+    packed = collate(pack([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 4), 0)
+    assert without_padding_mask(packed) is packed
 
 
 # ---------------------------------------------------------------- preview

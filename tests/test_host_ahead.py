@@ -84,6 +84,18 @@ def test_the_trainer_writes_the_same_run_reading_late(tmp_path, monkeypatch):
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in late.metrics())
 
 
+def test_the_trainer_drops_the_padding_mask_and_writes_the_same_losses(tmp_path, monkeypatch):
+    """Eager steps and the evaluation take right-padded batches without their mask (no device read to pick
+    sdpa's kernel): the same losses as with it."""
+    cfg = tiny_cfg(**{"train.max_steps": 6, "data.eval_fraction": 0.1, "train.eval_every": 3})
+    without = run(tmp_path / "a", cfg)
+    monkeypatch.setattr("studio.trainer.without_padding_mask", lambda batch: batch)
+    masked = run(tmp_path / "b", cfg)
+    for key in ("loss", "eval_loss"):
+        got = [r[key] for r in without.metrics() if key in r]
+        assert got == pytest.approx([r[key] for r in masked.metrics() if key in r], rel=1e-5) and got
+
+
 def test_stop_while_reading_late_saves_the_last_queued_step_and_resumes(tmp_path, read_late):
     """Step 4's event reaches the page while step 5 runs: Stop then keeps step 5, with its metrics line, and
     the resumed run follows the uninterrupted one's losses."""

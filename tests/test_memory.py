@@ -432,15 +432,18 @@ def test_whole_step_estimate_of_a_bf16_base_under_cpu_autocast(tmp_path, method,
 def test_cuda_estimate_pads_to_the_captured_length_where_graphs_replay(model, sets, captured):
     """train.cuda_graphs pads each micro-batch to a multiple of 128 tokens without a mask: a 300-token
     longest example runs at 384 positions (the labelled ones stay 300's); the CPU never captures. A 7B
-    replays 4 x 300-token micro-batches (host-bound), not 16 x 300 under auto."""
+    replays 4 x 300-token micro-batches (host-bound), not 16 x 300 under auto. Eager, the right-padded batches
+    go without a mask too (data_render.without_padding_mask); a classifier's keep theirs."""
     raw = {"model": {"name": model}, "data": {"max_length": 2048} | sets.get("data", {}),
            "train": {"batch_size": 4} | sets.get("train", {})}
     cfg = RunConfig.from_dict(raw)
     est = estimate(cfg, "cuda", dataset_lengths=[300, 200, 100]).details
     assert est["cuda_graphs"] is captured
     if not sets.get("data"):
-        assert (est["seq"], est["padding_mask"]) == ((384, False) if captured else (300, True))
+        assert (est["seq"], est["padding_mask"]) == ((384, False) if captured else (300, False))
         assert est["labelled_positions"] == cfg.train.batch_size * 299
+        classifier = RunConfig.from_dict(raw | {"model": {"name": model, "task": "classification"}})
+        assert estimate(classifier, "cpu", dataset_lengths=[300, 200, 100]).details["padding_mask"] is True
     assert estimate(cfg, "cpu", dataset_lengths=[300, 200, 100]).details["cuda_graphs"] is False
 
 

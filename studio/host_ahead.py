@@ -40,16 +40,15 @@ class StepReadings:
     def add(self, event: dict, values: dict[str, torch.Tensor | None], tokens: int, started: float) -> None:
         """The step's event (started at perf_counter `started`, `tokens` trained), whose `values` (device
         tensors) start their way to the host now."""
-        copies = {}
+        copies, done = {}, None
         for key, value in values.items():
-            if value is not None:
-                value = value.detach().reshape(())
-                # to the CPU, non_blocking lands in pinned memory and returns before the copy is done
-                value = value.to("cpu", non_blocking=True) if value.device.type == "cuda" else value.clone()
+            if value is not None and value.device.type == "cuda":
+                # lands in pinned host memory; the call returns before the copy is done, hence the event
+                value, done = value.detach().reshape(()).to("cpu", non_blocking=True), torch.cuda.Event()
+            elif value is not None:
+                value = value.detach().reshape(()).clone()
             copies[key] = value
-        done = None
-        if any(v is not None and v.is_pinned() for v in copies.values()):
-            done = torch.cuda.Event()
+        if done is not None:
             done.record()
         self.pending.append((event, copies, done, tokens, started, time.perf_counter()))
 

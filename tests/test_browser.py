@@ -121,7 +121,7 @@ def test_wizard_estimate_follows_rank(page):
     wait_text_change(page, "#layer-plot", layers)
     wait_text_change(page, "#mem-plot", memory)
     set_number(page, "#tab-train .field-max_length input", 64)
-    set_number(page, "#tab-train .field-max_steps input", 300)
+    set_number(page, "#tab-train .field-max_steps input", 3000)  # outlasts the reload and Stop of the next test
     set_number(page, "#tab-train .field-save_every input", 25)
     set_number(page, "#tab-train .field-lr input", 0.003)
     page.locator("#preview-btn").click()

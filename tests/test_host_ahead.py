@@ -3,7 +3,6 @@ run that way (as on CUDA), which must write the same metrics, checkpoints and st
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -16,9 +15,8 @@ from studio.config import RunConfig
 from studio.data import build_datasets
 from studio.host_ahead import StepReadings, to_device
 from studio.models import load_tokenizer
-from studio.rundir import RunDir
 from studio.runner import execute
-from tests.test_trainer import losses, run, tiny_cfg
+from tests.test_trainer import losses, run, run_stopped_after, tiny_cfg
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -101,13 +99,7 @@ def test_stop_while_reading_late_saves_the_last_queued_step_and_resumes(tmp_path
     the resumed run follows the uninterrupted one's losses."""
     cfg = tiny_cfg(**{"train.max_steps": 8, "train.warmup_steps": 2, "method.lora_dropout": 0.1})
     straight = run(tmp_path / "a", cfg)
-    stop = threading.Event()
-    rd = RunDir.create(tmp_path / "b" / "runs", cfg)
-
-    def stop_after_4(event):
-        if event["type"] == "step" and event["step"] == 4:
-            stop.set()
-    execute(rd, cfg, stop=stop, on_event=stop_after_4)
+    rd = run_stopped_after(tmp_path / "b", cfg, 4)
     assert rd.status()["state"] == "stopped" and rd.status()["step"] == 5
     assert [p.name for p in rd.checkpoints()] == ["step-5"]
     assert [r["step"] for r in rd.metrics()] == [1, 2, 3, 4, 5]

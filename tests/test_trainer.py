@@ -46,6 +46,18 @@ def test_training_lowers_loss_and_fills_the_run_directory(tmp_path):
     assert rd.config().method.r == 8  # config.yaml re-runs the same thing
 
 
+def run_stopped_after(path, cfg, step: int) -> RunDir:
+    """A run whose Stop is pressed when the page receives step `step`'s event."""
+    stop = threading.Event()
+    rd = RunDir.create(path / "runs", cfg)
+
+    def press(event):
+        if event["type"] == "step" and event["step"] == step:
+            stop.set()
+    execute(rd, cfg, stop=stop, on_event=press)
+    return rd
+
+
 def losses(rd):
     return [r["loss"] for r in rd.metrics()]
 
@@ -61,13 +73,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, method):
         cfg = tiny_cfg({"method.name": "full"}, **sets, **{"train.lr": 1e-3})
     straight = run(tmp_path / "a", cfg)
 
-    stop = threading.Event()
-    rd = RunDir.create(tmp_path / "b" / "runs", cfg)
-
-    def stop_after_4(event):
-        if event["type"] == "step" and event["step"] == 4:
-            stop.set()
-    execute(rd, cfg, stop=stop, on_event=stop_after_4)
+    rd = run_stopped_after(tmp_path / "b", cfg, 4)
     assert rd.status()["state"] == "stopped"
     assert [p.name for p in rd.checkpoints()] == ["step-4"]
     assert len(rd.metrics()) == 4

@@ -71,6 +71,11 @@ run)
   # quick: the quick grid (auto graphs, also eagerly; with AB=1 also without the Triton kernels)
   want quick && timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab \
     --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+  # trainer: the quick grid's LoRA and full rows (ours, random weights) also run by the trainer, as a user's run
+  # goes (batches, metrics and status files; a step's loss read while the next one runs): trainer_ms_per_step
+  # against the loop's ms_per_step
+  want trainer && timeout 150 python3 -m studio bench --quick --no-peft --trainer --steps 10 \
+    --out "$OUT/bench_trainer.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_trainer.log"
   # memmethods: the memory estimate of every method at its defaults against max_memory_allocated (0.5B, 4x512), and
   # the variants whose rules differ (LoHa/LoKr/GLoRA on every linear layer, IA3 and DoRA over a 4-bit base)
   want memmethods && timeout 180 python3 -m studio bench --memory --methods --out "$OUT/memory_methods.jsonl" 2>&1 \
@@ -79,10 +84,6 @@ run)
   # (studio/chunked_mlp.py) and whole, vs peft: peak, estimate, step time
   want long && timeout 300 python3 -m studio bench --long-grid --steps 3 --warmup 1 --out "$OUT/bench_long.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/bench_long.log"
-  # trainer: the quick grid's rows (ours) also run by the trainer, as a user's run goes (batches, metrics, status
-  # files; a step's loss read while the next one runs): trainer_ms_per_step against the loop's ms_per_step
-  want trainer && timeout 200 python3 -m studio bench --quick --no-peft --trainer --steps 10 \
-    --out "$OUT/bench_trainer.jsonl" 2>&1 | grep -v Warning | tee "$OUT/bench_trainer.log"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/chat.log"

@@ -22,8 +22,19 @@ from .bench_grid import Row
 
 
 def runs_as_configured(row: Row) -> bool:
-    """Whether a run config says all of the row's settings (the A/B switches are the bench's own)."""
-    return row.triton and row.mlp_chunks and not row.packed and row.labels == "all"
+    """Whether a run config says all of the row's settings (the A/B switches are the bench's own) on a random
+    model of the row's shape (which the trainer cannot load in 4-bit: no QLoRA rows)."""
+    return row.triton and row.mlp_chunks and not row.packed and row.labels == "all" and row.method != "qlora"
+
+
+def random_twin(shape: str) -> str:
+    """A random preset of the shape (as the bench's own rows train: no weights to download), registered for this
+    process; its name."""
+    from .models import model_presets
+    presets = model_presets()
+    name = f"bench-{shape}"
+    presets[name] = {"source": "random", "config": dict(presets[shape]["config"])}
+    return name
 
 
 def filler_text(seq: int, examples: int, seed: int = 0) -> list[str]:
@@ -40,7 +51,7 @@ def trainer_config(row: Row, device: torch.device, data_file: Path, steps: int) 
     from .bench import row_config
     from .config import with_changes
     return with_changes(row_config(row), **{
-        "model.device": device.type, "data.path": str(data_file), "data.format": "text",
+        "model.name": random_twin(row.shape), "model.device": device.type, "data.path": str(data_file), "data.format": "text",
         "data.max_length": row.seq, "train.max_steps": steps, "train.log_every": 1, "train.save_every": 0,
         "train.cuda_graphs": row.graphs, "train.lr": 1e-5})
 

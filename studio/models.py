@@ -287,8 +287,9 @@ def load_model(mcfg: ModelConfig, task: str = "causal_lm", seed: int = 0) -> tup
     if preset.get("source") == "random":
         if mcfg.quantization != "none":
             raise ConfigError("Random test presets cannot be quantized at load; use a real model for 4-/8-bit.")
-        model = build_random_model(preset["config"], seed=seed, dtype=dtype, task=task,
-                                   attn_implementation=mcfg.attn_implementation).to(device)
+        with torch.device(device):  # initialised where it runs (a GPU inits a billion weights in a blink)
+            model = build_random_model(preset["config"], seed=seed, dtype=dtype, task=task,
+                                       attn_implementation=mcfg.attn_implementation)
     else:
         auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
         kwargs: dict[str, Any] = dict(dtype=dtype if mcfg.quantization == "none" else compute,

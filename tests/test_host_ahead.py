@@ -10,11 +10,11 @@ import torch
 
 from studio import host_ahead
 from studio.bench_grid import Row
-from studio.bench_trainer import filler_text, runs_as_configured, trainer_ms_per_step
+from studio.bench_trainer import filler_text, runs_as_configured, trainer_config, trainer_ms_per_step
 from studio.config import RunConfig
 from studio.data import build_datasets
 from studio.host_ahead import StepReadings, to_device
-from studio.models import load_tokenizer
+from studio.models import load_tokenizer, model_presets
 from studio.runner import execute
 from tests.test_trainer import losses, run, run_stopped_after, tiny_cfg
 
@@ -109,8 +109,8 @@ def test_stop_while_reading_late_saves_the_last_queued_step_and_resumes(tmp_path
 
 
 def test_filler_text_fills_every_row(tmp_path):
-    """bench --trainer's data: each example is max_length tokens, all of them trained (the byte-level test
-    tokenizer; the real Gemma tokenizer is checked in tests/test_real_model.py)."""
+    """bench --trainer's data: each example is max_length tokens, all of them trained (the random presets'
+    byte-level tokenizer, which its random twins of real shapes load)."""
     data = tmp_path / "filler.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in filler_text(256, 3)))
     cfg = RunConfig.from_dict({"model": {"name": "tiny-llama"},
@@ -120,9 +120,13 @@ def test_filler_text_fills_every_row(tmp_path):
     assert all(sum(label != -100 for label in e["labels"]) == 255 for e in train)
 
 
-def test_bench_trainer_times_a_row_through_the_runner():
+def test_bench_trainer_times_a_row_through_the_runner(tmp_path):
     row = Row("tiny-llama", "lora", 2, 64, False)
     got = trainer_ms_per_step(row, torch.device("cpu"), warmup=2, steps=4)
     assert got["trainer_steps"] == 4 and got["trainer_ms_per_step"] > 0
     assert got["trainer_tokens_per_s"] == pytest.approx(1000 * 2 * 64 / got["trainer_ms_per_step"], rel=1e-2)
     assert runs_as_configured(row) and not runs_as_configured(Row("tiny-llama", "lora", 2, 64, False, "prompt"))
+    assert not runs_as_configured(Row("qwen2.5-0.5b", "qlora", 2, 64, True))  # no 4-bit load of a random model
+    cfg = trainer_config(Row("qwen2.5-0.5b", "lora", 2, 64, True), torch.device("cpu"), tmp_path / "f.jsonl", 3)
+    assert cfg.model.name == "bench-qwen2.5-0.5b" and cfg.train.gradient_checkpointing  # no download: random weights
+    assert model_presets()["bench-qwen2.5-0.5b"]["config"] == model_presets()["qwen2.5-0.5b"]["config"]

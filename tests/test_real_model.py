@@ -38,20 +38,3 @@ def test_base_model_answers_coherently_without_adapter():
     reply = chat.reply("The Eiffel Tower is in the city of", GenerationSettings(max_new_tokens=3, do_sample=False), raw=True)
     assert "Paris" in reply
 
-
-def test_bench_trainers_filler_text_fills_every_row_of_the_real_tokenizer(tmp_path):
-    """bench --trainer on the CPU grid runs the real Gemma tokenizer over filler words: each example is still
-    max_length tokens, all trained."""
-    import json
-
-    from studio.bench_trainer import filler_text
-    from studio.config import RunConfig
-    from studio.data import build_datasets
-    from studio.models import load_tokenizer
-    data = tmp_path / "filler.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in filler_text(128, 2)))
-    cfg = RunConfig.from_dict({"model": {"name": "gemma-3-270m"},
-                               "data": {"path": str(data), "format": "text", "max_length": 128}})
-    train = build_datasets(cfg.data, load_tokenizer(cfg.model), 0).train
-    assert [len(e["input_ids"]) for e in train] == [128, 128]
-    assert all(sum(label != -100 for label in e["labels"]) == 127 for e in train)

@@ -174,8 +174,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def without_padding_mask(batch: dict) -> dict:
     """A plain causal-LM batch without its 2-D attention mask where every row is right-padded (collate's are):
     under causal attention no real token sees the pads after it and the pads carry no loss, so the mask changes
-    no loss or gradient. Without it transformers need not read the mask on the device to pick sdpa's causal
-    kernel (a wait for the GPU every forward) and sdpa keeps its flash kernel. Packed batches (block masks),
+    no loss or gradient. With it, a padded batch gets a 4-D mask from transformers, which takes sdpa off its
+    causal flash kernel and is kept for backward; without it, sdpa runs causal. Packed batches (block masks),
     other padding, and batches already on a GPU (checked without reading them) keep theirs."""
     mask = batch.get("attention_mask")
     if mask is None or mask.dim() != 2 or "position_ids" in batch or mask.device.type != "cpu":

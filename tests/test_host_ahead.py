@@ -83,8 +83,8 @@ def test_the_trainer_writes_the_same_run_reading_late(tmp_path, monkeypatch):
 
 
 def test_the_trainer_drops_the_padding_mask_and_writes_the_same_losses(tmp_path, monkeypatch):
-    """Eager steps and the evaluation take right-padded batches without their mask (no device read to pick
-    sdpa's kernel): the same losses as with it."""
+    """Eager steps and the evaluation take right-padded batches without their mask (sdpa runs causal instead of
+    over a 4-D mask): the same losses as with it."""
     cfg = tiny_cfg(**{"train.max_steps": 6, "data.eval_fraction": 0.1, "train.eval_every": 3})
     without = run(tmp_path / "a", cfg)
     monkeypatch.setattr("studio.trainer.without_padding_mask", lambda batch: batch)

@@ -71,7 +71,7 @@ run)
   # quick: the quick grid (auto graphs, also eagerly; with AB=1 also without the Triton kernels)
   want quick && timeout 250 python3 -m studio bench --quick $([ "${AB:-0}" = 1 ] && echo --triton-ab) --eager-ab \
     --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
-  # trainer: the quick grid's LoRA and full rows (ours, random weights) also run by the trainer, as a user's run
+  # trainer: the quick grid's rows (ours, random weights, QLoRA's in 4-bit) also run by the trainer, as a user's run
   # goes (batches, metrics and status files; a step's loss read while the next one runs): trainer_ms_per_step
   # against the loop's ms_per_step
   want trainer && timeout 150 python3 -m studio bench --quick --no-peft --trainer --steps 10 \

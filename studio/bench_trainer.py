@@ -22,9 +22,8 @@ from .bench_grid import Row
 
 
 def runs_as_configured(row: Row) -> bool:
-    """Whether a run config says all of the row's settings (the A/B switches are the bench's own) on a random
-    model of the row's shape (which the trainer cannot load in 4-bit: no QLoRA rows)."""
-    return row.triton and row.mlp_chunks and not row.packed and row.labels == "all" and row.method != "qlora"
+    """Whether a run config says all of the row's settings (the A/B switches are the bench's own)."""
+    return row.triton and row.mlp_chunks and not row.packed and row.labels == "all"
 
 
 def random_twin(shape: str) -> str:

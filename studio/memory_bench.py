@@ -195,35 +195,15 @@ def random_base_model(shape: str, device: torch.device, dtype: torch.dtype, quan
     """A frozen random-init model of a preset's shape, initialised on `device` itself (a 7B init on
     the CPU takes minutes); quant="nf4" swaps its decoder Linears for 4-bit ones (CUDA, or
     bitsandbytes' CPU backend)."""
-    from .models import build_random_model, model_presets
+    from .models import build_random_model, model_presets, quantize_nf4
     with torch.device(device):
         model = build_random_model(model_presets()[shape]["config"], seed=0, dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     if quant == "nf4":
-        model = _quantize_nf4(model)
+        model = quantize_nf4(model)
         torch.cuda.empty_cache()
     return model.train()
-
-
-def _quantize_nf4(model: nn.Module) -> nn.Module:
-    """Swap the decoder Linears for bitsandbytes NF4 Linear4bit (double quant, blocksize 64), quantised
-    where the weight lies (CUDA, or bitsandbytes' CPU backend in tests)."""
-    import bitsandbytes as bnb
-
-    from .methods.common import decoder_layers, replace_module
-    for layer in decoder_layers(model):
-        for name, mod in list(layer.named_modules()):
-            if type(mod) is nn.Linear:
-                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", blocksize=64)
-                if mod.bias is not None:
-                    q.bias = nn.Parameter(mod.bias.data, requires_grad=False)
-                replace_module(layer, name, q.to(mod.weight.device))  # Params4bit quantises on .to()
-    return model
 
 
 # what a method needs to run on a random model without files: a random prompt init, zero biases where a Llama has

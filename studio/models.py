@@ -214,6 +214,27 @@ def build_random_model(facts: dict, seed: int = 0, dtype: torch.dtype = torch.fl
     return auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
+def quantize_nf4(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Swap a model's decoder Linears for bitsandbytes NF4 Linear4bit (double quant, blocksize 64), as a 4-bit
+    load of real weights gives; each is quantised where its weight lies (CUDA, or bitsandbytes' CPU backend).
+    For random models, which have no files for transformers' quantizer to load."""
+    import bitsandbytes as bnb
+
+    from .methods.common import decoder_layers, replace_module
+    for layer in decoder_layers(model):
+        for name, mod in list(layer.named_modules()):
+            if type(mod) is torch.nn.Linear:
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", blocksize=64)
+                if mod.bias is not None:
+                    q.bias = torch.nn.Parameter(mod.bias.data, requires_grad=False)
+                replace_module(layer, name, q.to(mod.weight.device))  # Params4bit quantises on .to()
+    return model
+
+
 def keep_4bit_layout(model: torch.nn.Module) -> None:
     """For a model that trains: keep its 4-bit weights in the layout the training ops read. On a CPU with
     AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at the first eval-mode
@@ -285,11 +306,15 @@ def load_model(mcfg: ModelConfig, task: str = "causal_lm", seed: int = 0) -> tup
     tok = load_tokenizer(mcfg)
     preset = model_presets().get(mcfg.name, {})
     if preset.get("source") == "random":
-        if mcfg.quantization != "none":
-            raise ConfigError("Random test presets cannot be quantized at load; use a real model for 4-/8-bit.")
+        if mcfg.quantization == "int8":
+            raise ConfigError("Random test presets load in 4-bit only (model.quantization=nf4); use a real model "
+                              "for 8-bit.")
+        quantized = _quantization_config(mcfg, device, compute) is not None  # bitsandbytes there, not MPS
         with torch.device(device):  # initialised where it runs (a GPU inits a billion weights in a blink)
-            model = build_random_model(preset["config"], seed=seed, dtype=dtype, task=task,
-                                       attn_implementation=mcfg.attn_implementation)
+            model = build_random_model(preset["config"], seed=seed, dtype=compute if quantized else dtype,
+                                       task=task, attn_implementation=mcfg.attn_implementation)
+        if quantized:
+            model = quantize_nf4(model, compute)
     else:
         auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
         kwargs: dict[str, Any] = dict(dtype=dtype if mcfg.quantization == "none" else compute,

@@ -7,6 +7,7 @@ import torch
 from training import fit
 from studio.checkpoint import load_adapter, save_adapter
 from studio.config import ModelConfig, load_config
+from studio.errors import ConfigError
 from studio.methods import applied, apply_method, method_config
 from studio.models import load_model
 from studio.rundir import RunDir
@@ -55,6 +56,23 @@ def test_qlora_run_end_to_end_with_8bit_optimizer_or_clear_error(tiny_folder, tm
     run = RunDir.create(tmp_path / "runs", cfg)
     execute(run, cfg)
     assert run.status()["state"] == "done" and run.adapter() is not None
+
+
+def test_a_random_preset_loads_in_4bit_and_trains(tmp_path):
+    """model.quantization=nf4 on a random test preset: its decoder Linears become bitsandbytes' 4-bit ones, as a
+    4-bit load of real weights gives (bench --trainer's QLoRA rows, a demo run); 8-bit stays a clear error."""
+    import bitsandbytes as bnb
+    model, _ = load_model(ModelConfig(name="tiny-llama", quantization="nf4", device="cpu"))
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit) and isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
+    assert layer.self_attn.q_proj.weight.quant_state.nested and model.lm_head.weight.dtype == torch.float32
+    cfg = load_config(None, ["model.name=tiny-llama", "model.quantization=nf4", "model.device=cpu", "method.name=qlora",
+                             "data.limit=32", "data.max_length=48", "train.max_steps=3", "train.batch_size=2"])
+    run = RunDir.create(tmp_path / "runs", cfg)
+    execute(run, cfg)
+    assert run.status()["state"] == "done" and len(run.metrics()) == 3
+    with pytest.raises(ConfigError, match="4-bit only"):
+        load_model(ModelConfig(name="tiny-llama", quantization="int8", device="cpu"))
 
 
 def test_lora_on_a_4bit_base_trains_as_one_op_like_the_module_path(tiny_folder, monkeypatch):

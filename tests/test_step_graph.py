@@ -427,11 +427,11 @@ def test_graphs_check_script_compares_both_runs(monkeypatch, capsys):
 
 def test_parameter_count_counts_a_4bit_weight_as_its_config_does():
     """What auto's line counts: a 4-bit model's packed storage holds half its parameters."""
-    from studio.memory_bench import _quantize_nf4
+    from studio.models import quantize_nf4
     model = build_random_model(model_presets()["tiny-llama"]["config"], seed=0)
     dense = sum(p.numel() for p in model.parameters())
     assert step_graph.parameter_count(model) == dense
-    quantized = _quantize_nf4(model)
+    quantized = quantize_nf4(model)
     assert sum(p.numel() for p in quantized.parameters()) < dense
     assert step_graph.parameter_count(quantized) == dense
 

@@ -50,9 +50,9 @@ def trainer_config(row: Row, device: torch.device, data_file: Path, steps: int) 
     from .bench import row_config
     from .config import with_changes
     return with_changes(row_config(row), **{
-        "model.name": random_twin(row.shape), "model.device": device.type, "data.path": str(data_file), "data.format": "text",
-        "data.max_length": row.seq, "train.max_steps": steps, "train.log_every": 1, "train.save_every": 0,
-        "train.cuda_graphs": row.graphs, "train.lr": 1e-5})
+        "model.name": random_twin(row.shape), "model.device": device.type, "data.path": str(data_file),
+        "data.format": "text", "data.max_length": row.seq, "train.max_steps": steps, "train.log_every": 1,
+        "train.save_every": 0, "train.cuda_graphs": row.graphs, "train.lr": 1e-5})
 
 
 def trainer_ms_per_step(row: Row, device: torch.device, warmup: int, steps: int) -> dict:

@@ -26,14 +26,11 @@ import torch
 
 def tiny_twin(shape: str) -> str:
     """Register `shape`'s layer count and model type at test width; the new preset's name."""
-    from studio.models import model_presets
-    presets = model_presets()
-    cfg = dict(presets[shape]["config"])
+    from studio.models import add_random_preset, model_presets
+    cfg = dict(model_presets()[shape]["config"])
     cfg.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                vocab_size=512, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    name = f"host-{shape}"
-    presets[name] = {"source": "random", "config": cfg}
-    return name
+    return add_random_preset(f"host-{shape}", cfg)
 
 
 def main() -> None:

@@ -33,7 +33,9 @@ from .attention import model_batch, use_varlen_attention
 from .bench_grid import BENCH_LR, BENCH_TOTAL_STEPS, Row, bench_method_cfg, default_grid
 from .bench_trainer import runs_as_configured, with_trainer_time
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
+from .data_render import without_padding_mask
 from .errors import ConfigError
+from .host_ahead import to_device
 from .losses import causal_lm_loss
 from .machine_facts import machine_facts
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
@@ -161,15 +163,16 @@ def build_step(row: Row, engine: str, device: torch.device, compile: bool = Fals
         def after_opt(i: int) -> None:
             baseline.after_optimizer_step(model, i)
     params = [p for p in model.parameters() if p.requires_grad]
-    batch = random_batch(model.config.vocab_size, row.batch, row.seq, device)
+    batch = random_batch(model.config.vocab_size, row.batch, row.seq)
     if row.labels == "prompt":  # chat fine-tuning: prompt tokens carry label -100 (both engines get the same)
         batch["labels"][:, : row.seq // 2] = -100
     if row.packed:
         batch = packed_batch(batch)
         if engine == "studio" and not graphs:  # as the trainer: eager packed steps attend per example
             use_varlen_attention(model)
-    elif engine == "studio":  # as the trainer (data_render.without_padding_mask): unpadded rows need no mask
-        batch.pop("attention_mask")
+    if engine == "studio":  # as the trainer: no padding mask where the rows need none
+        batch = without_padding_mask(batch)
+    batch = to_device(batch, device)
 
     routing = kernels.disabled if not row.triton else contextlib.nullcontext
 

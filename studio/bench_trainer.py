@@ -26,16 +26,6 @@ def runs_as_configured(row: Row) -> bool:
     return row.triton and row.mlp_chunks and not row.packed and row.labels == "all"
 
 
-def random_twin(shape: str) -> str:
-    """A random preset of the shape (as the bench's own rows train: no weights to download), registered for this
-    process; its name."""
-    from .models import model_presets
-    presets = model_presets()
-    name = f"bench-{shape}"
-    presets[name] = {"source": "random", "config": dict(presets[shape]["config"])}
-    return name
-
-
 def filler_text(seq: int, examples: int, seed: int = 0) -> list[str]:
     """Texts of more than seq random short words each: no tokenizer merges words across a space, so each
     text fills seq tokens."""
@@ -49,8 +39,10 @@ def trainer_config(row: Row, device: torch.device, data_file: Path, steps: int) 
     """The row's run config (bench.row_config) on data_file, `steps` optimizer steps, a metrics line each."""
     from .bench import row_config
     from .config import with_changes
+    from .models import add_random_preset, model_presets
+    twin = add_random_preset(f"bench-{row.shape}", model_presets()[row.shape]["config"])  # as the bench's own rows
     return with_changes(row_config(row), **{
-        "model.name": random_twin(row.shape), "model.device": device.type, "data.path": str(data_file),
+        "model.name": twin, "model.device": device.type, "data.path": str(data_file),
         "data.format": "text", "data.max_length": row.seq, "train.max_steps": steps, "train.log_every": 1,
         "train.save_every": 0, "train.cuda_graphs": row.graphs, "train.lr": 1e-5})
 

@@ -14,6 +14,7 @@ On the CPU nothing runs ahead, and every event is ready at once.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +24,23 @@ READ_LATE_ON = {"cuda"}  # device types whose steps run behind the host (tests a
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors on device; to CUDA through pinned memory, without the host waiting for the copy."""
-    if device.type != "cuda":
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) and v.device.type == "cpu"
-            else v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    def move(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if device.type == "cuda" and value.device.type == "cpu":
+            return value.pin_memory().to(device, non_blocking=True)
+        return value.to(device)
+    return {k: move(v) for k, v in batch.items()}
+
+
+@dataclass
+class _Pending:
+    event: dict
+    copies: dict[str, torch.Tensor | None]  # the values, on their way to (or already on) the host
+    done: Any  # a CUDA event recorded after the copies, or None
+    tokens: int
+    started: float  # perf_counter when the step started
+    queued: float  # perf_counter when it was queued: its end, on a synchronous device
 
 
 class StepReadings:
@@ -35,7 +49,7 @@ class StepReadings:
 
     def __init__(self, device: torch.device):
         self.late = device.type in READ_LATE_ON
-        self.pending: list[tuple[dict, dict[str, Any], Any, int, float, float]] = []
+        self.pending: list[_Pending] = []
 
     def add(self, event: dict, values: dict[str, torch.Tensor | None], tokens: int, started: float) -> None:
         """The step's event (started at perf_counter `started`, `tokens` trained), whose `values` (device
@@ -50,7 +64,7 @@ class StepReadings:
             copies[key] = value
         if done is not None:
             done.record()
-        self.pending.append((event, copies, done, tokens, started, time.perf_counter()))
+        self.pending.append(_Pending(event, copies, done, tokens, started, time.perf_counter()))
 
     def ready(self, flush: bool = False) -> list[dict]:
         """The events whose values can be read now, in step order, values and tokens_per_s filled in: all of
@@ -59,11 +73,11 @@ class StepReadings:
         the device keeps, which the host's time to queue a step alone is not."""
         keep = 1 if self.late and not flush else 0
         out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        following = [started for _, _, _, _, started, _ in out[1:] + self.pending]
-        for i, (event, copies, done, tokens, started, queued) in enumerate(out):
-            if done is not None:
-                done.synchronize()  # waits for that step only, not for the one queued after it
-            end = following[i] if i < len(following) else time.perf_counter() if self.late else queued
-            event.update({k: None if v is None else float(v) for k, v in copies.items()})
-            event["tokens_per_s"] = tokens / max(end - started, 1e-9)
-        return [event for event, *_ in out]
+        following = out[1:] + self.pending
+        for i, step in enumerate(out):
+            if step.done is not None:
+                step.done.synchronize()  # waits for that step only, not for the one queued after it
+            end = following[i].started if i < len(following) else time.perf_counter() if self.late else step.queued
+            step.event.update({k: None if v is None else float(v) for k, v in step.copies.items()})
+            step.event["tokens_per_s"] = step.tokens / max(end - step.started, 1e-9)
+        return [step.event for step in out]

@@ -51,6 +51,13 @@ def model_presets() -> dict[str, dict]:
     return yaml.safe_load(PRESETS_FILE.read_text()) or {}
 
 
+def add_random_preset(name: str, config: dict) -> str:
+    """Register a random preset of these config facts for this process (benchmarks of real shapes, no weights
+    to download); its name."""
+    model_presets()[name] = {"source": "random", "config": dict(config)}
+    return name
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():

@@ -381,7 +381,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                      "loss": None, "lr": scheduler.get_last_lr()[0], "grad_norm": None, "tokens_per_s": None,
                      "peak_mem_bytes": peak_memory(device) or cpu_peak, "time": time.perf_counter() - t0}
             # the loss and gradient norm reach the host while the next step runs (studio/host_ahead.py)
-            loss = torch.stack(losses).float().mean() if len(losses) > 1 else losses[0]  # (MPS has no float64)
+            loss = torch.stack(losses).float().mean()  # over the micro-batches (MPS has no float64)
             readings.add(event, {"loss": loss, "grad_norm": grad_norm}, tokens * accelerator.num_processes, step_start)
             # Method facts (AdaLoRA ranks, changed fractions) can cost a pass over the weights: not every step.
             summary = info.method.trainable_summary(model) if step % 10 == 0 or step == steps else None

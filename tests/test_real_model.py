@@ -37,4 +37,3 @@ def test_base_model_answers_coherently_without_adapter():
     chat = ChatModel.from_model(ModelConfig(name="gemma-3-270m", device="cpu"))
     reply = chat.reply("The Eiffel Tower is in the city of", GenerationSettings(max_new_tokens=3, do_sample=False), raw=True)
     assert "Paris" in reply
-

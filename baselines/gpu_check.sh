@@ -49,13 +49,16 @@ run)
   want 7b && timeout 270 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
   # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card; DoRA, IA3 and
-  # SSF through CUDA's fp32-output GEMM (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a
+  # SSF through CUDA's fp32-output GEMM, and a small update beside a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a
   # chunked MLP's seeded masks (the whole batch's, from the chunk's first row); a step's numbers read late from
   # pinned memory and batches copied from it (tests/test_host_ahead.py)
   want kernels && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py \
-    tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks tests/test_host_ahead.py 2>&1 | tail -15 \
-    | tee "$OUT/kernels.log"
+    tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks tests/test_host_ahead.py \
+    2>&1 | tail -40 | tee "$OUT/kernels.log"
+  # how much of a small term CUDA's addmm keeps when it adds it in its epilogue (LoRA's fused op relies on it),
+  # with cuBLAS's reduced-precision reductions allowed (torch's default) and not
+  want kernels && timeout 30 python3 -m baselines.epilogue_check 2>&1 | grep '^{' | tee "$OUT/epilogue.jsonl"
   # graphs: train.cuda_graphs through the real trainer, eager and graphed loss curves on tiny models (must
   # agree); LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (seeded:
   # captured with it too); packed batches, eager (flash varlen attention) against captured (block mask)

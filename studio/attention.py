@@ -10,6 +10,8 @@ a model passing the segments through: the block mask stays in the batch as the f
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -52,13 +54,27 @@ def _window(module: nn.Module, kwargs: dict) -> int | None:
     return int(window) if window else None
 
 
+@functools.cache
+def _varlen_takes() -> frozenset[str]:
+    """The keyword arguments of this torch's varlen_attn (2.10: is_causal; 2.11: window_size; 2.13: enable_gqa)."""
+    from torch.nn.attention.varlen import varlen_attn
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _flash_varlen(query, key, value, seg: Segments, scaling, window: int | None, gqa: bool) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
+    takes = _varlen_takes()
+    if window and "window_size" not in takes:
+        raise NotImplementedError("this torch's varlen_attn has no sliding window")
     b, hq, t, d = query.shape
+    if gqa and "enable_gqa" not in takes:  # each key/value head repeated for the query heads it serves
+        key, value = (x.repeat_interleave(hq // x.shape[1], dim=1) for x in (key, value))
     flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value)]
     cu = seg.cu_seqlens.to(query.device)
-    out = varlen_attn(*flat, cu, cu, seg.max_len, seg.max_len, scale=scaling,
-                      window_size=(window - 1, 0) if window else (-1, 0), enable_gqa=gqa)
+    extra = {"window_size": (window - 1, 0) if window else (-1, 0)} if "window_size" in takes else {"is_causal": True}
+    if gqa and "enable_gqa" in takes:
+        extra["enable_gqa"] = True
+    out = varlen_attn(*flat, cu, cu, seg.max_len, seg.max_len, scale=scaling, **extra)
     return out.view(b, t, hq, d)
 
 
@@ -96,7 +112,7 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if _flash_ok and query.device.type == "cuda" and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
         try:
             return _flash_varlen(query, key, value, seg, scaling, window, gqa), None
-        except (RuntimeError, ImportError) as err:  # e.g. a GPU older than flash attention supports
+        except (RuntimeError, ImportError, NotImplementedError) as err:  # e.g. an older GPU or torch
             _flash_ok = False
             warnings.warn(f"flash varlen attention unavailable ({err}); packed attention runs per example.")
     return _per_segment(query, key, value, seg, scaling, window, gqa, dropout), None

@@ -148,3 +148,28 @@ def test_the_additive_mask_attends_where_the_block_mask_does(dtype):
     got = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, dtype))
     torch.testing.assert_close(got, want)
     assert additive_mask(mask, dtype).dtype == dtype
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_flash_varlen_on_a_torch_without_enable_gqa_repeats_the_key_heads(monkeypatch, window):
+    """The H200's torch 2.11 has no enable_gqa (a TypeError stopped packed training there): grouped key/value
+    heads are repeated for their query heads instead, with the same output."""
+    import inspect
+
+    import torch.nn.attention.varlen as varlen
+
+    def older(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert k.shape[1] == q.shape[1], "grouped keys given to a varlen_attn without enable_gqa"
+        return _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+    monkeypatch.setattr(varlen, "varlen_attn", older)
+    attention._varlen_takes.cache_clear()
+    try:
+        assert "enable_gqa" not in inspect.signature(varlen.varlen_attn).parameters
+        torch.manual_seed(0)
+        q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+        seg = Segments.from_position_ids(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]]))
+        flash = attention._flash_varlen(q, k, v, seg, 0.3, window, gqa=True)
+        ref = attention._per_segment(q, k, v, seg, 0.3, window, gqa=True, dropout=0.0)
+        torch.testing.assert_close(flash, ref)
+    finally:
+        attention._varlen_takes.cache_clear()

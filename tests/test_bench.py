@@ -401,3 +401,12 @@ def test_long_grid_pairs_chunked_and_whole_mlps_and_needs_cuda(monkeypatch, caps
     assert (chunked["mlp_chunks"], whole["mlp_chunks"]) == (True, False)
     assert chunked["loss_first_last"] == pytest.approx(whole["loss_first_last"], rel=1e-5)
     assert chunked["estimated_bytes"] < whole["estimated_bytes"]
+
+
+def test_epilogue_check_tells_a_kept_term_from_one_rounded_first():
+    """baselines/epilogue_check.py (a GPU question: does CUDA's addmm keep a small term it adds in its epilogue?):
+    on the CPU the epilogue keeps it whole, and the measure tells that from rounding the product first."""
+    from baselines.epilogue_check import kept_share
+    got = kept_share(512, 256, 256, torch.device("cpu"), torch.bfloat16)
+    assert got["kept"] == pytest.approx(1.0, abs=0.05)
+    assert got["kept_if_rounded_first"] < 0.3

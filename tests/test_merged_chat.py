@@ -93,3 +93,38 @@ def test_a_run_can_chat_in_bfloat16_merged_too(run_dir):
     plain = ChatModel.from_run(run_dir, device="cpu", dtype="bfloat16", merge=False)
     assert chat.reply("Say hello.", GREEDY, use_adapter=False) == plain.reply("Say hello.", GREEDY, use_adapter=False)
     assert isinstance(chat.reply("What is 2 + 3?", GREEDY), str)
+
+
+def test_a_deep_bf16_model_merges_within_its_rounding_and_a_wrong_merge_stays_unmerged(monkeypatch):
+    """In bf16 the merged and unmerged models round on their own: on Qwen2.5-0.5B's 24 layers (random weights, a
+    LoRA of notable size) their logits differed by 2.2% of the largest, each as far from the fp32 model as the
+    other, and the old rule (2% of the largest logit) kept every GPU chat unmerged (H200, 2026-11-29). A merge
+    that is wrong by half the adapter's update still stays unmerged."""
+    from studio.bench_grid import bench_method_cfg
+    from studio.memory_bench import random_base_model
+    from studio.merged_weights import merge_for_chat
+    model = random_base_model("qwen2.5-0.5b", torch.device("cpu"), torch.bfloat16)
+    apply_method(model, method_config(bench_method_cfg("lora")))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    model.eval()
+    method = model.studio_adapter.method
+    right = method.merge
+
+    def half_again(m):  # merges 1.5 x the update
+        bs = [p for name, p in m.named_parameters() if "lora_B" in name]
+        with torch.no_grad():
+            for p in bs:
+                p.mul_(1.5)
+            right(m)
+            for p in bs:
+                p.div_(1.5)
+    monkeypatch.setattr(method, "merge", half_again)
+    merged, note = merge_for_chat(model)
+    assert merged is None and "did not give the unmerged model's answers" in note
+    monkeypatch.setattr(method, "merge", right)
+    merged, note = merge_for_chat(model)
+    assert merged is not None, note

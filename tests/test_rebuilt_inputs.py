@@ -20,7 +20,8 @@ def _lora_model(tiny_model, arch: str, dtype: torch.dtype, method: dict = LORA, 
     apply_method(model, method_config(dict(method)))
     for name, p in model.named_parameters():  # B away from zero, so every gradient is non-trivial
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+            with torch.no_grad():  # drawn on the CPU: the same values on a GPU
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
     return model
 
 

@@ -23,6 +23,11 @@ from studio.methods.rescaled_product import fp32_product, mm_fp32_output
 from studio.methods.ssf import SsfLinear
 
 
+# the rounding tests run on CUDA where there is one (baselines/gpu_check.sh runs this file there): its GEMMs'
+# epilogues and fp32-output GEMM
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _base(bias: bool = False, dtype: torch.dtype = torch.float32, features: int = 256) -> nn.Linear:
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(features, features, bias=bias)
@@ -57,15 +62,21 @@ def _kept_share(y: torch.Tensor, base_exact: torch.Tensor, update: torch.Tensor)
     return float((got * update).sum() / (update * update).sum())
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_a_small_update_survives_bf16_rounding(name):
+def test_a_small_update_survives_bf16_rounding(name, bias):
+    """Also beside a bias as large as the product (Qwen's q/k/v have such): added before the small term is,
+    the bias rounds it away at its own scale. On CUDA where there is one (the GEMM adds the term in its epilogue)."""
     make, linear_in = MODULES[name]
-    module = make(_base(dtype=torch.bfloat16)).train()
+    module = make(_base(bias=bias, dtype=torch.bfloat16)).train()
     _perturb(module)
     x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     w = module.base_layer.weight.float()
     base_exact = x.float() @ w.t()  # the products of the bf16 operands, unrounded
     with torch.no_grad():
+        if bias:  # about the size of the product
+            module.base_layer.bias.mul_(2 * base_exact.std() / module.base_layer.bias.float().std())
+            base_exact += module.base_layer.bias.float()
         update = module.delta_weight() if name != "lora" else \
             module.lora_B.weight.float() @ module.lora_A.weight.float() * module.scaling
         u = x.float() @ update.float().t()
@@ -73,8 +84,9 @@ def test_a_small_update_survives_bf16_rounding(name):
         shrink = 1e-3 * base_exact.std() / u.std()
         module.get_parameter(linear_in).mul_(shrink)
         u = u * shrink
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = module(x)
+        module.to(DEVICE)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = module(x.to(DEVICE)).cpu()
     assert y.dtype == torch.bfloat16
     assert _kept_share(y, base_exact, u) == pytest.approx(1.0, abs=0.1)
     # the way peft adds it (the base output rounded first) keeps much less: the check can tell them apart
@@ -186,7 +198,9 @@ def _rescale_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = base(x)
         return (out.float() * module.ssf_scale + module.ssf_shift).to(out.dtype)
     xa = adapter_input(x, module.lora_A.weight.dtype)
-    xd = module.lora_dropout(xa)
+    p = getattr(module.lora_dropout, "p", 0.0)  # the keep-mask drawn as the op draws it (bernoulli_, one byte
+    # per element): torch's dropout draws it so on the CPU alone, CUDA's fused dropout other numbers
+    xd = (xa * torch.empty(xa.shape, dtype=torch.bool, device=xa.device).bernoulli_(1 - p)).mul_(1 / (1 - p)) if p else xa
     lora = module.lora_B(module.lora_A(xd)) * module.scaling
     with torch.no_grad():
         norm = module._combined_weight().norm(dim=1)
@@ -199,14 +213,12 @@ RESCALED = {"dora": lambda base: _dora(base), "ia3": lambda base: IA3Linear(base
             "ssf": lambda base: SsfLinear(base, shift=True)}
 
 
-# the rescale tests run on CUDA where there is one (baselines/gpu_check.sh runs this file there): its fp32-output GEMM
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(params=["epilogue", "fp32-output"])
 def rescale_path(request, monkeypatch):
-    """The CPU's way (the small terms added in the base GEMM's epilogue) or CUDA's (a 16-bit GEMM with an
-    fp32 output; on the CPU emulated by casting the operands up)."""
+    """Without an fp32-output GEMM (the CPU: the small terms added in the base GEMM's epilogue; a GPU: the
+    operands cast up) or with one (CUDA's 16-bit GEMM with an fp32 output; on the CPU emulated by casting up)."""
     from studio.methods import rescaled_product
     exact = request.param == "fp32-output"
     monkeypatch.setattr(rescaled_product, "fp32_output_gemm", lambda device, dtype: exact)

@@ -120,12 +120,12 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     w = dense_weight(weight, quant_state, cdt)
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
     # adding it after would read and write the whole output once more, and in bf16 would round most of the
-    # small term away against an output already rounded
-    if bias is not None:
-        torch.addmm(cast(bias, cdt), low, b.t(), out=y2)
-    else:
-        torch.mm(low, b.t(), out=y2)
+    # small term away against an output already rounded. The bias comes last, for the same reason: joined
+    # to the small term first, it rounds that term at the bias's scale (Qwen's q/k/v biases are large)
+    torch.mm(low, b.t(), out=y2)
     y2.addmm_(x2, w.t())
+    if bias is not None:
+        y2.add_(cast(bias, cdt))
     return y, low, mask, a, b
 
 

@@ -7,12 +7,15 @@ foreground, the page through Runner in a thread.
 """
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from .config import RunConfig
 from .errors import BusyError, StudioError
@@ -102,7 +105,17 @@ def execute(run: RunDir, cfg: RunConfig, stop: threading.Event | None = None, re
         raise
     finally:
         _record_measured(run, peak)
+        release_memory()  # an exception in flight keeps its frames' tensors: the Runner releases again after it
     return last
+
+
+def release_memory() -> None:
+    """Free what a finished run held: its model and optimizer sit in reference cycles (hooks, wrappers) that
+    only the cycle collector frees, and until it ran a GPU kept their gigabytes from the next run or the chat;
+    then torch's cached blocks go back to the driver."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def recover_stale(runs_dir: str | Path) -> None:
@@ -164,6 +177,7 @@ class Runner:
             execute(run, cfg, self._stop, resume, on_event=self._push)
         except Exception as e:  # execute() already wrote status.json; keep the message for the page
             self.last_error = str(e)
+        release_memory()  # the exception's frames (a failed step's tensors) are gone now
 
     def _push(self, event: dict) -> None:
         try:

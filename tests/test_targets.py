@@ -22,6 +22,8 @@ def test_default_row_fitted_and_offloaded_rows_and_the_missing_ones():
             _row("studio", "qwen2.5-7b", "qlora", 4, 2048, 640, 8.4, cuda_graphs="auto", graphs=False, offload=True),
             _row("peft", "qwen2.5-7b", "lora", 4, 2048, 959, 32.6),
             _row("studio", "qwen2.5-7b", "lora", 4, 2048, 630, 19.1, cuda_graphs="auto", graphs=False, mfu=0.43),
+            _row("studio", "qwen2.5-7b", "lora", 4, 2048, 574, 24.8, cuda_graphs="auto", graphs=False, mfu=0.48,
+                 fit="RTX 4090"),
             _row("studio", "qwen2.5-7b", "lora", 4, 2048, 500, 19.0, cuda_graphs="on", graphs=True, mfu=0.5)]
     got = _by_target(rows)
     row = "qwen2.5-7b qlora 4x2048 ckpt on"
@@ -29,12 +31,15 @@ def test_default_row_fitted_and_offloaded_rows_and_the_missing_ones():
     assert got[("qlora >= 2.0x peft's tokens/s", f"{row} (fitted to RTX 4090, eager)")][1] == "met"  # 2.03x
     assert got[("qlora >= 2.0x peft's tokens/s", f"{row} (inputs offloaded, eager)")][1] == "not met"
     # a card must hold the allocator's reservation, not only the allocated peak
-    assert got[("within 24 GB", f"{row} (default settings, eager)")] == ("10.50 GB reserved", "met")
-    assert got[("within 24 GB", f"{row} (fitted to RTX 4090, eager)")] == ("26.00 GB reserved", "not met")
+    assert got[("within 24 GB", f"{row} (default settings, eager)")] == ("9.78 GiB reserved (of 24 GiB)", "met")
+    assert got[("within 24 GB", f"{row} (fitted to RTX 4090, eager)")] == ("24.21 GiB reserved (of 24 GiB)", "not met")
     lora = "qwen2.5-7b lora 4x2048 ckpt on (default settings, eager)"  # the graphs=on row is not the default
     assert got[("lora >= 1.5x peft's tokens/s", lora)] == ("630 vs 959 ms: 1.52x", "met")
     assert got[("lora <= 0.6x peft's peak memory", lora)][1] == "met"
     assert got[(">= 40% MFU", lora)] == ("43.0%", "met")
+    fitted = "qwen2.5-7b lora 4x2048 ckpt on (fitted to RTX 4090, eager)"  # memory spent on speed, by request
+    assert got[("lora <= 0.6x peft's peak memory", fitted)] == (
+        "24.80 vs 32.60 GB: 0.76x", "not a target (spends RTX 4090's memory on speed)")
     missing = [row for (t, row), (m, v) in got.items() if v == "not measured"]
     assert len(missing) == 5 and any("llama-3.2-1b" in r for r in missing)  # four LoRA rows, the 0.5B QLoRA row
 

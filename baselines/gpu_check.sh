@@ -4,21 +4,22 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (writes into $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then: GPU facts, the 7B rows, the Triton kernel tests (the
-# seeded dropout's too), train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout,
-# AdaMix and diff pruning with checkpointing, and packed batches), the quick speed grid (ours vs peft; ours
-# as train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels), the memory
-# estimate of every method against max_memory_allocated (bench --memory --methods), chat speed
-# (bench --chat: base, adapter unmerged, merged), the quick grid's rows run by the trainer (bench --trainer), every
-# capture-safe method captured for real (graphs_check --methods), bench --packed-grid, the Llama-3.2-1B
-# row, bench --methods (every preset peft trains too, ours vs peft), bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, eager and replayed),
-# bf16 loss curves against fp32, ours and peft's (baselines/bf16_curves.py),
-# a checkpointed torch dropout replayed from a graph (baselines/graph_rng_check.py), with AB=1 the
-# recompute skip (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py), with
-# MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the issue's
-# targets, met or not (baselines/targets.py).
+# baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft);
+# bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, and 7B QLoRA at 4x2048, each
+# eager and replayed); the Triton kernel and CUDA rounding tests, and how much of a small term CUDA's addmm
+# keeps in its epilogue (baselines/epilogue_check.py); chat speed (bench --chat: base, adapter unmerged,
+# merged); train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff
+# pruning with checkpointing, and packed batches); the quick speed grid (ours as train.cuda_graphs=auto runs it,
+# also eagerly, and with AB=1 without the Triton kernels); the quick grid's rows run by the trainer (bench
+# --trainer); the memory estimate of every method against max_memory_allocated (bench --memory --methods);
+# bench --long-grid; every capture-safe method captured for real (graphs_check --methods); bench --packed-grid;
+# the Llama-3.2-1B row; bench --methods (every preset peft trains too); bf16 loss curves against fp32
+# (baselines/bf16_curves.py); a checkpointed torch dropout replayed from a graph (baselines/graph_rng_check.py);
+# with AB=1 the recompute skip (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py);
+# with MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
+# issue's targets, met or not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about the quick grid and keeps
-# what the earlier stages wrote; a second call takes the rest (SKIP=7b,kernels,graphs,quick).
+# what the earlier stages wrote; a second call takes the rest (SKIP=7b,grid,kernels,chat,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
@@ -42,12 +43,16 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$OUT/facts.txt"
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
-  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,kernels,graphs,quick). The 7B rows
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,grid,kernels,chat,graphs,quick). The 7B rows
   # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last): six rows of
   # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s)
   want 7b && timeout 270 python3 -m studio bench --only qwen2.5-7b --out "$OUT/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$OUT/bench.log"
+  # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below),
+  # and 7B QLoRA at 4x2048 (far above, but host-bound on the H200: does replaying close its 54 ms of idle GPU?)
+  want grid && timeout 200 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
+    | grep -v Warning | tee "$OUT/graphs_grid.log"
   # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card; DoRA, IA3 and
   # SSF through CUDA's fp32-output GEMM, and a small update beside a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a
   # chunked MLP's seeded masks (the whole batch's, from the chunk's first row); a step's numbers read late from
@@ -59,6 +64,9 @@ run)
   # how much of a small term CUDA's addmm keeps when it adds it in its epilogue (LoRA's fused op relies on it),
   # with cuBLAS's reduced-precision reductions allowed (torch's default) and not
   want kernels && timeout 30 python3 -m baselines.epilogue_check 2>&1 | grep '^{' | tee "$OUT/epilogue.jsonl"
+  # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
+  want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \
+    | tee "$OUT/chat.log"
   # graphs: train.cuda_graphs through the real trainer, eager and graphed loss curves on tiny models (must
   # agree); LoRA's default dropout (0.05) drawn inside the graph, without and with checkpointing (seeded:
   # captured with it too); packed batches, eager (flash varlen attention) against captured (block mask)
@@ -87,9 +95,6 @@ run)
   # (studio/chunked_mlp.py) and whole, vs peft: peak, estimate, step time
   want long && timeout 300 python3 -m studio bench --long-grid --steps 3 --warmup 1 --out "$OUT/bench_long.jsonl" 2>&1 | grep -v Warning \
     | tee "$OUT/bench_long.log"
-  # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
-  want chat && timeout 120 python3 -m studio bench --chat --out "$OUT/chat.jsonl" 2>&1 | grep -v Warning \
-    | tee "$OUT/chat.log"
   # methods: every method marked safe to capture, captured for real (checked on the CPU by replaying recorded steps)
   want methods && timeout 120 python3 -m baselines.graphs_check --models tiny-llama --steps 4 --methods \
     dora,vera,loha,lokr,ia3,adalora,adapter,prompt_tuning,prefix_tuning,glora,compacter,ssf,parallel_adapter,lst,p_tuning,p_tuning_v2,mam_adapter,unipelt,bitfit,freeze,child_tuning,full,dylora,adamix,diff_pruning,adapter_fusion \
@@ -103,9 +108,6 @@ run)
   # presets: every preset peft trains too, at its own settings, ours vs peft given the same adapter (0.5B 4x1024)
   want presets && timeout 240 python3 -m studio bench --methods --steps 3 --out "$OUT/bench_methods.jsonl" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_methods.log"
-  # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below)
-  want grid && timeout 150 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
-    | grep -v Warning | tee "$OUT/graphs_grid.log"
   # curves: bf16 loss curves against fp32, ours and peft's (2-layer models; the update added before rounding;
 # DoRA and IA3 through CUDA's fp32-output GEMM)
   want curves && timeout 90 python3 -m baselines.bf16_curves 2>&1 | grep '^{' | tee "$OUT/bf16_curves.jsonl"
@@ -117,7 +119,7 @@ run)
   [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$OUT/lora_order.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$OUT/memory.jsonl" 2>&1 | grep -v Warning \
     > "$OUT/memory.log"
-  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/bench_long.jsonl" "$OUT/bench_trainer.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
+  python3 baselines/bench_table.py "$OUT/bench.jsonl" "$OUT/graphs_grid.jsonl" "$OUT/bench_long.jsonl" "$OUT/bench_trainer.jsonl" "$OUT/chat.jsonl" "$OUT/bench_methods.jsonl" "$OUT/memory.jsonl" \
     "$OUT/memory_methods.jsonl" 2>&1 | tee "$OUT/table.md"
   # the issue's targets, met or not, row by row
   python3 -m baselines.targets "$OUT/bench.jsonl" 2>&1 | grep -v Warning | tee "$OUT/targets.md"

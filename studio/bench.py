@@ -268,12 +268,13 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
                                      "graphs": step.graphs}
     if compile and engine == "studio":
         out["compiled"] = True
-    warm_peak = []
+    warm_peak, counts = [], []
 
     def on_warm() -> None:  # the first steps' peak (a compile, the optimizer state's birth) vs the steady one
         if device.type == "cuda":
             warm_peak.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
+            counts.append(allocator_counts())
 
     start = time.perf_counter()
     seconds, out["loss_first_last"] = time_steps(step.run, warmup, steps, device, on_warm)
@@ -296,7 +297,22 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
         # what the caching allocator held at most (reservations are kept until emptied, so this covers the
         # warm-up too): a card must hold this, not just the allocated peak
         out["reserved_bytes"] = torch.cuda.max_memory_reserved()
+        out["allocator_per_step"] = allocator_churn(counts[0], allocator_counts(), steps)
     return out  # the model, optimizer and batch are freed with this frame
+
+
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def allocator_counts() -> dict[str, int]:
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
+def allocator_churn(before: dict[str, int], after: dict[str, int], steps: int) -> dict[str, float]:
+    """cudaMalloc and cudaFree calls and allocation retries per timed step: a steady step should make none (a
+    cudaFree waits for the whole GPU, so one each step would keep the host from running ahead)."""
+    return {k.removeprefix("num_"): round((after[k] - before[k]) / max(steps, 1), 2) for k in ALLOCATOR_COUNTS}
 
 
 def row_config(row: Row) -> Any:

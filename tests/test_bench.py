@@ -291,9 +291,10 @@ def test_graphs_grid_pairs_eager_and_replayed_rows_and_needs_cuda(monkeypatch, c
     """bench --graphs-grid: rows on both sides of auto's line, each eager and replayed (GPU only)."""
     from studio.bench_grid import GRAPHS_GRID
     from studio.__main__ import main
-    assert [(r.shape, r.batch, r.seq, r.graphs) for r in GRAPHS_GRID] == [
-        ("qwen2.5-3b", 4, 2048, "off"), ("qwen2.5-3b", 4, 2048, "on"),
-        ("qwen2.5-7b", 1, 512, "off"), ("qwen2.5-7b", 1, 512, "on")]
+    assert [(r.shape, r.method, r.batch, r.seq, r.graphs) for r in GRAPHS_GRID] == [
+        ("qwen2.5-3b", "lora", 4, 2048, "off"), ("qwen2.5-3b", "lora", 4, 2048, "on"),
+        ("qwen2.5-7b", "lora", 1, 512, "off"), ("qwen2.5-7b", "lora", 1, 512, "on"),
+        ("qwen2.5-7b", "qlora", 4, 2048, "off"), ("qwen2.5-7b", "qlora", 4, 2048, "on")]
     assert main(["bench", "--graphs-grid", "--device", "cpu"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 
@@ -410,3 +411,11 @@ def test_epilogue_check_tells_a_kept_term_from_one_rounded_first():
     got = kept_share(512, 256, 256, torch.device("cpu"), torch.bfloat16)
     assert got["kept"] == pytest.approx(1.0, abs=0.05)
     assert got["kept_if_rounded_first"] < 0.3
+
+
+def test_allocator_churn_per_timed_step():
+    """GPU rows carry allocator_per_step: device mallocs, frees and retries between the warm-up and the end."""
+    from studio.bench import allocator_churn
+    before = {"num_device_alloc": 40, "num_device_free": 2, "num_alloc_retries": 0}
+    after = {"num_device_alloc": 50, "num_device_free": 12, "num_alloc_retries": 5}
+    assert allocator_churn(before, after, 5) == {"device_alloc": 2.0, "device_free": 2.0, "alloc_retries": 1.0}

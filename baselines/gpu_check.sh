@@ -53,7 +53,8 @@ run)
   # and 7B QLoRA at 4x2048 (far above, but host-bound on the H200: does replaying close its 54 ms of idle GPU?)
   want grid && timeout 200 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
     | grep -v Warning | tee "$OUT/graphs_grid.log"
-  # kernels: the Triton kernels against the torch ops, and the seeded dropout, compiled for this card; DoRA, IA3 and
+  # kernels: the Triton kernels against the torch ops (NF4 dequantization against bitsandbytes), and the seeded
+  # dropout, compiled for this card; DoRA, IA3 and
   # SSF through CUDA's fp32-output GEMM, and a small update beside a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a
   # chunked MLP's seeded masks (the whole batch's, from the chunk's first row); a step's numbers read late from
   # pinned memory and batches copied from it (tests/test_host_ahead.py)

@@ -182,6 +182,53 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(tmp_path):
     done = subprocess.run([sys.executable, str(root / "tests" / "kernel_compile.py")], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    # 8 per dtype and variant flag, the softmax block and the seeded dropout once per dtype: 3 dtypes, 2 archs;
-    # the seeded uniform draws once per arch
-    assert "compiled 110 kernel variants" in done.stdout
+    # 9 per dtype and variant flag (the NF4 dequantization's flag: nested absmax), the softmax block and the seeded
+    # dropout once per dtype: 3 dtypes, 2 archs; the seeded uniform draws once per arch
+    assert "compiled 122 kernel variants" in done.stdout
+
+
+def _quantized(shape, nested, dtype):
+    import bitsandbytes.functional as bnbf
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 0.05).to(DEVICE, dtype)
+    return bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "flat"])
+# rows a multiple of the block size, or an odd count: bitsandbytes' CPU kernel (the reference here without a GPU)
+# misplaces the block scales of rows that end inside a block, e.g. 64 x 96 (its pure-torch path and CUDA do not)
+@pytest.mark.parametrize("shape", [(96, 64), (37, 129), (512, 192)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_nf4_dequantization_is_bitsandbytes(shape, nested, dtype):
+    """One launch for bitsandbytes' three (double-quantized absmax, offset, 4-bit values), the same weight: bitwise,
+    except that Triton's CPU interpreter rounds fp32 to bf16 toward zero (one bf16 step at most)."""
+    import bitsandbytes.functional as bnbf
+    from studio.kernels import nf4
+    packed, state = _quantized(shape, nested, dtype)
+    got, want = nf4.dequantize(packed, state, dtype), bnbf.dequantize_4bit(packed, state)
+    assert got.shape == want.shape == shape and got.dtype == want.dtype == dtype
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        assert int((got != want).sum()) > 0  # truncated, so this branch is needed (and taken)
+        torch.testing.assert_close(got, want, atol=0, rtol=2 ** -7)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_4bit_weights_take_the_kernel_where_it_agrees_and_bitsandbytes_elsewhere(monkeypatch):
+    """studio/dequant_4bit.py: NF4 through the checked kernel (its verdict recorded), FP4 through bitsandbytes."""
+    import bitsandbytes.functional as bnbf
+    from studio import dequant_4bit
+    from studio.kernels import nf4
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    calls = []
+    monkeypatch.setattr(nf4, "dequantize", lambda *a, _real=nf4.dequantize: calls.append(1) or _real(*a))
+    packed, state = _quantized((64, 128), True, torch.bfloat16)
+    with kernels.forced():
+        got = dequant_4bit.dense_4bit(packed, state, torch.float32)
+    assert got.dtype == torch.float32 and calls  # the weight's dtype, then cast, as bitsandbytes' way
+    torch.testing.assert_close(got, bnbf.dequantize_4bit(packed, state).float(), atol=0, rtol=2 ** -7)
+    assert kernels.verdicts() == {f"nf4 {DEVICE} bfloat16 nested": True}
+    fp4 = bnbf.quantize_4bit(torch.randn(64, 128).to(DEVICE, torch.bfloat16), quant_type="fp4")
+    calls.clear()
+    with kernels.forced():
+        dequant_4bit.dense_4bit(*fp4, torch.bfloat16)
+    assert not calls

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import rebuilt_inputs
+from ..dequant_4bit import dense_4bit
 from ..seeded_dropout import SeededDrop
 
 
@@ -74,11 +75,11 @@ def op_dtype(t: torch.Tensor) -> torch.dtype:
 
 def dense_weight(weight: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
     """The base weight in cdt for the GEMMs (no copy when it is in cdt already); a 4-bit one (quant_state
-    given) dequantized, as bitsandbytes' own training path does, once forward and once backward."""
+    given) dequantized, as bitsandbytes' own training path does, once forward and once backward
+    (studio/dequant_4bit.py: one kernel on CUDA)."""
     if quant_state is None:
         return cast(weight, cdt)
-    import bitsandbytes.functional as bnbf
-    return bnbf.dequantize_4bit(weight, quant_state).to(cdt)
+    return dense_4bit(weight, quant_state, cdt)
 
 
 def dropout_mask(x2: torch.Tensor, p: float | SeededDrop) -> torch.Tensor | None:

@@ -54,10 +54,10 @@ run)
   want grid && timeout 200 python3 -m studio bench --graphs-grid --no-peft --out "$OUT/graphs_grid.jsonl" 2>&1 \
     | grep -v Warning | tee "$OUT/graphs_grid.log"
   # kernels: the Triton kernels against the torch ops (NF4 dequantization against bitsandbytes), and the seeded
-  # dropout, compiled for this card; DoRA, IA3 and
-  # SSF through CUDA's fp32-output GEMM, and a small update beside a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a
-  # chunked MLP's seeded masks (the whole batch's, from the chunk's first row); a step's numbers read late from
-  # pinned memory and batches copied from it (tests/test_host_ahead.py)
+  # dropout, compiled for this card; DoRA, IA3 and SSF through CUDA's fp32-output GEMM, and a small update beside
+  # a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a chunked MLP's seeded
+  # masks (the whole batch's, from the chunk's first row); a step's numbers read late from pinned memory and
+  # batches copied from it (tests/test_host_ahead.py)
   want kernels && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py \
     tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks tests/test_host_ahead.py \

@@ -43,7 +43,10 @@ from .memory_act import (SITES_ALL, Adapter, Arch, Dtypes, LayerInfo, Shape, Sit
 from .memory_report import human
 from .step_graph import captured_length, config_captures
 
-CUDA_CONTEXT_BYTES = 500 * 2**20   # CUDA context + cuBLAS/cuDNN workspaces (version dependent; configurable)
+# CUDA context, cuBLAS/cuDNN handles and workspaces, loaded kernels: what a training process holds outside
+# torch's allocator (version and card dependent; configurable). An H200 with torch 2.11 / CUDA 13 held 0.81 GB
+# (bench --memory --methods, 2026-11-29): cards with fewer multiprocessors hold less, so this errs on the safe side
+CUDA_CONTEXT_BYTES = 800 * 2**20
 NF4_BLOCK = 64                     # NF4 block size (one absmax per 64 weights)
 DQ_BLOCK = 256                     # double quantization: the absmax values in blocks of 256
 BNB_MIN_8BIT = 4096                # bitsandbytes keeps 32-bit states for smaller tensors

@@ -56,7 +56,7 @@ def _window(module: nn.Module, kwargs: dict) -> int | None:
 
 @functools.cache
 def _varlen_takes() -> frozenset[str]:
-    """The keyword arguments of this torch's varlen_attn (2.10: is_causal; 2.11: window_size; 2.13: enable_gqa)."""
+    """The keyword arguments of this torch's varlen_attn (2.10: is_causal; 2.11: window_size, no enable_gqa)."""
     from torch.nn.attention.varlen import varlen_attn
     return frozenset(inspect.signature(varlen_attn).parameters)
 

@@ -161,8 +161,11 @@ def _merged_matches(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor, d
     is off by a sizeable part of that effect."""
     if dtype == torch.float32:
         return _close(got, want, 1e-4)
-    rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
-    return bool(torch.isfinite(got).all()) and rms(got - want) <= 0.05 * rms(want) + 0.1 * rms(want - base)
+    return bool(torch.isfinite(got).all()) and _rms(got - want) <= 0.05 * _rms(want) + 0.1 * _rms(want - base)
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.pow(2).mean().sqrt())
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, relative: float) -> bool:

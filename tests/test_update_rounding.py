@@ -306,3 +306,13 @@ def test_dora_row_norms_without_the_combined_weight(dtype):
     with torch.no_grad():  # a changed base weight (merge, PiSSA's residual) is read again
         module.base_layer.weight.mul_(2)
     torch.testing.assert_close(dora_row_norms(module), module._combined_weight().norm(dim=1), rtol=1e-5, atol=0)
+
+
+def test_off_the_cpu_without_an_fp32_output_gemm_the_operands_cast_up(monkeypatch):
+    """The epilogue's way is the CPU's alone (on an H200 it kept 20-46% of the small terms): a GPU without
+    torch.mm(out_dtype=) computes the products from operands cast to fp32."""
+    from studio.methods import rescaled_product
+    monkeypatch.setattr(rescaled_product, "fp32_output_gemm", lambda device, dtype: False)
+    assert rescaled_product.exact_products(torch.device("cuda"), torch.bfloat16)
+    assert not rescaled_product.exact_products(torch.device("cpu"), torch.bfloat16)
+    assert rescaled_product.exact_products(torch.device("cpu"), torch.float32)

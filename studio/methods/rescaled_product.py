@@ -46,6 +46,12 @@ def _cuda_mm_out_dtype(dtype: torch.dtype) -> bool:
         return False
 
 
+def exact_products(device: torch.device, cdt: torch.dtype) -> bool:
+    """Whether the products come out in fp32 (fp32 throughout, CUDA's 16-bit GEMM with an fp32 output, or operands
+    cast up off the CPU), rather than rounded with the small terms added in the base GEMM's epilogue (the CPU's)."""
+    return cdt == torch.float32 or device.type != "cpu" or fp32_output_gemm(device, cdt)
+
+
 def fp32_product(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x2 wᵀ in fp32 for x2 and w in one dtype, without rounding the products to that dtype first (on a device
     without an fp32-output GEMM, the operands cast up: a slower GEMM)."""
@@ -82,8 +88,7 @@ class RescaledProduct(torch.autograd.Function):
                 base: nn.Module, bias_in: bool, shift: torch.Tensor | None) -> torch.Tensor:
         cdt = op_dtype(x)
         bias = base.bias
-        # exact: the product in fp32 (fp32 throughout, CUDA's 16-bit GEMM with an fp32 output, or cast up)
-        exact = cdt == torch.float32 or x.device.type != "cpu" or fp32_output_gemm(x.device, cdt)
+        exact = exact_products(x.device, cdt)
         with torch.autocast(x.device.type, enabled=False):
             w = base_weight(base, cdt)
             x2 = cast(x.reshape(-1, x.shape[-1]), cdt)

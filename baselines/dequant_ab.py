@@ -68,8 +68,8 @@ def main() -> None:
             "triton_nf4": lambda packed, state: nf4.dequantize(packed, state, state.dtype)}
     same = all(torch.equal(ways["bitsandbytes"](*w), ways["triton_nf4"](*w)) for w in weights)
     for name, way in ways.items():
-        print(json.dumps({"way": name, "weights": len(weights), "bitwise_same": same} | measure(way, weights, args.iters)),
-              flush=True)
+        row = {"way": name, "weights": len(weights), "bitwise_same": same} | measure(way, weights, args.iters)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -90,17 +90,30 @@ def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, win
     return torch.cat(out)
 
 
+def _torch_2_11_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """torch 2.11's varlen_attn (the H200's): a window, no enable_gqa, so keys need every query head's."""
+    assert k.shape[1] == q.shape[1], "grouped keys given to a varlen_attn without enable_gqa"
+    return _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+
+@pytest.mark.parametrize("kernel", [_reference_varlen_attn, _torch_2_11_varlen_attn], ids=["torch 2.13", "torch 2.11"])
 @pytest.mark.parametrize("window", [None, 4])
-def test_flash_varlen_layout_matches_per_segment(monkeypatch, window):
-    """The CUDA path's flattening and offsets, checked against a CPU stand-in of the flash kernel."""
+def test_flash_varlen_layout_matches_per_segment(monkeypatch, window, kernel):
+    """The CUDA path's flattening and offsets, checked against a CPU stand-in of the flash kernel; on a torch
+    whose varlen_attn has no enable_gqa (2.11: a TypeError stopped packed training on the H200) the grouped
+    key/value heads are repeated for their query heads, with the same output."""
     import torch.nn.attention.varlen as varlen
-    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen_attn)
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
-    seg = Segments.from_position_ids(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]]))
-    flash = attention._flash_varlen(q, k, v, seg, 0.3, window, gqa=True)
-    ref = attention._per_segment(q, k, v, seg, 0.3, window, gqa=True, dropout=0.0)
-    torch.testing.assert_close(flash, ref)
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
+    attention._varlen_takes.cache_clear()
+    try:
+        torch.manual_seed(0)
+        q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+        seg = Segments.from_position_ids(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]]))
+        flash = attention._flash_varlen(q, k, v, seg, 0.3, window, gqa=True)
+        ref = attention._per_segment(q, k, v, seg, 0.3, window, gqa=True, dropout=0.0)
+        torch.testing.assert_close(flash, ref)
+    finally:
+        attention._varlen_takes.cache_clear()
 
 
 def test_packed_training_uses_varlen_and_matches_eager_masks(tmp_path):
@@ -149,27 +162,3 @@ def test_the_additive_mask_attends_where_the_block_mask_does(dtype):
     torch.testing.assert_close(got, want)
     assert additive_mask(mask, dtype).dtype == dtype
 
-
-@pytest.mark.parametrize("window", [None, 4])
-def test_flash_varlen_on_a_torch_without_enable_gqa_repeats_the_key_heads(monkeypatch, window):
-    """The H200's torch 2.11 has no enable_gqa (a TypeError stopped packed training there): grouped key/value
-    heads are repeated for their query heads instead, with the same output."""
-    import inspect
-
-    import torch.nn.attention.varlen as varlen
-
-    def older(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
-        assert k.shape[1] == q.shape[1], "grouped keys given to a varlen_attn without enable_gqa"
-        return _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
-    monkeypatch.setattr(varlen, "varlen_attn", older)
-    attention._varlen_takes.cache_clear()
-    try:
-        assert "enable_gqa" not in inspect.signature(varlen.varlen_attn).parameters
-        torch.manual_seed(0)
-        q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
-        seg = Segments.from_position_ids(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]]))
-        flash = attention._flash_varlen(q, k, v, seg, 0.3, window, gqa=True)
-        ref = attention._per_segment(q, k, v, seg, 0.3, window, gqa=True, dropout=0.0)
-        torch.testing.assert_close(flash, ref)
-    finally:
-        attention._varlen_takes.cache_clear()

@@ -7,7 +7,8 @@
 # baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft);
 # bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, and 7B QLoRA at 4x2048, each
 # eager and replayed); the Triton kernel and CUDA rounding tests, and how much of a small term CUDA's addmm
-# keeps in its epilogue (baselines/epilogue_check.py); chat speed (bench --chat: base, adapter unmerged,
+# keeps in its epilogue (baselines/epilogue_check.py), bitsandbytes' dequantization against the NF4 kernel's
+# (baselines/dequant_ab.py), LoRA's product orders and one wide GEMM (baselines/lora_order_ab.py); chat speed (bench --chat: base, adapter unmerged,
 # merged); train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff
 # pruning with checkpointing, and packed batches); the quick speed grid (ours as train.cuda_graphs=auto runs it,
 # also eagerly, and with AB=1 without the Triton kernels); the quick grid's rows run by the trainer (bench
@@ -16,7 +17,7 @@
 # bench --long-grid; every capture-safe method captured for real (graphs_check --methods); bench --packed-grid;
 # the Llama-3.2-1B row; bench --methods (every preset peft trains too); bf16 loss curves against fp32
 # (baselines/bf16_curves.py); a checkpointed torch dropout replayed from a graph (baselines/graph_rng_check.py);
-# with AB=1 the recompute skip (baselines/recompute_ab.py) and LoRA's GEMM order (baselines/lora_order_ab.py);
+# with AB=1 the recompute skip (baselines/recompute_ab.py);
 # with MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
 # issue's targets, met or not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about the quick grid and keeps
@@ -74,6 +75,8 @@ run)
   # a 7B layer's 4-bit weights dequantized by bitsandbytes (three launches) and by studio/kernels/nf4.py (one):
   # host and GPU time each (does the Triton launcher cost the host less than bitsandbytes' dispatches?)
   want kernels && timeout 60 python3 -m baselines.dequant_ab 2>&1 | grep '^{' | tee "$W/dequant_ab.jsonl"
+  # LoRA's product orders at 7B shapes, and one wide GEMM ([x | low] @ [W | B]ᵀ): worth building for 4-bit gate/up?
+  want kernels && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | grep '^{' | tee "$W/lora_order.jsonl"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$W/chat.jsonl" 2>&1 | grep -v Warning \
     | tee "$W/chat.log"
@@ -132,7 +135,6 @@ run)
   # LoRA's product order (rank-r term first, base GEMM adding onto it) against the old one, 7B shapes, and
   # the recomputation without down's product against the full one, 7B LoRA 4x2048; with AB=1 only
   [ "${AB:-0}" = 1 ] && timeout 90 python3 -m baselines.recompute_ab 2>&1 | grep '^{' | tee "$W/recompute_ab.jsonl"
-  [ "${AB:-0}" = 1 ] && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | tee "$W/lora_order.jsonl"
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$W/memory.jsonl" 2>&1 | grep -v Warning \
     > "$W/memory.log"
   python3 baselines/bench_table.py "$W/bench.jsonl" "$W/graphs_grid.jsonl" "$W/bench_long.jsonl" \

@@ -419,3 +419,13 @@ def test_allocator_churn_per_timed_step():
     before = {"num_device_alloc": 40, "num_device_free": 2, "num_alloc_retries": 0}
     after = {"num_device_alloc": 50, "num_device_free": 12, "num_alloc_retries": 5}
     assert allocator_churn(before, after, 5) == {"device_alloc": 2.0, "device_free": 2.0, "alloc_retries": 1.0}
+
+
+def test_lora_order_ab_ways_compute_the_same_output():
+    """baselines/lora_order_ab.py (run on the GPU): the three ways of adding LoRA's term give one output."""
+    from baselines.lora_order_ab import adapter_then_base, base_then_adapter, one_wide_gemm
+    g = torch.Generator().manual_seed(0)
+    x, w, low, b = (torch.randn(shape, generator=g) for shape in ((32, 24), (40, 24), (32, 4), (40, 4)))
+    want = adapter_then_base(x, w, low, b)
+    torch.testing.assert_close(base_then_adapter(x, w, low, b), want)
+    torch.testing.assert_close(one_wide_gemm(x, torch.cat([w, b], dim=1), low, b), want)

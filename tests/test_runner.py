@@ -97,7 +97,8 @@ def _models_alive() -> int:
     import gc
 
     import torch
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM"))
+    return sum(1 for o in gc.get_objects()
+               if isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM"))
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["done", "failed mid-run"])

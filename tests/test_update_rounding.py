@@ -198,9 +198,11 @@ def _rescale_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = base(x)
         return (out.float() * module.ssf_scale + module.ssf_shift).to(out.dtype)
     xa = adapter_input(x, module.lora_A.weight.dtype)
-    p = getattr(module.lora_dropout, "p", 0.0)  # the keep-mask drawn as the op draws it (bernoulli_, one byte
-    # per element): torch's dropout draws it so on the CPU alone, CUDA's fused dropout other numbers
-    xd = (xa * torch.empty(xa.shape, dtype=torch.bool, device=xa.device).bernoulli_(1 - p)).mul_(1 / (1 - p)) if p else xa
+    # the keep-mask drawn as the op draws it (bernoulli_, one byte per element): torch's dropout draws the same
+    # numbers on the CPU alone, CUDA's fused dropout other ones
+    p = getattr(module.lora_dropout, "p", 0.0)
+    keep = torch.empty(xa.shape, dtype=torch.bool, device=xa.device).bernoulli_(1 - p) if p else None
+    xd = (xa * keep).mul_(1 / (1 - p)) if p else xa
     lora = module.lora_B(module.lora_A(xd)) * module.scaling
     with torch.no_grad():
         norm = module._combined_weight().norm(dim=1)
@@ -211,8 +213,6 @@ def _rescale_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 RESCALED = {"dora": lambda base: _dora(base), "ia3": lambda base: IA3Linear(base, feedforward=False),
             "ssf": lambda base: SsfLinear(base, shift=True)}
-
-
 
 
 @pytest.fixture(params=["epilogue", "fp32-output"])

@@ -4,7 +4,8 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (results.tar.gz in $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft);
+# baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); ours
+# again with one wide GEMM for 4-bit gate/up (STUDIO_WIDE_GEMM=1);
 # bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, and 7B QLoRA at 4x2048, each
 # eager and replayed); the Triton kernel and CUDA rounding tests, and how much of a small term CUDA's addmm
 # keeps in its epilogue (baselines/epilogue_check.py), bitsandbytes' dequantization against the NF4 kernel's
@@ -21,7 +22,7 @@
 # with MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
 # issue's targets, met or not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about the quick grid and keeps
-# what the earlier stages wrote; a second call takes the rest (SKIP=7b,grid,kernels,chat,graphs,quick).
+# what the earlier stages wrote; a second call takes the rest (SKIP=7b,wide,grid,kernels,chat,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
@@ -50,12 +51,16 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$W/facts.txt"
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
-  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,grid,kernels,chat,graphs,quick). The 7B rows
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,wide,grid,kernels,chat,graphs,quick). The 7B rows
   # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last): six rows of
   # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s)
   want 7b && timeout 270 python3 -m studio bench --only qwen2.5-7b --out "$W/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$W/bench.log"
+  # wide: the 7B QLoRA rows (ours) with STUDIO_WIDE_GEMM=1: gate/up's 4-bit weights dequantized beside B and
+  # [x | low] [W | B]ᵀ as one GEMM (dequant_4bit.wide_4bit): against the 7b stage's rows, worth turning on?
+  want wide && STUDIO_WIDE_GEMM=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b \
+    --out "$W/bench_wide.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_wide.log"
   # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below),
   # and 7B QLoRA at 4x2048 (far above, but host-bound on the H200: does replaying close its 54 ms of idle GPU?)
   want grid && timeout 200 python3 -m studio bench --graphs-grid --no-peft --out "$W/graphs_grid.jsonl" 2>&1 \
@@ -138,7 +143,7 @@ run)
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$W/memory.jsonl" 2>&1 | grep -v Warning \
     > "$W/memory.log"
   python3 baselines/bench_table.py "$W/bench.jsonl" "$W/graphs_grid.jsonl" "$W/bench_long.jsonl" \
-    "$W/bench_trainer.jsonl" "$W/bench_expandable.jsonl" "$W/chat.jsonl" "$W/bench_methods.jsonl" "$W/memory.jsonl" \
+    "$W/bench_trainer.jsonl" "$W/bench_expandable.jsonl" "$W/bench_wide.jsonl" "$W/chat.jsonl" "$W/bench_methods.jsonl" "$W/memory.jsonl" \
     "$W/memory_methods.jsonl" 2>&1 | tee "$W/table.md"
   # the issue's targets, met or not, row by row
   python3 -m baselines.targets "$W/bench.jsonl" 2>&1 | grep -v Warning | tee "$W/targets.md"

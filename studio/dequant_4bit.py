@@ -4,8 +4,16 @@ On CUDA one Triton launch (studio/kernels/nf4.py) instead of bitsandbytes' three
 bitsandbytes' own result on its first use for that dtype and nesting; everywhere else, and for FP4 weights,
 bitsandbytes' dequantize_4bit. Either way the weight comes out in the quant state's dtype, then is cast to the
 compute dtype, as before.
+
+`wide_4bit` dequantizes into the first columns of a wider matrix [W | B], so that LoRA's rank-r term becomes r
+more columns of one GEMM over [x | low] (lora_fused.py): for a layer whose output is much wider than its input
+(gate/up: 5x on Qwen2.5-7B) the output-sized term is then neither written nor read back. Off unless
+STUDIO_WIDE_GEMM=1, until a GPU measures it (baselines/lora_order_ab.py, gpu_check.sh's wide stage).
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -41,3 +49,22 @@ def _kernel_agrees(device: torch.device, dtype: torch.dtype, nested: bool) -> bo
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     return agree(tol, (nf4.dequantize(packed, state, dtype), bnbf.dequantize_4bit(packed, state)))
+
+
+@functools.cache
+def wide_gemm_enabled() -> bool:
+    return os.environ.get("STUDIO_WIDE_GEMM", "0") == "1"
+
+
+def wide_4bit(packed: torch.Tensor, quant_state, cdt: torch.dtype, extra: torch.Tensor) -> torch.Tensor | None:
+    """[W | extra] in cdt (out x (in + r)): the weight dequantized by the kernel straight into the first columns,
+    `extra` (out x r) copied beside it; None where the kernel does not run or the dtypes differ."""
+    if not wide_gemm_enabled() or quant_state.dtype != cdt or len(quant_state.shape) != 2 \
+            or not _kernel_ok(packed, quant_state):
+        return None
+    from .kernels import nf4
+    n_out, n_in = quant_state.shape
+    wide = torch.empty(n_out, n_in + extra.shape[1], dtype=cdt, device=packed.device)
+    nf4.dequantize(packed, quant_state, cdt, out=wide[:, :n_in])
+    wide[:, n_in:].copy_(extra)
+    return wide

@@ -271,3 +271,38 @@ def test_ia3_over_a_4bit_base_keeps_no_copy_of_downs_input(tiny_folder, monkeypa
     assert kept_plain - kept == layers * rows * inter * itemsize
     for name, g in grads.items():
         assert torch.equal(g, want[name]), name
+
+
+def test_a_wide_4bit_layer_in_one_gemm_gives_the_two_gemms_outputs_and_gradients(tiny_folder, monkeypatch):
+    """STUDIO_WIDE_GEMM=1 (dequant_4bit.wide_4bit, off until a GPU measures it): gate's 4-bit weight dequantized
+    beside B and [x | low] [W | B]ᵀ as one GEMM give the outputs and gradients of the two GEMMs (on the CPU the
+    kernel runs in Triton's interpreter); a layer narrower than twice its input keeps the two GEMMs."""
+    pytest.importorskip("triton")
+    from studio import dequant_4bit, kernels
+    from studio.methods import lora_fused
+    model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+    apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+    mlp = model.model.layers[0].mlp
+    gate, down = mlp.gate_proj, mlp.down_proj
+    assert gate.base_layer.out_features >= 2 * gate.base_layer.in_features
+    torch.nn.init.normal_(gate.lora_B.weight, std=0.1)
+    wide_used = []
+
+    def spy(*args):
+        got = dequant_4bit.wide_4bit(*args)
+        wide_used.append(got is not None)
+        return got
+    monkeypatch.setattr(lora_fused, "wide_4bit", spy)
+    x = torch.randn(2, 7, gate.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    results = []
+    for wide in (False, True):
+        monkeypatch.setattr(dequant_4bit, "wide_gemm_enabled", lambda wide=wide: wide)
+        with kernels.forced():
+            xi = x.clone().requires_grad_()
+            y = gate(xi)
+            grads = torch.autograd.grad(y.square().sum(), [xi, gate.lora_A.weight, gate.lora_B.weight])
+            down(torch.randn(2, 3, down.base_layer.in_features).requires_grad_())  # 2x narrower than its input
+        results.append((y.detach(), *grads))
+    assert wide_used == [False, True]  # the down projection never asks
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -5,24 +5,23 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (results.tar.gz in $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); ours
-# again with one wide GEMM for 4-bit gate/up (STUDIO_WIDE_GEMM=1);
-# bench --graphs-grid (3B at 4x2048 and 7B at 1x512, both sides of auto's line, and 7B QLoRA at 4x2048, each
-# eager and replayed); the Triton kernel and CUDA rounding tests, and how much of a small term CUDA's addmm
-# keeps in its epilogue (baselines/epilogue_check.py), bitsandbytes' dequantization against the NF4 kernel's
-# (baselines/dequant_ab.py), LoRA's product orders and one wide GEMM (baselines/lora_order_ab.py); chat speed (bench --chat: base, adapter unmerged,
-# merged); train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff
-# pruning with checkpointing, and packed batches); the quick speed grid (ours as train.cuda_graphs=auto runs it,
-# also eagerly, and with AB=1 without the Triton kernels); the quick grid's rows run by the trainer (bench
+# again with one wide GEMM for 4-bit gate/up (STUDIO_WIDE_GEMM=1); the Triton kernel and CUDA rounding tests,
+# how much of a small term CUDA's addmm keeps in its epilogue (baselines/epilogue_check.py), bitsandbytes'
+# dequantization against the NF4 kernel's (baselines/dequant_ab.py), LoRA's product orders and one wide GEMM
+# (baselines/lora_order_ab.py); bench --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it
+# but host-bound; eager and replayed); chat speed (bench --chat: base, adapter unmerged, merged);
+# train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff pruning
+# with checkpointing, and packed batches); the quick speed grid (ours as train.cuda_graphs=auto runs it, also
+# eagerly, and with AB=1 without the Triton kernels); the quick grid's rows run by the trainer (bench
 # --trainer); the same rows with expandable allocator segments; the memory estimate of every method against
-# max_memory_allocated (bench --memory --methods);
-# bench --long-grid; every capture-safe method captured for real (graphs_check --methods); bench --packed-grid;
-# the Llama-3.2-1B row; bench --methods (every preset peft trains too); bf16 loss curves against fp32
-# (baselines/bf16_curves.py); a checkpointed torch dropout replayed from a graph (baselines/graph_rng_check.py);
-# with AB=1 the recompute skip (baselines/recompute_ab.py);
-# with MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
+# max_memory_allocated (bench --memory --methods); bench --long-grid; every capture-safe method captured for
+# real (graphs_check --methods); bench --packed-grid; the Llama-3.2-1B row; bench --methods (every preset peft
+# trains too); bf16 loss curves against fp32 (baselines/bf16_curves.py); a checkpointed torch dropout replayed
+# from a graph (baselines/graph_rng_check.py); with AB=1 the recompute skip (baselines/recompute_ab.py); with
+# MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
 # issue's targets, met or not (baselines/targets.py).
-# Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about the quick grid and keeps
-# what the earlier stages wrote; a second call takes the rest (SKIP=7b,wide,grid,kernels,chat,graphs,quick).
+# Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about graphs_check and keeps
+# what the earlier stages wrote; a second call takes the rest (SKIP=7b,wide,kernels,grid,chat,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
@@ -51,7 +50,7 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$W/facts.txt"
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
-  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,wide,grid,kernels,chat,graphs,quick). The 7B rows
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,wide,kernels,grid,chat,graphs,quick). The 7B rows
   # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last): six rows of
   # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s)
@@ -61,10 +60,6 @@ run)
   # [x | low] [W | B]ᵀ as one GEMM (dequant_4bit.wide_4bit): against the 7b stage's rows, worth turning on?
   want wide && STUDIO_WIDE_GEMM=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b \
     --out "$W/bench_wide.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_wide.log"
-  # grid: both sides of auto's line (parameters x tokens): Qwen2.5-3B at 4x2048 (just above), 7B at 1x512 (below),
-  # and 7B QLoRA at 4x2048 (far above, but host-bound on the H200: does replaying close its 54 ms of idle GPU?)
-  want grid && timeout 200 python3 -m studio bench --graphs-grid --no-peft --out "$W/graphs_grid.jsonl" 2>&1 \
-    | grep -v Warning | tee "$W/graphs_grid.log"
   # kernels: the Triton kernels against the torch ops (NF4 dequantization against bitsandbytes), and the seeded
   # dropout, compiled for this card; DoRA, IA3 and SSF through CUDA's fp32-output GEMM, and a small update beside
   # a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a chunked MLP's seeded
@@ -82,6 +77,11 @@ run)
   want kernels && timeout 60 python3 -m baselines.dequant_ab 2>&1 | grep '^{' | tee "$W/dequant_ab.jsonl"
   # LoRA's product orders at 7B shapes, and one wide GEMM ([x | low] @ [W | B]ᵀ): worth building for 4-bit gate/up?
   want kernels && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | grep '^{' | tee "$W/lora_order.jsonl"
+  # grid: 7B at 1x512 (below auto's line of parameters x tokens) and 7B QLoRA at 4x2048 (far above, but host-bound
+  # on the H200: does replaying close its 54 ms of idle GPU?), eager and replayed; the 3B rows measured 2026-11-28
+  want grid && timeout 160 python3 -m studio bench --graphs-grid --no-peft --only qwen2.5-7b \
+    --out "$W/graphs_grid.jsonl" 2>&1 \
+    | grep -v Warning | tee "$W/graphs_grid.log"
   # chat: greedy generation from the base, the adapter unmerged and merged (0.5B and 7B shapes)
   want chat && timeout 120 python3 -m studio bench --chat --out "$W/chat.jsonl" 2>&1 | grep -v Warning \
     | tee "$W/chat.log"

@@ -15,9 +15,10 @@ def human(n: float) -> str:
 def format_estimate(est: Any) -> str:
     """memory.estimate's Estimate as the `estimate` command prints it: its items, the total and the peak's phase."""
     d = est.details
+    k, n = d.get("checkpointed_layers", 0), d.get("layers", 0)
+    ckpt = "on" if d["gradient_checkpointing"] else f"{k} of {n} layers" if k else "off"  # some: fitted, or a fraction
     lines = [f"{d['model']} + {d['method']} on {est.device}: batch {d['batch']} x {d['seq']} tokens, "
-             f"{d['param_dtype']} params ({d['quantization']}), optimizer {d['optimizer']}, "
-             f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}",
+             f"{d['param_dtype']} params ({d['quantization']}), optimizer {d['optimizer']}, checkpointing {ckpt}",
              f"trainable {est.trainable_params:,} of {est.total_params:,} parameters"]
     for k, n in est.items.items():
         lines.append(f"  {k:<13}{human(n):>12}")

@@ -115,3 +115,13 @@ def test_a_bench_row_fitted_to_a_card_recomputes_what_the_trainer_would(monkeypa
     assert [r["engine"] for r in rows] == ["peft", "studio", "studio"]  # the fitted row shares peft's run
     assert "fit" not in rows[1] and rows[2]["fit"] == "card" and rows[2]["checkpointed_layers"] == [1, 2]
     assert rows[2]["estimated_bytes"] == totals[1] and rows[2]["speedup_vs_peft"] > 0
+
+
+def test_the_estimate_says_how_many_layers_a_fitted_run_recomputes():
+    """`estimate` printed "checkpointing off" for a run fitted to a budget (some layers recomputed)."""
+    from studio.memory_report import format_estimate
+    cfg = load_config(None, ["model.name=qwen2.5-7b", "method.name=qlora", "train.batch_size=4", "data.max_length=2048",
+                             "train.gradient_checkpointing=true", "train.checkpoint_budget_gb=23.99"])
+    est = estimate(cfg, "cuda")
+    k, n = est.details["checkpointed_layers"], est.details["layers"]
+    assert 0 < k < n and f"checkpointing {k} of {n} layers" in format_estimate(est).splitlines()[0]

@@ -243,6 +243,31 @@ def test_chat_side_by_side_and_blind_votes(trained, ws):
     assert row["prompt"][-1]["content"] == "Hello"
 
 
+def test_switching_the_chat_model_frees_the_previous_one_at_once(trained, ws):
+    """Loading another checkpoint's chat model frees the previous one at once, without waiting for a garbage
+    collection (a trained model sat in reference cycles until one ran: runner.release_memory); else a GPU would
+    hold both while the next one loads."""
+    import gc
+
+    import torch
+
+    def alive() -> int:
+        return sum(1 for o in gc.get_objects()
+                   if isinstance(o, torch.nn.Module) and type(o).__name__.endswith("ForCausalLM"))
+    state.forget_chat_model()
+    gc.collect()
+    before = alive()
+    gc.disable()  # only the page's own release may collect
+    try:
+        state.chat_model(trained)  # the final adapter
+        state.chat_model(trained, "step-2")  # another checkpoint: the first model goes
+        assert alive() == before + 1
+        state.forget_chat_model(trained)
+        assert alive() == before
+    finally:
+        gc.enable()
+
+
 def test_export_adapter_merge_and_refusals(trained, ws):
     from components.export import do_export
     text, zip_path = do_export("unit-run", "final", "", False)

@@ -306,3 +306,42 @@ def test_a_wide_4bit_layer_in_one_gemm_gives_the_two_gemms_outputs_and_gradients
     assert wide_used == [False, True]  # the down projection never asks
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["nf4 kernel", "nf4 kernel, wide GEMM"])
+def test_a_4bit_model_step_through_the_kernels_equals_bitsandbytes_dequantization(tiny_folder, monkeypatch, wide):
+    """A whole QLoRA step (every 4-bit layer, the fused MLP) with the Triton kernels (on the CPU through the
+    interpreter) against the torch ops and bitsandbytes' dequantization: the same loss and gradients."""
+    pytest.importorskip("triton")
+    from studio import dequant_4bit, kernels
+    from studio.losses import causal_lm_loss
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    from studio.methods import lora_fused
+    monkeypatch.setattr(dequant_4bit, "wide_gemm_enabled", lambda: wide)
+    monkeypatch.setattr(kernels, "_verdicts", {})
+    widened = []
+
+    def spy(*args):
+        got = dequant_4bit.wide_4bit(*args)
+        widened.append(got is not None)
+        return got
+    monkeypatch.setattr(lora_fused, "wide_4bit", spy)
+    runs = []
+    for routing in (kernels.disabled, kernels.forced):
+        torch.manual_seed(0)  # the same A
+        model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+        apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+        with torch.no_grad():
+            for i, (name, p) in enumerate(model.named_parameters()):
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
+        with routing():
+            loss, _ = causal_lm_loss(model, batch)
+            loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    assert kernels.verdicts()["nf4 cpu float32 nested"] and any(widened) == wide  # gate and up, when on
+    (loss, grads), (want, want_grads) = runs[1], runs[0]
+    torch.testing.assert_close(loss, want)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)

@@ -35,6 +35,7 @@ from .bench_trainer import runs_as_configured, with_trainer_time
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
 from .data_render import without_padding_mask
 from .dequant_4bit import wide_gemm_enabled
+from .kept_dequant import keep_enabled
 from .errors import ConfigError
 from .host_ahead import to_device
 from .losses import causal_lm_loss
@@ -269,8 +270,9 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
                                      "graphs": step.graphs}
     if compile and engine == "studio":
         out["compiled"] = True
-    if engine == "studio" and row.method == "qlora" and wide_gemm_enabled():
-        out["wide_gemm"] = True  # STUDIO_WIDE_GEMM=1: 4-bit gate/up as one wide GEMM (an A/B, off by default)
+    if engine == "studio" and row.method == "qlora":  # the 4-bit A/Bs, off by default (dequant_4bit.py)
+        out |= {"wide_gemm": True} if wide_gemm_enabled() else {}
+        out |= {"keep_dequant": True} if keep_enabled() and row.grad_ckpt else {}
     warm_peak, counts = [], []
 
     def on_warm() -> None:  # the first steps' peak (a compile, the optimizer state's birth) vs the steady one

@@ -9,6 +9,8 @@ compute dtype, as before.
 more columns of one GEMM over [x | low] (lora_fused.py): for a layer whose output is much wider than its input
 (gate/up: 5x on Qwen2.5-7B) the output-sized term is then neither written nor read back. Off unless
 STUDIO_WIDE_GEMM=1, until a GPU measures it (baselines/lora_order_ab.py, gpu_check.sh's wide stage).
+With STUDIO_KEEP_DEQUANT=1 a checkpointed layer's recomputation keeps what it dequantizes for the layer's
+backward (studio/kept_dequant.py).
 """
 from __future__ import annotations
 
@@ -17,15 +19,21 @@ import os
 
 import torch
 
-from . import kernels
+from . import kept_dequant, kernels
 
 
 def dense_4bit(packed: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
+    kept = kept_dequant.take(packed)  # dequantized by this layer's recomputation (STUDIO_KEEP_DEQUANT=1)
+    if kept is not None and kept.dtype == cdt:
+        return kept
     if _kernel_ok(packed, quant_state):
         from .kernels import nf4
-        return nf4.dequantize(packed, quant_state, quant_state.dtype).to(cdt)
-    import bitsandbytes.functional as bnbf
-    return bnbf.dequantize_4bit(packed, quant_state).to(cdt)
+        weight = nf4.dequantize(packed, quant_state, quant_state.dtype).to(cdt)
+    else:
+        import bitsandbytes.functional as bnbf
+        weight = bnbf.dequantize_4bit(packed, quant_state).to(cdt)
+    kept_dequant.remember(packed, weight)
+    return weight
 
 
 def _kernel_ok(packed: torch.Tensor, quant_state) -> bool:
@@ -67,4 +75,5 @@ def wide_4bit(packed: torch.Tensor, quant_state, cdt: torch.dtype, extra: torch.
     wide = torch.empty(n_out, n_in + extra.shape[1], dtype=cdt, device=packed.device)
     nf4.dequantize(packed, quant_state, cdt, out=wide[:, :n_in])
     wide[:, n_in:].copy_(extra)
+    kept_dequant.remember(packed, wide[:, :n_in])
     return wide

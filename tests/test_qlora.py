@@ -332,6 +332,7 @@ def test_a_4bit_model_step_through_the_kernels_equals_bitsandbytes_dequantizatio
         torch.manual_seed(0)  # the same A
         model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
         apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+        model.train()  # as a run trains it (a folder's model loads in eval mode)
         with torch.no_grad():
             for i, (name, p) in enumerate(model.named_parameters()):
                 if "lora_B" in name:
@@ -345,3 +346,53 @@ def test_a_4bit_model_step_through_the_kernels_equals_bitsandbytes_dequantizatio
     torch.testing.assert_close(loss, want)
     for got, ref in zip(grads, want_grads):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["bitsandbytes", "nf4 kernel, wide GEMM"])
+def test_a_recomputation_keeps_its_dequantized_weights_for_the_layers_backward(tiny_folder, monkeypatch, kernel):
+    """STUDIO_KEEP_DEQUANT=1 (studio/kept_dequant.py, off until a GPU measures it): a checkpointed QLoRA step
+    dequantizes each recomputed weight twice instead of three times, with the same loss and gradients; only one
+    layer's weights are held at a time, and nothing is left after the run releases its memory."""
+    from studio import dequant_4bit, kept_dequant, kernels
+    from studio.checkpointing import enable_gradient_checkpointing
+    from studio.losses import causal_lm_loss
+    from studio.runner import release_memory
+    if kernel:
+        pytest.importorskip("triton")
+        monkeypatch.setattr(dequant_4bit, "wide_gemm_enabled", lambda: True)
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    made, most_held = [], []
+    real_remember = kept_dequant.remember
+
+    def remember(packed, weight):
+        made.append(packed.data_ptr())
+        real_remember(packed, weight)
+        most_held.append(len(kept_dequant._kept["weights"]))
+    monkeypatch.setattr(kept_dequant, "remember", remember)
+    runs = []
+    for keep in (False, True):
+        monkeypatch.setattr(kept_dequant, "keep_enabled", lambda keep=keep: keep)
+        made.clear()
+        torch.manual_seed(0)
+        model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
+        apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+        enable_gradient_checkpointing(model)
+        model.train()  # as a run trains it (a folder's model loads in eval mode: no checkpointing)
+        with torch.no_grad():
+            for i, (name, p) in enumerate(model.named_parameters()):
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
+        with kernels.forced() if kernel else kernels.disabled():
+            loss, _ = causal_lm_loss(model, batch)
+            loss.backward()
+        runs.append((len(made), loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (plain, want, want_grads), (kept, loss, grads) = runs
+    layers = model.config.num_hidden_layers
+    assert plain - kept >= 5 * (layers - 1)  # q/k/v/o/gate/up of every layer but the first, whose q/k/v need no dx
+    assert max(most_held) <= 7  # one layer's weights at most
+    torch.testing.assert_close(loss, want)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    release_memory()
+    assert kept_dequant._kept["weights"] == {}

@@ -279,20 +279,13 @@ def test_a_wide_4bit_layer_in_one_gemm_gives_the_two_gemms_outputs_and_gradients
     kernel runs in Triton's interpreter); a layer narrower than twice its input keeps the two GEMMs."""
     pytest.importorskip("triton")
     from studio import dequant_4bit, kernels
-    from studio.methods import lora_fused
     model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
     apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
     mlp = model.model.layers[0].mlp
     gate, down = mlp.gate_proj, mlp.down_proj
     assert gate.base_layer.out_features >= 2 * gate.base_layer.in_features
     torch.nn.init.normal_(gate.lora_B.weight, std=0.1)
-    wide_used = []
-
-    def spy(*args):
-        got = dequant_4bit.wide_4bit(*args)
-        wide_used.append(got is not None)
-        return got
-    monkeypatch.setattr(lora_fused, "wide_4bit", spy)
+    wide_used = _spy_wide(monkeypatch)
     x = torch.randn(2, 7, gate.base_layer.in_features, generator=torch.Generator().manual_seed(0))
     results = []
     for wide in (False, True):
@@ -317,26 +310,12 @@ def test_a_4bit_model_step_through_the_kernels_equals_bitsandbytes_dequantizatio
     from studio.losses import causal_lm_loss
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    from studio.methods import lora_fused
     monkeypatch.setattr(dequant_4bit, "wide_gemm_enabled", lambda: wide)
     monkeypatch.setattr(kernels, "_verdicts", {})
-    widened = []
-
-    def spy(*args):
-        got = dequant_4bit.wide_4bit(*args)
-        widened.append(got is not None)
-        return got
-    monkeypatch.setattr(lora_fused, "wide_4bit", spy)
+    widened = _spy_wide(monkeypatch)
     runs = []
     for routing in (kernels.disabled, kernels.forced):
-        torch.manual_seed(0)  # the same A
-        model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
-        apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
-        model.train()  # as a run trains it (a folder's model loads in eval mode)
-        with torch.no_grad():
-            for i, (name, p) in enumerate(model.named_parameters()):
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
+        model = _qlora_model(tiny_folder)
         with routing():
             loss, _ = causal_lm_loss(model, batch)
             loss.backward()
@@ -354,7 +333,6 @@ def test_a_recomputation_keeps_its_dequantized_weights_for_the_layers_backward(t
     dequantizes each recomputed weight twice instead of three times, with the same loss and gradients; only one
     layer's weights are held at a time, and nothing is left after the run releases its memory."""
     from studio import dequant_4bit, kept_dequant, kernels
-    from studio.checkpointing import enable_gradient_checkpointing
     from studio.losses import causal_lm_loss
     from studio.runner import release_memory
     if kernel:
@@ -374,15 +352,7 @@ def test_a_recomputation_keeps_its_dequantized_weights_for_the_layers_backward(t
     for keep in (False, True):
         monkeypatch.setattr(kept_dequant, "keep_enabled", lambda keep=keep: keep)
         made.clear()
-        torch.manual_seed(0)
-        model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
-        apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
-        enable_gradient_checkpointing(model)
-        model.train()  # as a run trains it (a folder's model loads in eval mode: no checkpointing)
-        with torch.no_grad():
-            for i, (name, p) in enumerate(model.named_parameters()):
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
+        model = _qlora_model(tiny_folder, checkpointed=True)
         with kernels.forced() if kernel else kernels.disabled():
             loss, _ = causal_lm_loss(model, batch)
             loss.backward()
@@ -396,3 +366,34 @@ def test_a_recomputation_keeps_its_dequantized_weights_for_the_layers_backward(t
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
     release_memory()
     assert kept_dequant._kept["weights"] == {}
+
+
+def _spy_wide(monkeypatch) -> list[bool]:
+    """Whether each call of lora_fused's wide_4bit made a wide weight (dequant_4bit.wide_4bit)."""
+    from studio import dequant_4bit
+    from studio.methods import lora_fused
+    made: list[bool] = []
+
+    def spy(*args):
+        got = dequant_4bit.wide_4bit(*args)
+        made.append(got is not None)
+        return got
+    monkeypatch.setattr(lora_fused, "wide_4bit", spy)
+    return made
+
+
+def _qlora_model(folder, checkpointed: bool = False):
+    """The tiny model in 4-bit with LoRA r4 (the same A each time, B off zero), in training mode as a run has it
+    (a folder's model loads in eval mode: no checkpointing, and bitsandbytes repacks for its CPU kernel)."""
+    from studio.checkpointing import enable_gradient_checkpointing
+    torch.manual_seed(0)
+    model, _ = load_model(ModelConfig(name=str(folder), quantization="nf4", device="cpu"))
+    apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+    if checkpointed:
+        enable_gradient_checkpointing(model)
+    model.train()
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
+    return model

@@ -59,11 +59,11 @@ run)
     | tee -a "$W/bench.log"
   # wide: the 7B QLoRA rows (ours) with STUDIO_WIDE_GEMM=1: gate/up's 4-bit weights dequantized beside B and
   # [x | low] [W | B]ᵀ as one GEMM (dequant_4bit.wide_4bit): against the 7b stage's rows, worth turning on?
-  want wide && STUDIO_WIDE_GEMM=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b \
+  want wide && STUDIO_WIDE_GEMM=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b:qlora \
     --out "$W/bench_wide.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_wide.log"
-  # keep: the 7B rows (ours) with STUDIO_KEEP_DEQUANT=1: a recomputed layer's 4-bit weights kept for its backward
+  # keep: the 7B QLoRA rows (ours) with STUDIO_KEEP_DEQUANT=1: a recomputed layer's 4-bit weights kept for its backward
   # (studio/kept_dequant.py: 196 fewer dequantizations a 7B QLoRA step, ~330 MB more at the peak)
-  want keep && STUDIO_KEEP_DEQUANT=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b \
+  want keep && STUDIO_KEEP_DEQUANT=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b:qlora \
     --out "$W/bench_keep.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_keep.log"
   # kernels: the Triton kernels against the torch ops (NF4 dequantization against bitsandbytes), and the seeded
   # dropout, compiled for this card; DoRA, IA3 and SSF through CUDA's fp32-output GEMM, and a small update beside

@@ -398,12 +398,13 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
     from .models import resolve_device
     dev = resolve_device(device)
     grid = grid or default_grid(dev, quick)
-    if only:
-        unknown = set(only) - {row.shape for row in grid}
+    if only:  # shapes, or shape:method (qwen2.5-7b:qlora)
+        names = {row.shape for row in grid} | {f"{row.shape}:{row.method}" for row in grid}
+        unknown = set(only) - names
         if unknown:
             raise ConfigError(f"--only names shapes not in this grid: {sorted(unknown)}; it has "
-                              f"{sorted({row.shape for row in grid})}.")
-        grid = [row for row in grid if row.shape in only]
+                              f"{sorted({row.shape for row in grid})} (or shape:method).")
+        grid = [row for row in grid if row.shape in only or f"{row.shape}:{row.method}" in only]
     if triton_ab:  # again with the torch ops instead of the Triton kernels (eager), same peft row
         grid = [variant for row in grid for variant in
                 ((row, dataclasses.replace(row, triton=False, graphs="off")) if row.graphs == "auto" else (row,))]

@@ -80,9 +80,13 @@ def test_bench_offload_row_shares_the_peft_run():
 
 
 def test_bench_only_filters_the_grid_and_names_unknown_shapes():
-    grid = [Row("tiny-llama", "lora", 2, 16, False), Row("tiny-qwen2", "lora", 2, 16, False)]
+    grid = [Row("tiny-llama", "lora", 2, 16, False), Row("tiny-qwen2", "lora", 2, 16, False),
+            Row("tiny-qwen2", "full", 2, 16, False)]
     rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1, with_peft=False, grid=grid, only=["tiny-qwen2"]))
-    assert [r["shape"] for r in rows] == ["tiny-qwen2"]
+    assert [(r["shape"], r["method"]) for r in rows] == [("tiny-qwen2", "lora"), ("tiny-qwen2", "full")]
+    rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1, with_peft=False, grid=grid,
+                      only=["tiny-qwen2:full"]))  # shape:method, one method's rows
+    assert [(r["shape"], r["method"]) for r in rows] == [("tiny-qwen2", "full")]
     with pytest.raises(ConfigError, match="tiny-gemma3"):
         list(bench(device="cpu", grid=grid, only=["tiny-gemma3"]))
 

@@ -38,7 +38,7 @@ def test_studio_command_lines_parse(cmd):
     args = build_parser().parse_args(cmd[1:])
     if getattr(args, "only", None):
         from studio.models import model_presets
-        assert set(args.only.split(",")) <= set(model_presets())
+        assert {name.split(":")[0] for name in args.only.split(",")} <= set(model_presets())
     if isinstance(getattr(args, "methods", None), str) and args.methods != "all":
         from studio.methods import presets, registry
         assert set(args.methods.split(",")) <= set(registry()) | set(presets())

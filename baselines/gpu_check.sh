@@ -39,7 +39,11 @@ run)
   OUT=${OUT:-gpu-out}; W=${WORK:-/tmp/gpu-work}; mkdir -p "$OUT" "$W"
   # the device tool brings back at most 8 files from $OUT: every stage writes into $W, packed into
   # $OUT/results.tar.gz every 20 s (renamed into place whole, so a call cut at its limit keeps the last pack)
-  pack() { tar -czf "$OUT/results.partial" -C "$W" . 2>/dev/null && mv "$OUT/results.partial" "$OUT/results.tar.gz"; }
+  # (tar exits 1 when a stage was writing a file as it read it: the archive is whole, that file as far as written)
+  pack() {
+    tar -czf "$OUT/results.partial" -C "$W" . 2>/dev/null
+    [ $? -le 1 ] && mv "$OUT/results.partial" "$OUT/results.tar.gz"
+  }
   ( while sleep 20; do pack; done ) &
   packer=$!
   if compgen -G ".whl/*.whl" >/dev/null; then

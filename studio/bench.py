@@ -35,9 +35,9 @@ from .bench_trainer import runs_as_configured, with_trainer_time
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
 from .data_render import without_padding_mask
 from .dequant_4bit import wide_gemm_enabled
-from .kept_dequant import keep_enabled
 from .errors import ConfigError
 from .host_ahead import to_device
+from .kept_dequant import keep_enabled
 from .losses import causal_lm_loss
 from .machine_facts import machine_facts
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
@@ -320,6 +320,11 @@ def allocator_churn(before: dict[str, int], after: dict[str, int], steps: int) -
     return {k.removeprefix("num_"): round((after[k] - before[k]) / max(steps, 1), 2) for k in ALLOCATOR_COUNTS}
 
 
+def _only_names(row: Row) -> set[str]:
+    """What `--only` may call a row: its shape, or shape:method (qwen2.5-7b:qlora)."""
+    return {row.shape, f"{row.shape}:{row.method}"}
+
+
 def row_config(row: Row) -> Any:
     """The run config a trainer would take for our side of the row."""
     from .config import RunConfig
@@ -398,13 +403,12 @@ def bench(quick: bool = False, device: str = "auto", with_peft: bool = True, war
     from .models import resolve_device
     dev = resolve_device(device)
     grid = grid or default_grid(dev, quick)
-    if only:  # shapes, or shape:method (qwen2.5-7b:qlora)
-        names = {row.shape for row in grid} | {f"{row.shape}:{row.method}" for row in grid}
-        unknown = set(only) - names
+    if only:
+        unknown = set(only).difference(*map(_only_names, grid))
         if unknown:
             raise ConfigError(f"--only names shapes not in this grid: {sorted(unknown)}; it has "
                               f"{sorted({row.shape for row in grid})} (or shape:method).")
-        grid = [row for row in grid if row.shape in only or f"{row.shape}:{row.method}" in only]
+        grid = [row for row in grid if _only_names(row) & set(only)]
     if triton_ab:  # again with the torch ops instead of the Triton kernels (eager), same peft row
         grid = [variant for row in grid for variant in
                 ((row, dataclasses.replace(row, triton=False, graphs="off")) if row.graphs == "auto" else (row,))]

@@ -18,8 +18,16 @@ import torch
 
 from .checkpointing import recomputing_layer
 
-_lock = threading.Lock()
-_kept: dict[str, object] = {"layer": None, "weights": {}}  # the recomputed layer's id, packed data_ptr -> weight
+class _Kept:
+    """The weights kept now: those of one recomputed layer (its id), by their packed data's address."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.layer: int | None = None
+        self.weights: dict[int, torch.Tensor] = {}
+
+
+_kept = _Kept()
 
 
 @functools.cache
@@ -34,26 +42,26 @@ def _capturing(t: torch.Tensor) -> bool:
 
 def remember(packed: torch.Tensor, weight: torch.Tensor) -> None:
     """Keep `weight`, dequantized from `packed`, if this is a layer's recomputation (for its backward)."""
-    layer = recomputing_layer()
-    if layer is None or not keep_enabled() or _capturing(weight):
+    if not keep_enabled():
         return
-    with _lock:
-        if _kept["layer"] != id(layer):  # another layer's leftovers (a weight whose input needs no gradient)
-            _kept["weights"] = {}
-            _kept["layer"] = id(layer)
-        _kept["weights"][packed.data_ptr()] = weight
+    layer = recomputing_layer()
+    if layer is None or _capturing(weight):
+        return
+    with _kept.lock:
+        if _kept.layer != id(layer):  # another layer's leftovers (a weight whose input needs no gradient)
+            _kept.weights, _kept.layer = {}, id(layer)
+        _kept.weights[packed.data_ptr()] = weight
 
 
 def take(packed: torch.Tensor) -> torch.Tensor | None:
     """The weight kept for `packed` by its layer's recomputation (handed out once), outside a recomputation."""
-    if not _kept["weights"] or recomputing_layer() is not None or _capturing(packed):
+    if not _kept.weights or recomputing_layer() is not None or _capturing(packed):
         return None
-    with _lock:
-        return _kept["weights"].pop(packed.data_ptr(), None)
+    with _kept.lock:
+        return _kept.weights.pop(packed.data_ptr(), None)
 
 
 def forget() -> None:
     """Drop whatever is kept (a run's end: runner.release_memory)."""
-    with _lock:
-        _kept["weights"] = {}
-        _kept["layer"] = None
+    with _kept.lock:
+        _kept.weights, _kept.layer = {}, None

@@ -179,6 +179,8 @@ class Runner:
             execute(run, cfg, self._stop, resume, on_event=self._push)
         except Exception as e:  # execute() already wrote status.json; keep the message for the page
             self.last_error = str(e)
+        else:
+            return  # execute() released the run's memory
         release_memory()  # the exception's frames (a failed step's tensors) are gone now
 
     def _push(self, event: dict) -> None:

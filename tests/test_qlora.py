@@ -346,7 +346,7 @@ def test_a_recomputation_keeps_its_dequantized_weights_for_the_layers_backward(t
     def remember(packed, weight):
         made.append(packed.data_ptr())
         real_remember(packed, weight)
-        most_held.append(len(kept_dequant._kept["weights"]))
+        most_held.append(len(kept_dequant._kept.weights))
     monkeypatch.setattr(kept_dequant, "remember", remember)
     runs = []
     for keep in (False, True):
@@ -365,7 +365,7 @@ def test_a_recomputation_keeps_its_dequantized_weights_for_the_layers_backward(t
     for got, ref in zip(grads, want_grads):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
     release_memory()
-    assert kept_dequant._kept["weights"] == {}
+    assert kept_dequant._kept.weights == {}
 
 
 def _spy_wide(monkeypatch) -> list[bool]:

@@ -13,6 +13,8 @@ in fp32 (no fused multiply-add: bitsandbytes rounds the product and the sum apar
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -45,9 +47,7 @@ def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch
     """The weight of a bitsandbytes NF4 parameter (its packed data and quant_state) in dtype, shaped as the
     quant state says; out: where to write it instead, a 2-D view of that shape whose rows may lie further apart
     (the first columns of a wider matrix)."""
-    n = 1
-    for size in quant_state.shape:
-        n *= size
+    n = math.prod(quant_state.shape)
     data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # other quant_storage dtypes
     if out is None:
         out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=packed.device)

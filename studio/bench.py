@@ -34,7 +34,7 @@ from .bench_grid import BENCH_LR, BENCH_TOTAL_STEPS, Row, bench_method_cfg, defa
 from .bench_trainer import runs_as_configured, with_trainer_time
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
 from .data_render import without_padding_mask
-from .dequant_4bit import wide_gemm_enabled
+from .dequant_4bit import nf4_kernel_wanted, wide_gemm_enabled
 from .errors import ConfigError
 from .host_ahead import to_device
 from .kept_dequant import keep_enabled
@@ -272,6 +272,7 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
         out["compiled"] = True
     if engine == "studio" and row.method == "qlora":  # the 4-bit A/Bs, off by default (dequant_4bit.py)
         out |= {"wide_gemm": True} if wide_gemm_enabled() else {}
+        out |= {} if nf4_kernel_wanted() else {"nf4_kernel": False}
         out |= {"keep_dequant": True} if keep_enabled() and row.grad_ckpt else {}
     warm_peak, counts = [], []
 

@@ -2,7 +2,7 @@
 
 On CUDA one Triton launch (studio/kernels/nf4.py) instead of bitsandbytes' three, where the kernel gives
 bitsandbytes' own result on its first use for that dtype and nesting; everywhere else, and for FP4 weights,
-bitsandbytes' dequantize_4bit. Either way the weight comes out in the quant state's dtype, then is cast to the
+bitsandbytes' dequantize_4bit (also with STUDIO_NF4_KERNEL=0, for A/B runs). Either way the weight comes out in the quant state's dtype, then is cast to the
 compute dtype, as before.
 
 `wide_4bit` dequantizes into the first columns of a wider matrix [W | B], so that LoRA's rank-r term becomes r
@@ -37,7 +37,7 @@ def dense_4bit(packed: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Ten
 
 
 def _kernel_ok(packed: torch.Tensor, quant_state) -> bool:
-    if not kernels.use_triton(packed) or quant_state.quant_type != "nf4" or quant_state.blocksize % 2 \
+    if not kernels.use_triton(packed) or not nf4_kernel_wanted() or quant_state.quant_type != "nf4" or quant_state.blocksize % 2 \
             or getattr(quant_state, "packing_format_for_cpu", False) \
             or quant_state.dtype not in (torch.bfloat16, torch.float16, torch.float32) \
             or packed.numel() >= 2 ** 30:  # the kernel's offsets are 32-bit
@@ -45,6 +45,11 @@ def _kernel_ok(packed: torch.Tensor, quant_state) -> bool:
     nested = bool(quant_state.nested)
     return kernels.checked(("nf4", packed.device.type, quant_state.dtype, "nested" if nested else "flat"),
                            lambda: _kernel_agrees(packed.device, quant_state.dtype, nested))
+
+
+@functools.cache
+def nf4_kernel_wanted() -> bool:
+    return os.environ.get("STUDIO_NF4_KERNEL", "1") != "0"
 
 
 def _kernel_agrees(device: torch.device, dtype: torch.dtype, nested: bool) -> bool:

@@ -39,9 +39,8 @@ def speed_table(rows: list[dict]) -> list[str]:
                       _gb(r.get("steady_peak_bytes")), _gb(r.get("reserved_bytes")), _gb(r.get("estimated_bytes")),
                       speed, mem, loss]
         engine = r["engine"] + (" (torch ops)" if r["engine"] == "studio" and r.get("triton") is False else "") \
-            + (" (graphs)" if r.get("graphs") else "") + (" (wide GEMM)" if r.get("wide_gemm") else "") \
-            + (" (bnb dequant)" if r.get("nf4_kernel") is False else "") \
-            + (" (kept dequant)" if r.get("keep_dequant") else "")
+            + (" (graphs)" if r.get("graphs") else "") \
+            + (" (bnb dequant)" if r.get("nf4_kernel") is False else "")
         ckpt = "on" if r["grad_ckpt"] else "off"
         if r.get("fit"):  # the fewest recomputed layers that fit that card
             k, n = r.get("checkpointed_layers") or ("?", "?")

@@ -5,11 +5,9 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (results.tar.gz in $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
 # baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); ours
-# again with bitsandbytes' dequantization (STUDIO_NF4_KERNEL=0), with one wide GEMM for 4-bit gate/up
-# (STUDIO_WIDE_GEMM=1), with a recomputed layer's dequantized weights kept for its backward
-# (STUDIO_KEEP_DEQUANT=1), and with both; the Triton kernel and CUDA rounding tests,
+# again with bitsandbytes' dequantization (STUDIO_NF4_KERNEL=0); the Triton kernel and CUDA rounding tests,
 # how much of a small term CUDA's addmm keeps in its epilogue (baselines/epilogue_check.py), bitsandbytes'
-# dequantization against the NF4 kernel's (baselines/dequant_ab.py), LoRA's product orders and one wide GEMM
+# dequantization against the NF4 kernel's (baselines/dequant_ab.py), LoRA's product orders
 # (baselines/lora_order_ab.py); bench --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it
 # but host-bound; eager and replayed); chat speed (bench --chat: base, adapter unmerged, merged);
 # train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff pruning
@@ -23,7 +21,7 @@
 # MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
 # issue's targets, met or not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about graphs_check and keeps
-# what the earlier stages wrote; a second call takes the rest (SKIP=7b,nf4off,wide,keep,both,kernels,grid,chat,graphs,quick).
+# what the earlier stages wrote; a second call takes the rest (SKIP=7b,nf4off,kernels,grid,chat,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
@@ -56,7 +54,7 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$W/facts.txt"
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
-  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,nf4off,wide,keep,both,kernels,grid,chat,graphs,quick). The 7B rows
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,nf4off,kernels,grid,chat,graphs,quick). The 7B rows
   # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last): six rows of
   # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s)
@@ -65,17 +63,6 @@ run)
   # nf4off: the 7B QLoRA rows (ours) with bitsandbytes' dequantization instead of the NF4 kernel (STUDIO_NF4_KERNEL=0)
   want nf4off && STUDIO_NF4_KERNEL=0 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b:qlora \
     --out "$W/bench_nf4off.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_nf4off.log"
-  # wide: the 7B QLoRA rows (ours) with STUDIO_WIDE_GEMM=1: gate/up's 4-bit weights dequantized beside B and
-  # [x | low] [W | B]ᵀ as one GEMM (dequant_4bit.wide_4bit): against the 7b stage's rows, worth turning on?
-  want wide && STUDIO_WIDE_GEMM=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b:qlora \
-    --out "$W/bench_wide.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_wide.log"
-  # keep: the 7B QLoRA rows (ours) with STUDIO_KEEP_DEQUANT=1: a recomputed layer's 4-bit weights kept for its backward
-  # (studio/kept_dequant.py: 196 fewer dequantizations a 7B QLoRA step, ~330 MB more at the peak)
-  want keep && STUDIO_KEEP_DEQUANT=1 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b:qlora \
-    --out "$W/bench_keep.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_keep.log"
-  # both: the wide GEMM and the kept weights together (if each saves, do they add up?)
-  want both && STUDIO_WIDE_GEMM=1 STUDIO_KEEP_DEQUANT=1 timeout 120 python3 -m studio bench --no-peft \
-    --only qwen2.5-7b:qlora --out "$W/bench_both.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_both.log"
   # kernels: the Triton kernels against the torch ops (NF4 dequantization against bitsandbytes), and the seeded
   # dropout, compiled for this card; DoRA, IA3 and SSF through CUDA's fp32-output GEMM, and a small update beside
   # a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a chunked MLP's seeded
@@ -91,7 +78,7 @@ run)
   # a 7B layer's 4-bit weights dequantized by bitsandbytes (three launches) and by studio/kernels/nf4.py (one):
   # host and GPU time each (does the Triton launcher cost the host less than bitsandbytes' dispatches?)
   want kernels && timeout 60 python3 -m baselines.dequant_ab 2>&1 | grep '^{' | tee "$W/dequant_ab.jsonl"
-  # LoRA's product orders at 7B shapes, and one wide GEMM ([x | low] @ [W | B]ᵀ): worth building for 4-bit gate/up?
+  # LoRA's product orders at 7B shapes, and one wide GEMM ([x | low] @ [W | B]ᵀ; 0.91-0.95x on an H200, 2026-11-30)
   want kernels && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | grep '^{' | tee "$W/lora_order.jsonl"
   # grid: 7B at 1x512 (below auto's line of parameters x tokens) and 7B QLoRA at 4x2048 (far above, but host-bound
   # on the H200: does replaying close its 54 ms of idle GPU?), eager and replayed; the 3B rows measured 2026-11-28
@@ -159,7 +146,7 @@ run)
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$W/memory.jsonl" 2>&1 | grep -v Warning \
     > "$W/memory.log"
   python3 baselines/bench_table.py "$W/bench.jsonl" "$W/graphs_grid.jsonl" "$W/bench_long.jsonl" \
-    "$W/bench_trainer.jsonl" "$W/bench_expandable.jsonl" "$W/bench_wide.jsonl" "$W/bench_keep.jsonl" "$W/bench_both.jsonl" "$W/bench_nf4off.jsonl" "$W/chat.jsonl" "$W/bench_methods.jsonl" "$W/memory.jsonl" \
+    "$W/bench_trainer.jsonl" "$W/bench_expandable.jsonl" "$W/bench_nf4off.jsonl" "$W/chat.jsonl" "$W/bench_methods.jsonl" "$W/memory.jsonl" \
     "$W/memory_methods.jsonl" 2>&1 | tee "$W/table.md"
   # the issue's targets, met or not, row by row
   python3 -m baselines.targets "$W/bench.jsonl" 2>&1 | grep -v Warning | tee "$W/targets.md"

@@ -34,10 +34,9 @@ from .bench_grid import BENCH_LR, BENCH_TOTAL_STEPS, Row, bench_method_cfg, defa
 from .bench_trainer import runs_as_configured, with_trainer_time
 from .checkpointing import compile_layers, enable_gradient_checkpointing, transformers_checkpointing
 from .data_render import without_padding_mask
-from .dequant_4bit import nf4_kernel_wanted, wide_gemm_enabled
+from .dequant_4bit import nf4_kernel_wanted
 from .errors import ConfigError
 from .host_ahead import to_device
-from .kept_dequant import keep_enabled
 from .losses import causal_lm_loss
 from .machine_facts import machine_facts
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
@@ -270,10 +269,8 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
                                      "graphs": step.graphs}
     if compile and engine == "studio":
         out["compiled"] = True
-    if engine == "studio" and row.method == "qlora":  # the 4-bit A/Bs, off by default (dequant_4bit.py)
-        out |= {"wide_gemm": True} if wide_gemm_enabled() else {}
-        out |= {} if nf4_kernel_wanted() else {"nf4_kernel": False}
-        out |= {"keep_dequant": True} if keep_enabled() and row.grad_ckpt else {}
+    if engine == "studio" and row.method == "qlora" and not nf4_kernel_wanted():  # an A/B run (dequant_4bit.py)
+        out["nf4_kernel"] = False
     warm_peak, counts = [], []
 
     def on_warm() -> None:  # the first steps' peak (a compile, the optimizer state's birth) vs the steady one

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 
-from . import kept_dequant
 from .config import RunConfig
 from .errors import BusyError, StudioError
 from .rundir import RunDir, list_runs
@@ -114,7 +113,6 @@ def release_memory() -> None:
     """Free what a finished run held: its model and optimizer sit in reference cycles (hooks, wrappers) that
     only the cycle collector frees, and until it ran a GPU kept their gigabytes from the next run or the chat;
     then torch's cached blocks go back to the driver."""
-    kept_dequant.forget()  # 4-bit weights a recomputation kept for a backward that did not take them
     gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()

@@ -37,11 +37,10 @@ def cases():
                                              stride_e="i32", BLOCK="constexpr"), dict(BLOCK=softmax_block.BLOCK)
             yield dropout._drop, dict(X=p, Y=p, SEED="*i64", site="i32", n="i32", p="fp32", scale="fp32", first="i32",
                                       BLOCK="constexpr"), dict(BLOCK=dropout.BLOCK)
-        for strided in (False, True):
-            yield nf4._dequant, dict(PACKED="*u8", ABSMAX="*u8" if flag else "*fp32", CODE2="*fp32", ABSMAX2="*fp32",
-                                     OFFSET="*fp32", CODE4="*fp32", OUT=p, n="i32", n_bytes="i32", half_block="i32",
-                                     blocksize2="i32", cols="i32", ld="i32", NESTED="constexpr", STRIDED="constexpr",
-                                     BLOCK="constexpr"), dict(NESTED=flag, STRIDED=strided, BLOCK=nf4.BLOCK)
+        yield nf4._dequant, dict(PACKED="*u8", ABSMAX="*u8" if flag else "*fp32", CODE2="*fp32", ABSMAX2="*fp32",
+                                 OFFSET="*fp32", CODE4="*fp32", OUT=p, n="i32", n_bytes="i32", half_block="i32",
+                                 blocksize2="i32", NESTED="constexpr", BLOCK="constexpr"), \
+            dict(NESTED=flag, BLOCK=nf4.BLOCK)
         if dt == "fp32" and flag:  # dtype-free: once
             yield dropout._uniform, dict(Y="*fp32", SEED="*i64", site="i32", n="i32", BLOCK="constexpr"), \
                 dict(BLOCK=dropout.BLOCK)

@@ -273,46 +273,15 @@ def test_ia3_over_a_4bit_base_keeps_no_copy_of_downs_input(tiny_folder, monkeypa
         assert torch.equal(g, want[name]), name
 
 
-def test_a_wide_4bit_layer_in_one_gemm_gives_the_two_gemms_outputs_and_gradients(tiny_folder, monkeypatch):
-    """STUDIO_WIDE_GEMM=1 (dequant_4bit.wide_4bit, off until a GPU measures it): gate's 4-bit weight dequantized
-    beside B and [x | low] [W | B]ᵀ as one GEMM give the outputs and gradients of the two GEMMs (on the CPU the
-    kernel runs in Triton's interpreter); a layer narrower than twice its input keeps the two GEMMs."""
-    pytest.importorskip("triton")
-    from studio import dequant_4bit, kernels
-    model, _ = load_model(ModelConfig(name=str(tiny_folder), quantization="nf4", device="cpu"))
-    apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
-    mlp = model.model.layers[0].mlp
-    gate, down = mlp.gate_proj, mlp.down_proj
-    assert gate.base_layer.out_features >= 2 * gate.base_layer.in_features
-    torch.nn.init.normal_(gate.lora_B.weight, std=0.1)
-    wide_used = _spy_wide(monkeypatch)
-    x = torch.randn(2, 7, gate.base_layer.in_features, generator=torch.Generator().manual_seed(0))
-    results = []
-    for wide in (False, True):
-        monkeypatch.setattr(dequant_4bit, "wide_gemm_enabled", lambda wide=wide: wide)
-        with kernels.forced():
-            xi = x.clone().requires_grad_()
-            y = gate(xi)
-            grads = torch.autograd.grad(y.square().sum(), [xi, gate.lora_A.weight, gate.lora_B.weight])
-            down(torch.randn(2, 3, down.base_layer.in_features).requires_grad_())  # 2x narrower than its input
-        results.append((y.detach(), *grads))
-    assert wide_used == [False, True]  # the down projection never asks
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("wide", [False, True], ids=["nf4 kernel", "nf4 kernel, wide GEMM"])
-def test_a_4bit_model_step_through_the_kernels_equals_bitsandbytes_dequantization(tiny_folder, monkeypatch, wide):
+def test_a_4bit_model_step_through_the_kernels_equals_bitsandbytes_dequantization(tiny_folder, monkeypatch):
     """A whole QLoRA step (every 4-bit layer, the fused MLP) with the Triton kernels (on the CPU through the
     interpreter) against the torch ops and bitsandbytes' dequantization: the same loss and gradients."""
     pytest.importorskip("triton")
-    from studio import dequant_4bit, kernels
+    from studio import kernels
     from studio.losses import causal_lm_loss
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    monkeypatch.setattr(dequant_4bit, "wide_gemm_enabled", lambda: wide)
     monkeypatch.setattr(kernels, "_verdicts", {})
-    widened = _spy_wide(monkeypatch)
     runs = []
     for routing in (kernels.disabled, kernels.forced):
         model = _qlora_model(tiny_folder)
@@ -320,77 +289,19 @@ def test_a_4bit_model_step_through_the_kernels_equals_bitsandbytes_dequantizatio
             loss, _ = causal_lm_loss(model, batch)
             loss.backward()
         runs.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
-    assert kernels.verdicts()["nf4 cpu float32 nested"] and any(widened) == wide  # gate and up, when on
+    assert kernels.verdicts()["nf4 cpu float32 nested"]
     (loss, grads), (want, want_grads) = runs[1], runs[0]
     torch.testing.assert_close(loss, want)
     for got, ref in zip(grads, want_grads):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["bitsandbytes", "nf4 kernel, wide GEMM"])
-def test_a_recomputation_keeps_its_dequantized_weights_for_the_layers_backward(tiny_folder, monkeypatch, kernel):
-    """STUDIO_KEEP_DEQUANT=1 (studio/kept_dequant.py, off until a GPU measures it): a checkpointed QLoRA step
-    dequantizes each recomputed weight twice instead of three times, with the same loss and gradients; only one
-    layer's weights are held at a time, and nothing is left after the run releases its memory."""
-    from studio import dequant_4bit, kept_dequant, kernels
-    from studio.losses import causal_lm_loss
-    from studio.runner import release_memory
-    if kernel:
-        pytest.importorskip("triton")
-        monkeypatch.setattr(dequant_4bit, "wide_gemm_enabled", lambda: True)
-    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    made, most_held = [], []
-    real_remember = kept_dequant.remember
-
-    def remember(packed, weight):
-        made.append(packed.data_ptr())
-        real_remember(packed, weight)
-        most_held.append(len(kept_dequant._kept.weights))
-    monkeypatch.setattr(kept_dequant, "remember", remember)
-    runs = []
-    for keep in (False, True):
-        monkeypatch.setattr(kept_dequant, "keep_enabled", lambda keep=keep: keep)
-        made.clear()
-        model = _qlora_model(tiny_folder, checkpointed=True)
-        with kernels.forced() if kernel else kernels.disabled():
-            loss, _ = causal_lm_loss(model, batch)
-            loss.backward()
-        runs.append((len(made), loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
-    (plain, want, want_grads), (kept, loss, grads) = runs
-    layers = model.config.num_hidden_layers
-    assert plain - kept >= 5 * (layers - 1)  # q/k/v/o/gate/up of every layer but the first, whose q/k/v need no dx
-    assert max(most_held) <= 7  # one layer's weights at most
-    torch.testing.assert_close(loss, want)
-    for got, ref in zip(grads, want_grads):
-        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
-    release_memory()
-    assert kept_dequant._kept.weights == {}
-
-
-def _spy_wide(monkeypatch) -> list[bool]:
-    """Whether each call of lora_fused's wide_4bit made a wide weight (dequant_4bit.wide_4bit)."""
-    from studio import dequant_4bit
-    from studio.methods import lora_fused
-    made: list[bool] = []
-
-    def spy(*args):
-        got = dequant_4bit.wide_4bit(*args)
-        made.append(got is not None)
-        return got
-    monkeypatch.setattr(lora_fused, "wide_4bit", spy)
-    return made
-
-
-def _qlora_model(folder, checkpointed: bool = False):
+def _qlora_model(folder):
     """The tiny model in 4-bit with LoRA r4 (the same A each time, B off zero), in training mode as a run has it
     (a folder's model loads in eval mode: no checkpointing, and bitsandbytes repacks for its CPU kernel)."""
-    from studio.checkpointing import enable_gradient_checkpointing
     torch.manual_seed(0)
     model, _ = load_model(ModelConfig(name=str(folder), quantization="nf4", device="cpu"))
     apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
-    if checkpointed:
-        enable_gradient_checkpointing(model)
     model.train()
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):

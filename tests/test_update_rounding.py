@@ -1,8 +1,8 @@
 """An adapter's update and the base product are summed before rounding: under bf16 autocast a small update
 (the start of training, B just off zero) survives on average instead of being rounded away against an output
-already rounded to bf16 (LoRA's fused op, AdaLoRA, the delta methods; DoRA's, IA3's and SSF's rescale of a product
-made in fp32); in fp32 a full-size ΔW joins W in one GEMM, with
-the outputs and gradients of the two-product form."""
+already rounded to bf16 (LoRA's fused op, AdaLoRA, the delta methods on the CPU, whose GEMM adds the term in its
+epilogue; DoRA's, IA3's and SSF's rescale of a product made in fp32 everywhere); in fp32 a full-size ΔW joins W in
+one GEMM, with the outputs and gradients of the two-product form."""
 from __future__ import annotations
 
 import pytest
@@ -24,8 +24,11 @@ from studio.methods.ssf import SsfLinear
 
 
 # the rounding tests run on CUDA where there is one (baselines/gpu_check.sh runs this file there): its GEMMs'
-# epilogues and fp32-output GEMM
+# epilogues and fp32-output GEMM. cuBLAS rounds its product before the epilogue adds a term (an H200 kept exactly
+# the rounded-first share at every shape, baselines/epilogue_check.py, 2026-11-30): there the epilogue's way
+# keeps what peft's order keeps, not more
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPILOGUE_KEEPS_TERMS = DEVICE == "cpu"
 
 
 def _base(bias: bool = False, dtype: torch.dtype = torch.float32, features: int = 256) -> nn.Linear:
@@ -66,7 +69,7 @@ def _kept_share(y: torch.Tensor, base_exact: torch.Tensor, update: torch.Tensor)
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_a_small_update_survives_bf16_rounding(name, bias):
     """Also beside a bias as large as the product (Qwen's q/k/v have such): added before the small term is,
-    the bias rounds it away at its own scale. On CUDA where there is one (the GEMM adds the term in its epilogue)."""
+    the bias rounds it away at its own scale. On CUDA where there is one: no less than peft's order keeps."""
     make, linear_in = MODULES[name]
     module = make(_base(bias=bias, dtype=torch.bfloat16)).train()
     _perturb(module)
@@ -88,10 +91,14 @@ def test_a_small_update_survives_bf16_rounding(name, bias):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             y = module(x.to(DEVICE)).cpu()
     assert y.dtype == torch.bfloat16
-    assert _kept_share(y, base_exact, u) == pytest.approx(1.0, abs=0.1)
     # the way peft adds it (the base output rounded first) keeps much less: the check can tell them apart
     twice = (base_exact.to(torch.bfloat16) + u.to(torch.bfloat16)).float()
-    assert _kept_share(twice, base_exact, u) < 0.7
+    peft_share = _kept_share(twice, base_exact, u)
+    assert peft_share < 0.7
+    if EPILOGUE_KEEPS_TERMS:
+        assert _kept_share(y, base_exact, u) == pytest.approx(1.0, abs=0.1)
+    else:
+        assert _kept_share(y, base_exact, u) >= peft_share - 0.05
 
 
 def _plain(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

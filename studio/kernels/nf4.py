@@ -23,8 +23,8 @@ BLOCK = 1024  # packed bytes a program reads (2,048 weights)
 
 
 @triton.jit
-def _dequant(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, CODE4, OUT, n, n_bytes, half_block, blocksize2, cols, ld,
-             NESTED: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
+def _dequant(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, CODE4, OUT, n, n_bytes, half_block, blocksize2,
+             NESTED: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = b < n_bytes
     byte = tl.load(PACKED + b, mask=valid, other=0).to(tl.int32)
@@ -39,22 +39,15 @@ def _dequant(PACKED, ABSMAX, CODE2, ABSMAX2, OFFSET, CODE4, OUT, n, n_bytes, hal
     lo = tl.load(CODE4 + (byte & 15), mask=valid, other=0.0) * scale
     w = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # hi0, lo0, hi1, lo1, ...: the weights in order
     offs = 2 * tl.program_id(0) * BLOCK + tl.arange(0, 2 * BLOCK)
-    dest = (offs // cols) * ld + offs % cols if STRIDED else offs  # rows `ld` apart: the columns of a wider matrix
-    tl.store(OUT + dest, w.to(OUT.dtype.element_ty), mask=offs < n)
+    tl.store(OUT + offs, w.to(OUT.dtype.element_ty), mask=offs < n)
 
 
-def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """The weight of a bitsandbytes NF4 parameter (its packed data and quant_state) in dtype, shaped as the
-    quant state says; out: where to write it instead, a 2-D view of that shape whose rows may lie further apart
-    (the first columns of a wider matrix)."""
+    quant state says."""
     n = math.prod(quant_state.shape)
     data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # other quant_storage dtypes
-    if out is None:
-        out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=packed.device)
-    cols = out.shape[-1]
-    ld = out.stride(0) if out.dim() == 2 else cols
-    if out.stride(-1) != 1 or out.dtype != dtype or out.numel() != n:
-        raise ValueError("dequantize writes into a view of the weight's shape and dtype with unit column stride")
+    out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=packed.device)
     n_bytes = (n + 1) // 2
     nested = bool(quant_state.nested)
     absmax = quant_state.absmax
@@ -64,7 +57,7 @@ def dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch
     offset = quant_state.offset if nested else absmax
     blocksize2 = inner.blocksize if nested else 1
     _dequant[(triton.cdiv(n_bytes, BLOCK),)](data, absmax, code2, absmax2, offset, quant_state.code, out, n,
-                                            n_bytes, quant_state.blocksize // 2, blocksize2, cols, ld,
-                                            NESTED=nested, STRIDED=ld != cols, BLOCK=BLOCK, num_warps=8,
+                                            n_bytes, quant_state.blocksize // 2, blocksize2,
+                                            NESTED=nested, BLOCK=BLOCK, num_warps=8,
                                             enable_fp_fusion=False)
     return out

@@ -2,7 +2,8 @@
 
 Each target Linear gets P = lora_B (out x r), Λ = lora_E (r x 1, init 0 so output == base) and
 Q = lora_A (r x in), r = init_r; y = W x + (lora_alpha / init_r) · B (E ⊙ A) x, the update added in the base
-GEMM's epilogue (methods.common.plus_base_product: one rounding of the sum in bf16) on a plain Linear base.
+GEMM's epilogue (methods.common.plus_base_product: one rounding of the sum in bf16 on the CPU) on a plain Linear
+base.
 
 Rank allocation (Zhang et al. 2023), run by `on_step` after backward and before optimizer.step:
 - sensitivity I = |w · ∇w| per entry, smoothed  Ī ← β1 Ī + (1-β1) I, and its uncertainty

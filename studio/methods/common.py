@@ -53,9 +53,10 @@ def plus_base_product(base: nn.Linear, x: torch.Tensor, delta: torch.Tensor) -> 
 
 
 def plus_product(x2: torch.Tensor, w: torch.Tensor, delta2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 wᵀ + delta2 + bias, delta2 added by the GEMM in its epilogue (addmm, beta 1), then the bias: in a 16-bit
-    compute dtype the sum is rounded once, where a small update added to an output already rounded is mostly lost
-    (tests/test_update_rounding.py), and there is no separate pass over the output."""
+    """x2 wᵀ + delta2 + bias, delta2 added by the GEMM in its epilogue (addmm, beta 1), then the bias: no separate
+    pass over the output, and on the CPU in a 16-bit compute dtype the sum is rounded once, where a small update
+    added to an output already rounded is mostly lost (tests/test_update_rounding.py; cuBLAS rounds its product
+    before adding, as peft's order does)."""
     y = torch.addmm(delta2, x2, w.t())
     if bias is not None:  # after the sum: added first, the bias would round the small delta away
         y = y.add_(cast(bias, y.dtype))

@@ -2,9 +2,9 @@
 
 Each of them wraps a target Linear as `DeltaLinear`: y = W x + ΔW x, where the subclass defines
 ΔW (`delta_weight`, fp32, out x in) and may compute ΔW x more cheaply (`delta_forward`). The base GEMM
-adds ΔW x onto its own product in its epilogue (addmm): one rounding of the sum in a 16-bit compute dtype,
-where adding the small update to an output already rounded to bf16 would lose most of it early in training
-(peft's way: its bf16 loss curve then falls behind its fp32 one), and no separate pass over the output. In
+adds ΔW x onto its own product in its epilogue (addmm): no separate pass over the output, and on the CPU one
+rounding of the sum in a 16-bit compute dtype, where adding the small update to an output already rounded to
+bf16 would lose most of it early in training (peft's way; cuBLAS rounds its product before adding too). In
 fp32 a full-size ΔW (LoHa, LoKr, Compacter, GLoRA) joins W instead: y = x (W + ΔW)ᵀ, one GEMM forward and
 one for x's gradient instead of two each; and a full-size ΔW is rebuilt in backward rather than kept from
 forward (delta_product.py). Merge adds

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import rebuilt_inputs
-from ..dequant_4bit import dense_4bit, wide_4bit
+from ..dequant_4bit import dense_4bit
 from ..seeded_dropout import SeededDrop
 
 
@@ -118,20 +118,14 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     low = _scaled_mm(_dropped(x2, mask, p), a.t(), scaling)  # the scale rides in the GEMM, and low keeps it
     if not output:
         return y, low, mask, a, b
-    # a 4-bit weight whose output is much wider than its input, dequantized beside B: [x | low] [W | B]ᵀ, one GEMM
-    # with the rank-r term as r more columns of K (dequant_4bit.wide_4bit; STUDIO_WIDE_GEMM=1 only, for now)
-    wide = wide_4bit(weight, quant_state, cdt, b) if quant_state is not None and b.shape[0] >= 2 * x2.shape[1] \
-        else None
-    if wide is not None:
-        torch.mm(torch.cat([x2, low], dim=1), wide.t(), out=y2)
-    else:
-        w = dense_weight(weight, quant_state, cdt)
-        # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue):
-        # adding it after would read and write the whole output once more, and in bf16 would round most of
-        # the small term away against an output already rounded. The bias comes last, for the same reason:
-        # joined to the small term first, it rounds that term at the bias's scale (Qwen's q/k/v biases)
-        torch.mm(low, b.t(), out=y2)
-        y2.addmm_(x2, w.t())
+    w = dense_weight(weight, quant_state, cdt)
+    # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue): adding it
+    # after would read and write the whole output once more, and on the CPU in bf16 would round most of the
+    # small term away against an output already rounded (cuBLAS rounds its product before adding, either way:
+    # baselines/epilogue_check.py). The bias comes last: joined to the small term first, it would round that
+    # term at the bias's scale (Qwen's q/k/v biases)
+    torch.mm(low, b.t(), out=y2)
+    y2.addmm_(x2, w.t())
     if bias is not None:
         y2.add_(cast(bias, cdt))
     return y, low, mask, a, b

@@ -14,8 +14,8 @@ Here the products come out in fp32 (fp32 throughout, or CUDA's bf16/fp16 GEMM wi
 a 16-bit product cannot come out in fp32, the rounded product gives the small terms (s - 1) ⊙ q + u, and the
 base GEMM adds them in its epilogue: y = W x + (s - 1) ⊙ q + u + b, one more 16-bit GEMM (without dropout), much
 cheaper there than one in fp32 (tests/test_update_rounding.py). A GPU without the fp32-output GEMM (an older
-torch) casts the operands up instead: on an H200 the epilogue's way kept only 20-46% of the small terms
-(baselines/epilogue_check.py asks whether CUDA's addmm keeps them at all).
+torch) casts the operands up instead: cuBLAS rounds its product before its epilogue adds (an H200 kept exactly
+the rounded-first share, baselines/epilogue_check.py), and the epilogue's way kept only 20-46% of the terms there.
 
 Kept for backward: q in the compute dtype (for s's gradient; autograd's way keeps W x_d and u); the weight is
 read again (a 4-bit one dequantized again, as the fused LoRA op does).

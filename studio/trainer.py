@@ -306,20 +306,24 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
     def evaluate() -> dict[str, float]:
         """Eval loss (token-weighted; per example for classification) and, for classification, accuracy."""
         wrapped.eval()
-        total, count, right = 0.0, 0, 0
+        # summed on the device and read once: a read per batch would wait for each batch's forward
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        right = torch.zeros((), dtype=torch.int64, device=device)
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(task.eval), t.batch_size):
                 batch = to_device(plain(task.collate(task.eval[i:i + t.batch_size], pad_id)), device)
                 loss, n = wrapped(batch)
-                total += loss.item() * n.item()
-                count += n.item()
+                total += loss.double() * n
+                count += n
                 if task.labels is not None:
                     from .tasks import _forward
-                    right += int((_forward(model, batch).argmax(-1) == batch["labels"]).sum())
+                    right += (_forward(model, batch).argmax(-1) == batch["labels"]).sum()
         wrapped.train()
-        out = {"eval_loss": total / max(1, count)}
+        count = max(1, int(count))
+        out = {"eval_loss": float(total) / count}
         if task.labels is not None:
-            out["eval_accuracy"] = right / max(1, count)
+            out["eval_accuracy"] = int(right) / count
         return out
 
     wrapped.train()

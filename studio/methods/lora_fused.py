@@ -5,9 +5,10 @@ needs no pass of its own in the backward either). Unfused, autograd runs the bas
 dropout, A, the scale on B and an addmm as separate nodes: each allocates its output, and the two
 gradients that reach x (base path and adapter path) are summed into a third tensor. Here the output
 is one buffer: the rank-r term is written into it and the base GEMM adds its product onto it in its
-epilogue, so the full-width output is never read back by a separate pass, and in bf16 the sum is rounded
-once (a small update added to an output already rounded is mostly lost, as at the start of training when
-B has just left zero: peft's bf16 loss curve lags its fp32 one for that reason, ours follows it);
+epilogue, so the full-width output is never read back by a separate pass, and on the CPU in bf16 the sum is
+rounded once (a small update added to an output already rounded is mostly lost, as at the start of training
+when B has just left zero: peft's bf16 loss curve lags its fp32 one for that reason, ours follows it there;
+cuBLAS rounds its product before its epilogue adds, so on CUDA the term is rounded as in peft's order);
 d(x) = d(low) A (· mask / keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share; when x is a fused norm's output, the norm's input, from which the first
 backward to need it rebuilds it: studio/rebuilt_inputs.py), low (rank-sized) and, with dropout, a bool mask

@@ -8,7 +8,7 @@
 # again with bitsandbytes' dequantization (STUDIO_NF4_KERNEL=0); the Triton kernel and CUDA rounding tests,
 # how much of a small term CUDA's addmm keeps in its epilogue (baselines/epilogue_check.py), bitsandbytes'
 # dequantization against the NF4 kernel's (baselines/dequant_ab.py), LoRA's product orders
-# (baselines/lora_order_ab.py); bench --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it
+# (baselines/lora_order_ab.py), the frozen GEMMs' forms (baselines/gemm_ab.py); bench --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it
 # but host-bound; eager and replayed); chat speed (bench --chat: base, adapter unmerged, merged);
 # train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff pruning
 # with checkpointing, and packed batches); the quick speed grid (ours as train.cuda_graphs=auto runs it, also
@@ -80,6 +80,9 @@ run)
   want kernels && timeout 60 python3 -m baselines.dequant_ab 2>&1 | grep '^{' | tee "$W/dequant_ab.jsonl"
   # LoRA's product orders at 7B shapes, and one wide GEMM ([x | low] @ [W | B]ᵀ; 0.91-0.95x on an H200, 2026-11-30)
   want kernels && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | grep '^{' | tee "$W/lora_order.jsonl"
+  # the frozen GEMMs' forms at 7B shapes (onto the rank-r term as now, alone, F.linear, cuBLASLt; gate and up
+  # joined): how far from the GEMM's own speed is the ~690 TFLOP/s a 7B QLoRA step's frozen GEMMs ran at?
+  want kernels && timeout 60 python3 -m baselines.gemm_ab 2>&1 | grep '^{' | tee "$W/gemm_ab.jsonl"
   # grid: 7B at 1x512 (below auto's line of parameters x tokens) and 7B QLoRA at 4x2048 (far above, but host-bound
   # on the H200: does replaying close its 54 ms of idle GPU?), eager and replayed; the 3B rows measured 2026-11-28
   want grid && timeout 160 python3 -m studio bench --graphs-grid --no-peft --only qwen2.5-7b \

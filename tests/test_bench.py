@@ -433,3 +433,20 @@ def test_lora_order_ab_ways_compute_the_same_output():
     want = adapter_then_base(x, w, low, b)
     torch.testing.assert_close(base_then_adapter(x, w, low, b), want)
     torch.testing.assert_close(one_wide_gemm(x, torch.cat([w, b], dim=1), low, b), want)
+
+
+def test_gemm_ab_forms_compute_the_same_product():
+    """baselines/gemm_ab.py (run on the GPU): every form of a frozen GEMM, and gate and up joined, give one product
+    (the addmm_ forms onto an output holding something else before)."""
+    from baselines.gemm_ab import forms, joined_gate_up
+    g = torch.Generator().manual_seed(0)
+    x, stored = torch.randn(32, 24, generator=g), torch.randn(40, 24, generator=g)
+    c = torch.full((32, 40), 7.0)
+    for m in (stored.t(), stored[:24].contiguous()):  # a forward's transposed weight, an input gradient's
+        want = x @ m
+        for form, (fn, library) in forms(x, m, c[:, :m.shape[1]]).items():
+            torch.testing.assert_close(fn(), want, msg=form)
+    w_gate, w_up = stored[:20], stored[20:]
+    apart, joined = (fn() for fn in joined_gate_up(x, w_gate, w_up, stored).values())
+    for got, want in zip(joined, apart):
+        torch.testing.assert_close(got, want)

@@ -42,9 +42,11 @@ def speed_table(rows: list[dict]) -> list[str]:
             + (" (graphs)" if r.get("graphs") else "") \
             + (" (bnb dequant)" if r.get("nf4_kernel") is False else "")
         ckpt = "on" if r["grad_ckpt"] else "off"
+        k, n = r.get("checkpointed_layers") or ("?", "?")
         if r.get("fit"):  # the fewest recomputed layers that fit that card
-            k, n = r.get("checkpointed_layers") or ("?", "?")
             ckpt = f"{k} of {n} layers (fit {r['fit']})"
+        elif r["grad_ckpt"] and r["engine"] == "studio" and k != n:  # the top layer kept where that is free
+            ckpt = f"on ({k} of {n} layers)"
         if r.get("mlp_chunks") is False:  # bench --long-grid's A/B: the recomputed MLPs kept whole
             ckpt += ", MLP whole"
         method = r["method"] + (" (preset)" if r.get("preset") else "")  # bench --methods: the preset's settings

@@ -50,12 +50,12 @@ def main() -> None:
                 else:
                     model = random_base_model(args.model, torch.device("cpu"), getattr(torch, dtype))
                 model.requires_grad_(False)
-                _apply(model, method, gc)
                 cfg = RunConfig.from_dict({"model": {"name": args.model, "dtype": dtype},
                                            "data": {"max_length": args.seq}, "method": method,
                                            "train": {"batch_size": args.batch, "gradient_checkpointing": gc,
                                                      "loss_chunk": 1024}})
                 est = estimate(cfg, "cpu", padding=False)
+                _apply(model, method, est.recomputed_share)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
                     measured = measured_step_peak(model, random_batch(model.config.vocab_size, args.batch,
                                                                       args.seq), chunk=1024)

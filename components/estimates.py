@@ -91,7 +91,9 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
         notes.append(f"+{fmt_bytes(details['optimizer_host'])} optimizer states in host memory")
     notes += details.get("notes", [])  # what the method or the run adds (prefix, offloading, CUDA graphs)
     html = text + "<div class='muted'>" + " · ".join(notes) + "</div>"
-    if est.total <= capacity and details.get("gradient_checkpointing") and preset and device == "cuda":
+    every_layer = cfg.train.gradient_checkpointing and not cfg.train.checkpoint_budget_gb \
+        and cfg.train.checkpoint_fraction >= 1.0  # every layer recomputed (but a top one kept for free)
+    if est.total <= capacity and every_layer and preset and device == "cuda":
         html += checkpointing_tip(cfg, preset)
     return fig, html + (cpu_speed_hint(cfg) if gpu is None and device == "cpu" else "")
 

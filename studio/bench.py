@@ -5,8 +5,9 @@ the method, runs warm-up steps, then times steps of loss + backward + optimizer 
 baseline (baselines/peft_baseline.py, outside the engine; used when peft is installed) uses the
 same base weights, batch and optimizer, with transformers' own loss. Rows are JSON objects: shape, method,
 batch, seq, grad_ckpt, packed, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, loss_first_last,
-warmup_s (the untimed first steps: set-up, a graph's capture, a compile), fit and checkpointed_layers (rows
-that recompute only the layers a GPU's memory needs, as train.checkpoint_budget_gb), the machine (device_name; on the
+warmup_s (the untimed first steps: set-up, a graph's capture, a compile), checkpointed_layers (how many of how
+many layers a checkpointed row of ours recomputes) and fit (rows that recompute only the layers a GPU's memory
+needs, as train.checkpoint_budget_gb), the machine (device_name; on the
 CPU threads and bf16_hardware) and the torch / transformers / peft versions, and on our rows the ratios to the
 baseline and the Triton kernels in use; a row that ran out of memory or failed says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
 whole row (steady_peak_bytes: over the timed steps alone; reserved_bytes: the caching allocator's largest
@@ -338,11 +339,10 @@ def row_config(row: Row) -> Any:
 
 
 def recomputed_share(row: Row, device: torch.device) -> float:
-    """Share of layers our row recomputes: all, or with row.fit as many as the trainer's budget leaves."""
-    if not row.fit:
-        return 1.0
-    from .memory import budget_fraction
-    return budget_fraction(row_config(row), device.type, padding=False)[0]  # as estimated(): no padding
+    """Share of layers our row recomputes, as the trainer chooses it: every layer (but a top one kept for free),
+    or with row.fit as many as the budget leaves."""
+    from .memory import checkpoint_share
+    return checkpoint_share(row_config(row), device.type, padding=False)[0]  # as estimated(): no padding
 
 
 def _mlps(row: Row, engine: str) -> Any:
@@ -352,15 +352,16 @@ def _mlps(row: Row, engine: str) -> Any:
 
 
 def estimated(row: Row, device: torch.device) -> dict:
-    """estimated_bytes of our row (and, fitted to a GPU, checkpointed_layers: how many it recomputes)."""
+    """estimated_bytes of our row (and, checkpointed, checkpointed_layers: how many it recomputes, of how many)."""
     from .memory import estimate
     try:
         with _mlps(row, "studio"):
             est = estimate(row_config(row), device.type, padding=False)
     except Exception:  # noqa: BLE001 - an estimate gap must not stop the speed benchmark
         return {"estimated_bytes": None}
-    fitted = {"checkpointed_layers": [est.details["checkpointed_layers"], est.details["layers"]]} if row.fit else {}
-    return {"estimated_bytes": est.total} | fitted
+    recomputed = {"checkpointed_layers": [est.details["checkpointed_layers"], est.details["layers"]]} \
+        if row.grad_ckpt else {}
+    return {"estimated_bytes": est.total} | recomputed
 
 
 def baseline_available() -> bool:

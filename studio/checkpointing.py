@@ -1,9 +1,10 @@
 """Gradient checkpointing, whole or selective: recompute a chosen share of the decoder layers.
 
-`train.checkpoint_fraction` = 1.0 recomputes every layer; 0.5 the bottom half (about half the
-recompute time for half the saving).
-The memory estimator reads the same choice from `checkpointed_layers`. `train.checkpoint_budget_gb` picks
-the fraction instead: the fewest recomputed layers whose estimate fits (memory.budget_fraction).
+`train.checkpoint_fraction` = 1.0 recomputes every layer, but the top one where the memory estimate says
+keeping it costs nothing (memory.top_layer_kept_if_free); 0.5 the bottom half (about half the recompute time
+for half the saving). The memory estimator reads the same choice from `checkpointed_layers`.
+`train.checkpoint_budget_gb` picks the fraction instead: the fewest recomputed layers whose estimate fits
+(memory.checkpoint_share gives the trainer either choice).
 `train.offload_checkpoints` keeps the checkpointed layers' inputs in pinned CPU RAM on CUDA
 (studio/offload.py).
 

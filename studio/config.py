@@ -73,7 +73,8 @@ class TrainConfig:
                          ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory")
     checkpoint_fraction: float = opt(1.0, "Share of layers recomputed when checkpointing (0.5 = the bottom half: "
-                                          "faster, more memory)")
+                                          "faster, more memory; 1 = all but the top one where keeping it costs "
+                                          "no memory)")
     checkpoint_budget_gb: float = opt(0.0, "With gradient checkpointing: recompute only as many layers as keep the "
                                            "memory estimate within this many GB (e.g. your card's; the fastest "
                                            "checkpointing that fits; 0 = checkpoint_fraction decides)")

@@ -129,12 +129,14 @@ def held_across_steps(model: nn.Module, opt: torch.optim.Optimizer, batch: dict)
     return [*model.parameters(), *model.buffers(), *states, *batch.values(), *copies]
 
 
-def _apply(model: nn.Module, method: dict, grad_ckpt: bool, offload: bool = False) -> None:
+def _apply(model: nn.Module, method: dict, recomputed: float, offload: bool = False) -> None:
+    """The method applied, and checkpointing for the share of layers `recomputed` (0: none; an estimate's
+    recomputed_share, to measure what it estimated)."""
     from .methods import apply_method, method_config
     apply_method(model, method_config(method))
-    if grad_ckpt:
+    if recomputed:
         from .offload import CheckpointOffloader
-        enable_gradient_checkpointing(model, 1.0, CheckpointOffloader() if offload else None)
+        enable_gradient_checkpointing(model, recomputed, CheckpointOffloader() if offload else None)
     model.train()
 
 
@@ -165,14 +167,14 @@ def grid_methods() -> list[tuple[str, dict, str]]:
     return rows
 
 
-def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, seq: int, grad_ckpt: bool,
+def _cuda_step(cfg: Any, model_name: str, method: dict, quant: str, batch: int, seq: int, recomputed: float,
                offload: bool = False) -> dict[str, int]:
     """Two real training steps of a random-init model of the preset's shape: max_memory_allocated, the
     allocator's max_memory_reserved, and what the process holds on the card outside the allocator (the CUDA
     context, library handles, loaded kernels: mem_get_info's used bytes less the reserved ones)."""
     torch.cuda.empty_cache()
     model = random_base_model(model_name, torch.device("cuda"), torch.bfloat16, quant)
-    _apply(model, method, grad_ckpt, offload)
+    _apply(model, method, recomputed, offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     data = random_batch(model.config.vocab_size, batch, seq, "cuda")
@@ -258,7 +260,7 @@ def _cuda_row(shape: str, label: str, method: dict, quant: str, batch: int, seq:
     except Exception as e:  # noqa: BLE001 - a method the estimator cannot build
         return row | {"error": f"estimate: {type(e).__name__}: {e}"[:200]}
     try:
-        got = _cuda_step(cfg, shape, method, quant, batch, seq, grad_ckpt, offload)
+        got = _cuda_step(cfg, shape, method, quant, batch, seq, est.recomputed_share, offload)
         measured = got["allocated"] + est.context
         # on the card: the allocator's reservation at its peak plus everything outside it
         on_card = got["reserved"] + got["outside_allocator"]
@@ -285,7 +287,7 @@ def _cpu_grid(rows: list[tuple[str, dict, str]]) -> Iterator[dict]:
             cfg = _run_cfg(shape, method, batch, seq, grad_ckpt)
             est = estimate(cfg, "cpu", padding=False)
             model = random_base_model(shape, torch.device("cpu"), torch.float32)
-            _apply(model, method, grad_ckpt)
+            _apply(model, method, est.recomputed_share)
             data = random_batch(512, batch, seq)
             measured = saved_tensor_bytes(model, data, chunk=cfg.train.loss_chunk)
             pred = est.details["saved_for_backward"]

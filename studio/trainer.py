@@ -31,7 +31,7 @@ from .errors import ConfigError, OutOfMemoryError, StoppedError, StudioError
 from .host_ahead import StepReadings, to_device
 from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
-from .memory import budget_fraction
+from .memory import checkpoint_share
 from .methods import apply_method
 from .models import cpu_has_fast_bf16, keep_4bit_layout, load_model
 from .step_copies import StepCopies
@@ -238,10 +238,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
                                                 "captured step)."}
         elif use_varlen_attention(model):
             yield {"type": "status", "message": "Packed examples attend only to themselves (varlen attention)."}
-    fraction = None
-    if t.gradient_checkpointing and t.checkpoint_budget_gb > 0:
-        fraction, fitted = budget_fraction(cfg, "cpu" if cpu else "cuda", lengths)
-        yield {"type": "status", "message": fitted}
+    fraction, chosen = checkpoint_share(cfg, "cpu" if cpu else "cuda", lengths)
+    if chosen:
+        yield {"type": "status", "message": chosen}
     note = setup_checkpointing(model, t, cpu, graphs=use_graphs, fraction=fraction)
     if note:
         yield {"type": "status", "message": note}

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from studio.config import RunConfig, load_config, with_changes
-from studio.memory import budget_fraction, estimate
+from studio.memory import checkpoint_share, estimate
+from studio.memory_bench import _apply, measured_step_peak, random_batch
 from studio.memory_search import fewest_recomputed
-from studio.models import hf_config_from_dict, model_presets
+from studio.models import build_random_model, hf_config_from_dict, model_presets
 from studio.rundir import RunDir
 from studio.runner import execute
 
@@ -31,9 +34,9 @@ def _budgeted(cfg: RunConfig, budget_bytes: float) -> RunConfig:
 
 def test_the_budget_picks_the_fewest_recomputed_layers_that_fit(tmp_path):
     cfg = _four_layers(tmp_path)
-    totals = [_total(cfg, k / 4) for k in range(5)]  # the bottom k of 4 layers recomputed
-    # fewer recomputed layers keep more; recomputing the top one too costs its input (kept while it is rebuilt)
-    assert totals[:4] == sorted(totals[:4], reverse=True) and totals[4] > totals[3]
+    totals = [_total(cfg, k / 4) for k in range(4)]  # the bottom k of 4 layers recomputed
+    # fewer recomputed layers keep more
+    assert totals == sorted(totals, reverse=True)
     budget = (totals[1] + totals[2]) / 2  # 2 recomputed fit, 1 does not
     est = estimate(_budgeted(cfg, budget), "cpu", padding=False)
     d = est.details
@@ -44,9 +47,9 @@ def test_the_budget_picks_the_fewest_recomputed_layers_that_fit(tmp_path):
     tight = estimate(_budgeted(cfg, totals[3] - 1), "cpu", padding=False)  # the least total, not all 4 layers
     assert tight.details["checkpointed_layers"] == 3 and tight.details["checkpoint_fits"] is False
     assert estimate(_budgeted(cfg, totals[3]), "cpu", padding=False).details["checkpoint_fits"] is True
-    share, line = budget_fraction(_budgeted(cfg, budget), "cpu")
+    share, line = checkpoint_share(_budgeted(cfg, budget), "cpu")
     assert share == 0.5 and "2 of 4 layers recomputed" in line
-    share, line = budget_fraction(_budgeted(cfg, totals[3] - 1), "cpu")
+    share, line = checkpoint_share(_budgeted(cfg, totals[3] - 1), "cpu")
     assert share == 0.75 and "does not fit" in line and "3 of 4 layers" in line
 
 
@@ -125,3 +128,56 @@ def test_the_estimate_says_how_many_layers_a_fitted_run_recomputes():
     est = estimate(cfg, "cuda")
     k, n = est.details["checkpointed_layers"], est.details["layers"]
     assert 0 < k < n and f"checkpointing {k} of {n} layers" in format_estimate(est).splitlines()[0]
+
+
+@pytest.mark.parametrize("vocab, hidden, inter, seq, kept", [(512, 256, 688, 256, True), (32000, 64, 128, 64, False)],
+                         ids=["layers weigh: top kept", "the loss weighs: every layer recomputed"])
+def test_checkpointing_every_layer_keeps_the_top_one_only_where_that_costs_nothing(tmp_path, vocab, hidden, inter,
+                                                                                   seq, kept):
+    """train.checkpoint_fraction 1.0: the estimate keeps the top layer's activations from forward where that adds
+    nothing to the peak (its recomputation would come first in backward, beside the same bytes), and the measured
+    peak agrees; where the end of the forward is the peak (a large vocabulary's loss chunks beside a small
+    model's layers) keeping it costs more, measured too, and every layer is recomputed."""
+    facts = dict(model_presets()["tiny-llama"]["config"])
+    facts.update(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4, num_attention_heads=4,
+                 vocab_size=vocab)
+    hf_config_from_dict(facts).save_pretrained(tmp_path / "m")
+    cfg = RunConfig.from_dict({"model": {"name": str(tmp_path / "m")}, "data": {"max_length": seq},
+                               "method": {"name": "lora"},
+                               "train": {"batch_size": 2, "gradient_checkpointing": True, "loss_chunk": 1024}})
+    est = estimate(cfg, "cpu", padding=False)
+    assert est.details["top_layer_kept"] is kept and est.details["checkpointed_layers"] == (3 if kept else 4)
+    assert est.total == _total(cfg, 0.75 if kept else 1.0)
+    peaks = []
+    for share in (1.0, 0.75):
+        model = build_random_model(facts)
+        model.requires_grad_(False)
+        _apply(model, {"name": "lora"}, share)
+        peaks.append(measured_step_peak(model, random_batch(vocab, 2, seq), chunk=1024))
+    assert peaks[1] == peaks[0] if kept else peaks[1] > peaks[0]
+    share, line = checkpoint_share(cfg, "cpu", padding=False)
+    assert share == est.recomputed_share
+    assert ("top layer's activations are kept" in line) if kept else line is None
+
+
+def test_the_trainer_recomputes_the_share_the_estimate_chose(tmp_path, monkeypatch):
+    """Without a budget too, the trainer recomputes the layers checkpoint_share names and logs its line (here a
+    stand-in choice: the tiny presets' loss weighs more than their layers, so their estimate keeps no layer)."""
+    import studio.trainer as trainer
+    sets = {"model.name": "tiny-llama", "model.device": "cpu", "data.path": "arith", "data.max_length": 64,
+            "data.limit": 200, "train.batch_size": 4, "train.max_steps": 2, "train.gradient_checkpointing": True}
+    cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    assert checkpoint_share(cfg, "cpu") == (1.0, None)
+    monkeypatch.setattr(trainer, "checkpoint_share", lambda *a: (0.5, "Checkpointing 1 of 2 layers: a stand-in."))
+    rd = RunDir.create(tmp_path / "runs", cfg)
+    model_layers = []
+    setup = trainer.setup_checkpointing
+
+    def spy(model, train_cfg, cpu, graphs=False, fraction=None):
+        note = setup(model, train_cfg, cpu, graphs, fraction)
+        model_layers.append([layer.gradient_checkpointing for layer in model.model.layers])
+        return note
+    monkeypatch.setattr(trainer, "setup_checkpointing", spy)
+    execute(rd, cfg)
+    assert rd.status()["state"] == "done" and model_layers == [[True, False]]
+    assert "Checkpointing 1 of 2 layers: a stand-in." in (rd.path / "events.log").read_text()

@@ -38,11 +38,12 @@ def _cfg(model: str, method: dict, batch: int = 2, seq: int = 64, gc: bool = Fal
                                           "optimizer": optimizer}})
 
 
-def _real(facts: dict, method: dict, gc: bool = False, dtype: torch.dtype = torch.float32):
+def _real(facts: dict, method: dict, recomputed: float = 0.0, dtype: torch.dtype = torch.float32):
+    """The model `facts` describes, built at random in dtype with the method, recomputing that share of layers."""
     model = build_random_model(facts, dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
-    _apply(model, method, gc)
+    _apply(model, method, recomputed)
     return model
 
 
@@ -53,7 +54,8 @@ def _estimated_and_real(tmp_path, facts: dict, method: dict, gc: bool = False, d
     hf_config_from_dict(facts).save_pretrained(path)
     cfg = _cfg(str(path), method, 2, 128, gc)
     cfg.model.dtype = str(dtype).removeprefix("torch.")
-    return estimate(cfg, "cpu", padding=False), _real(facts, method, gc, dtype)
+    est = estimate(cfg, "cpu", padding=False)
+    return est, _real(facts, method, est.recomputed_share, dtype)
 
 
 def _trainer_autocast(dtype: torch.dtype):
@@ -148,9 +150,9 @@ def test_activations_real_gemma_270m(gc):
     from studio.config import ModelConfig
     from studio.models import load_model
     model, _ = load_model(ModelConfig(name="gemma-3-270m", device="cpu"))
-    _apply(model, {"name": "lora"}, gc)
-    measured = saved_tensor_bytes(model, random_batch(model.config.vocab_size, 1, 128), chunk=1024)
     est = estimate(_cfg("gemma-3-270m", {"name": "lora"}, 1, 128, gc, chunk=1024), "cpu", padding=False)
+    _apply(model, {"name": "lora"}, est.recomputed_share)
+    measured = saved_tensor_bytes(model, random_batch(model.config.vocab_size, 1, 128), chunk=1024)
     pred = est.details["saved_for_backward"]
     assert abs(pred - measured) <= 0.02 * measured, (pred, measured)
 
@@ -170,12 +172,12 @@ def test_whole_step_real_gemma_270m(dtype, method, gc):
     model, _ = load_model(ModelConfig(name="gemma-3-270m", device="cpu", dtype=dtype))
     for p in model.parameters():
         p.requires_grad_(False)
-    _apply(model, method, gc)
     cfg = _cfg("gemma-3-270m", method, 2, 256, gc, chunk=1024)
     cfg.model.dtype = dtype
+    est = estimate(cfg, "cpu", padding=False)
+    _apply(model, method, est.recomputed_share)
     with _trainer_autocast(getattr(torch, dtype)):
         measured = measured_step_peak(model, random_batch(model.config.vocab_size, 2, 256), chunk=1024)
-    est = estimate(cfg, "cpu", padding=False)
     assert -0.01 <= (est.total - measured) / measured <= 0.02, (est.total, measured, est.details["peak_phase"])
 
 

@@ -4,24 +4,23 @@
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (results.tar.gz in $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); ours
-# again with bitsandbytes' dequantization (STUDIO_NF4_KERNEL=0); the Triton kernel and CUDA rounding tests,
-# how much of a small term CUDA's addmm keeps in its epilogue (baselines/epilogue_check.py), bitsandbytes'
-# dequantization against the NF4 kernel's (baselines/dequant_ab.py), LoRA's product orders
-# (baselines/lora_order_ab.py), the frozen GEMMs' forms (baselines/gemm_ab.py); bench --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it
-# but host-bound; eager and replayed); chat speed (bench --chat: base, adapter unmerged, merged);
+# baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); the
+# Triton kernel and CUDA rounding tests, how much of a small term CUDA's addmm keeps in its epilogue
+# (baselines/epilogue_check.py), bitsandbytes' dequantization against the NF4 kernel's (baselines/dequant_ab.py),
+# LoRA's product orders (baselines/lora_order_ab.py), the frozen GEMMs' forms (baselines/gemm_ab.py); bench
+# --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it; eager and replayed); chat speed (bench --chat: base, adapter unmerged, merged);
 # train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff pruning
 # with checkpointing, and packed batches); the quick speed grid (ours as train.cuda_graphs=auto runs it, also
 # eagerly, and with AB=1 without the Triton kernels); the quick grid's rows run by the trainer (bench
 # --trainer); the same rows with expandable allocator segments; the memory estimate of every method against
 # max_memory_allocated (bench --memory --methods); bench --long-grid; every capture-safe method captured for
 # real (graphs_check --methods); bench --packed-grid; the Llama-3.2-1B row; bench --methods (every preset peft
-# trains too); bf16 loss curves against fp32 (baselines/bf16_curves.py); a checkpointed torch dropout replayed
+# trains too); the 7B QLoRA rows with bitsandbytes' dequantization (STUDIO_NF4_KERNEL=0); bf16 loss curves against fp32 (baselines/bf16_curves.py); a checkpointed torch dropout replayed
 # from a graph (baselines/graph_rng_check.py); with AB=1 the recompute skip (baselines/recompute_ab.py); with
 # MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
 # issue's targets, met or not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about graphs_check and keeps
-# what the earlier stages wrote; a second call takes the rest (SKIP=7b,nf4off,kernels,grid,chat,graphs,quick).
+# what the earlier stages wrote; a second call takes the rest (SKIP=7b,kernels,grid,chat,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
@@ -54,15 +53,12 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$W/facts.txt"
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
-  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,nf4off,kernels,grid,chat,graphs,quick). The 7B rows
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,kernels,grid,chat,graphs,quick). The 7B rows
   # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last): six rows of
   # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s)
   want 7b && timeout 270 python3 -m studio bench --only qwen2.5-7b --out "$W/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$W/bench.log"
-  # nf4off: the 7B QLoRA rows (ours) with bitsandbytes' dequantization instead of the NF4 kernel (STUDIO_NF4_KERNEL=0)
-  want nf4off && STUDIO_NF4_KERNEL=0 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b:qlora \
-    --out "$W/bench_nf4off.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_nf4off.log"
   # kernels: the Triton kernels against the torch ops (NF4 dequantization against bitsandbytes), and the seeded
   # dropout, compiled for this card; DoRA, IA3 and SSF through CUDA's fp32-output GEMM, and a small update beside
   # a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a chunked MLP's seeded
@@ -138,6 +134,10 @@ run)
   # presets: every preset peft trains too, at its own settings, ours vs peft given the same adapter (0.5B 4x1024)
   want presets && timeout 240 python3 -m studio bench --methods --steps 3 --out "$W/bench_methods.jsonl" 2>&1 \
     | grep -v Warning | tee "$W/bench_methods.log"
+  # nf4off: the 7B QLoRA rows (ours) with bitsandbytes' dequantization instead of the NF4 kernel (STUDIO_NF4_KERNEL=0;
+  # 647 against 640 ms on 2026-11-30)
+  want nf4off && STUDIO_NF4_KERNEL=0 timeout 120 python3 -m studio bench --no-peft --only qwen2.5-7b:qlora \
+    --out "$W/bench_nf4off.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_nf4off.log"
   # curves: bf16 loss curves against fp32, ours and peft's (2-layer models; the update added before rounding;
 # DoRA and IA3 through CUDA's fp32-output GEMM)
   want curves && timeout 90 python3 -m baselines.bf16_curves 2>&1 | grep '^{' | tee "$W/bf16_curves.jsonl"

@@ -3,22 +3,23 @@
 #
 # Here (with network), once:   bash baselines/gpu_check.sh fetch     (wheels into .whl/, about 55 MB)
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (results.tar.gz in $OUT, or ./gpu-out)
-# `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the
-# baseline) beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); the
-# Triton kernel and CUDA rounding tests, how much of a small term CUDA's addmm keeps in its epilogue
+# `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the baseline)
+# beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); the Triton kernel
+# and CUDA rounding tests, how much of a small term CUDA's addmm keeps in its epilogue
 # (baselines/epilogue_check.py), bitsandbytes' dequantization against the NF4 kernel's (baselines/dequant_ab.py),
 # LoRA's product orders (baselines/lora_order_ab.py), the frozen GEMMs' forms (baselines/gemm_ab.py); bench
-# --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it; eager and replayed); chat speed (bench --chat: base, adapter unmerged, merged);
-# train.cuda_graphs through the trainer (baselines/graphs_check.py: also LoRA dropout, AdaMix and diff pruning
-# with checkpointing, and packed batches); the quick speed grid (ours as train.cuda_graphs=auto runs it, also
-# eagerly, and with AB=1 without the Triton kernels); the quick grid's rows run by the trainer (bench
-# --trainer); the same rows with expandable allocator segments; the memory estimate of every method against
-# max_memory_allocated (bench --memory --methods); bench --long-grid; every capture-safe method captured for
-# real (graphs_check --methods); bench --packed-grid; the Llama-3.2-1B row; bench --methods (every preset peft
-# trains too); the 7B QLoRA rows with bitsandbytes' dequantization (STUDIO_NF4_KERNEL=0); bf16 loss curves against fp32 (baselines/bf16_curves.py); a checkpointed torch dropout replayed
-# from a graph (baselines/graph_rng_check.py); with AB=1 the recompute skip (baselines/recompute_ab.py); with
-# MEMORY_S=N the memory estimate against max_memory_allocated for N seconds; then a summary table and the
-# issue's targets, met or not (baselines/targets.py).
+# --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it; eager and replayed); chat speed (bench
+# --chat: base, adapter unmerged, merged); train.cuda_graphs through the trainer (baselines/graphs_check.py: also
+# LoRA dropout, AdaMix and diff pruning with checkpointing, and packed batches); the quick speed grid (ours as
+# train.cuda_graphs=auto runs it, also eagerly, and with AB=1 without the Triton kernels); the quick grid's rows
+# run by the trainer (bench --trainer); the same rows with expandable allocator segments; the memory estimate of
+# every method against max_memory_allocated (bench --memory --methods); bench --long-grid; every capture-safe
+# method captured for real (graphs_check --methods); bench --packed-grid; the Llama-3.2-1B row; bench --methods
+# (every preset peft trains too); the 7B QLoRA rows with bitsandbytes' dequantization (STUDIO_NF4_KERNEL=0); bf16
+# loss curves against fp32 (baselines/bf16_curves.py); a checkpointed torch dropout replayed from a graph
+# (baselines/graph_rng_check.py); with AB=1 the recompute skip (baselines/recompute_ab.py); with MEMORY_S=N the
+# memory estimate against max_memory_allocated for N seconds; then a summary table and the issue's targets, met or
+# not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about graphs_check and keeps
 # what the earlier stages wrote; a second call takes the rest (SKIP=7b,kernels,grid,chat,graphs,quick).
 set -uo pipefail

@@ -542,7 +542,8 @@ def _estimate(run_cfg: Any, device: str, gpu: str | None, dataset_lengths: Itera
         per_layer.append((0 if offload else layer_input) if gc_layers[k] and not rule["no_backbone_grad"] else full)
         g = g or g_out
     rope = rope_saved(arch, shape, dt) if any(recompute) else 0   # with checkpointing held, not saved
-    fixed = 0 if gc else rope
+    kept_types = [arch.layer_types[k] for k, on in enumerate(gc_layers) if not on]  # saved for the kept layers
+    fixed = 0 if gc else rope_saved(arch, shape, dt, kept_types) if any(recompute) else 0
     if facts.side_network:
         fixed += side_network_saved(b * s, arch.hidden, *facts.side_network, dt)
     # once per forward, whatever the batch; in 16 bits under autocast

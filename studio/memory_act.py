@@ -61,7 +61,7 @@ tests/test_memory.py checks every method's saved bytes and whole-step peak again
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from .fused_mlp import FUSED_ACTIVATIONS, FUSED_MLP_MODEL_TYPES
 from .fused_norm import FUSED_NORM_MODEL_TYPES
@@ -391,9 +391,11 @@ def layer_saved(arch: Arch, info: LayerInfo, shape: Shape, dt: Dtypes, layer: in
     return total, g_out, mlp
 
 
-def rope_saved(arch: Arch, shape: Shape, dt: Dtypes) -> int:
-    """cos and sin, saved once per rope type (gemma3: local and global), shared by all layers."""
-    kinds = 2 if (arch.gemma_norms and len(set(arch.layer_types)) > 1) else 1
+def rope_saved(arch: Arch, shape: Shape, dt: Dtypes, layer_types: Iterable[str] | None = None) -> int:
+    """cos and sin, saved once per rope type (gemma3: local and global) the given layers use (default: all of
+    them), shared by those layers."""
+    used = set(arch.layer_types if layer_types is None else layer_types)
+    kinds = len(used) if (arch.gemma_norms and len(set(arch.layer_types)) > 1) else min(1, len(used))
     return kinds * 2 * shape.seq * arch.head_dim * dt.act
 
 

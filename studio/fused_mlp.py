@@ -37,8 +37,10 @@ from torch import nn
 
 from .checkpointing import recomputing_layer
 from .chunked_mlp import OUTPUT_TO_RESIDUAL_LAYERS, chunks_for, run_deferred, run_skips_output, running_deferred
+from .methods.lora_fused import (adapter_copies, cast, lora_linear_backward, lora_linear_forward, op_dtype,
+                                 rank_r_input)
 from .rebuilt_inputs import GatedOutput, attach
-from .methods.lora_fused import cast, lora_linear_backward, lora_linear_forward, op_dtype
+from .seeded_dropout import SeededDrop
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
@@ -65,15 +67,22 @@ class GatedDownLora(torch.autograd.Function):
     """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state, A and B in dtype)
     -> down(act(gate) * up) with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the
     rank-sized low (and the dropout mask), recomputes act(gate) * up for A's gradient. output=False: what
-    it keeps, without the down projection itself (a recomputation that discards the output)."""
+    it keeps, without the down projection itself (a recomputation that discards the output); there, unless a
+    mask drawn from torch's generator must be drawn again, nothing at all: the backward rebuilds act(gate) * up
+    anyway and makes low from it (one elementwise pass over the layer's widest tensors less)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
                 p=0.0, quant_state=None, copies: tuple | None = None, output: bool = True) -> torch.Tensor:
-        h = gated(gate, up, kind)
-        y, low, mask, a, b = lora_linear_forward(cast(h.reshape(-1, h.shape[-1]), cdt), h.shape[:-1], weight, bias,
-                                                 lora_a, lora_b, scaling, p, quant_state, copies, output)
+        if not output and (not p or isinstance(p, SeededDrop)):  # low left to the backward (no mask to draw)
+            a, b = adapter_copies(lora_a, lora_b, cdt, copies)
+            y, mask = gate.new_empty(*gate.shape[:-1], b.shape[0], dtype=cdt), None
+            low = _left_to_backward(gate.numel() // gate.shape[-1], a.shape[0], cdt, gate.device)
+        else:
+            h = gated(gate, up, kind)
+            y, low, mask, a, b = lora_linear_forward(cast(h.reshape(-1, h.shape[-1]), cdt), h.shape[:-1], weight,
+                                                     bias, lora_a, lora_b, scaling, p, quant_state, copies, output)
         ctx.save_for_backward(gate, up, low, weight, a, b, mask)
         ctx.kind, ctx.scaling, ctx.cdt, ctx.p, ctx.ab_dtypes = kind, scaling, cdt, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
@@ -86,12 +95,15 @@ class GatedDownLora(torch.autograd.Function):
         # the torch ops: act(gate) once, for h and then (in place) for d(up); the kernels recompute it
         act = None if _kernel_ok(gate, gate, up, ctx.kind) else _act(gate, ctx.kind)
         h = gated(gate, up, ctx.kind) if act is None else act * up
-        dh, da, db = lora_linear_backward(dy, cast(h.reshape(-1, h.shape[-1]), ctx.cdt), low, weight, a, b,
+        h2 = cast(h.reshape(-1, h.shape[-1]), ctx.cdt)
+        if _was_left(low) and needs[6]:  # the recomputation left it: from the rebuilt h, as it would have made it
+            low = rank_r_input(h2, a, ctx.scaling, ctx.p)
+        dh, da, db = lora_linear_backward(dy, h2, low, weight, a, b,
                                           ctx.scaling, needs[0] or needs[1], needs[5], needs[6], mask, ctx.p,
                                           ctx.ab_dtypes, ctx.quant_state,
                                           # h: rebuilt, ours (traced by compile, left to its own buffer reuse)
                                           x2_own=not torch.compiler.is_compiling())
-        del h
+        del h, h2
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live
             dh = cast(dh.view(gate.shape), gate.dtype)
@@ -104,6 +116,16 @@ class GatedDownLora(torch.autograd.Function):
                 if needs[0]:
                     d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
         return d_gate, d_up, None, None, None, da, db, None, None, None, None, None, None
+
+
+def _left_to_backward(rows: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A stand-in for low: its shape, dtype and device (what a checkpoint compares between a layer's forward and
+    its recomputation, which must save alike) over one element; its zero strides tell the backward to make low."""
+    return torch.zeros((), dtype=dtype, device=device).expand(rows, r)
+
+
+def _was_left(low: torch.Tensor) -> bool:
+    return low.dim() == 2 and low.stride() == (0, 0)  # a GEMM's output never has zero strides
 
 
 class GatedScaledDown(torch.autograd.Function):

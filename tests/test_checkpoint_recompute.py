@@ -41,13 +41,13 @@ def skips(monkeypatch) -> list[bool]:
     return seen
 
 
-def _model(model_type: str, seed: int = 0) -> torch.nn.Module:
+def _model(model_type: str, seed: int = 0, method: dict = LORA) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.AutoConfig.for_model(model_type, **TINY)
     cfg._attn_implementation = "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(cfg).float()
     model.requires_grad_(False)
-    apply_method(model, method_config(LORA))
+    apply_method(model, method_config(method))
     return model.train()
 
 
@@ -100,6 +100,28 @@ def test_with_dropout_the_recomputation_draws_the_same_masks(skips):
     marked, full = grads(True), grads(False)
     assert skips.count(True) == 2
     assert all(torch.equal(marked[n], full[n]) for n in full)
+
+
+def test_without_dropout_the_recomputation_leaves_the_gated_product_to_the_backward(monkeypatch):
+    """lora_dropout 0 (no mask to draw again): the fused op's recomputation computes nothing, and the backward
+    makes low from the act(gate) * up it rebuilds anyway: one gated pass a layer less, the gradients bitwise
+    those of the full recomputation."""
+    calls = []
+    real = fused_mlp.gated
+    monkeypatch.setattr(fused_mlp, "gated", lambda *a: calls.append(a[0].shape) or real(*a))
+    runs = []
+    for mark, offload in ((True, False), (True, True), (False, False)):
+        calls.clear()
+        model = _model("qwen2", method=LORA | {"lora_dropout": 0.0})
+        enable_gradient_checkpointing(model, 1.0, CheckpointOffloader(min_bytes=0, devices=("cpu",)) if offload
+                                      else None, mark=mark)
+        runs.append((_grads(model), len(calls)))
+    (marked, marked_calls), (offloaded, offloaded_calls), (full, full_calls) = runs
+    # gated() per layer: the forward, and the recomputation unless it is left (the CPU's backward rebuilds h as
+    # act(gate) * up, keeping act(gate) for d(up); CUDA's through gated's kernel)
+    assert (marked_calls, offloaded_calls, full_calls) == (2, 2, 4)
+    assert len(marked) == 28 and all(torch.equal(marked[n], full[n]) and torch.equal(offloaded[n], full[n])
+                                     for n in full)
 
 
 def test_offloaded_checkpoint_skips_too(skips):

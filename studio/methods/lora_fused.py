@@ -110,13 +110,13 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     is 0) and A and B in x2's dtype, which the backward takes instead of casting again. output=False
     (a recomputation no one reads y of): y is left unwritten and W is not touched."""
     cdt = x2.dtype
-    a, b = copies if copies is not None else (cast(lora_a, cdt), cast(lora_b, cdt))
+    a, b = adapter_copies(lora_a, lora_b, cdt, copies)
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, b.shape[0])
     y2 = y.view(-1, b.shape[0])
     mask = dropout_mask(x2, p) if p else None
-    low = _scaled_mm(_dropped(x2, mask, p), a.t(), scaling)  # the scale rides in the GEMM, and low keeps it
+    low = rank_r_input(x2, a, scaling, p, mask)
     if not output:
         return y, low, mask, a, b
     w = dense_weight(weight, quant_state, cdt)
@@ -130,6 +130,17 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     if bias is not None:
         y2.add_(cast(bias, cdt))
     return y, low, mask, a, b
+
+
+def adapter_copies(lora_a: torch.Tensor, lora_b: torch.Tensor, cdt: torch.dtype, copies: tuple | None) -> tuple:
+    """A and B in the compute dtype: the step's copies where given (studio/step_copies.py), else cast here."""
+    return copies if copies is not None else (cast(lora_a, cdt), cast(lora_b, cdt))
+
+
+def rank_r_input(x2: torch.Tensor, a: torch.Tensor, scaling: float, p: float | SeededDrop = 0.0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """low = s · drop(x2) Aᵀ, kept for B's gradient (the scale rides in the GEMM, and low keeps it)."""
+    return _scaled_mm(_dropped(x2, mask, p), a.t(), scaling)
 
 
 def lora_linear_backward(dy: torch.Tensor, x2: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,

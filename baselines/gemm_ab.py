@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from baselines.lora_order_ab import clock
+
 # (name, K, N, whether the weight comes transposed) of the frozen GEMMs a Qwen2.5-7B layer runs: the forward (and
 # recomputation) x Wᵀ, and the input gradient dy W, with W stored out x in as a Linear keeps it
 SHAPES = [("gate/up forward", 3584, 18944, True), ("down forward", 18944, 3584, True),
@@ -60,16 +62,6 @@ def joined_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bo
             "joined": lambda: (x @ both.t()).split(w_gate.shape[0], dim=1)}
 
 
-def clock(fn: Callable, iters: int, device: torch.device) -> float:
-    """Milliseconds a call, with the bench's warm-up and clock."""
-    from studio.bench import time_steps
-
-    def call() -> float:
-        fn()
-        return 0.0
-    return time_steps(call, 3, iters, device)[0] * 1e3
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=None, help="tokens (default 8192 on CUDA, 256 on the CPU)")
@@ -91,7 +83,7 @@ def main() -> None:
         for form, (fn, library) in forms(x, m, c).items():
             with _blas(library):
                 err = (fn().float() - want).abs().max().item()
-                ms = clock(fn, a.iters, device)
+                ms = clock(fn, (), a.iters, device)
             print(json.dumps({"device": name, "shape": what, "rows": rows, "k": k, "n": n, "form": form,
                               "ms": round(ms, 4), "tflops": round(2 * rows * k * n / ms / 1e9, 1),
                               "max_abs_diff": err}), flush=True)
@@ -102,7 +94,7 @@ def main() -> None:
     want = [(x @ w_gate.t()).float(), (x @ w_up.t()).float()]
     for form, fn in joined_gate_up(x, w_gate, w_up, both).items():
         err = max((got.float() - ref).abs().max().item() for got, ref in zip(fn(), want))
-        ms = clock(fn, a.iters, device)
+        ms = clock(fn, (), a.iters, device)
         print(json.dumps({"device": name, "shape": "gate and up forward", "rows": rows, "k": k, "n": 2 * n,
                           "form": form, "ms": round(ms, 4), "tflops": round(4 * rows * k * n / ms / 1e9, 1),
                           "max_abs_diff": err}), flush=True)

@@ -91,8 +91,7 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
         notes.append(f"+{fmt_bytes(details['optimizer_host'])} optimizer states in host memory")
     notes += details.get("notes", [])  # what the method or the run adds (prefix, offloading, CUDA graphs)
     html = text + "<div class='muted'>" + " · ".join(notes) + "</div>"
-    every_layer = cfg.train.gradient_checkpointing and not cfg.train.checkpoint_budget_gb \
-        and cfg.train.checkpoint_fraction >= 1.0  # every layer recomputed (but a top one kept for free)
+    every_layer = details.get("gradient_checkpointing") or details.get("top_layer_kept")  # (but a free top one)
     if est.total <= capacity and every_layer and preset and device == "cuda":
         html += checkpointing_tip(cfg, preset)
     return fig, html + (cpu_speed_hint(cfg) if gpu is None and device == "cpu" else "")

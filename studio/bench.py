@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import importlib
 import importlib.util
 import time
@@ -41,6 +40,7 @@ from .host_ahead import to_device
 from .losses import causal_lm_loss
 from .machine_facts import machine_facts
 from .memory_bench import held_across_steps, random_base_model, random_batch, step_peak_bytes
+from .runner import release_memory
 from .step_copies import StepCopies
 from .step_graph import parameter_count
 
@@ -93,9 +93,7 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
         traceback.print_exc()
         return _row_facts(row, engine) | {"error": f"{type(exc).__name__}: {exc}"[:500]} | facts
     finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()
 
 
 @dataclass

@@ -542,8 +542,8 @@ def _estimate(run_cfg: Any, device: str, gpu: str | None, dataset_lengths: Itera
         per_layer.append((0 if offload else layer_input) if gc_layers[k] and not rule["no_backbone_grad"] else full)
         g = g or g_out
     rope = rope_saved(arch, shape, dt) if any(recompute) else 0   # with checkpointing held, not saved
-    kept_types = [arch.layer_types[k] for k, on in enumerate(gc_layers) if not on]  # saved for the kept layers
-    fixed = 0 if gc else rope_saved(arch, shape, dt, kept_types) if any(recompute) else 0
+    kept_types = [arch.layer_types[k] for k, on in enumerate(gc_layers) if not on]
+    fixed = rope_saved(arch, shape, dt, kept_types) if rope and not gc else 0  # saved by the kept layers
     if facts.side_network:
         fixed += side_network_saved(b * s, arch.hidden, *facts.side_network, dt)
     # once per forward, whatever the batch; in 16 bits under autocast
@@ -764,8 +764,7 @@ def checkpoint_share(run_cfg: Any, device: str, dataset_lengths: Iterable[int] |
             f"No memory estimate for this configuration ({e}), so train.checkpoint_budget_gb cannot pick the "
             "layers to recompute; train.checkpoint_fraction decides.") if t.checkpoint_budget_gb > 0 else None
     d = est.details
-    k, n = d["checkpointed_layers"], d["layers"]
-    share = k / n if n else 1.0
+    k, n, share = d["checkpointed_layers"], d["layers"], est.recomputed_share
     if t.checkpoint_budget_gb <= 0:
         return share, (f"Checkpointing {k} of {n} layers: the top layer's activations are kept from forward, as "
                        "recomputing them would not lower the peak." if d.get("top_layer_kept") else None)

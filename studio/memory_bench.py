@@ -22,7 +22,6 @@ one tiny shape and measures saved-tensor bytes and the whole step's peak (`measu
 """
 from __future__ import annotations
 
-import gc as _gc
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
@@ -33,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 from .checkpointing import enable_gradient_checkpointing
 from .losses import causal_lm_loss
+from .runner import release_memory
 
 
 def random_batch(vocab: int, batch: int, seq: int, device: Any = "cpu", seed: int = 0) -> dict:
@@ -271,8 +271,7 @@ def _cuda_row(shape: str, label: str, method: dict, quant: str, batch: int, seq:
     except Exception as e:  # noqa: BLE001 - record and go on with the grid
         row.update(error=f"{type(e).__name__}: {e}"[:200])
     finally:
-        _gc.collect()
-        torch.cuda.empty_cache()
+        release_memory()
     return row
 
 

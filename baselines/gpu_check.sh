@@ -7,7 +7,8 @@
 # beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); the Triton kernel
 # and CUDA rounding tests, how much of a small term CUDA's addmm keeps in its epilogue
 # (baselines/epilogue_check.py), bitsandbytes' dequantization against the NF4 kernel's (baselines/dequant_ab.py),
-# LoRA's product orders (baselines/lora_order_ab.py), the frozen GEMMs' forms (baselines/gemm_ab.py); bench
+# LoRA's product orders (baselines/lora_order_ab.py), the frozen GEMMs' forms (baselines/gemm_ab.py), a GEMM beside
+# a memory-bound kernel on a second stream (baselines/overlap_ab.py); bench
 # --graphs-grid's 7B rows (1x512 below auto's line, QLoRA 4x2048 above it; eager and replayed); chat speed (bench
 # --chat: base, adapter unmerged, merged); train.cuda_graphs through the trainer (baselines/graphs_check.py: also
 # LoRA dropout, AdaMix and diff pruning with checkpointing, and packed batches); the quick speed grid (ours as
@@ -80,6 +81,9 @@ run)
   # the frozen GEMMs' forms at 7B shapes (onto the rank-r term as now, alone, F.linear, cuBLASLt; gate and up
   # joined): how far from the GEMM's own speed is the ~690 TFLOP/s a 7B QLoRA step's frozen GEMMs ran at?
   want kernels && timeout 60 python3 -m baselines.gemm_ab 2>&1 | grep '^{' | tee "$W/gemm_ab.jsonl"
+  # a gate-sized GEMM with a memory-bound partner (NF4 dequantization, a rank-r term, act(gate)·up) on a second
+  # stream: does the partner run in what the GEMM leaves free (worth a prefetching engine), or only after it?
+  want kernels && timeout 60 python3 -m baselines.overlap_ab 2>&1 | grep '^{' | tee "$W/overlap_ab.jsonl"
   # grid: 7B at 1x512 (below auto's line of parameters x tokens) and 7B QLoRA at 4x2048 (far above, but host-bound
   # on the H200: does replaying close its 54 ms of idle GPU?), eager and replayed; the 3B rows measured 2026-11-28
   want grid && timeout 160 python3 -m studio bench --graphs-grid --no-peft --only qwen2.5-7b \

@@ -450,3 +450,22 @@ def test_gemm_ab_forms_compute_the_same_product():
     apart, joined = (fn() for fn in joined_gate_up(x, w_gate, w_up, stored).values())
     for got, want in zip(joined, apart):
         torch.testing.assert_close(got, want)
+
+
+def test_overlap_ab_forms_run_the_gemm_and_its_partner_once_each():
+    """baselines/overlap_ab.py (run on the GPU): each form runs what its name says (on the CPU, without streams),
+    and every partner that loads here runs at a small shape."""
+    from baselines.overlap_ab import forms, partners
+    calls: list[str] = []
+    found = forms(lambda: calls.append("gemm"), lambda: calls.append("partner"), None)
+    assert set(found) == {"gemm", "partner", "one_stream", "gemm_first_same", "partner_first_same",
+                          "gemm_first_high", "partner_first_high"}
+    for name, fn in found.items():
+        calls.clear()
+        fn()
+        want = [name] if name in ("gemm", "partner") else ["gemm", "partner"]
+        assert sorted(calls) == want, name
+    made = partners(8, 32, 48, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0))
+    assert {"rank_r", "gated"} <= set(made)
+    for what, fn in made.items():  # rows x intermediate; the dequantized weight intermediate x hidden
+        assert fn().shape == ((48, 32) if what == "dequant" else (8, 48)), what

@@ -157,12 +157,14 @@ def _unfused(lora: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["nodrop", "dropout"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("bias", [False, True, "first"], ids=["nobias", "bias", "bias-first"])
 def test_fused_lora_equals_the_module_path_fp32(monkeypatch, bias, dropout):
     """W x + b + s · B A drop(x), and its gradients; with dropout for the mask the op drew (pinned here),
-    kept for backward as a bool, not as a dropped copy of x."""
+    kept for backward as a bool, not as a dropped copy of x. bias-first: the bias joined to the rank-r term by
+    its GEMM, as on CUDA."""
     monkeypatch.setattr("studio.methods.lora_fused.dropout_mask", _fixed_mask)
-    lora = _lora(bias, torch.float32)
+    monkeypatch.setattr("studio.methods.lora_fused.bias_joins_term", lambda device: bias == "first")
+    lora = _lora(bool(bias), torch.float32)
     if dropout:
         lora.lora_dropout = nn.Dropout(dropout)
     x = torch.randn(2, 7, 40)

@@ -8,7 +8,8 @@ is one buffer: the rank-r term is written into it and the base GEMM adds its pro
 epilogue, so the full-width output is never read back by a separate pass, and on the CPU in bf16 the sum is
 rounded once (a small update added to an output already rounded is mostly lost, as at the start of training
 when B has just left zero: peft's bf16 loss curve lags its fp32 one for that reason, ours follows it there;
-cuBLAS rounds its product before its epilogue adds, so on CUDA the term is rounded as in peft's order);
+cuBLAS rounds its product before its epilogue adds, so on CUDA the term is rounded as in peft's order, and
+a bias joins it in its GEMM's epilogue there instead of taking a pass of its own: `bias_joins_term`);
 d(x) = d(low) A (· mask / keep) + dy W is built the same way. Saved for backward: x (which A needs
 anyway, and which q, k, v share; when x is a fused norm's output, the norm's input, from which the first
 backward to need it rebuilds it: studio/rebuilt_inputs.py), low (rank-sized) and, with dropout, a bool mask
@@ -123,13 +124,25 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue): adding it
     # after would read and write the whole output once more, and on the CPU in bf16 would round most of the
     # small term away against an output already rounded (cuBLAS rounds its product before adding, either way:
-    # baselines/epilogue_check.py). The bias comes last: joined to the small term first, it would round that
-    # term at the bias's scale (Qwen's q/k/v biases)
-    torch.mm(low, b.t(), out=y2)
+    # baselines/epilogue_check.py)
+    bias_first = bias is not None and bias_joins_term(y2.device)
+    if bias_first:
+        torch.addmm(cast(bias, cdt), low, b.t(), out=y2)
+    else:
+        torch.mm(low, b.t(), out=y2)
     y2.addmm_(x2, w.t())
-    if bias is not None:
+    if bias is not None and not bias_first:
         y2.add_(cast(bias, cdt))
     return y, low, mask, a, b
+
+
+def bias_joins_term(device: torch.device) -> bool:
+    """Whether the bias is added to the rank-r term by its GEMM's epilogue (no pass of its own over the output)
+    rather than last. On CUDA, whose base GEMM rounds its product before adding the term anyway, the term
+    rounded beside the bias keeps no less of a small update than peft's order (the bias-free layers keep what
+    peft's keep); on the CPU, whose base GEMM keeps the term whole, the bias comes last: joined first, it would
+    round the term at its own scale (Qwen's q/k/v biases)."""
+    return device.type == "cuda"
 
 
 def adapter_copies(lora_a: torch.Tensor, lora_b: torch.Tensor, cdt: torch.dtype, copies: tuple | None) -> tuple:

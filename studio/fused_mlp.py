@@ -41,6 +41,7 @@ from .methods.lora_fused import (adapter_copies, cast, lora_linear_backward, lor
                                  rank_r_input)
 from .rebuilt_inputs import GatedOutput, attach
 from .seeded_dropout import SeededDrop
+from . import sibling_lora
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
@@ -230,7 +231,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     chunks = chunks_for(self, x)
     if chunks:  # a long batch in a checkpointed layer: row chunks that keep only x (studio/chunked_mlp.py)
         return run_deferred(self, x, chunks, _fused_forward)
-    gate, up = self.gate_proj(x), self.up_proj(x)
+    gate, up = sibling_lora.project((self.gate_proj, self.up_proj), x)  # as one op where both are fused LoRA
     down = self.down_proj
     parts = down.fused_parts(gate) if hasattr(down, "fused_parts") and not _has_hooks(down) else None
     if parts is not None:

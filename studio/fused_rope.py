@@ -11,7 +11,8 @@ replaced, once per module, by a dispatcher that takes our op only inside the for
 module this engine has marked (an instance attribute, as for the norms). Any other model of the same
 class in the process (the peft baseline of `studio bench`, a model loaded elsewhere) keeps the
 original code. The flag is per thread, and checkpointing's recomputation runs the marked forward
-again, so the recomputed forward takes the same path as the first one.
+again, so the recomputed forward takes the same path as the first one. The marked forward also makes q, k and v
+as one op where each is a fused LoRA (studio/sibling_lora.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+
 
 ROPE_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention", "GemmaAttention",
                    "Gemma2Attention", "Gemma3Attention")
@@ -108,9 +110,11 @@ def _fusable_args(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 def _marked_forward(self: nn.Module, *args, **kwargs):
     if torch.compiler.is_compiling():  # inductor fuses the original ops itself
         return type(self).forward(self, *args, **kwargs)
+    from . import sibling_lora  # here: it imports the methods package, which imports this module
     before, _inside.on = getattr(_inside, "on", False), True
     try:
-        return type(self).forward(self, *args, **kwargs)
+        with sibling_lora.attention_projections(self, args, kwargs):  # q, k, v with LoRA as one op
+            return type(self).forward(self, *args, **kwargs)
     finally:
         _inside.on = before
 

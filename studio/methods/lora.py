@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import sibling_lora
 from ..config import opt
 from ..errors import ConfigError
 from ..models import keep_4bit_layout
@@ -151,6 +152,9 @@ class LoraLinear(WrappedLinear):
             state, current_copies(self, cdt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        given = sibling_lora.given_output(self, x)  # made with its attention's other projections
+        if given is not None:
+            return given
         parts = self.fused_parts(x)
         if parts is not None:
             return FusedLoraLinear.apply(x, *parts)

@@ -110,16 +110,23 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     studio/step_copies.py), else they are cast here. Returns y, low, the dropout keep-mask (None when p
     is 0) and A and B in x2's dtype, which the backward takes instead of casting again. output=False
     (a recomputation no one reads y of): y is left unwritten and W is not touched."""
+    a, b = adapter_copies(lora_a, lora_b, x2.dtype, copies)
+    mask = dropout_mask(x2, p) if p else None
+    low = rank_r_input(x2, a, scaling, p, mask)
+    if not output:
+        return x2.new_empty(*lead, b.shape[0]), low, mask, a, b
+    return base_plus_term(x2, lead, weight, bias, low, b, quant_state), low, mask, a, b
+
+
+def base_plus_term(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
+                   low: torch.Tensor, b: torch.Tensor, quant_state=None) -> torch.Tensor:
+    """y (shape lead + out) = x2 Wᵀ (+ bias) + low Bᵀ in x2's dtype, B in that dtype already; low may be a column
+    slice of a wider rank-r input (studio/sibling_lora.py)."""
     cdt = x2.dtype
-    a, b = adapter_copies(lora_a, lora_b, cdt, copies)
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, b.shape[0])
     y2 = y.view(-1, b.shape[0])
-    mask = dropout_mask(x2, p) if p else None
-    low = rank_r_input(x2, a, scaling, p, mask)
-    if not output:
-        return y, low, mask, a, b
     w = dense_weight(weight, quant_state, cdt)
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue): adding it
     # after would read and write the whole output once more, and on the CPU in bf16 would round most of the
@@ -133,7 +140,7 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
     y2.addmm_(x2, w.t())
     if bias is not None and not bias_first:
         y2.add_(cast(bias, cdt))
-    return y, low, mask, a, b
+    return y
 
 
 def bias_joins_term(device: torch.device) -> bool:

@@ -70,10 +70,9 @@ class SiblingLora(torch.autograd.Function):
         dy2s = [cast(dy.reshape(-1, dy.shape[-1]), ctx.cdt) for dy in dys]
         # s · dy B for each, side by side: with the scale in it (and in the forward's low) no product below needs one
         d_low = torch.cat([_scaled_mm(dy2, b, ctx.scaling) for dy2, b in zip(dy2s, b_s)], dim=1)
-        a_cat = torch.cat(a_s) if needs[0] or any(need_a) else None
         dx = None
         if needs[0]:  # the adapters' terms first, each base GEMM adding onto them
-            dx = d_low @ a_cat
+            dx = d_low @ torch.cat(a_s)
             for dy2, weight, state in zip(dy2s, weights, ctx.states):
                 dx.addmm_(dy2, dense_weight(weight, state, ctx.cdt))
             dx = cast(dx.view(*dys[0].shape[:-1], dx.shape[-1]), ctx.x_dtype)
@@ -149,8 +148,8 @@ def attention_projections(attention: nn.Module, args: tuple, kwargs: dict) -> It
         yield
     finally:
         _given.outputs = outer
-        if any(current.get(id(m)) is not None for m in modules):
-            _warn_unclaimed(type(attention).__name__)
+    if any(current.get(id(m)) is not None for m in modules):  # (not reached when the forward raised)
+        _warn_unclaimed(type(attention).__name__)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
 from typing import Iterator, Sequence
@@ -97,8 +98,8 @@ class SiblingLora(torch.autograd.Function):
 def sibling_parts(modules: Sequence[nn.Module], x: torch.Tensor) -> list[tuple] | None:
     """Each module's fused-op parts (methods/lora.py: LoraLinear.fused_parts) when all of them, two or more, can
     run as one op on x: LoRA's fused op, no forward hooks, no dropout drawn, one scale and compute dtype; else
-    None. Not inside torch.compile, which fuses the projections' ops itself."""
-    if len(modules) < 2 or torch.compiler.is_compiling():
+    None. Not inside torch.compile, which fuses the projections' ops itself, nor with STUDIO_SIBLING_LORA=0."""
+    if len(modules) < 2 or torch.compiler.is_compiling() or not wanted():
         return None
     parts = []
     for module in modules:
@@ -113,6 +114,12 @@ def sibling_parts(modules: Sequence[nn.Module], x: torch.Tensor) -> list[tuple] 
     if any(p[4] != scaling or p[5] != cdt or not isinstance(p[6], float) or p[6] != 0.0 for p in parts):
         return None
     return parts
+
+
+@functools.cache
+def wanted() -> bool:
+    """STUDIO_SIBLING_LORA=0 runs the projections apart (A/B runs)."""
+    return os.environ.get("STUDIO_SIBLING_LORA", "1") != "0"
 
 
 def run(parts: list[tuple], x: torch.Tensor) -> tuple[torch.Tensor, ...]:

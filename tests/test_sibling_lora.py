@@ -161,3 +161,30 @@ def test_outputs_made_for_another_tensor_go_unclaimed_with_a_warning():
         assert type(y.grad_fn).__name__ == "FusedLoraLinearBackward"
         torch.testing.assert_close(y, w)
     assert not getattr(sibling_lora._given, "outputs", None)
+
+
+@pytest.fixture
+def env_switch(monkeypatch):
+    """Set an A/B switch's variable for one test, its cached reading cleared before and after."""
+    from studio.methods import lora_fused
+    readers = (sibling_lora.wanted, lora_fused._bias_first_wanted)
+
+    def set_(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        for reader in readers:
+            reader.cache_clear()
+    yield set_
+    monkeypatch.undo()
+    for reader in readers:
+        reader.cache_clear()
+
+
+def test_ab_switches_run_the_projections_apart_and_the_bias_last(env_switch):
+    from studio.methods import lora_fused
+    x = torch.randn(2, 3, 40)
+    assert sibling_lora.sibling_parts(_siblings(False), x) is not None
+    assert lora_fused.bias_joins_term(torch.device("cuda")) and not lora_fused.bias_joins_term(x.device)
+    env_switch("STUDIO_SIBLING_LORA", "0")
+    env_switch("STUDIO_BIAS_FIRST", "0")
+    assert sibling_lora.sibling_parts(_siblings(False), x) is None
+    assert not lora_fused.bias_joins_term(torch.device("cuda"))

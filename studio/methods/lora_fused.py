@@ -23,6 +23,9 @@ backward's, as bitsandbytes' training path does; only the packed weight is kept 
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch import nn
 
@@ -148,8 +151,13 @@ def bias_joins_term(device: torch.device) -> bool:
     rather than last. On CUDA, whose base GEMM rounds its product before adding the term anyway, the term
     rounded beside the bias keeps no less of a small update than peft's order (the bias-free layers keep what
     peft's keep); on the CPU, whose base GEMM keeps the term whole, the bias comes last: joined first, it would
-    round the term at its own scale (Qwen's q/k/v biases)."""
-    return device.type == "cuda"
+    round the term at its own scale (Qwen's q/k/v biases). STUDIO_BIAS_FIRST=0: last on CUDA too (A/B runs)."""
+    return device.type == "cuda" and _bias_first_wanted()
+
+
+@functools.cache
+def _bias_first_wanted() -> bool:
+    return os.environ.get("STUDIO_BIAS_FIRST", "1") != "0"
 
 
 def adapter_copies(lora_a: torch.Tensor, lora_b: torch.Tensor, cdt: torch.dtype, copies: tuple | None) -> tuple:

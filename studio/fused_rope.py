@@ -24,7 +24,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-
 ROPE_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention", "MistralAttention", "GemmaAttention",
                    "Gemma2Attention", "Gemma3Attention")
 _inside = threading.local()  # .on: this thread is inside a marked attention forward

@@ -62,17 +62,23 @@ def joined_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bo
             "joined": lambda: (x @ both.t()).split(w_gate.shape[0], dim=1)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def setup(description: str) -> tuple[argparse.Namespace, torch.device, torch.dtype, int, int, str, torch.Generator]:
+    """An A/B script's start: its --rows and --iters; CUDA in bf16, else the CPU in fp32 with fewer rows and shapes
+    16x smaller (to finish); the rows, that scale, the device's name and a seeded generator."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--rows", type=int, default=None, help="tokens (default 8192 on CUDA, 256 on the CPU)")
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = a.rows or (8192 if device.type == "cuda" else 256)
-    scale = 1 if device.type == "cuda" else 16  # the CPU: shapes 16x smaller, to finish
+    scale = 1 if device.type == "cuda" else 16
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    gen = torch.Generator(device=device).manual_seed(0)
+    return a, device, dtype, rows, scale, name, torch.Generator(device=device).manual_seed(0)
+
+
+def main() -> None:
+    a, device, dtype, rows, scale, name, gen = setup(__doc__.split("\n")[0])
     for what, k, n, transposed in SHAPES:
         k, n = k // scale, n // scale
         x = torch.randn(rows, k, device=device, dtype=dtype, generator=gen)

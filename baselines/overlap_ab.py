@@ -21,12 +21,12 @@ One JSON line per (partner, form). On the CPU (no streams) it checks only that t
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Callable
 
 import torch
 
+from baselines.gemm_ab import setup
 from baselines.lora_order_ab import clock
 
 HIDDEN, INTERMEDIATE, RANK = 3584, 18944, 16
@@ -85,17 +85,8 @@ def forms(gemm: Callable[[], object], partner: Callable[[], object], side) -> di
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=None, help="tokens (default 8192 on CUDA, 256 on the CPU)")
-    p.add_argument("--iters", type=int, default=20)
-    a = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = a.rows or (8192 if device.type == "cuda" else 256)
-    scale = 1 if device.type == "cuda" else 16
+    a, device, dtype, rows, scale, name, gen = setup(__doc__.split("\n")[0])
     hidden, inter = HIDDEN // scale, INTERMEDIATE // scale
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
     w = torch.randn(inter, hidden, device=device, dtype=dtype, generator=gen) / hidden ** 0.5
     c = torch.zeros(rows, inter, device=device, dtype=dtype)

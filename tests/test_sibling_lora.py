@@ -188,3 +188,21 @@ def test_ab_switches_run_the_projections_apart_and_the_bias_last(env_switch):
     env_switch("STUDIO_BIAS_FIRST", "0")
     assert sibling_lora.sibling_parts(_siblings(False), x) is None
     assert not lora_fused.bias_joins_term(torch.device("cuda"))
+
+
+def test_siblings_take_the_fp32_gradient_gemm_where_the_device_has_it(monkeypatch):
+    """CUDA's branch on the CPU (torch.mm with an out_dtype, emulated): the adapters' gradients come from the GEMM
+    in fp32, B's from a column slice of the stacked rank-r input, as apart."""
+    from test_step_copies import _mm_with_out_dtype
+    calls: list = []
+    monkeypatch.setattr(torch, "mm", _mm_with_out_dtype(calls))
+    monkeypatch.setattr("studio.methods.lora_fused.out_dtype_ok", lambda device, src, dst: True)
+    modules = [m.to(torch.bfloat16) for m in _siblings(True)]
+    for m in modules:  # adapters train in fp32 under autocast, as the trainer sets them
+        m.lora_A.float(), m.lora_B.float()
+    x = torch.randn(2, 5, 40, dtype=torch.bfloat16)
+    (ys, grads), (want_ys, want_grads) = _run(modules, x, True, True), _run(modules, x, False, True)
+    assert calls and set(calls) == {torch.float32}
+    for g, want in zip(grads, want_grads):
+        assert g.dtype == want.dtype
+        torch.testing.assert_close(g.float(), want.float(), atol=3e-2, rtol=3e-2)

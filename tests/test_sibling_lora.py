@@ -201,7 +201,7 @@ def test_siblings_take_the_fp32_gradient_gemm_where_the_device_has_it(monkeypatc
     for m in modules:  # adapters train in fp32 under autocast, as the trainer sets them
         m.lora_A.float(), m.lora_B.float()
     x = torch.randn(2, 5, 40, dtype=torch.bfloat16)
-    (ys, grads), (want_ys, want_grads) = _run(modules, x, True, True), _run(modules, x, False, True)
+    (_, grads), (_, want_grads) = _run(modules, x, True, True), _run(modules, x, False, True)
     assert calls and set(calls) == {torch.float32}
     for g, want in zip(grads, want_grads):
         assert g.dtype == want.dtype

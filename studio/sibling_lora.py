@@ -166,7 +166,10 @@ def _warn_unclaimed(name: str) -> None:
 
 
 def given_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The output made for module on x by attention_projections (claimed once), or None."""
+    """The output made for module on x by attention_projections (claimed once), or None (always inside
+    torch.compile, whose traced forwards make none and should not trace the thread's state)."""
+    if torch.compiler.is_compiling():
+        return None
     outputs = getattr(_given, "outputs", None)
     if not outputs:
         return None

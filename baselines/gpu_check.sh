@@ -70,11 +70,18 @@ run)
   # dropout, compiled for this card; DoRA, IA3 and SSF through CUDA's fp32-output GEMM, and a small update beside
   # a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a chunked MLP's seeded
   # masks (the whole batch's, from the chunk's first row); a step's numbers read late from pinned memory and
-  # batches copied from it (tests/test_host_ahead.py)
+  # batches copied from it (tests/test_host_ahead.py); the joined q/k/v and gate/up op against the projections apart
+  # (tests/test_sibling_lora.py)
   want kernels && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py \
     tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks tests/test_host_ahead.py \
-    2>&1 | tail -40 | tee "$W/kernels.log"
+    tests/test_sibling_lora.py 2>&1 | tail -40 | tee "$W/kernels.log"
+  # the frozen GEMMs' forms at 7B shapes (onto the rank-r term as now, alone, F.linear, cuBLASLt; gate and up
+  # joined): how far from the GEMM's own speed is the ~690 TFLOP/s a 7B QLoRA step's frozen GEMMs ran at?
+  want kernels && timeout 60 python3 -m baselines.gemm_ab 2>&1 | grep '^{' | tee "$W/gemm_ab.jsonl"
+  # a gate-sized GEMM with a memory-bound partner (NF4 dequantization, a rank-r term, act(gate)·up) on a second
+  # stream: does the partner run in what the GEMM leaves free (worth a prefetching engine), or only after it?
+  want kernels && timeout 60 python3 -m baselines.overlap_ab 2>&1 | grep '^{' | tee "$W/overlap_ab.jsonl"
   # how much of a small term CUDA's addmm keeps when it adds it in its epilogue (LoRA's fused op relies on it),
   # with cuBLAS's reduced-precision reductions allowed (torch's default) and not
   want kernels && timeout 30 python3 -m baselines.epilogue_check 2>&1 | grep '^{' | tee "$W/epilogue.jsonl"
@@ -83,12 +90,6 @@ run)
   want kernels && timeout 60 python3 -m baselines.dequant_ab 2>&1 | grep '^{' | tee "$W/dequant_ab.jsonl"
   # LoRA's product orders at 7B shapes, and one wide GEMM ([x | low] @ [W | B]ᵀ; 0.91-0.95x on an H200, 2026-11-30)
   want kernels && timeout 30 python3 -m baselines.lora_order_ab 2>&1 | grep '^{' | tee "$W/lora_order.jsonl"
-  # the frozen GEMMs' forms at 7B shapes (onto the rank-r term as now, alone, F.linear, cuBLASLt; gate and up
-  # joined): how far from the GEMM's own speed is the ~690 TFLOP/s a 7B QLoRA step's frozen GEMMs ran at?
-  want kernels && timeout 60 python3 -m baselines.gemm_ab 2>&1 | grep '^{' | tee "$W/gemm_ab.jsonl"
-  # a gate-sized GEMM with a memory-bound partner (NF4 dequantization, a rank-r term, act(gate)·up) on a second
-  # stream: does the partner run in what the GEMM leaves free (worth a prefetching engine), or only after it?
-  want kernels && timeout 60 python3 -m baselines.overlap_ab 2>&1 | grep '^{' | tee "$W/overlap_ab.jsonl"
   # grid: 7B at 1x512 (below auto's line of parameters x tokens) and 7B QLoRA at 4x2048 (far above, but host-bound
   # on the H200: does replaying close its 54 ms of idle GPU?), eager and replayed; the 3B rows measured 2026-11-28
   want grid && timeout 160 python3 -m studio bench --graphs-grid --no-peft --only qwen2.5-7b \

@@ -28,12 +28,19 @@ def _siblings(bias: bool, dtype: torch.dtype = torch.float32, r: tuple[int, ...]
     return out
 
 
-def _run(modules: list[LoraLinear], x: torch.Tensor, together: bool, autocast: bool = False) -> tuple:
-    x = x.clone().requires_grad_()
+# the op alone runs on CUDA where there is one (baselines/gpu_check.sh runs this file there: cuBLAS's GEMMs on the
+# stacked rank-r input's column slices, the bias in the term's GEMM); the models on the CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(modules: list[LoraLinear], x: torch.Tensor, together: bool, autocast: bool = False,
+         device: str = DEVICE) -> tuple:
+    modules = [m.to(device) for m in modules]
+    x = x.to(device).clone().requires_grad_()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         ys = sibling_lora.project(modules, x) if together else [m(x) for m in modules]
-    loss = sum((y.float() * torch.linspace(-1, 1, y.shape[-1])).sum() for y in ys)
+    loss = sum((y.float() * torch.linspace(-1, 1, y.shape[-1], device=device)).sum() for y in ys)
     return ys, torch.autograd.grad(loss, [x, *params])
 
 
@@ -201,7 +208,7 @@ def test_siblings_take_the_fp32_gradient_gemm_where_the_device_has_it(monkeypatc
     for m in modules:  # adapters train in fp32 under autocast, as the trainer sets them
         m.lora_A.float(), m.lora_B.float()
     x = torch.randn(2, 5, 40, dtype=torch.bfloat16)
-    (_, grads), (_, want_grads) = _run(modules, x, True, True), _run(modules, x, False, True)
+    (_, grads), (_, want_grads) = _run(modules, x, True, True, "cpu"), _run(modules, x, False, True, "cpu")
     assert calls and set(calls) == {torch.float32}
     for g, want in zip(grads, want_grads):
         assert g.dtype == want.dtype

@@ -56,7 +56,7 @@ class SiblingLora(torch.autograd.Function):
                               *[t for g, (a, b) in zip(groups, ab) for t in (g[0], a, b)])
         ctx.n, ctx.cdt, ctx.scaling, ctx.x_dtype = n, cdt, scaling, x.dtype
         ctx.states = [g[4] for g in groups]
-        ctx.ab_dtypes = [(g[2].dtype, g[3].dtype) for g in groups]
+        ctx.a_dtype, ctx.b_dtype = groups[0][2].dtype, groups[0][3].dtype  # one for all (sibling_parts)
         return tuple(outputs)
 
     @staticmethod
@@ -79,17 +79,12 @@ class SiblingLora(torch.autograd.Function):
             dx = cast(dx.view(*dys[0].shape[:-1], dx.shape[-1]), ctx.x_dtype)
         grads: list[torch.Tensor | None] = [dx, None, None, None]
         das: list[torch.Tensor | None] = [None] * ctx.n
-        if any(need_a):
-            a_dtypes = {d for d, _ in ctx.ab_dtypes}
-            if len(a_dtypes) == 1:  # one GEMM for every A's gradient, split by rows
-                das = list(weight_grad_mm(d_low.t(), x2, a_dtypes.pop()).split([a.shape[0] for a in a_s]))
-            else:
-                das = [weight_grad_mm(d.t(), x2, dt) for d, (dt, _) in
-                       zip(d_low.split([a.shape[0] for a in a_s], dim=1), ctx.ab_dtypes)]
+        if any(need_a):  # one GEMM for every A's gradient, split by rows
+            das = list(weight_grad_mm(d_low.t(), x2, ctx.a_dtype).split([a.shape[0] for a in a_s]))
         start = 0
         for i, (dy2, a) in enumerate(zip(dy2s, a_s)):
             r = a.shape[0]
-            db = weight_grad_mm(dy2.t(), low[:, start:start + r], ctx.ab_dtypes[i][1]) if need_b[i] else None
+            db = weight_grad_mm(dy2.t(), low[:, start:start + r], ctx.b_dtype) if need_b[i] else None
             grads += [None, None, das[i] if need_a[i] else None, db, None, None]
             start += r
         return tuple(grads)
@@ -97,8 +92,9 @@ class SiblingLora(torch.autograd.Function):
 
 def sibling_parts(modules: Sequence[nn.Module], x: torch.Tensor) -> list[tuple] | None:
     """Each module's fused-op parts (methods/lora.py: LoraLinear.fused_parts) when all of them, two or more, can
-    run as one op on x: LoRA's fused op, no forward hooks, no dropout drawn, one scale and compute dtype; else
-    None. Not inside torch.compile, which fuses the projections' ops itself, nor with STUDIO_SIBLING_LORA=0."""
+    run as one op on x: LoRA's fused op, no forward hooks, no dropout drawn, one scale, compute dtype and A and B
+    dtype; else None. Not inside torch.compile, which fuses the projections' ops itself, nor with
+    STUDIO_SIBLING_LORA=0."""
     if len(modules) < 2 or torch.compiler.is_compiling() or not wanted():
         return None
     parts = []
@@ -110,8 +106,9 @@ def sibling_parts(modules: Sequence[nn.Module], x: torch.Tensor) -> list[tuple] 
         if found is None:
             return None
         parts.append(found)
-    scaling, cdt = parts[0][4], parts[0][5]
-    if any(p[4] != scaling or p[5] != cdt or not isinstance(p[6], float) or p[6] != 0.0 for p in parts):
+    first = parts[0]
+    if any(p[4] != first[4] or p[5] != first[5] or p[2].dtype != first[2].dtype or p[3].dtype != first[3].dtype
+           or not isinstance(p[6], float) or p[6] != 0.0 for p in parts):
         return None
     return parts
 
@@ -148,14 +145,13 @@ def attention_projections(attention: nn.Module, args: tuple, kwargs: dict) -> It
         yield
         return
     outer = getattr(_given, "outputs", None)
-    current = dict(outer or {})
-    current.update({id(m): (m, hidden, y) for m, y in zip(modules, run(parts, hidden))})
+    current = {id(m): (m, hidden, y) for m, y in zip(modules, run(parts, hidden))}
     _given.outputs = current
     try:
         yield
     finally:
         _given.outputs = outer
-    if any(current.get(id(m)) is not None for m in modules):  # (not reached when the forward raised)
+    if any(v is not None for v in current.values()):  # (not reached when the forward raised)
         _warn_unclaimed(type(attention).__name__)
 
 

@@ -213,3 +213,13 @@ def test_siblings_take_the_fp32_gradient_gemm_where_the_device_has_it(monkeypatc
     for g, want in zip(grads, want_grads):
         assert g.dtype == want.dtype
         torch.testing.assert_close(g.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_adapters_trained_in_other_dtypes_run_apart():
+    """One A and one B dtype for all (their gradients come from one GEMM in that dtype)."""
+    modules, x = _siblings(False), torch.randn(2, 3, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the compute dtype autocast's, whatever A's and B's
+        assert sibling_lora.sibling_parts(modules, x) is not None
+        modules[2].lora_B.to(torch.bfloat16)
+        assert modules[2].fused_parts(x) is not None
+        assert sibling_lora.sibling_parts(modules, x) is None

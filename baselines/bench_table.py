@@ -21,6 +21,15 @@ def _machine(r: dict) -> str:
     return f"Device: {r['device_name']}{cpu}; torch {r['torch']}, transformers {r['transformers']}, peft {r['peft']}"
 
 
+def _card_note(r: dict) -> str:
+    """A fitted row run within its card's memory (studio/card_cap.py): what the card held, or that it ran out."""
+    if not r.get("card_capped"):
+        return ""
+    if r.get("oom"):
+        return ", capped: out of memory"
+    return f", capped: {_gb(r['on_card_bytes'])} of {_gb(r['card_bytes'])} GB on the card"
+
+
 def speed_table(rows: list[dict]) -> list[str]:
     out = ["| shape | method | batch x seq | ckpt | offload | engine | ms/step | tokens/s | MFU | peak GB "
            "| steady GB | reserved GB | est. GB | speed vs peft | memory vs peft | loss first/last |",
@@ -44,7 +53,7 @@ def speed_table(rows: list[dict]) -> list[str]:
         ckpt = "on" if r["grad_ckpt"] else "off"
         k, n = r.get("checkpointed_layers") or ("?", "?")
         if r.get("fit"):  # the fewest recomputed layers that fit that card
-            ckpt = f"{k} of {n} layers (fit {r['fit']})"
+            ckpt = f"{k} of {n} layers (fit {r['fit']}{_card_note(r)})"
         elif r["grad_ckpt"] and r["engine"] == "studio" and k != n:  # the top layer kept where that is free
             ckpt = f"on ({k} of {n} layers)"
         if r.get("mlp_chunks") is False:  # bench --long-grid's A/B: the recomputed MLPs kept whole

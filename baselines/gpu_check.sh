@@ -59,7 +59,8 @@ run)
   # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,apart,kernels,grid,chat,graphs,quick). The 7B rows
   # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last): six rows of
-  # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s)
+  # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s); the rows fitted to an RTX 4090
+  # run with the allocator capped at what that card leaves it (studio/card_cap.py): do they fit it, and how fast?
   want 7b && timeout 270 python3 -m studio bench --only qwen2.5-7b --out "$W/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$W/bench.log"
   # apart: the 7B QLoRA rows (ours) without the two changes of 2026-11-30's session, q/k/v and gate/up apart

@@ -7,7 +7,8 @@ same base weights, batch and optimizer, with transformers' own loss. Rows are JS
 batch, seq, grad_ckpt, packed, engine, ms_per_step, tokens_per_s, mfu, peak_bytes, estimated_bytes, loss_first_last,
 warmup_s (the untimed first steps: set-up, a graph's capture, a compile), checkpointed_layers (how many of how
 many layers a checkpointed row of ours recomputes) and fit (rows that recompute only the layers a GPU's memory
-needs, as train.checkpoint_budget_gb), the machine (device_name; on the
+needs, as train.checkpoint_budget_gb; on CUDA they run with the allocator capped at what that card would leave
+it, studio/card_cap.py: card_capped, card_bytes, on_card_bytes, fits_card, or oom), the machine (device_name; on the
 CPU threads and bf16_hardware) and the torch / transformers / peft versions, and on our rows the ratios to the
 baseline and the Triton kernels in use; a row that ran out of memory or failed says so (oom, error) and the grid goes on. peak_bytes is torch.cuda.max_memory_allocated on CUDA over the
 whole row (steady_peak_bytes: over the timed steps alone; reserved_bytes: the caching allocator's largest
@@ -88,7 +89,7 @@ def run_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int
         with _mlps(row, engine):
             return _measure_row(row, engine, device, warmup, steps, compile) | facts
     except torch.OutOfMemoryError:
-        return _row_facts(row, engine) | {"oom": True} | facts
+        return _row_facts(row, engine) | {"oom": True} | _cap_facts(row, engine, device) | facts
     except Exception as exc:  # noqa: BLE001 - a broken row is reported, not fatal to a long GPU run
         traceback.print_exc()
         return _row_facts(row, engine) | {"error": f"{type(exc).__name__}: {exc}"[:500]} | facts
@@ -262,8 +263,34 @@ def graphs_wanted(row: Row, device: torch.device, n_params: int, compile: bool) 
     return graphs_decision("auto", n_params, blocker, row.batch * row.seq)[0]
 
 
+def _cap_facts(row: Row, engine: str, device: torch.device) -> dict:
+    """Our fitted rows on CUDA run within the card's memory (studio/card_cap.py), and say so."""
+    return {"card_capped": True} if row.fit and engine == "studio" and device.type == "cuda" else {}
+
+
+def _card(row: Row, engine: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Within: the allocator capped at what row.fit's card would leave it, for our fitted rows on CUDA."""
+    if not _cap_facts(row, engine, device):
+        return contextlib.nullcontext({})
+    from .card_cap import capped_to
+    from .gpus import gpu_memory
+    return capped_to(gpu_memory(row.fit), device)
+
+
 def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool) -> dict:
-    step = build_step(row, engine, device, compile)
+    step = build_step(row, engine, device, compile)  # (a 4-bit model is quantized from a 16-bit one: uncapped)
+    with _card(row, engine, device) as card:
+        out = _timed_row(row, engine, device, warmup, steps, compile, step)
+        if card:  # the card holds the allocator's reservation and what the process holds outside it
+            from .card_cap import on_card_bytes
+            outside, reserved = on_card_bytes(device)
+            out |= card | {"card_capped": True, "outside_allocator_bytes": outside, "on_card_bytes": outside + reserved,
+                           "fits_card": outside + reserved <= card["card_bytes"]}
+    return out
+
+
+def _timed_row(row: Row, engine: str, device: torch.device, warmup: int, steps: int, compile: bool,
+               step: Step) -> dict:
     out = _row_facts(row, engine) | {"device": str(device), "dtype": str(step.dtype).removeprefix("torch."),
                                      "graphs": step.graphs}
     if compile and engine == "studio":

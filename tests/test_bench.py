@@ -141,6 +141,8 @@ def test_bench_table_prints_speed_memory_and_failed_rows(tmp_path, capsys):
     rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1, grid=grid))
     rows[1]["trainer_ms_per_step"] = 1234.0  # bench --trainer
     rows.append(rows[1] | {"error": "RuntimeError: no kernel", "offload": True})
+    fitted = {"fit": "RTX 4090", "checkpointed_layers": [9, 28], "card_capped": True, "card_bytes": 25.76e9}
+    rows += [rows[1] | fitted | {"on_card_bytes": 25.1e9}, rows[1] | fitted | {"oom": True}]
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "m.jsonl").write_text(json.dumps({"shape": "s", "method": "lora", "batch": 1, "seq": 8,
                                                   "grad_ckpt": True, "estimated_bytes": 2e9,
@@ -150,6 +152,8 @@ def test_bench_table_prints_speed_memory_and_failed_rows(tmp_path, capsys):
     ours = next(line for line in lines if "| studio |" in line and "error" not in line)
     assert f"{rows[1]['speedup_vs_peft']:.2f}x" in ours and " (trainer 1,234) |" in ours
     assert any("error: RuntimeError: no kernel" in line for line in lines)
+    assert any("| 9 of 28 layers (fit RTX 4090, capped: 25.10 of 25.76 GB on the card) |" in line for line in lines)
+    assert any("(fit RTX 4090, capped: out of memory) |" in line and "| out of memory |" in line for line in lines)
     assert "| s | lora | 1x8 | on |  | 2.00 | 2.50 | 0.800 |  |  |" in lines
     assert sum(line.startswith(f"Device: {rows[0]['device_name']}, ") for line in lines) == 1
 
@@ -469,3 +473,64 @@ def test_overlap_ab_forms_run_the_gemm_and_its_partner_once_each():
     assert {"rank_r", "gated"} <= set(made)
     for what, fn in made.items():  # rows x intermediate; the dequantized weight intermediate x hidden
         assert fn().shape == ((48, 32) if what == "dequant" else (8, 48)), what
+
+
+class _FakeCuda:
+    """torch.cuda's memory calls as a card of `total` bytes that holds `outside` outside the allocator."""
+
+    def __init__(self, monkeypatch, total: int, outside: int, reserved: int = 0):
+        self.total, self.outside, self.reserved, self.fractions = total, outside, reserved, []
+        for name, fn in (("mem_get_info", lambda device=None: (self.total - self.outside - self.reserved, self.total)),
+                         ("memory_reserved", lambda device=None: self.reserved),
+                         ("max_memory_reserved", lambda device=None: self.reserved),
+                         ("empty_cache", lambda: None),
+                         ("get_device_properties", lambda device=None: type("P", (), {"total_memory": self.total})),
+                         ("set_per_process_memory_fraction", lambda f, device=None: self.fractions.append(f))):
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_a_fitted_row_runs_within_its_cards_memory_on_cuda(monkeypatch):
+    """A row fitted to a card (bench's `fit`) runs on a larger GPU with the allocator capped at what the card would
+    leave it (its memory less what the process holds outside the allocator), reports what the card then held,
+    and the cap is lifted after it, whatever happened."""
+    import studio.bench as bench_mod
+    from studio.gpus import gpu_memory
+    gib = 2**30
+    fake = _FakeCuda(monkeypatch, total=140 * gib, outside=gib)
+    card = gpu_memory("RTX 4090")
+    monkeypatch.setattr(bench_mod, "build_step", lambda *args: None)
+
+    def timed(*args):
+        assert fake.fractions == [(card - gib) / (140 * gib)]  # capped while the steps run
+        fake.reserved = 20 * gib
+        return {"ms_per_step": 1.0}
+
+    monkeypatch.setattr(bench_mod, "_timed_row", timed)
+    cuda = torch.device("cuda")
+    row = Row("qwen2.5-7b", "qlora", 4, 2048, True, fit="RTX 4090")
+    out = bench_mod._measure_row(row, "studio", cuda, 1, 1, False)
+    assert fake.fractions[-1] == 1.0
+    assert out["card_capped"] and out["card_bytes"] == card and out["outside_allocator_bytes"] == gib
+    assert out["on_card_bytes"] == 21 * gib and out["fits_card"]
+    assert out["allocator_cap_bytes"] == pytest.approx(card - gib, abs=1)
+    # peft's row and our rows without a card run uncapped
+    monkeypatch.setattr(bench_mod, "_timed_row", lambda *args: {"ms_per_step": 1.0})
+    for r, engine in ((row, "peft"), (dataclasses.replace(row, fit=""), "studio")):
+        fake.fractions.clear()
+        assert "card_capped" not in bench_mod._measure_row(r, engine, cuda, 1, 1, False) and not fake.fractions
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench_mod, "_timed_row", out_of_memory)
+    monkeypatch.setattr(bench_mod, "machine_facts", lambda device: {})
+    monkeypatch.setattr(bench_mod, "release_memory", lambda: None)
+    got = bench_mod.run_row(row, "studio", cuda, 1, 1)
+    assert got["oom"] and got["card_capped"] and got["fit"] == "RTX 4090" and fake.fractions[-1] == 1.0
+
+
+def test_the_cap_leaves_a_card_as_large_as_the_gpu_uncapped():
+    from studio.card_cap import allocator_cap
+    assert allocator_cap(80, 2, 80) == 1.0 and allocator_cap(96, 2, 80) == 1.0
+    assert allocator_cap(24, 2, 80) == pytest.approx(22 / 80)
+    assert allocator_cap(1, 2, 80) == 0.0

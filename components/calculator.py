@@ -36,9 +36,10 @@ def calculate(form: RunForm, gpu: str, *values: Any) -> list[Any]:
     except StudioError as e:
         msg = f"<div class='verdict bad'>✗ {html.escape(str(e))}</div>"
         return [gr.skip(), msg, gr.skip(), gr.skip(), "", gr.skip(), ""]
-    fit_rows = [{"device": r["gpu"], "capacity": r["memory_bytes"], "needed": r["total"], "fits": r["fits"]}
-                for r in table]
-    rows = [[r["gpu"], fmt_bytes(r["memory_bytes"]), fmt_bytes(r["total"]), "✓ fits" if r["fits"] else "✗ no",
+    fit_rows = [{"device": r["gpu"], "capacity": r["memory_bytes"], "needed": r["total"], "fits": r["fits"],
+                 "tight": r["tight"]} for r in table]
+    rows = [[r["gpu"], fmt_bytes(r["memory_bytes"]), fmt_bytes(r["total"]),
+             "⚠ tight" if r["tight"] else "✓ fits" if r["fits"] else "✗ no",
              f"{100 * r['total'] / r['memory_bytes']:.0f}%"] for r in table]
     answers = []
     for what, label in (("batch_size", "batch size"), ("max_length", "sequence length"), ("r", "rank r")):

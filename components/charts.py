@@ -179,13 +179,14 @@ def compare_figure(series: dict[str, list[dict]], height: int = 320) -> go.Figur
 
 
 def fit_figure(rows: list[dict], height: int = 300) -> go.Figure:
-    """Needed memory vs each device's memory (green fits, red does not)."""
+    """Needed memory vs each device's memory (green fits, amber fits tightly, red does not)."""
     if not rows:
         return empty_figure("No fit table", height)
     gib = 1024 ** 3
     names = [r["device"] for r in rows]
     fig = go.Figure(go.Bar(x=names, y=[r["capacity"] / gib for r in rows], name="device memory",
-                           marker_color=["#54A24B" if r["fits"] else "#E45756" for r in rows], opacity=0.35))
+                           marker_color=["#F2A93B" if r.get("tight") else "#54A24B" if r["fits"] else "#E45756"
+                                         for r in rows], opacity=0.35))
     fig.add_scatter(x=names, y=[r["needed"] / gib for r in rows], mode="markers", name="needed",
                     marker=dict(color="#111827", size=10, symbol="line-ew-open", line=dict(width=3)))
     fig.update_yaxes(title_text="GiB")

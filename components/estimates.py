@@ -37,8 +37,15 @@ def device_for(gpu: str) -> str:
     return "cpu" if gpu.lower() in ("cpu", "cpu ram", "ram") else "cuda"
 
 
-def verdict(total: int, capacity: int, where: str, switch: tuple[str, int] | None = None) -> str:
+def verdict(total: int, capacity: int, where: str, switch: tuple[str, int] | None = None,
+            device: str = "cuda") -> str:
+    from studio.memory import ALLOCATOR_ROOM_BYTES, tight_fit
     share = 100 * total / capacity if capacity else 0
+    if tight_fit(total, capacity, device):
+        return (f"<div class='verdict warn'>⚠ <b>Fits tightly</b> on {where}: {fmt_bytes(total)} of "
+                f"{fmt_bytes(capacity)} ({share:.0f}%). PyTorch's allocator keeps blocks beyond those in use (up to "
+                f"{fmt_bytes(ALLOCATOR_ROOM_BYTES)} more was measured): it may have to give them back as it runs, "
+                f"or run out of memory. A smaller batch or sequence, or more recomputed layers, leaves room.</div>")
     if total <= capacity:
         return f"<div class='verdict ok'>✓ <b>Fits</b> on {where}: {fmt_bytes(total)} of {fmt_bytes(capacity)} ({share:.0f}%)</div>"
     text = f"<div class='verdict bad'>✗ <b>Does not fit</b> on {where}: needs {fmt_bytes(total)}, has {fmt_bytes(capacity)}"
@@ -76,7 +83,7 @@ def memory_panel(cfg: Any, gpu: str | None = None, measured: float | None = None
         except StudioError:
             switch = None
     fig = memory_figure(d, capacity=capacity, device=where, measured=measured)
-    text = verdict(est.total, capacity, where, switch)
+    text = verdict(est.total, capacity, where, switch, device)
     details = est.details
     notes = [f"batch {details.get('batch')} × {details.get('seq')} tokens",
              f"{details.get('param_dtype')} weights" + (" (NF4)" if details.get("quantization") == "nf4" else ""),

@@ -49,6 +49,11 @@ from .step_graph import captured_length, config_captures
 # torch's allocator (version and card dependent; configurable). An H200 with torch 2.11 / CUDA 13 held 0.81 GB
 # (bench --memory --methods, 2026-11-29): cards with fewer multiprocessors hold less, so this errs on the safe side
 CUDA_CONTEXT_BYTES = 800 * 2**20
+# Blocks torch's caching allocator keeps beyond those in use (freed ones it has not given back, the unused ends of
+# split ones): not in the estimate, which counts what is allocated. On an H200 (2026-11-29/30) the 7B rows reserved
+# 0.24-1.37 GB over their allocated peak, the 0.5B rows 0.1-0.6 GB. A run estimated within this much of a card's
+# memory is shown as a tight fit: the allocator may have to give blocks back while it runs, or run out.
+ALLOCATOR_ROOM_BYTES = 2**30
 NF4_BLOCK = 64                     # NF4 block size (one absmax per 64 weights)
 DQ_BLOCK = 256                     # double quantization: the absmax values in blocks of 256
 BNB_MIN_8BIT = 4096                # bitsandbytes keeps 32-bit states for smaller tensors
@@ -116,6 +121,12 @@ class Facts:
     max_rebuilt_delta: tuple[int, int] = (0, 0)  # bytes a ΔW rebuilt in backward holds at most (fp32; autocast)
     side_network: tuple[int, int, int] | None = None  # LST: (width, FFN width, blocks) of the side network
     prompt_encoder_saved: int = 0              # bytes a soft prompt's encoder keeps (in its parameters' dtype)
+
+
+def tight_fit(total: int, capacity: int, device: str) -> bool:
+    """Whether a run estimated at `total` fits a GPU of `capacity` bytes with less room than the caching allocator
+    measured beyond its allocated peak (ALLOCATOR_ROOM_BYTES); never on the CPU, which has no such cache."""
+    return device != "cpu" and capacity - ALLOCATOR_ROOM_BYTES < total <= capacity
 
 
 def model_dtype(name: str, device: str) -> torch.dtype:
@@ -480,7 +491,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         return _estimate(cfg, device, gpu, dataset_lengths, padding, context_bytes, labelled_fraction)
     tc = run_cfg.train
     if tc.gradient_checkpointing and tc.checkpoint_budget_gb > 0:
-        return fitted_checkpointing(run_cfg, as_set)
+        return fitted_checkpointing(run_cfg, as_set, ALLOCATOR_ROOM_BYTES if device == "cuda" else 0)
     if tc.gradient_checkpointing and tc.checkpoint_fraction >= 1.0:
         return top_layer_kept_if_free(run_cfg, as_set)
     return as_set(run_cfg)
@@ -723,14 +734,17 @@ def top_layer_kept_if_free(run_cfg: Any, estimate_of: Callable[[Any], Estimate])
     return best
 
 
-def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -> Estimate:
+def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate], room: int = 0) -> Estimate:
     """The estimate of run_cfg with the fewest recomputed layers (the bottom ones) whose total stays within
-    train.checkpoint_budget_gb (GiB); when none fits, the count with the least total. Recomputing the top
+    train.checkpoint_budget_gb (GiB) less `room` (on CUDA the caching allocator's, ALLOCATOR_ROOM_BYTES: a plan
+    fitted to the last byte of a card would be a tight fit); when none fits, the count with the least total
+    (and checkpoint_fits False when that is over the budget itself, not just the room). Recomputing the top
     layer too can cost more than keeping it (its rebuilt activations come on top of every layer's input),
     so every count is tried (an estimate takes well under a millisecond once the model's facts are cached).
     details: checkpoint_budget (bytes), checkpoint_fits, checkpointed_layers (what the trainer then
     recomputes) and layers."""
     budget = int(run_cfg.train.checkpoint_budget_gb * 2**30)
+    within = budget - room
     every = estimate_of(with_changes(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
                                                  "train.checkpoint_fraction": 1.0}))
     layers = every.details["layers"]
@@ -738,12 +752,12 @@ def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate]) -
     for k in range(layers + 1):
         share = {"train.checkpoint_budget_gb": 0.0, "train.checkpoint_fraction": k / layers}
         trial = every if k == layers else estimate_of(with_changes(run_cfg, **share))
-        if trial.total <= budget:
+        if trial.total <= within:
             best = trial
             break
         if best is None or trial.total < best.total:
             best = trial
-    best.details.update(checkpoint_budget=budget, checkpoint_fits=best.total <= budget)
+    best.details.update(checkpoint_budget=budget, checkpoint_fits=best.total <= budget, checkpoint_room=room)
     return best
 
 

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..config import load_config
     from ..gpus import device_for
-    from ..memory import estimate as make_estimate
+    from ..memory import ALLOCATOR_ROOM_BYTES, estimate as make_estimate
     from ..memory_inference import estimate_chat
     from ..memory_report import format_estimate, human
     from ..memory_search import best_switch, fewest_recomputed, fit_table, largest_fitting, saving_text
@@ -59,8 +59,11 @@ def run(args) -> int:
               f"adapter + {human(chat['kv_cache'])} KV cache for {cfg.data.max_length} tokens){merged}")
     print("\nfits on:")
     for row in table:
-        print(f"  {row['gpu']:<12}{human(row['memory_bytes']):>12}  {'yes' if row['fits'] else 'no':<4}"
-              f"(needs {human(row['total'])})")
+        answer = "tight" if row["tight"] else "yes" if row["fits"] else "no"
+        print(f"  {row['gpu']:<12}{human(row['memory_bytes']):>12}  {answer:<6}(needs {human(row['total'])})")
+    if any(row["tight"] for row in table):
+        print(f"  (tight: fits with less than {human(ALLOCATOR_ROOM_BYTES)} to spare, which PyTorch's allocator may "
+              "need beyond the estimate)")
     if args.gpu:
         fit = largest.pop("recomputed_layers")
         print(f"\non {args.gpu}: " + ", ".join(f"largest {k} {v}" for k, v in largest.items()))

@@ -101,8 +101,8 @@ def default_grid(dev: torch.device, quick: bool) -> list[Row]:
     (emulated bf16 takes minutes a step and measures nothing a user of that CPU would run)."""
     if dev.type != "cpu":
         return QUICK_GRID if quick else GPU_GRID
-    from .models import cpu_has_fast_bf16
-    if cpu_has_fast_bf16():
+    from .models import cpu_has_bf16_instructions
+    if cpu_has_bf16_instructions():
         return CPU_GRID
     print("bench: this CPU has no AMX or AVX512-BF16, so the bf16 rows are left out", file=sys.stderr)
     return [row for row in CPU_GRID if row.precision != "bf16"]

@@ -33,7 +33,7 @@ from .losses import causal_lm_loss
 from .measure import SavedTensorMeter, static_bytes
 from .memory import checkpoint_share
 from .methods import apply_method
-from .models import cpu_has_fast_bf16, keep_4bit_layout, load_model
+from .models import cpu_bf16_faster, cpu_bf16_speedup, keep_4bit_layout, load_model
 from .step_copies import StepCopies
 from .step_graph import (CaptureFailed, GraphedTrainStep, graph_blocker, graphs_decision,
                          micro_batch_tokens, parameter_count)
@@ -209,9 +209,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, stop: threading.Eve
         from .tasks import prepare_head
         prepare_head(model)  # the new classification head trains alongside the method
     yield {"type": "status", "message": f"Loaded {cfg.model.name}; applied {cfg.method.name}."}
-    if cpu and model.dtype == torch.float32 and cfg.model.quantization == "none" and cpu_has_fast_bf16():
-        yield {"type": "status", "message": "Tip: this CPU multiplies bf16 in hardware (AMX / AVX512-BF16); "
-                                            "model.dtype=bfloat16 trains about 2x faster."}
+    if cpu and model.dtype == torch.float32 and cfg.model.quantization == "none" and cpu_bf16_faster():
+        yield {"type": "status", "message": f"Tip: this CPU multiplies bf16 matrices {cpu_bf16_speedup():.1f}x as "
+                                            "fast as fp32 ones (measured); model.dtype=bfloat16 trains faster."}
 
     if not task.train:
         raise ConfigError("The training split is empty; lower data.eval_fraction or add examples.")

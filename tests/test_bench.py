@@ -251,9 +251,9 @@ def test_default_cpu_grid_leaves_out_bf16_rows_without_bf16_hardware(monkeypatch
 
     from studio import bench_grid, models
     cpu = torch.device("cpu")
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_bf16_instructions", lambda: False)
     assert [r.precision for r in bench_grid.default_grid(cpu, False)] == ["auto", "auto"]
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(models, "cpu_has_bf16_instructions", lambda: True)
     assert bench_grid.default_grid(cpu, False) == bench_grid.CPU_GRID
     assert bench_grid.default_grid(torch.device("cuda"), True) == bench_grid.QUICK_GRID
 

@@ -35,5 +35,6 @@ def machine_facts(device: torch.device) -> dict:
         where = {"device_name": torch.cuda.get_device_name(device)}
     else:
         from .models import cpu_has_bf16_instructions
-        where = {"device_name": cpu_name(), "threads": torch.get_num_threads(), "bf16_hardware": cpu_has_bf16_instructions()}
+        where = {"device_name": cpu_name(), "threads": torch.get_num_threads(),
+                 "bf16_hardware": cpu_has_bf16_instructions()}
     return where | {"torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft")}

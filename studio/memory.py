@@ -741,8 +741,8 @@ def fitted_checkpointing(run_cfg: Any, estimate_of: Callable[[Any], Estimate], r
     (and checkpoint_fits False when that is over the budget itself, not just the room). Recomputing the top
     layer too can cost more than keeping it (its rebuilt activations come on top of every layer's input),
     so every count is tried (an estimate takes well under a millisecond once the model's facts are cached).
-    details: checkpoint_budget (bytes), checkpoint_fits, checkpointed_layers (what the trainer then
-    recomputes) and layers."""
+    details: checkpoint_budget (bytes), checkpoint_fits, checkpoint_room, checkpointed_layers (what the trainer
+    then recomputes) and layers."""
     budget = int(run_cfg.train.checkpoint_budget_gb * 2**30)
     within = budget - room
     every = estimate_of(with_changes(run_cfg, **{"train.checkpoint_budget_gb": 0.0,
@@ -787,7 +787,9 @@ def checkpoint_share(run_cfg: Any, device: str, dataset_lengths: Iterable[int] |
         return share, (f"The run does not fit train.checkpoint_budget_gb ({budget}) with any checkpointing: it "
                        f"recomputes {k} of {n} layers, the least memory (about {human(est.total)}). Lower "
                        "train.batch_size or data.max_length, or use model.quantization=nf4, to fit.")
-    return share, f"Checkpointing fitted to {budget}: {k} of {n} layers recomputed (estimated peak {human(est.total)})."
+    room = f", {human(d['checkpoint_room'])} left for the allocator's cache" if d.get("checkpoint_room") else ""
+    return share, (f"Checkpointing fitted to {budget}: {k} of {n} layers recomputed (estimated peak "
+                   f"{human(est.total)}{room}).")
 
 
 def _optimizer_bytes(name: str, tensors: list[tuple[int, int]], device: str) -> tuple[int, int, int]:

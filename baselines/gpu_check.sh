@@ -5,7 +5,8 @@
 # There (repo root, .whl carried):  bash baselines/gpu_check.sh run      (results.tar.gz in $OUT, or ./gpu-out)
 # `run` installs the carried wheels (transformers as pinned, bitsandbytes for QLoRA rows, peft as the baseline)
 # beside the machine's own torch, then, in this order: GPU facts; the 7B rows (ours vs peft); the 7B QLoRA rows
-# with q/k/v and gate/up apart and the bias last (STUDIO_SIBLING_LORA=0 STUDIO_BIAS_FIRST=0); the Triton kernel
+# with q/k/v and gate/up apart and the bias last (STUDIO_SIBLING_LORA=0 STUDIO_BIAS_FIRST=0), and with gate's and
+# up's LoRA terms written out (STUDIO_TERMS_IN_GATED=0); the Triton kernel
 # and CUDA rounding tests, how much of a small term CUDA's addmm keeps in its epilogue
 # (baselines/epilogue_check.py), bitsandbytes' dequantization against the NF4 kernel's (baselines/dequant_ab.py),
 # LoRA's product orders (baselines/lora_order_ab.py), the frozen GEMMs' forms (baselines/gemm_ab.py), a GEMM beside
@@ -23,7 +24,7 @@
 # memory estimate against max_memory_allocated for N seconds; then a summary table and the issue's targets, met or
 # not (baselines/targets.py).
 # Up to about 20 minutes without AB: one device call (timeout_s 590) reaches about graphs_check and keeps
-# what the earlier stages wrote; a second call takes the rest (SKIP=7b,apart,kernels,grid,chat,graphs,quick).
+# what the earlier stages wrote; a second call takes the rest (SKIP=7b,apart,terms,kernels,grid,chat,graphs,quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ ",${SKIP:-}," != *",$1,"* ]]; }
@@ -56,27 +57,32 @@ run)
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
   } 2>&1 | tee "$W/facts.txt"
   # Stages in priority order, each time-boxed; a call's own limit may cut the last ones (each writes as it
-  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,apart,kernels,grid,chat,graphs,quick). The 7B rows
+  # goes). SKIP=name,name leaves stages out (a second call: SKIP=7b,apart,terms,kernels,grid,chat,graphs,quick). The 7B rows
   # come first: they decide the issue's open targets, and a session's device time may allow one call.
   # 7b: the 7B rows (MFU, checkpointing fitted to a 24 GB card, QLoRA in 24 GB, offloading last): six rows of
   # ours and two of peft's now (the 2026-11-28 run wrote its six 7B rows within 210 s); the rows fitted to an RTX 4090
   # run with the allocator capped at what that card leaves it (studio/card_cap.py): do they fit it, and how fast?
   want 7b && timeout 270 python3 -m studio bench --only qwen2.5-7b --out "$W/bench.jsonl" 2>&1 | grep -v Warning \
     | tee -a "$W/bench.log"
-  # apart: the 7B QLoRA rows (ours) without the two changes of 2026-11-30's session, q/k/v and gate/up apart
-  # (STUDIO_SIBLING_LORA=0) and q/k/v's bias added last (STUDIO_BIAS_FIRST=0): ~17 ms a step by count
-  want apart && STUDIO_SIBLING_LORA=0 STUDIO_BIAS_FIRST=0 timeout 120 python3 -m studio bench --no-peft \
-    --only qwen2.5-7b:qlora --out "$W/bench_apart.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_apart.log"
+  # apart: the 7B QLoRA row at default settings (ours) without the changes of 2026-11-30's sessions: q/k/v and
+  # gate/up apart (STUDIO_SIBLING_LORA=0, which also writes gate's and up's LoRA terms out) and q/k/v's bias added
+  # last (STUDIO_BIAS_FIRST=0): ~28 ms a step by count
+  want apart && STUDIO_SIBLING_LORA=0 STUDIO_BIAS_FIRST=0 timeout 100 python3 -m studio bench --no-peft \
+    --only qwen2.5-7b:qlora:default --out "$W/bench_apart.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_apart.log"
+  # terms: the same row with gate's and up's LoRA terms written out before the base GEMMs add onto them
+  # (STUDIO_TERMS_IN_GATED=0) instead of added by the gated kernels (studio/kernels/gated_terms.py): ~11 ms by count
+  want terms && STUDIO_TERMS_IN_GATED=0 timeout 100 python3 -m studio bench --no-peft \
+    --only qwen2.5-7b:qlora:default --out "$W/bench_terms.jsonl" 2>&1 | grep -v Warning | tee "$W/bench_terms.log"
   # kernels: the Triton kernels against the torch ops (NF4 dequantization against bitsandbytes), and the seeded
   # dropout, compiled for this card; DoRA, IA3 and SSF through CUDA's fp32-output GEMM, and a small update beside
   # a large bias (tests/test_update_rounding.py); norm outputs rebuilt by the Triton norm; a chunked MLP's seeded
   # masks (the whole batch's, from the chunk's first row); a step's numbers read late from pinned memory and
   # batches copied from it (tests/test_host_ahead.py); the joined q/k/v and gate/up op against the projections apart
-  # (tests/test_sibling_lora.py)
+  # (tests/test_sibling_lora.py); gate's and up's LoRA terms added by the gated kernels (tests/test_gated_terms.py)
   want kernels && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_seeded_dropout.py tests/test_update_rounding.py tests/test_rebuilt_inputs.py \
     tests/test_chunked_mlp.py::test_seeded_dropout_takes_the_whole_batchs_masks tests/test_host_ahead.py \
-    tests/test_sibling_lora.py 2>&1 | tail -40 | tee "$W/kernels.log"
+    tests/test_sibling_lora.py tests/test_gated_terms.py 2>&1 | tail -40 | tee "$W/kernels.log"
   # the frozen GEMMs' forms at 7B shapes (onto the rank-r term as now, alone, F.linear, cuBLASLt; gate and up
   # joined): how far from the GEMM's own speed is the ~690 TFLOP/s a 7B QLoRA step's frozen GEMMs ran at?
   want kernels && timeout 60 python3 -m baselines.gemm_ab 2>&1 | grep '^{' | tee "$W/gemm_ab.jsonl"
@@ -161,7 +167,7 @@ run)
   [ "${MEMORY_S:-0}" -gt 0 ] && timeout "$MEMORY_S" python3 -m studio bench --memory --out "$W/memory.jsonl" 2>&1 | grep -v Warning \
     > "$W/memory.log"
   python3 baselines/bench_table.py "$W/bench.jsonl" "$W/graphs_grid.jsonl" "$W/bench_long.jsonl" \
-    "$W/bench_trainer.jsonl" "$W/bench_expandable.jsonl" "$W/bench_nf4off.jsonl" "$W/bench_apart.jsonl" "$W/chat.jsonl" "$W/bench_methods.jsonl" "$W/memory.jsonl" \
+    "$W/bench_trainer.jsonl" "$W/bench_expandable.jsonl" "$W/bench_nf4off.jsonl" "$W/bench_apart.jsonl" "$W/bench_terms.jsonl" "$W/chat.jsonl" "$W/bench_methods.jsonl" "$W/memory.jsonl" \
     "$W/memory_methods.jsonl" 2>&1 | tee "$W/table.md"
   # the issue's targets, met or not, row by row
   python3 -m baselines.targets "$W/bench.jsonl" 2>&1 | grep -v Warning | tee "$W/targets.md"

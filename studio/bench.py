@@ -345,8 +345,10 @@ def allocator_churn(before: dict[str, int], after: dict[str, int], steps: int) -
 
 
 def _only_names(row: Row) -> set[str]:
-    """What `--only` may call a row: its shape, or shape:method (qwen2.5-7b:qlora)."""
-    return {row.shape, f"{row.shape}:{row.method}"}
+    """What `--only` may call a row: its shape, shape:method (qwen2.5-7b:qlora), or shape:method:default for the
+    row at default settings alone (not fitted to a card, not offloaded)."""
+    names = {row.shape, f"{row.shape}:{row.method}"}
+    return names | ({f"{row.shape}:{row.method}:default"} if not row.fit and not row.offload else set())
 
 
 def row_config(row: Row) -> Any:

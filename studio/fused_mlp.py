@@ -21,6 +21,10 @@ recomputation of a Llama-style layer, whose MLP output only feeds the residual a
 rebuilds what it keeps and skips down's product (and, 4-bit, its dequantization): a third of down's
 frozen GEMM work in a checkpointed step.
 
+When gate_proj and up_proj carry LoRA too and run as one op (studio/sibling_lora.py), their rank-r terms are not
+written out where the Triton kernels run: the base GEMMs make gate's and up's base products and the gated kernels
+add each term as they read them (studio/kernels/gated_terms.py; STUDIO_TERMS_IN_GATED=0 writes them out).
+
 Covered: SiLU (Llama, Qwen2/3, Mistral) and tanh-GELU (Gemma 1/2/3) MLPs with gate_proj / up_proj /
 down_proj. Only the module's forward is replaced (an instance attribute): names, state dicts and
 hooks on the projections are untouched. Other MLPs (Phi-3's fused gate_up_proj, other activations)
@@ -29,6 +33,7 @@ keep their code.
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import torch
@@ -65,37 +70,43 @@ class GatedActivation(torch.autograd.Function):
 
 
 class GatedDownLora(torch.autograd.Function):
-    """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state, A and B in dtype)
-    -> down(act(gate) * up) with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the
+    """(gate, up, kind, W, bias, A, B, scaling, dtype, dropout p, 4-bit quant state, A and B in dtype, output,
+    terms) -> down(act(gate) * up) with down a frozen (16/32-bit or 4-bit) Linear plus LoRA; keeps gate, up, the
     rank-sized low (and the dropout mask), recomputes act(gate) * up for A's gradient. output=False: what
     it keeps, without the down projection itself (a recomputation that discards the output); there, unless a
     mask drawn from torch's generator must be drawn again, nothing at all: the backward rebuilds act(gate) * up
-    anyway and makes low from it (one elementwise pass over the layer's widest tensors less)."""
+    anyway and makes low from it (one elementwise pass over the layer's widest tensors less).
+    terms (gate's and up's LoRA terms left to this op: the stacked rank-r input [low_g | low_u], B_g, B_u in
+    dtype; none of them differentiable here): gate and up are then their base products, and the kernels of
+    studio/kernels/gated_terms.py add each term as they read them; gate's and up's gradients are those of the
+    projections with their terms."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, cdt: torch.dtype,
-                p=0.0, quant_state=None, copies: tuple | None = None, output: bool = True) -> torch.Tensor:
+                p=0.0, quant_state=None, copies: tuple | None = None, output: bool = True,
+                terms: tuple | None = None) -> torch.Tensor:
         if not output and (not p or isinstance(p, SeededDrop)):  # low left to the backward (no mask to draw)
             a, b = adapter_copies(lora_a, lora_b, cdt, copies)
             y, mask = gate.new_empty(*gate.shape[:-1], b.shape[0], dtype=cdt), None
             low = _left_to_backward(gate.numel() // gate.shape[-1], a.shape[0], cdt, gate.device)
         else:
-            h = gated(gate, up, kind)
+            h = gated(gate, up, kind, terms)
             y, low, mask, a, b = lora_linear_forward(cast(h.reshape(-1, h.shape[-1]), cdt), h.shape[:-1], weight,
                                                      bias, lora_a, lora_b, scaling, p, quant_state, copies, output)
-        ctx.save_for_backward(gate, up, low, weight, a, b, mask)
+        ctx.save_for_backward(gate, up, low, weight, a, b, mask, *(terms or ()))
         ctx.kind, ctx.scaling, ctx.cdt, ctx.p, ctx.ab_dtypes = kind, scaling, cdt, p, (lora_a.dtype, lora_b.dtype)
         ctx.quant_state = quant_state
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        gate, up, low, weight, a, b, mask = ctx.saved_tensors
+        gate, up, low, weight, a, b, mask, *terms = ctx.saved_tensors
+        terms = tuple(terms) or None
         needs = ctx.needs_input_grad
         # the torch ops: act(gate) once, for h and then (in place) for d(up); the kernels recompute it
-        act = None if _kernel_ok(gate, gate, up, ctx.kind) else _act(gate, ctx.kind)
-        h = gated(gate, up, ctx.kind) if act is None else act * up
+        act = None if terms or _kernel_ok(gate, gate, up, ctx.kind) else _act(gate, ctx.kind)
+        h = gated(gate, up, ctx.kind, terms) if act is None else act * up
         h2 = cast(h.reshape(-1, h.shape[-1]), ctx.cdt)
         if _was_left(low) and needs[6]:  # the recomputation left it: from the rebuilt h, as it would have made it
             low = rank_r_input(h2, a, ctx.scaling, ctx.p)
@@ -108,7 +119,11 @@ class GatedDownLora(torch.autograd.Function):
         d_gate = d_up = None
         if dh is not None:  # dh is ours: written over in place, so at most three rows x intermediate tensors live
             dh = cast(dh.view(gate.shape), gate.dtype)
-            if _kernel_ok(dh, gate, up, ctx.kind):
+            if terms:
+                from .kernels import gated_terms
+                d_gate, d_up = gated_terms.backward(dh, gate, up, ctx.kind, *terms, needs[0], needs[1],
+                                                    overwrite_dh=True)
+            elif _kernel_ok(dh, gate, up, ctx.kind):
                 from .kernels import gated as kernel
                 d_gate, d_up = kernel.backward(dh, gate, up, ctx.kind, needs[0], needs[1], overwrite_dh=True)
             else:
@@ -116,7 +131,7 @@ class GatedDownLora(torch.autograd.Function):
                     d_up = (act if act is not None else _act(gate, ctx.kind)).mul_(dh)
                 if needs[0]:
                     d_gate = _act_backward(dh.mul_(up), gate, ctx.kind)
-        return d_gate, d_up, None, None, None, da, db, None, None, None, None, None, None
+        return d_gate, d_up, None, None, None, da, db, None, None, None, None, None, None, None
 
 
 def _left_to_backward(rows: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -178,8 +193,12 @@ def _gated_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind
     return d_gate, d_up
 
 
-def gated(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-    """act(gate) * up: one Triton kernel on CUDA, else the two torch ops (the reference)."""
+def gated(gate: torch.Tensor, up: torch.Tensor, kind: str, terms: tuple | None = None) -> torch.Tensor:
+    """act(gate) * up: one Triton kernel on CUDA, else the two torch ops (the reference); with terms (GatedDownLora)
+    gate's and up's LoRA terms added in the kernel (terms_ride_along chose them only where it runs)."""
+    if terms:
+        from .kernels import gated_terms
+        return gated_terms.forward(gate, up, kind, *terms)
     if _kernel_ok(gate, gate, up, kind):
         from .kernels import gated as kernel
         return kernel.forward(gate, up, kind)
@@ -231,8 +250,18 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     chunks = chunks_for(self, x)
     if chunks:  # a long batch in a checkpointed layer: row chunks that keep only x (studio/chunked_mlp.py)
         return run_deferred(self, x, chunks, _fused_forward)
-    gate, up = sibling_lora.project((self.gate_proj, self.up_proj), x)  # as one op where both are fused LoRA
+    siblings = sibling_lora.sibling_parts((self.gate_proj, self.up_proj), x)  # both fused LoRA: one op
     down = self.down_proj
+    riding = _terms_ride_along(self, x, siblings)
+    if riding is not None:  # gate's and up's terms added by the gated kernels (studio/kernels/gated_terms.py)
+        parts, b_gate, b_up = riding
+        gate, up, low = sibling_lora.run(siblings, x, terms_left=True)
+        return GatedDownLora.apply(gate, up, self.studio_act_kind, *parts, not _output_unread(self),
+                                   (low, b_gate, b_up))
+    if siblings is not None:
+        gate, up = sibling_lora.run(siblings, x)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
     parts = down.fused_parts(gate) if hasattr(down, "fused_parts") and not _has_hooks(down) else None
     if parts is not None:
         return GatedDownLora.apply(gate, up, self.studio_act_kind, *parts, not _output_unread(self))
@@ -243,6 +272,62 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if h.requires_grad:  # the op keeps gate and up: an adapter op on down can rebuild h from them
         attach(h, (gate, up), GatedOutput(self.studio_act_kind))
     return down(h)
+
+
+def _terms_ride_along(mlp: nn.Module, x: torch.Tensor, siblings: list[tuple] | None) -> tuple | None:
+    """(down's fused-op parts, B_g and B_u in the compute dtype) where gate's and up's LoRA terms can be added by
+    the gated kernels instead of written out (studio/kernels/gated_terms.py): gate and up joined as one op, down a
+    fused LoRA, one rank, the Triton kernels in use and agreeing with their reference here; else None.
+    STUDIO_TERMS_IN_GATED=0 writes the terms out (A/B runs)."""
+    down = mlp.down_proj
+    if siblings is None or not terms_wanted() or not hasattr(down, "fused_parts") or _has_hooks(down):
+        return None
+    cdt = siblings[0][5]
+    ranks = {s[3].shape[1] for s in siblings}
+    if len(ranks) > 1 or max(ranks) > MAX_TERMS_RANK or not _terms_kernel_ok(x, cdt, mlp):
+        return None
+    parts = down.fused_parts(x)
+    if parts is None:
+        return None
+    b_gate, b_up = (adapter_copies(s[2], s[3], cdt, s[8])[1] for s in siblings)
+    return parts, b_gate, b_up
+
+
+MAX_TERMS_RANK = 128  # kernels/gated_terms.py's MAX_RANK (not imported here: Triton may be missing)
+
+
+@functools.cache
+def terms_wanted() -> bool:
+    return os.environ.get("STUDIO_TERMS_IN_GATED", "1") != "0"
+
+
+def _terms_kernel_ok(x: torch.Tensor, cdt: torch.dtype, mlp: nn.Module) -> bool:
+    from . import kernels
+    if not kernels.use_triton(x) or cdt not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    kind = mlp.studio_act_kind
+    return kernels.checked(("gated_terms", x.device.type, cdt, kind), lambda: _terms_kernel_agrees(x.device, cdt, kind))
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def _terms_kernel_agrees(device: torch.device, dtype: torch.dtype, kind: str) -> bool:
+    """The kernels with terms against the torch ops on a small input (first use of a dtype and activation, maybe
+    inside a forward under autocast: the reference is not cast): 70 rows, 150 columns and rank 5, none of them a
+    multiple of the kernels' tiles."""
+    from .kernels import agree, gated_terms
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    gate, up, dh = (2 * torch.randn(3, 70, 150, generator=gen)).to(device, dtype).unbind(0)
+    low = torch.randn(70, 10, generator=gen).to(device, dtype)
+    b_gate, b_up = (0.3 * torch.randn(2, 150, 5, generator=gen)).to(device, dtype).unbind(0)
+    b_gate, b_up = b_gate.contiguous(), b_up.contiguous()
+    g, u = gated_terms.reference(gate, up, low, b_gate, b_up)
+    act = _act(g, kind).to(dtype).float()
+    d_gate, d_up = gated_terms.backward(dh, gate, up, kind, low, b_gate, b_up, True, True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    return agree(tol, (gated_terms.forward(gate, up, kind, low, b_gate, b_up), (act * u).to(dtype)),
+                 (d_up, (act * dh.float()).to(dtype)),
+                 (d_gate, _act_backward((dh.float() * u).to(dtype).float(), g, kind).to(dtype)))
 
 
 def _output_unread(mlp: nn.Module) -> bool:

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from . import rebuilt_inputs
-from .methods.lora_fused import (_scaled_mm, adapter_copies, base_plus_term, cast, dense_weight, rank_r_input,
-                                 weight_grad_mm)
+from .methods.lora_fused import (_scaled_mm, adapter_copies, base_plus_term, base_product, cast, dense_weight,
+                                 rank_r_input, weight_grad_mm)
 
 PER_SIBLING = 6  # weight, bias, A, B, 4-bit quant state, the step's copies of A and B
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -37,11 +37,15 @@ _given = threading.local()  # .outputs: {id(module): (module, input, output)} in
 
 
 class SiblingLora(torch.autograd.Function):
-    """(x, n, compute dtype, scaling, then per projection: W, bias, A, B, 4-bit quant state, A and B in the
-    compute dtype) -> the n projections' outputs; W and bias frozen; gradients for x and every A and B."""
+    """(x, n, compute dtype, scaling, terms_left, then per projection: W, bias, A, B, 4-bit quant state, A and B in
+    the compute dtype) -> the n projections' outputs; W and bias frozen; gradients for x and every A and B.
+    terms_left: the outputs are the base products alone, followed by the stacked rank-r input (not
+    differentiable), from which their consumer adds each term as it reads them (studio/kernels/gated_terms.py);
+    the gradients are the same, as an output's gradient is its term's."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, n: int, cdt: torch.dtype, scaling: float, *flat) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, x: torch.Tensor, n: int, cdt: torch.dtype, scaling: float, terms_left: bool,
+                *flat) -> tuple[torch.Tensor, ...]:
         groups = [flat[i * PER_SIBLING:(i + 1) * PER_SIBLING] for i in range(n)]
         x2 = cast(x.reshape(-1, x.shape[-1]), cdt)
         ab = [adapter_copies(g[2], g[3], cdt, g[5]) for g in groups]
@@ -49,7 +53,8 @@ class SiblingLora(torch.autograd.Function):
         outputs, start = [], 0
         for (weight, bias, _, _, state, _), (a, b) in zip(groups, ab):
             r = a.shape[0]
-            outputs.append(base_plus_term(x2, x.shape[:-1], weight, bias, low[:, start:start + r], b, state))
+            outputs.append(base_product(x2, x.shape[:-1], weight, bias, b.shape[0], state) if terms_left else
+                           base_plus_term(x2, x.shape[:-1], weight, bias, low[:, start:start + r], b, state))
             start += r
         trains = any(t.requires_grad for g in groups for t in g[2:4])
         ctx.save_for_backward(*rebuilt_inputs.saved_input(ctx, x, x2, trains), low,
@@ -57,15 +62,19 @@ class SiblingLora(torch.autograd.Function):
         ctx.n, ctx.cdt, ctx.scaling, ctx.x_dtype = n, cdt, scaling, x.dtype
         ctx.states = [g[4] for g in groups]
         ctx.a_dtype, ctx.b_dtype = groups[0][2].dtype, groups[0][3].dtype  # one for all (sibling_parts)
+        if terms_left:
+            ctx.mark_non_differentiable(low)
+            outputs.append(low)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
+        dys = dys[:ctx.n]  # (not the stacked rank-r input's, when it was an output)
         inputs, (low, *held) = rebuilt_inputs.split_saved(ctx, ctx.saved_tensors)
         weights, a_s, b_s = held[0::3], held[1::3], held[2::3]
         needs = ctx.needs_input_grad
-        need_a = [needs[4 + i * PER_SIBLING + 2] for i in range(ctx.n)]
-        need_b = [needs[4 + i * PER_SIBLING + 3] for i in range(ctx.n)]
+        need_a = [needs[5 + i * PER_SIBLING + 2] for i in range(ctx.n)]
+        need_b = [needs[5 + i * PER_SIBLING + 3] for i in range(ctx.n)]
         x = rebuilt_inputs.restored_input(ctx, inputs)
         x2 = cast(x.reshape(-1, x.shape[-1]), ctx.cdt)
         dy2s = [cast(dy.reshape(-1, dy.shape[-1]), ctx.cdt) for dy in dys]
@@ -77,7 +86,7 @@ class SiblingLora(torch.autograd.Function):
             for dy2, weight, state in zip(dy2s, weights, ctx.states):
                 dx.addmm_(dy2, dense_weight(weight, state, ctx.cdt))
             dx = cast(dx.view(*dys[0].shape[:-1], dx.shape[-1]), ctx.x_dtype)
-        grads: list[torch.Tensor | None] = [dx, None, None, None]
+        grads: list[torch.Tensor | None] = [dx, None, None, None, None]
         das: list[torch.Tensor | None] = [None] * ctx.n
         if any(need_a):  # one GEMM for every A's gradient, split by rows
             das = list(weight_grad_mm(d_low.t(), x2, ctx.a_dtype).split([a.shape[0] for a in a_s]))
@@ -119,10 +128,11 @@ def wanted() -> bool:
     return os.environ.get("STUDIO_SIBLING_LORA", "1") != "0"
 
 
-def run(parts: list[tuple], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The projections' outputs from sibling_parts' parts, as one op."""
+def run(parts: list[tuple], x: torch.Tensor, terms_left: bool = False) -> tuple[torch.Tensor, ...]:
+    """The projections' outputs from sibling_parts' parts, as one op; terms_left: their base products and then
+    the stacked rank-r input (SiblingLora)."""
     flat = [t for weight, bias, a, b, _, _, _, state, copies in parts for t in (weight, bias, a, b, state, copies)]
-    return SiblingLora.apply(x, len(parts), parts[0][5], parts[0][4], *flat)
+    return SiblingLora.apply(x, len(parts), parts[0][5], parts[0][4], terms_left, *flat)
 
 
 def project(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:

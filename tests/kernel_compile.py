@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from studio.kernels import dropout, gated, nf4, rmsnorm, rope, softmax_block
+from studio.kernels import dropout, gated, gated_terms, nf4, rmsnorm, rope, softmax_block
 
 
 def cases():
@@ -48,6 +48,16 @@ def cases():
             yield gated._backward, dict(DH=p, G=p, U=p, DG=p, DU=p, n="i32", SILU="constexpr", NEED_G="constexpr",
                                         NEED_U="constexpr", BLOCK="constexpr"), \
                 dict(SILU=flag, NEED_G=need_g, NEED_U=need_u, BLOCK=gated.BLOCK)
+        # with gate's and up's LoRA terms: 16-bit operands dot natively, fp32 ones in IEEE fp32; the padded ranks
+        # 16 and (bf16) 128, the largest
+        terms = dict(LOW=p, BG=p, BU=p, rows="i32", cols="i32", r="i32", stride_low="i32", SILU="constexpr",
+                     BM="constexpr", BN="constexpr", RP="constexpr", NATIVE="constexpr")
+        tiles = dict(BM=gated_terms.BM, BN=gated_terms.BN, NATIVE=dt != "fp32")
+        for rp in (16, 128) if dt == "bf16" else (16,):
+            yield gated_terms._forward, dict(G=p, U=p, H=p) | terms, dict(SILU=flag, RP=rp) | tiles
+            for need_g, need_u in ((True, True), (True, False), (False, True)):
+                yield gated_terms._backward, dict(DH=p, G=p, U=p, DG=p, DU=p) | terms | dict(
+                    NEED_G="constexpr", NEED_U="constexpr"), dict(SILU=flag, RP=rp, NEED_G=need_g, NEED_U=need_u) | tiles
 
 
 def main() -> int:

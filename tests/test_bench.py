@@ -87,6 +87,10 @@ def test_bench_only_filters_the_grid_and_names_unknown_shapes():
     rows = list(bench(device="cpu", warmup=0, steps=1, rounds=1, with_peft=False, grid=grid,
                       only=["tiny-qwen2:full"]))  # shape:method, one method's rows
     assert [(r["shape"], r["method"]) for r in rows] == [("tiny-qwen2", "full")]
+    fitted = dataclasses.replace(grid[1], grad_ckpt=True, fit="card")
+    grid_fit = [dataclasses.replace(grid[1], grad_ckpt=True), fitted, dataclasses.replace(fitted, fit="", offload=True)]
+    from studio.bench import _only_names
+    assert [("tiny-qwen2:lora:default" in _only_names(r)) for r in grid_fit] == [True, False, False]
     with pytest.raises(ConfigError, match="tiny-gemma3"):
         list(bench(device="cpu", grid=grid, only=["tiny-gemma3"]))
 

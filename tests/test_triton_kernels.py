@@ -112,12 +112,18 @@ def test_rope_kernel_matches_the_torch_reference(batch_cos, dtype, tol):
     assert not rope.supported(x[..., :6], cos, sin) and not rope.supported(strided_last, cos, sin)
 
 
+@pytest.mark.parametrize("terms", [True, False], ids=["terms in the gated kernels", "terms written"])
 @pytest.mark.parametrize("name,kinds", [("tiny-llama", {"silu"}), ("tiny-gemma3", {"gelu_tanh"})])
-def test_a_model_on_the_kernels_trains_like_the_torch_ops(tiny_model, monkeypatch, name, kinds):
-    """A LoRA training step with the norms, the gated MLPs and RoPE on the kernels: the same loss and gradients."""
+def test_a_model_on_the_kernels_trains_like_the_torch_ops(tiny_model, monkeypatch, name, kinds, terms):
+    """A LoRA training step with the norms, the gated MLPs and RoPE on the kernels: the same loss and gradients;
+    gate's and up's LoRA terms added by the gated kernels (kernels/gated_terms.py), or written out first
+    (STUDIO_TERMS_IN_GATED=0)."""
+    from studio import fused_mlp
     from studio.memory_bench import random_batch
     from studio.methods import apply_method, method_config
     monkeypatch.setattr(kernels, "_verdicts", {})
+    monkeypatch.setattr(fused_mlp, "terms_wanted", lambda: terms)
+    gated_key = "gated_terms" if terms else "gated"
     runs = []
     for force in (False, True):
         model = tiny_model(name, device=DEVICE, dtype="float32")
@@ -131,9 +137,9 @@ def test_a_model_on_the_kernels_trains_like_the_torch_ops(tiny_model, monkeypatc
             loss = model(**batch).loss
             loss.backward()
         runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    assert {k[0] for k, ok in kernels._verdicts.items() if ok} == {"rmsnorm", "gated", "rope"}  # all ran, checked
-    assert all(kernels.verdicts().values()) and any(v.startswith("gated ") for v in kernels.verdicts())
-    assert {k[3] for k in kernels._verdicts if k[0] == "gated"} == kinds
+    assert {k[0] for k, ok in kernels._verdicts.items() if ok} == {"rmsnorm", gated_key, "rope"}  # all ran, checked
+    assert all(kernels.verdicts().values()) and any(v.startswith(gated_key + " ") for v in kernels.verdicts())
+    assert {k[3] for k in kernels._verdicts if k[0] == gated_key} == kinds
     (l0, g0), (l1, g1) = runs
     torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
     assert g0.keys() == g1.keys() and any("norm" in n for n in g0) and any("down_proj" in n for n in g0)
@@ -184,8 +190,8 @@ def test_every_kernel_variant_compiles_for_ampere_and_hopper(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # 10 per dtype and variant flag (the NF4 dequantization's flag: nested absmax; it has a strided output and a
     # contiguous one), the softmax block and the seeded dropout once per dtype: 3 dtypes, 2 archs; the seeded
-    # uniform draws once per arch
-    assert "compiled 122 kernel variants" in done.stdout
+    # uniform draws once per arch; the gated kernels with LoRA terms 4 per dtype, flag and padded rank (bf16: 2)
+    assert "compiled 186 kernel variants" in done.stdout
 
 
 def _quantized(shape, nested, dtype):

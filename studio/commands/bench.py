@@ -37,7 +37,8 @@ def add_arguments(p) -> None:
                    help="each of our rows also run by the trainer (a user's run: batches, metrics, status files); "
                         "adds trainer_ms_per_step and trainer_vs_loop")
     p.add_argument("--only", default=None, help="run only these shapes of the grid, comma-separated (e.g. qwen2.5-7b; "
-                   "qwen2.5-7b:qlora for one method's rows)")
+                   "qwen2.5-7b:qlora for one method's rows; qwen2.5-7b:qlora:default for its row at default "
+                   "settings alone)")
     p.add_argument("--out", default=None, help="also append the rows to this file")
 
 

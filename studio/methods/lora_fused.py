@@ -146,6 +146,21 @@ def base_plus_term(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bia
     return y
 
 
+def base_product(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: int, quant_state=None) -> torch.Tensor:
+    """y (shape lead + out) = x2 Wᵀ (+ bias) in x2's dtype, without the adapter's term (a consumer adds it:
+    studio/kernels/gated_terms.py)."""
+    cdt = x2.dtype
+    y = x2.new_empty(*lead, out_features)
+    y2 = y.view(-1, out_features)
+    w = dense_weight(weight, quant_state, cdt)
+    if bias is not None:
+        torch.addmm(cast(bias, cdt), x2, w.t(), out=y2)
+    else:
+        torch.mm(x2, w.t(), out=y2)
+    return y
+
+
 def bias_joins_term(device: torch.device) -> bool:
     """Whether the bias is added to the rank-r term by its GEMM's epilogue (no pass of its own over the output)
     rather than last. On CUDA, whose base GEMM rounds its product before adding the term anyway, the term

@@ -290,6 +290,8 @@ def _terms_ride_along(mlp: nn.Module, x: torch.Tensor, siblings: list[tuple] | N
     if parts is None:
         return None
     b_gate, b_up = (adapter_copies(s[2], s[3], cdt, s[8])[1] for s in siblings)
+    if not (b_gate.is_contiguous() and b_up.is_contiguous()):  # (the kernels read B's rows whole)
+        return None
     return parts, b_gate, b_up
 
 

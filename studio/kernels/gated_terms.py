@@ -88,7 +88,11 @@ def supported(gate: torch.Tensor, up: torch.Tensor, low: torch.Tensor, b_gate: t
         and r <= MAX_RANK
 
 
-def _launch(kernel, gate: torch.Tensor, low: torch.Tensor, r: int, *args, **flags) -> None:
+def _launch(kernel, gate: torch.Tensor, up: torch.Tensor, low: torch.Tensor, b_gate: torch.Tensor,
+            b_up: torch.Tensor, *args, **flags) -> None:
+    if not supported(gate, up, low, b_gate, b_up):
+        raise ValueError("gated_terms: gate, up, low and B in layouts these kernels do not read")
+    r = b_gate.shape[-1]
     cols = gate.shape[-1]
     rows = gate.numel() // cols
     native = gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") != "1"
@@ -101,7 +105,7 @@ def forward(gate: torch.Tensor, up: torch.Tensor, kind: str, low: torch.Tensor, 
             b_up: torch.Tensor) -> torch.Tensor:
     """act(gate + low_g B_gᵀ) · (up + low_u B_uᵀ), low = [low_g | low_u] (supported() layouts)."""
     h = torch.empty_like(gate)
-    _launch(_forward, gate, low, b_gate.shape[-1], gate, up, h, low, b_gate, b_up, SILU=kind == "silu")
+    _launch(_forward, gate, up, low, b_gate, b_up, gate, up, h, low, b_gate, b_up, SILU=kind == "silu")
     return h
 
 
@@ -113,7 +117,7 @@ def backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str, 
     dh = dh if dh.is_contiguous() else dh.contiguous()
     dg = (dh if overwrite_dh else torch.empty_like(gate)) if need_gate else gate
     du = torch.empty_like(up) if need_up else up
-    _launch(_backward, gate, low, b_gate.shape[-1], dh, gate, up, dg, du, low, b_gate, b_up, SILU=kind == "silu",
+    _launch(_backward, gate, up, low, b_gate, b_up, dh, gate, up, dg, du, low, b_gate, b_up, SILU=kind == "silu",
             NEED_G=need_gate, NEED_U=need_up)
     return (dg.view(gate.shape) if need_gate else None), (du.view(up.shape) if need_up else None)
 

@@ -159,3 +159,29 @@ def test_terms_ride_along_only_where_the_kernels_can_add_them(tiny_model, monkey
         gate = siblings[0]
         other_rank = torch.zeros(gate[3].shape[0], 8, device=DEVICE)
         assert fused_mlp._terms_ride_along(mlp, x, [gate[:3] + (other_rank,) + gate[4:], siblings[1]]) is None
+
+
+def test_a_4bit_model_step_with_the_terms_in_the_kernels_equals_the_terms_written(monkeypatch):
+    """QLoRA: gate's and up's base products from their 4-bit weights, then the terms added by the kernels."""
+    from studio.config import ModelConfig
+    from studio.models import load_model
+    runs = []
+    for terms in (True, False):
+        model, _ = load_model(ModelConfig(name="tiny-llama", quantization="nf4", device=DEVICE, dtype="float32"))
+        model.train()  # as training runs it (bitsandbytes repacks for inference in eval mode on some CPUs)
+        torch.manual_seed(0)
+        apply_method(model, method_config({"name": "qlora", "r": 4, "lora_dropout": 0.0}))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        batch = random_batch(model.config.vocab_size, 2, 12, DEVICE)
+        with monkeypatch.context() as m, kernels.forced():
+            m.setattr(fused_mlp, "terms_wanted", lambda terms=terms: terms)
+            counts = _count_terms(m)
+            runs.append(_step(model, batch))
+        assert set(counts) == {"terms" if terms else "written"}, counts
+    (loss, grads), (want_loss, want_grads) = runs
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == want_grads.keys() and any("gate_proj" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], want_grads[n], atol=1e-4, rtol=1e-3)

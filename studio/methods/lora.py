@@ -34,8 +34,8 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 class LoraConfig(MethodConfig):
     r: int = opt(8, "Rank of the update B·A")
     lora_alpha: float = opt(16, "Scale numerator: the update is multiplied by lora_alpha / r")
-    lora_dropout: float = opt(0.05, "Dropout on the adapter's input (0: q/k/v and gate/up, each with LoRA, run as "
-                                    "one op; faster)")
+    lora_dropout: float = opt(0.05, "Dropout on the adapter's input (at 0, LoRA without DoRA runs q/k/v and "
+                                    "gate/up as one op each: faster)")
     target_modules: list | str = opt(ATTENTION, "Layer names, a regex, or all-linear")
     bias: str = opt("none", "Which biases train", ("none", "all", "lora_only"))
     modules_to_save: list = opt([], "Modules trained in full and saved (e.g. lm_head)")

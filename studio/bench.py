@@ -284,8 +284,9 @@ def _measure_row(row: Row, engine: str, device: torch.device, warmup: int, steps
         if card:  # the card holds the allocator's reservation and what the process holds outside it
             from .card_cap import on_card_bytes
             outside, reserved = on_card_bytes(device)
-            out |= card | {"card_capped": True, "outside_allocator_bytes": outside, "on_card_bytes": outside + reserved,
-                           "fits_card": outside + reserved <= card["card_bytes"]}
+            out |= card | _cap_facts(row, engine, device) | {"outside_allocator_bytes": outside,
+                                                             "on_card_bytes": outside + reserved,
+                                                             "fits_card": outside + reserved <= card["card_bytes"]}
     return out
 
 

@@ -8,12 +8,9 @@ GPU a 7B weight against bitsandbytes' 85 and 69, and a 7B QLoRA step 640 ms agai
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-from . import kernels
+from . import ab_switches, kernels
 
 
 def dense_4bit(packed: torch.Tensor, quant_state, cdt: torch.dtype) -> torch.Tensor:
@@ -36,9 +33,8 @@ def _kernel_ok(packed: torch.Tensor, quant_state) -> bool:
                            lambda: _kernel_agrees(packed.device, quant_state.dtype, nested))
 
 
-@functools.cache
 def nf4_kernel_wanted() -> bool:
-    return os.environ.get("STUDIO_NF4_KERNEL", "1") != "0"
+    return ab_switches.on("STUDIO_NF4_KERNEL")
 
 
 def _kernel_agrees(device: torch.device, dtype: torch.dtype, nested: bool) -> bool:

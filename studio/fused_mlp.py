@@ -33,7 +33,6 @@ keep their code.
 from __future__ import annotations
 
 import functools
-import os
 import types
 
 import torch
@@ -46,7 +45,7 @@ from .methods.lora_fused import (adapter_copies, cast, lora_linear_backward, lor
                                  rank_r_input)
 from .rebuilt_inputs import GatedOutput, attach
 from .seeded_dropout import SeededDrop
-from . import sibling_lora
+from . import ab_switches, sibling_lora
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
 # config model_type values whose MLPs are of the classes above (the memory estimator's switch), and their activations
@@ -283,8 +282,11 @@ def _terms_ride_along(mlp: nn.Module, x: torch.Tensor, siblings: list[tuple] | N
     if siblings is None or not terms_wanted() or not hasattr(down, "fused_parts") or _has_hooks(down):
         return None
     cdt = siblings[0][5]
+    if not _terms_kernel_ok(x, cdt, mlp):
+        return None
+    from .kernels import gated_terms
     ranks = {s[3].shape[1] for s in siblings}
-    if len(ranks) > 1 or max(ranks) > MAX_TERMS_RANK or not _terms_kernel_ok(x, cdt, mlp):
+    if len(ranks) > 1 or max(ranks) > gated_terms.MAX_RANK:
         return None
     parts = down.fused_parts(x)
     if parts is None:
@@ -295,12 +297,8 @@ def _terms_ride_along(mlp: nn.Module, x: torch.Tensor, siblings: list[tuple] | N
     return parts, b_gate, b_up
 
 
-MAX_TERMS_RANK = 128  # kernels/gated_terms.py's MAX_RANK (not imported here: Triton may be missing)
-
-
-@functools.cache
 def terms_wanted() -> bool:
-    return os.environ.get("STUDIO_TERMS_IN_GATED", "1") != "0"
+    return ab_switches.on("STUDIO_TERMS_IN_GATED")
 
 
 def _terms_kernel_ok(x: torch.Tensor, cdt: torch.dtype, mlp: nn.Module) -> bool:
@@ -322,14 +320,23 @@ def _terms_kernel_agrees(device: torch.device, dtype: torch.dtype, kind: str) ->
     gate, up, dh = (2 * torch.randn(3, 70, 150, generator=gen)).to(device, dtype).unbind(0)
     low = torch.randn(70, 10, generator=gen).to(device, dtype)
     b_gate, b_up = (0.3 * torch.randn(2, 150, 5, generator=gen)).to(device, dtype).unbind(0)
-    b_gate, b_up = b_gate.contiguous(), b_up.contiguous()
-    g, u = gated_terms.reference(gate, up, low, b_gate, b_up)
-    act = _act(g, kind).to(dtype).float()
-    d_gate, d_up = gated_terms.backward(dh, gate, up, kind, low, b_gate, b_up, True, True)
+    terms = (low, b_gate.contiguous(), b_up.contiguous())
+    d_gate, d_up = gated_terms.backward(dh, gate, up, kind, *terms, True, True)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    return agree(tol, (gated_terms.forward(gate, up, kind, low, b_gate, b_up), (act * u).to(dtype)),
-                 (d_up, (act * dh.float()).to(dtype)),
-                 (d_gate, _act_backward((dh.float() * u).to(dtype).float(), g, kind).to(dtype)))
+    return agree(tol, *zip((gated_terms.forward(gate, up, kind, *terms), d_gate, d_up),
+                           gated_with_terms_reference(gate, up, dh, kind, *terms)))
+
+
+def gated_with_terms_reference(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, kind: str, low: torch.Tensor,
+                               b_gate: torch.Tensor, b_up: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(h, d(gate), d(up)) of act(g) · u with g and u their base products plus LoRA terms, as the kernels of
+    studio/kernels/gated_terms.py round them, from the torch ops (their first-use check and tests)."""
+    from .kernels import gated_terms
+    g, u = gated_terms.reference(gate, up, low, b_gate, b_up)
+    dtype = gate.dtype
+    act = _act(g, kind).to(dtype).float()
+    return ((act * u).to(dtype), _act_backward((dh.float() * u).to(dtype).float(), g, kind).to(dtype),
+            (act * dh.float()).to(dtype))
 
 
 def _output_unread(mlp: nn.Module) -> bool:

@@ -123,10 +123,15 @@ class Facts:
     prompt_encoder_saved: int = 0              # bytes a soft prompt's encoder keeps (in its parameters' dtype)
 
 
+def allocator_room(device: str) -> int:
+    """Bytes a plan leaves free beside its estimate on `device`: the caching allocator's (ALLOCATOR_ROOM_BYTES) on a
+    GPU, none on the CPU, which has no such cache."""
+    return 0 if device == "cpu" else ALLOCATOR_ROOM_BYTES
+
+
 def tight_fit(total: int, capacity: int, device: str) -> bool:
-    """Whether a run estimated at `total` fits a GPU of `capacity` bytes with less room than the caching allocator
-    measured beyond its allocated peak (ALLOCATOR_ROOM_BYTES); never on the CPU, which has no such cache."""
-    return device != "cpu" and capacity - ALLOCATOR_ROOM_BYTES < total <= capacity
+    """Whether a run estimated at `total` fits a device of `capacity` bytes with less than allocator_room to spare."""
+    return capacity - allocator_room(device) < total <= capacity
 
 
 def model_dtype(name: str, device: str) -> torch.dtype:
@@ -491,7 +496,7 @@ def estimate(run_cfg: Any, device: str = "cuda", gpu: str | None = None,
         return _estimate(cfg, device, gpu, dataset_lengths, padding, context_bytes, labelled_fraction)
     tc = run_cfg.train
     if tc.gradient_checkpointing and tc.checkpoint_budget_gb > 0:
-        return fitted_checkpointing(run_cfg, as_set, ALLOCATOR_ROOM_BYTES if device == "cuda" else 0)
+        return fitted_checkpointing(run_cfg, as_set, allocator_room(device))
     if tc.gradient_checkpointing and tc.checkpoint_fraction >= 1.0:
         return top_layer_kept_if_free(run_cfg, as_set)
     return as_set(run_cfg)

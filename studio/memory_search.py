@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 from . import gpus
 from .config import with_changes
 from .errors import ConfigError, StudioError
-from .memory import ALLOCATOR_ROOM_BYTES, estimate, tight_fit
+from .memory import allocator_room, estimate, tight_fit
 
 
 def fit_table(run_cfg: Any, dataset_lengths: Iterable[int] | None = None) -> list[dict]:
@@ -22,20 +22,21 @@ def fit_table(run_cfg: Any, dataset_lengths: Iterable[int] | None = None) -> lis
                      "tight": tight_fit(cuda.total, mem, "cuda")})
     cpu = estimate(run_cfg, "cpu", dataset_lengths=dataset_lengths)
     mem = gpus.cpu_ram()
-    rows.append({"gpu": "CPU RAM", "memory_bytes": mem, "total": cpu.total, "fits": cpu.total <= mem, "tight": False})
+    rows.append({"gpu": "CPU RAM", "memory_bytes": mem, "total": cpu.total, "fits": cpu.total <= mem,
+                 "tight": tight_fit(cpu.total, mem, "cpu")})
     return rows
 
 
 def largest_fitting(run_cfg: Any, gpu: str, what: str = "batch_size", limit: int | None = None) -> int:
     """The largest batch_size, max_length or LoRA rank r that fits on `gpu` (0 if even 1 does not); on a GPU with
-    the caching allocator's room to spare (memory.ALLOCATOR_ROOM_BYTES: not a tight fit)."""
+    the caching allocator's room to spare (memory.allocator_room: not a tight fit)."""
     keys = {"batch_size": "train.batch_size", "max_length": "data.max_length", "r": "method.r"}
     if what not in keys:
         raise ConfigError(f"largest_fitting answers batch_size, max_length or r, not {what!r}.")
     if what == "r" and not hasattr(run_cfg.method, "r"):
         raise ConfigError(f"Method {run_cfg.method.name} has no rank r.")
     mem, device = gpus.gpu_memory(gpu), gpus.device_for(gpu)
-    room = ALLOCATOR_ROOM_BYTES if device == "cuda" else 0
+    room = allocator_room(device)
     if limit is None:
         limit = {"batch_size": 4096, "max_length": 131072, "r": 4096}[what]
         if what == "max_length":

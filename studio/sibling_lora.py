@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 import warnings
 from typing import Iterator, Sequence
@@ -27,13 +26,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import rebuilt_inputs
-from .methods.lora_fused import (_scaled_mm, adapter_copies, base_plus_term, base_product, cast, dense_weight,
-                                 rank_r_input, weight_grad_mm)
+from . import ab_switches, rebuilt_inputs
+from .methods.lora_fused import (_scaled_mm, adapter_copies, base_plus_term, cast, dense_weight, rank_r_input,
+                                 weight_grad_mm)
 
 PER_SIBLING = 6  # weight, bias, A, B, 4-bit quant state, the step's copies of A and B
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-_given = threading.local()  # .outputs: {id(module): (module, input, output)} inside an attention forward
+_given = threading.local()  # .outputs: {id(module): (input, output)} inside an attention forward
 
 
 class SiblingLora(torch.autograd.Function):
@@ -53,8 +52,8 @@ class SiblingLora(torch.autograd.Function):
         outputs, start = [], 0
         for (weight, bias, _, _, state, _), (a, b) in zip(groups, ab):
             r = a.shape[0]
-            outputs.append(base_product(x2, x.shape[:-1], weight, bias, b.shape[0], state) if terms_left else
-                           base_plus_term(x2, x.shape[:-1], weight, bias, low[:, start:start + r], b, state))
+            term = None if terms_left else low[:, start:start + r]
+            outputs.append(base_plus_term(x2, x.shape[:-1], weight, bias, term, b, state))
             start += r
         trains = any(t.requires_grad for g in groups for t in g[2:4])
         ctx.save_for_backward(*rebuilt_inputs.saved_input(ctx, x, x2, trains), low,
@@ -122,10 +121,9 @@ def sibling_parts(modules: Sequence[nn.Module], x: torch.Tensor) -> list[tuple] 
     return parts
 
 
-@functools.cache
 def wanted() -> bool:
     """STUDIO_SIBLING_LORA=0 runs the projections apart (A/B runs)."""
-    return os.environ.get("STUDIO_SIBLING_LORA", "1") != "0"
+    return ab_switches.on("STUDIO_SIBLING_LORA")
 
 
 def run(parts: list[tuple], x: torch.Tensor, terms_left: bool = False) -> tuple[torch.Tensor, ...]:
@@ -133,12 +131,6 @@ def run(parts: list[tuple], x: torch.Tensor, terms_left: bool = False) -> tuple[
     the stacked rank-r input (SiblingLora)."""
     flat = [t for weight, bias, a, b, _, _, _, state, copies in parts for t in (weight, bias, a, b, state, copies)]
     return SiblingLora.apply(x, len(parts), parts[0][5], parts[0][4], terms_left, *flat)
-
-
-def project(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each module applied to x: as one op where they can run so, else one by one."""
-    parts = sibling_parts(modules, x)
-    return list(run(parts, x)) if parts is not None else [module(x) for module in modules]
 
 
 @contextlib.contextmanager
@@ -155,7 +147,7 @@ def attention_projections(attention: nn.Module, args: tuple, kwargs: dict) -> It
         yield
         return
     outer = getattr(_given, "outputs", None)
-    current = {id(m): (m, hidden, y) for m, y in zip(modules, run(parts, hidden))}
+    current = {id(m): (hidden, y) for m, y in zip(modules, run(parts, hidden))}
     _given.outputs = current
     try:
         yield
@@ -180,7 +172,7 @@ def given_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not outputs:
         return None
     held = outputs.get(id(module))
-    if held is None or held[1] is not x:
+    if held is None or held[0] is not x:
         return None
     outputs[id(module)] = None
-    return held[2]
+    return held[1]

@@ -39,7 +39,7 @@ def _run(modules: list[LoraLinear], x: torch.Tensor, together: bool, autocast: b
     x = x.to(device).clone().requires_grad_()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-        ys = sibling_lora.project(modules, x) if together else [m(x) for m in modules]
+        ys = sibling_lora.run(sibling_lora.sibling_parts(modules, x), x) if together else [m(x) for m in modules]
     loss = sum((y.float() * torch.linspace(-1, 1, y.shape[-1], device=device)).sum() for y in ys)
     return ys, torch.autograd.grad(loss, [x, *params])
 
@@ -172,18 +172,15 @@ def test_outputs_made_for_another_tensor_go_unclaimed_with_a_warning():
 
 @pytest.fixture
 def env_switch(monkeypatch):
-    """Set an A/B switch's variable for one test, its cached reading cleared before and after."""
-    from studio.methods import lora_fused
-    readers = (sibling_lora.wanted, lora_fused._bias_first_wanted)
+    """Set an A/B switch's variable for one test, the cached readings cleared before and after."""
+    from studio import ab_switches
 
     def set_(name: str, value: str) -> None:
         monkeypatch.setenv(name, value)
-        for reader in readers:
-            reader.cache_clear()
+        ab_switches.on.cache_clear()
     yield set_
     monkeypatch.undo()
-    for reader in readers:
-        reader.cache_clear()
+    ab_switches.on.cache_clear()
 
 
 def test_ab_switches_run_the_projections_apart_and_the_bias_last(env_switch):

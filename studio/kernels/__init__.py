@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 import warnings
 from typing import Callable, Iterator
 
 import torch
+
+from .. import ab_switches
 
 MAX_NORM_WIDTH = 16384  # wider norm rows keep the torch path (one row must fit a program's registers)
 _routing = {"forced": False, "off": False}
@@ -28,7 +29,7 @@ def triton_available() -> bool:
 
 @functools.cache
 def _enabled() -> bool:
-    return os.environ.get("STUDIO_TRITON", "1") != "0" and triton_available()
+    return ab_switches.on("STUDIO_TRITON") and triton_available()
 
 
 def use_triton(t: torch.Tensor) -> bool:

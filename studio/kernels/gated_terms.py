@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .gated import _act_and_grad
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton itself does at import
 BM, BN = 32, 128  # with 8 warps 16 elements a thread: the backward's five fp32 tiles stay in registers
 MAX_RANK = 128  # the dot's operands stay in a program's registers up to this rank
 
@@ -95,7 +96,7 @@ def _launch(kernel, gate: torch.Tensor, up: torch.Tensor, low: torch.Tensor, b_g
     r = b_gate.shape[-1]
     cols = gate.shape[-1]
     rows = gate.numel() // cols
-    native = gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") != "1"
+    native = gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16) and not INTERPRETED
     kernel[(triton.cdiv(rows, BM), triton.cdiv(cols, BN))](*args, rows, cols, r, low.stride(0), BM=BM, BN=BN,
                                                           RP=max(16, triton.next_power_of_2(r)), NATIVE=native,
                                                           num_warps=8, **flags)

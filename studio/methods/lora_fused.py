@@ -23,13 +23,10 @@ backward's, as bitsandbytes' training path does; only the packed weight is kept 
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import nn
 
-from .. import rebuilt_inputs
+from .. import ab_switches, rebuilt_inputs
 from ..dequant_4bit import dense_4bit
 from ..seeded_dropout import SeededDrop
 
@@ -122,15 +119,22 @@ def lora_linear_forward(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor
 
 
 def base_plus_term(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
-                   low: torch.Tensor, b: torch.Tensor, quant_state=None) -> torch.Tensor:
+                   low: torch.Tensor | None, b: torch.Tensor, quant_state=None) -> torch.Tensor:
     """y (shape lead + out) = x2 Wᵀ (+ bias) + low Bᵀ in x2's dtype, B in that dtype already; low may be a column
-    slice of a wider rank-r input (studio/sibling_lora.py)."""
+    slice of a wider rank-r input (studio/sibling_lora.py); low None: the base product alone, its term left to a
+    consumer that adds it (studio/kernels/gated_terms.py)."""
     cdt = x2.dtype
     # the output is a fresh tensor written through a 2-D view: a view of it would be an output
     # autograd refuses to see modified in place later (and model code may do that)
     y = x2.new_empty(*lead, b.shape[0])
     y2 = y.view(-1, b.shape[0])
     w = dense_weight(weight, quant_state, cdt)
+    if low is None:
+        if bias is None:
+            torch.mm(x2, w.t(), out=y2)
+        else:
+            torch.addmm(cast(bias, cdt), x2, w.t(), out=y2)
+        return y
     # the rank-r term is written first and the base GEMM adds onto it (beta=1, read in its epilogue): adding it
     # after would read and write the whole output once more, and on the CPU in bf16 would round most of the
     # small term away against an output already rounded (cuBLAS rounds its product before adding, either way:
@@ -146,33 +150,13 @@ def base_plus_term(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bia
     return y
 
 
-def base_product(x2: torch.Tensor, lead: torch.Size, weight: torch.Tensor, bias: torch.Tensor | None,
-                 out_features: int, quant_state=None) -> torch.Tensor:
-    """y (shape lead + out) = x2 Wᵀ (+ bias) in x2's dtype, without the adapter's term (a consumer adds it:
-    studio/kernels/gated_terms.py)."""
-    cdt = x2.dtype
-    y = x2.new_empty(*lead, out_features)
-    y2 = y.view(-1, out_features)
-    w = dense_weight(weight, quant_state, cdt)
-    if bias is not None:
-        torch.addmm(cast(bias, cdt), x2, w.t(), out=y2)
-    else:
-        torch.mm(x2, w.t(), out=y2)
-    return y
-
-
 def bias_joins_term(device: torch.device) -> bool:
     """Whether the bias is added to the rank-r term by its GEMM's epilogue (no pass of its own over the output)
     rather than last. On CUDA, whose base GEMM rounds its product before adding the term anyway, the term
     rounded beside the bias keeps no less of a small update than peft's order (the bias-free layers keep what
     peft's keep); on the CPU, whose base GEMM keeps the term whole, the bias comes last: joined first, it would
     round the term at its own scale (Qwen's q/k/v biases). STUDIO_BIAS_FIRST=0: last on CUDA too (A/B runs)."""
-    return device.type == "cuda" and _bias_first_wanted()
-
-
-@functools.cache
-def _bias_first_wanted() -> bool:
-    return os.environ.get("STUDIO_BIAS_FIRST", "1") != "0"
+    return device.type == "cuda" and ab_switches.on("STUDIO_BIAS_FIRST")
 
 
 def adapter_copies(lora_a: torch.Tensor, lora_b: torch.Tensor, cdt: torch.dtype, copies: tuple | None) -> tuple:
